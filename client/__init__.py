@@ -1,0 +1,1 @@
+"""The hospital node (Flower ClientApp)."""

@@ -1,0 +1,135 @@
+"""The hospital node: a Flower ClientApp that trains and evaluates the fusion model on site data.
+
+Handlers unpack the message, call `common.site`, and pack the reply. Only the trainable
+parameters and the fixed set of scalar metrics in `common.records` leave the site, plus the
+site's self-chosen name. Problems the site can explain (bad data, a model mismatch, a
+configuration error) become an error reply whose reason names the site and the cause.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from common import records as R
+from common.config import ConfigError, RunConfig, SiteConfig
+from common.data import ManifestError
+from common.encoders import ModelLoadError
+from common.privacy import Ledger
+from common.site import RoundInstructions, SiteError, epsilon_or_inf, evaluate_round, train_round
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+LEDGER_STATE = "privacy-ledger"  # Context.state key: this run's ledger survives across rounds
+EXPLAINED_ERRORS = (SiteError, ManifestError, ModelLoadError, ConfigError, ValueError)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_run_config(items: tuple[tuple[str, object], ...]) -> RunConfig:
+    return RunConfig.from_user_config(dict(items))
+
+
+def parse_run_config(user_config: Mapping[str, Any]) -> RunConfig:
+    """The run config, parsed once per distinct config (every message carries it)."""
+    return _parse_run_config(tuple(sorted(user_config.items())))
+
+
+def round_instructions(config: ConfigRecord) -> RoundInstructions:
+    """Unpack the server's round ConfigRecord."""
+    return RoundInstructions(
+        server_round=int(config[R.SERVER_ROUND]),
+        num_rounds=int(config[R.NUM_ROUNDS]),
+        learning_rate=float(config[R.LEARNING_RATE]),
+        frozen_fingerprint=str(config[R.FROZEN_FINGERPRINT]),
+        dp=bool(config[R.DP]),
+        target_epsilon=float(config[R.TARGET_EPSILON]),
+        target_delta=float(config[R.TARGET_DELTA]),
+    )
+
+
+def _error_reply(msg: Message, site: str, err: Exception) -> Message:
+    reason = f"site '{site}': {err}"
+    log.error("%s", reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def _site(context: Context, run: RunConfig) -> SiteConfig:
+    return SiteConfig.from_node_config(context.node_config, run.data.data_root)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global trainable parameters on this site's data."""
+    return train_reply(msg, context, context.run_config)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global parameters on this site's validation split."""
+    return evaluate_reply(msg, context, context.run_config)
+
+
+def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) -> Message:
+    """Unpack a train message, train with `common.site`, pack the reply."""
+    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
+    try:
+        run = parse_run_config(user_config)
+        site = _site(context, run)
+        name = site.site_name
+        state = msg.content[R.ARRAYS].to_torch_state_dict()
+        ledger = None
+        if LEDGER_STATE in context.state:
+            ledger = Ledger.from_json(str(context.state[LEDGER_STATE]["json"]))
+        outcome = train_round(run, site, state, round_instructions(msg.content[R.CONFIG]), ledger)
+    except EXPLAINED_ERRORS as err:
+        return _error_reply(msg, name, err)
+    if outcome.ledger is not None:
+        context.state[LEDGER_STATE] = ConfigRecord({"json": outcome.ledger.to_json()})
+    ledger = outcome.ledger
+    metrics = MetricRecord({
+        R.NUM_EXAMPLES: outcome.num_examples,
+        R.TRAIN_LOSS: float(outcome.result.loss),
+        R.EPSILON: float(epsilon_or_inf(ledger)),
+        R.DELTA: float(ledger.delta if ledger else 0.0),
+        R.NOISE_MULTIPLIER: float(ledger.noise_multiplier if ledger else 0.0),
+        R.SAMPLE_RATE: float(ledger.sample_rate if ledger else 0.0),
+        R.STEPS: int(ledger.steps if ledger else outcome.result.steps),
+        R.TRAIN_SECONDS: float(outcome.result.seconds),
+    })
+    content = RecordDict({
+        R.ARRAYS: ArrayRecord(outcome.state),
+        R.METRICS: metrics,
+        R.SITE: ConfigRecord({R.SITE_NAME: site.site_name}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) -> Message:
+    """Unpack an evaluate message, evaluate with `common.site`, pack the reply."""
+    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
+    try:
+        run = parse_run_config(user_config)
+        site = _site(context, run)
+        name = site.site_name
+        state = msg.content[R.ARRAYS].to_torch_state_dict()
+        fingerprint = str(msg.content[R.CONFIG][R.FROZEN_FINGERPRINT])
+        m = evaluate_round(run, site, state, fingerprint)
+    except EXPLAINED_ERRORS as err:
+        return _error_reply(msg, name, err)
+    metrics = MetricRecord({
+        R.NUM_EXAMPLES: m.num_examples,
+        R.LOSS: float(m.loss),
+        R.ACCURACY: float(m.accuracy),
+        R.AUROC: float(m.auroc),
+        R.F1: float(m.f1),
+    })
+    content = RecordDict({R.METRICS: metrics, R.SITE: ConfigRecord({R.SITE_NAME: site.site_name})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,1 @@
+"""FedFusion core: model, data, training, privacy and configuration (no Flower imports)."""

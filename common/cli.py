@@ -1,0 +1,50 @@
+"""The `fedfusion` command: one entry point for the things a user runs by hand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _demo_data(argv: list[str]) -> int:
+    from common.demo_data import write_demo_hospitals
+
+    p = argparse.ArgumentParser(prog="fedfusion demo-data",
+                                description="Write synthetic demo hospitals in the site format.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("root", type=Path, help="folder to write hospital-<i>/ into")
+    p.add_argument("--hospitals", type=int, default=3, help="number of hospitals")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--size-scale", type=float, default=1.0, help="multiply every hospital's size")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for manifest in write_demo_hospitals(args.root, args.hospitals, args.seed, args.size_scale):
+        print(manifest)
+    return 0
+
+
+def _simulate(argv: list[str]) -> int:
+    from simulations.cli import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "simulate": (_simulate, "run a local multi-hospital federation (Flower simulation runtime)"),
+    "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `fedfusion <command> ...`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: fedfusion <command> [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        print("\nRun `fedfusion <command> --help` for a command's options.")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    func, _ = COMMANDS[argv[0]]
+    return func(argv[1:])

@@ -1,0 +1,278 @@
+"""Run and site configuration: parsed once into frozen dataclasses, validated where it enters.
+
+The defaults have one home, `[tool.flwr.app.config]` in pyproject.toml. Flower hands the
+ServerApp and every ClientApp that table (plus `--run-config` overrides) as `context.run_config`;
+`RunConfig.from_user_config` turns it into typed sections and rejects unknown keys and values out
+of range. Per-site facts (manifest path, site name) come from the node's own config
+(`SiteConfig`), never from the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("tiny", "demo", "seed")
+FUSION_MODES = ("concat", "weighted", "attention")
+IMAGE_ENCODERS = ("", "resnet10", "resnet18", "resnet34", "resnet50")
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+DEVICES = ("auto", "cpu", "cuda")
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing, of the wrong type or out of range."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How the server runs the federation."""
+
+    num_server_rounds: int = field(metadata=_range(1))
+    fraction_train: float = field(metadata=_range(0.0, 1.0, lo_open=True))
+    fraction_evaluate: float = field(metadata=_range(0.0, 1.0))
+    min_nodes: int = field(metadata=_range(1))
+    round_timeout: float = field(metadata=_range(0.0, lo_open=True))
+    run_name: str = field(metadata={})  # "" = a time-stamped name
+    output_dir: str = field(metadata={})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where simulated hospitals' data lives and how a site splits it."""
+
+    data_root: str = field(metadata={})  # simulation only: <data-root>/hospital-<i>
+    val_fraction: float = field(metadata=_range(0.0, 1.0, lo_open=True))
+    num_workers: int = field(metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the fusion model, with or without Flower."""
+
+    preset: str = field(metadata=_choice(*PRESETS))
+    fusion: str = field(metadata=_choice(*FUSION_MODES))
+    class_names: tuple[str, ...] = field(metadata={})
+    image_encoder: str = field(metadata=_choice(*IMAGE_ENCODERS))  # "" = preset default
+    image_weights: str = field(metadata={})  # "" = seeded random init
+    text_encoder: str = field(metadata={})  # "" = preset default
+    image_size: int = field(metadata=_range(0))  # 0 = preset default
+    max_text_length: int = field(metadata=_range(0))  # 0 = preset default
+    fusion_dim: int = field(metadata=_range(1))
+    trainable_text_layers: int = field(metadata=_range(0))
+    trainable_image_blocks: int = field(metadata=_range(0, 4))
+    seed: int = field(metadata={})
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain dict for the model's JSON config file."""
+        d = dataclasses.asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of `to_json_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"Unknown model config keys {unknown}; known: {sorted(names)}.")
+        return cls(**{**d, "class_names": tuple(d["class_names"])})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at a site."""
+
+    local_epochs: int = field(metadata=_range(1))
+    batch_size: int = field(metadata=_range(1))
+    learning_rate: float = field(metadata=_range(0.0, lo_open=True))
+    device: str = field(metadata=_choice(*DEVICES))
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The run's proposed differential-privacy target (sample-level, per site)."""
+
+    dp: bool = field(metadata={})
+    target_epsilon: float = field(metadata=_range(0.0, lo_open=True))
+    target_delta: float = field(metadata=_range(0.0, 1.0, lo_open=True))
+    max_grad_norm: float = field(metadata=_range(0.0, lo_open=True))
+    accountant: str = field(metadata=_choice(*ACCOUNTANTS))
+    grad_sample_mode: str = field(metadata=_choice(*GRAD_SAMPLE_MODES))
+
+
+_SECTIONS: dict[str, type] = {
+    "federation": FederationConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Map each run-config key (kebab-case) to its section and field."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            index[_kebab(f.name)] = (section, f)
+    return index
+
+
+def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Cast a run-config value to the field's type, or raise a ConfigError naming the key."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    elif kind.startswith("tuple"):
+        if isinstance(value, str):
+            items = tuple(s.strip() for s in value.split(",") if s.strip())
+            if len(items) < 2 or len(set(items)) != len(items):
+                raise ConfigError(
+                    f"Run config key '{key}' must list at least two distinct class names separated "
+                    f"by commas (for example \"normal,pneumonia\"), got {value!r}."
+                )
+            return items
+    raise ConfigError(
+        f"Run config key '{key}' must be of type {kind.split('[')[0]}, got {value!r} "
+        f"({type(value).__name__}). Fix it in [tool.flwr.app.config] or your --run-config override."
+    )
+
+
+def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"Run config key '{key}' is {value!r}; allowed values: {allowed}.")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        raise ConfigError(f"Run config key '{key}' is {value!r}; it must be {bound}.")
+    if hi is not None and value > hi:
+        raise ConfigError(f"Run config key '{key}' is {value!r}; it must be <= {hi}.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run configuration, one typed section per concern."""
+
+    federation: FederationConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    privacy: PrivacyConfig
+
+    @classmethod
+    def from_user_config(cls, user_config: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's flat run config; every key must be known and every value valid."""
+        index = _key_index()
+        unknown = sorted(set(user_config) - set(index))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, index, n=1)
+                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(
+                f"Unknown run config key(s): {', '.join(hints)}. "
+                f"Known keys are listed in [tool.flwr.app.config] of pyproject.toml."
+            )
+        missing = sorted(set(index) - set(user_config))
+        if missing:
+            raise ConfigError(
+                f"Run config is missing key(s) {missing}. Start from the defaults in "
+                f"[tool.flwr.app.config] (common.config.default_user_config())."
+            )
+        values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, (section, f) in index.items():
+            value = _cast(key, f, user_config[key])
+            _check_range(key, f, value)
+            values[section][f.name] = value
+        return cls(**{name: _SECTIONS[name](**vals) for name, vals in values.items()})
+
+
+def default_user_config(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The defaults from `[tool.flwr.app.config]` as a flat dict (the one home of defaults)."""
+    if not pyproject.is_file():
+        raise ConfigError(
+            f"Cannot find {pyproject}, which holds the run defaults in [tool.flwr.app.config]. "
+            "Run FedFusion from a checkout of the project (pip install -e .)."
+        )
+    with pyproject.open("rb") as fh:
+        table = tomllib.load(fh)
+    try:
+        return dict(table["tool"]["flwr"]["app"]["config"])
+    except KeyError as err:
+        raise ConfigError(f"{pyproject} has no [tool.flwr.app.config] table.") from err
+
+
+def run_config_with(overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The default run config with `overrides` (kebab-case keys) applied."""
+    return RunConfig.from_user_config({**default_user_config(), **(overrides or {})})
+
+
+# --- per-site configuration ----------------------------------------------------------------
+
+NODE_KEYS_FLOWER = ("partition-id", "num-partitions")  # set by Flower's simulation runtime
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What one hospital node knows about itself: its data and its name."""
+
+    site_name: str
+    manifest: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], data_root: str) -> SiteConfig:
+        """Deployment: `manifest` (and optional `site-name`) from --node-config.
+
+        Simulation: Flower sets only `partition-id`, which maps to `<data-root>/hospital-<i>`.
+        """
+        known = {"manifest", "site-name", *NODE_KEYS_FLOWER}
+        unknown = sorted(set(node_config) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown node config key(s) {unknown}; known: {sorted(known)}. "
+                "Pass them with flower-supernode --node-config \"manifest='/data/site/manifest.csv'\"."
+            )
+        if "manifest" in node_config:
+            manifest = Path(str(node_config["manifest"])).expanduser()
+            name = str(node_config.get("site-name") or manifest.resolve().parent.name)
+            return cls(site_name=name, manifest=manifest)
+        if "partition-id" in node_config:
+            pid = int(node_config["partition-id"])
+            folder = Path(data_root).expanduser() / f"hospital-{pid}"
+            return cls(site_name=str(node_config.get("site-name") or folder.name), manifest=folder)
+        raise ConfigError(
+            "This node has no data: set its manifest with "
+            "flower-supernode --node-config \"manifest='/path/to/manifest.csv'\"."
+        )

@@ -1,0 +1,190 @@
+"""A site's data: manifest reading and checking, the patient-level split, and the torch Dataset.
+
+A manifest is a CSV or JSONL file (or a folder holding `manifest.csv` / `manifest.jsonl`) with the
+columns `image` (path relative to the manifest; may be empty), `text` (report text; may be empty),
+`label` (one of the run's class names), optional `patient_id` (rows of one patient always land in
+the same split; without it each row is its own patient) and optional `split` (`train` or `val`,
+overriding the random patient-level split). Every problem is reported with its file and row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
+REQUIRED_COLUMNS = ("image", "text", "label")
+SPLITS = ("train", "val")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ManifestError(ValueError):
+    """A manifest cannot be used; `problems` lists every problem as `file:row: message`."""
+
+    def __init__(self, manifest: Path, problems: list[str]) -> None:
+        self.manifest, self.problems = manifest, problems
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} problem(s) in manifest {manifest}:\n  {shown}{more}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One case of a manifest: an image and/or a report, and its label."""
+
+    line: int  # the row's line in the file (1 = header for CSV), for error messages
+    image: Path | None
+    text: str
+    label: str
+    patient_id: str
+    split: str | None
+
+
+def find_manifest(path: Path) -> Path:
+    """The manifest file itself, or the one manifest inside a folder."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ManifestError(path, [f"{path}: holds both {MANIFEST_NAMES}; keep one."])
+        raise ManifestError(path, [f"{path}: no {' or '.join(MANIFEST_NAMES)} in this folder."])
+    raise ManifestError(path, [f"{path}: no such file or folder (check the site's manifest path)."])
+
+
+def _raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line, record) pairs from a CSV or JSONL manifest."""
+    if manifest.suffix == ".jsonl":
+        records = []
+        with manifest.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ManifestError(manifest, [f"{manifest}:{line_no}: not valid JSON ({err.msg})."]) from err
+                if not isinstance(obj, dict):
+                    raise ManifestError(manifest, [f"{manifest}:{line_no}: expected a JSON object."])
+                records.append((line_no, {k: "" if v is None else str(v) for k, v in obj.items()}))
+        return records
+    if manifest.suffix != ".csv":
+        raise ManifestError(manifest, [f"{manifest}: unknown manifest type; use .csv or .jsonl."])
+    with manifest.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(manifest, [f"{manifest}:1: missing column(s) {missing}; "
+                                           f"required: {list(REQUIRED_COLUMNS)}."])
+        return [(i, {k: (v or "") for k, v in rec.items() if k is not None})
+                for i, rec in enumerate(reader, start=2)]
+
+
+def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
+    """Read and check a manifest; raise ManifestError listing every problem found."""
+    manifest = find_manifest(path)
+    records = _raw_records(manifest)
+    if not records:
+        raise ManifestError(manifest, [f"{manifest}: the manifest has no rows."])
+    rows, problems = [], []
+    for line, rec in records:
+        where = f"{manifest}:{line}"
+        for col in REQUIRED_COLUMNS:
+            if col not in rec:
+                problems.append(f"{where}: missing field '{col}'.")
+        image_rel, text = rec.get("image", "").strip(), rec.get("text", "").strip()
+        label, split = rec.get("label", "").strip(), rec.get("split", "").strip() or None
+        if not image_rel and not text:
+            problems.append(f"{where}: empty row (no image and no text).")
+        if label not in class_names:
+            problems.append(f"{where}: unknown label {label!r}; the run's class names are "
+                            f"{list(class_names)} (run config key class-names).")
+        if split is not None and split not in SPLITS:
+            problems.append(f"{where}: unknown split {split!r}; use one of {list(SPLITS)} or leave it empty.")
+        image = (manifest.parent / image_rel) if image_rel else None
+        if image is not None and not image.is_file():
+            problems.append(f"{where}: image file {image} does not exist.")
+        patient = rec.get("patient_id", "").strip() or f"row-{line}"
+        rows.append(Row(line, image, text, label, patient, split))
+    if problems:
+        raise ManifestError(manifest, problems)
+    return manifest, rows
+
+
+def manifest_hash(manifest: Path) -> str:
+    """SHA-256 of the manifest file: the site's dataset version."""
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
+def split_by_patient(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Train/validation split by patient (seeded); a row's `split` column takes precedence."""
+    free = sorted({r.patient_id for r in rows if r.split is None})
+    random.Random(seed).shuffle(free)
+    n_val = min(max(1, math.ceil(val_fraction * len(free))), len(free) - 1) if len(free) > 1 else 0
+    val_patients = set(free[:n_val])
+    fixed = {r.patient_id: r.split for r in rows if r.split is not None}
+    train, val = [], []
+    for r in rows:
+        split = r.split or ("val" if r.patient_id in val_patients else "train")
+        if r.split is None and r.patient_id in fixed:
+            split = fixed[r.patient_id]  # keep a patient together with their fixed rows
+        (val if split == "val" else train).append(r)
+    return train, val
+
+
+class ManifestDataset(Dataset):
+    """Rows -> dict of tensors; images are read lazily, reports tokenised once up front."""
+
+    def __init__(self, manifest: Path, rows: list[Row], class_names: tuple[str, ...],
+                 tokenizer: PreTrainedTokenizerBase, image_size: int, max_text_length: int) -> None:
+        self.manifest, self.rows, self.image_size = manifest, rows, image_size
+        self.labels = torch.tensor([class_names.index(r.label) for r in rows], dtype=torch.long)
+        enc = tokenizer([r.text for r in rows] or [""], padding="max_length", truncation=True,
+                        max_length=max_text_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self._mean, self._std = mean.view(3, 1, 1), std.view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        has_image = row.image is not None
+        image = self._load_image(row) if has_image else torch.zeros(3, self.image_size, self.image_size)
+        return {
+            "images": image,  # (3, S, S)
+            "input_ids": self.input_ids[i],  # (T,)
+            "attention_mask": self.attention_mask[i],  # (T,)
+            "has_image": torch.tensor(has_image),
+            "has_text": torch.tensor(bool(row.text)),
+            "labels": self.labels[i],
+        }
+
+    def _load_image(self, row: Row) -> torch.Tensor:
+        """Grayscale image -> normalised (3, S, S) tensor for the ImageNet-style encoder."""
+        try:
+            with Image.open(row.image) as img:
+                gray = img.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
+        except (OSError, UnidentifiedImageError) as err:
+            raise ManifestError(self.manifest, [
+                f"{self.manifest}:{row.line}: cannot read image {row.image} ({err})."]) from err
+        x = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)  # (S, S)
+        return (x.unsqueeze(0).expand(3, -1, -1) - self._mean) / self._std

@@ -1,0 +1,41 @@
+"""Message record keys and metric names, defined once for the server and the sites."""
+
+# RecordDict keys (Flower's strategies use "arrays" / "config" by default).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"  # ConfigRecord in replies: the site's self-chosen name, nothing else
+
+# Round ConfigRecord (server -> site).
+SERVER_ROUND = "server-round"  # injected by Flower's strategies
+NUM_ROUNDS = "num-rounds"
+LEARNING_RATE = "learning-rate"
+FROZEN_FINGERPRINT = "frozen-fingerprint"
+DP = "dp"
+TARGET_EPSILON = "target-epsilon"
+TARGET_DELTA = "target-delta"
+
+# Site ConfigRecord (site -> server).
+SITE_NAME = "site-name"
+
+# Metric names. Every train reply carries exactly TRAIN_METRICS, every evaluate reply
+# exactly EVAL_METRICS, whatever the site's settings (Flower aborts on mismatched keys).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"  # cumulative over the run; inf when the site trained without DP
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+TRAIN_SECONDS = "train-seconds"
+LOSS = "loss"
+ACCURACY = "accuracy"
+AUROC = "auroc"
+F1 = "f1"
+
+TRAIN_METRICS = (
+    NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, TRAIN_SECONDS,
+)
+EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1)
+# Per-site privacy facts: reported per site, never averaged across sites.
+PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS)

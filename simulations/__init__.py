@@ -1,0 +1,1 @@
+"""Local multi-hospital simulations on one machine."""

@@ -1,0 +1,98 @@
+"""A local multi-hospital federation on one machine: Flower's simulation runtime (Ray backend).
+
+Each simulated hospital is a folder `<data-root>/hospital-<i>/` in the real site format; the
+same ServerApp and ClientApp as in deployment run here, with the run config injected (Flower's
+Python simulation entry point gives apps an empty run config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, RunConfig
+from common.demo_data import write_demo_hospitals
+
+log = logging.getLogger(__name__)
+
+
+def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
+    """ServerApp and ClientApp that see `user_config` as their run config."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+
+    from client import app as client_app
+    from server import app as server_app
+
+    config = dict(user_config)
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        server_app.run_federation(grid, RunConfig.from_user_config(config))
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return client_app.train_reply(msg, context, config)
+
+    @client.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return client_app.evaluate_reply(msg, context, config)
+
+    return server, client
+
+
+def hospital_folders(data_root: Path) -> list[Path]:
+    """The `hospital-<i>` folders of a data root, in index order; they must be 0..N-1."""
+    folders = sorted((p for p in data_root.glob("hospital-*") if p.is_dir()),
+                     key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    expected = [f"hospital-{i}" for i in range(len(folders))]
+    if [p.name for p in folders] != expected:
+        raise ConfigError(
+            f"{data_root} must hold folders hospital-0 .. hospital-{len(folders) - 1}; found "
+            f"{[p.name for p in folders]}.")
+    return folders
+
+
+def prepare_demo_data(data_root: Path, hospitals: int, seed: int) -> None:
+    """Write the demo hospitals under `data_root` unless enough are already there."""
+    existing = hospital_folders(data_root) if data_root.is_dir() else []
+    if len(existing) >= hospitals:
+        return
+    if existing:
+        raise ConfigError(
+            f"{data_root} holds {len(existing)} hospital folders but {hospitals} were asked for. "
+            "Remove the folder to regenerate the demo data, or ask for fewer hospitals.")
+    print(f"Writing demo data for {hospitals} hospitals to {data_root} ...", flush=True)
+    write_demo_hospitals(data_root, hospitals, seed=seed)
+
+
+def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False) -> Path:
+    """Run the federation with `hospitals` simulated sites; return the run folder."""
+    from flwr.simulation import run_simulation
+
+    run = RunConfig.from_user_config(user_config)  # fail fast, before Ray starts
+    data_root = Path(run.data.data_root)
+    if len(hospital_folders(data_root)) < hospitals:
+        raise ConfigError(f"{data_root} has fewer than {hospitals} hospital folders.")
+    out_root = Path(run.federation.output_dir)
+    before = set(out_root.iterdir()) if out_root.is_dir() else set()
+    server, client = make_apps(user_config)
+    cpus = os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                      "logging_level": "WARNING", "log_to_driver": verbose},
+    }
+    run_simulation(server_app=server, client_app=client, num_supernodes=hospitals,
+                   backend_config=backend, verbose_logging=False)
+    name = run.federation.run_name
+    created = sorted(set(out_root.iterdir()) - before) if not name else [out_root / name]
+    if not created or not (created[-1] / "model.json").is_file():
+        raise RuntimeError(
+            "The simulation ended without a final model: see the log above for the failing site.")
+    return created[-1]
