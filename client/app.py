@@ -56,7 +56,7 @@ def round_instructions(config: ConfigRecord) -> RoundInstructions:
 
 
 def _error_reply(msg: Message, site: str, err: Exception) -> Message:
-    reason = f"site '{site}': {err}"
+    reason = R.site_error_reason(site, str(err))
     log.error("%s", reason)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 

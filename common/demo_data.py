@@ -26,8 +26,8 @@ DEMO_CLASS_NAMES = ("normal", "pneumonia", "effusion")
 IMAGE_PIXELS = 64
 BASE_SIZES = (720, 510, 360, 600, 420, 300)  # rows per hospital, cycled
 P_IMAGE_UNINFORMATIVE = 0.3
-P_TEXT_UNINFORMATIVE = 0.25
-P_TEXT_HEDGED = 0.15
+P_TEXT_UNINFORMATIVE = 0.4
+P_TEXT_HEDGED = 0.2
 
 # Two phrasing styles (hospitals alternate), each with findings per class.
 PHRASES: tuple[dict[str, tuple[str, ...]], ...] = (

@@ -9,7 +9,8 @@ Three modes:
 
 A sample may lack a modality (`has_image` / `has_text` false). It is masked, never zero-filled
 silently: `concat` substitutes a learned placeholder vector, `weighted` renormalises the weights
-over the modalities present, `attention` hides the missing tokens from the keys.
+over the modalities present, `attention` hides the missing tokens from the keys and averages
+only the present modalities' outputs.
 
 Learned vectors (placeholders, the weight logits) are 1-row `nn.Embedding` tables looked up with
 index 0, so Opacus computes their per-sample gradients with its Embedding sampler.
@@ -113,8 +114,6 @@ class AttentionFusion(nn.Module):
         self.heads = heads
         self.image_in = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, fusion_dim))
         self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, fusion_dim))
-        # one placeholder per modality: a module called twice breaks ghost clipping
-        self.missing_image, self.missing_text = LearnedVector(fusion_dim), LearnedVector(fusion_dim)
         self.q, self.k = nn.Linear(fusion_dim, fusion_dim), nn.Linear(fusion_dim, fusion_dim)
         self.v, self.out = nn.Linear(fusion_dim, fusion_dim), nn.Linear(fusion_dim, fusion_dim)
         self.norm = nn.LayerNorm(fusion_dim)
@@ -125,10 +124,8 @@ class AttentionFusion(nn.Module):
         key_ok = torch.cat(  # (B, Ni+T): a token is visible when its modality is present
             [f.has_image.unsqueeze(1).expand(-1, image_tok.shape[1]),
              f.text_mask & f.has_text.unsqueeze(1)], dim=1)
-        queries = torch.stack([  # (B, 2, d)
-            _fill_missing(image_tok.mean(dim=1), f.has_image, self.missing_image),
-            _fill_missing(masked_mean(text_tok, f.text_mask), f.has_text, self.missing_text),
-        ], dim=1)
+        # (B, 2, d); a missing modality's query is computed but dropped by the final mean
+        queries = torch.stack([image_tok.mean(dim=1), masked_mean(text_tok, f.text_mask)], dim=1)
         attended = queries + self.out(self._attend(self.q(queries), self.k(tokens),
                                                    self.v(tokens), key_ok))
         present = torch.stack([f.has_image, f.has_text], dim=1)  # (B, 2)

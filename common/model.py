@@ -132,9 +132,9 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def trainable_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The trainable parameters, detached on the CPU (the payload a site sends)."""
-    return OrderedDict(
-        (name, p.detach().cpu()) for name, p in model.named_parameters() if p.requires_grad)
+    """A copy of the trainable parameters on the CPU (the payload a site sends)."""
+    return OrderedDict((name, p.detach().to("cpu", copy=True))
+                       for name, p in model.named_parameters() if p.requires_grad)
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

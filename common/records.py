@@ -18,6 +18,18 @@ TARGET_DELTA = "target-delta"
 # Site ConfigRecord (site -> server).
 SITE_NAME = "site-name"
 
+
+def site_error_reason(site_name: str, cause: str) -> str:
+    """The reason of a site's error reply: names the site, since an error carries no records."""
+    return f"site '{site_name}': {cause}"
+
+
+def site_of_error_reason(reason: str) -> str | None:
+    """The site name in a reason written by `site_error_reason`, else None."""
+    if reason.startswith("site '") and "': " in reason:
+        return reason[len("site '"):reason.index("': ")]
+    return None
+
 # Metric names. Every train reply carries exactly TRAIN_METRICS, every evaluate reply
 # exactly EVAL_METRICS, whatever the site's settings (Flower aborts on mismatched keys).
 NUM_EXAMPLES = "num-examples"

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class SiteError(RuntimeError):
-    """A site cannot take part in this round; the message names the site and the cause."""
+    """A site cannot take part in this round; the message says why (the caller names the site)."""
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,10 @@ def site_data(site: SiteConfig, run: RunConfig) -> SiteData:
     try:
         manifest, rows = read_manifest(site.manifest, model_cfg.class_names)
     except ManifestError as err:
-        raise SiteError(f"Site '{site.site_name}' has unusable data: {err}") from err
+        raise SiteError(f"unusable data: {err}") from err
     train_rows, val_rows = split_by_patient(rows, run.data.val_fraction, model_cfg.seed)
     if not train_rows:
-        raise SiteError(f"Site '{site.site_name}': no training rows left after the split of {manifest}.")
+        raise SiteError(f"no training rows left after the validation split of {manifest}.")
     tokenizer = model_bundle(run.model).tokenizer
 
     def dataset(rows_: list) -> ManifestDataset:
@@ -134,7 +134,7 @@ def _prepare(bundle: ModelBundle, site: SiteConfig, global_state: dict[str, torc
              fingerprint: str | None, device: torch.device) -> FusionModel:
     if fingerprint is not None and fingerprint != bundle.fingerprint:
         raise SiteError(
-            f"Site '{site.site_name}': the frozen part of its model (fingerprint "
+            f"the frozen part of this site's model (fingerprint "
             f"{bundle.fingerprint[:12]}) differs from the server's ({fingerprint[:12]}). Server and "
             "sites must use the same preset, encoders, weights and seed.")
     model = bundle.model.to(device)

@@ -55,7 +55,11 @@ class RunRecorder:
     def site_name(self, msg: Message) -> str:
         """The name a site reported (remembered per node), else `node-<id>`."""
         node = msg.metadata.src_node_id
-        if not msg.has_error() and R.SITE in msg.content:
+        if msg.has_error():
+            named = R.site_of_error_reason(msg.error.reason)
+            if named:
+                self._names[node] = named
+        elif R.SITE in msg.content:
             self._names[node] = str(msg.content[R.SITE][R.SITE_NAME])
         return self._names.get(node, f"node-{node}")
 

@@ -45,7 +45,8 @@ class RecordingFedAvg(FedAvg):
         self.recorder.record_replies(replies)
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_train_nodes:
-            reasons = "; ".join(f"{self.recorder.site_name(m)}: {m.error.reason}"
+            reasons = "; ".join(m.error.reason if R.site_of_error_reason(m.error.reason)
+                                else f"{self.recorder.site_name(m)}: {m.error.reason}"
                                 for m in replies if m.has_error()) or "no replies before the timeout"
             raise NotEnoughSites(
                 f"Round {server_round}: {len(ok)} site(s) trained, fewer than min-nodes="

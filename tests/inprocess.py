@@ -1,0 +1,71 @@
+"""An in-process Flower Grid for tests: the ServerApp talks to ClientApps directly, no Ray.
+
+It mirrors what Flower's runtimes do with a message: deliver a copy to the node's ClientApp
+with that node's persistent Context, and turn an exception into an error reply.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+Tap = Callable[[int, Message], None]
+
+
+class InProcessGrid(Grid):
+    """Nodes 1..N, each with its own node config and persistent Context."""
+
+    def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]],
+                 run_config: dict[str, Any], tap: Tap | None = None) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.client_app, self.tap = client_app, tap
+        self.contexts = {
+            i + 1: Context(run_id=1, node_id=i + 1, node_config=dict(nc), state=RecordDict(),
+                           run_config=dict(run_config))
+            for i, nc in enumerate(node_configs)
+        }
+
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        self._run = run
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return getattr(self, "_run", None)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Deliver each message to its node and collect the replies."""
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
+                                message_type=msg.metadata.message_type)
+            try:
+                reply = self.client_app(delivered, self.contexts[node])
+            except Exception as err:  # what Flower's runtime does with a raising ClientApp
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+            if self.tap is not None:
+                self.tap(node, reply)
+            replies.append(reply)
+        return replies

@@ -1,0 +1,113 @@
+"""The ServerApp: FedAvg wiring, metric aggregation, history, checkpoints, failing sites.
+
+Runs the real ServerApp and ClientApp in one process through an in-process Grid (no Ray).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+
+from client.app import app as client_app
+from common import records as R
+from common.checkpoint import load_model, load_tensors
+from common.model import trainable_state
+from server.app import run_federation
+from server.history import read_history
+from server.strategy import NotEnoughSites, aggregate_metrics
+from tests.conftest import tiny_run, tiny_user_config
+from tests.inprocess import InProcessGrid
+
+
+def test_aggregate_metrics_weights_by_examples_skips_nan_and_privacy() -> None:
+    contents = [RecordDict({"m": MetricRecord({R.NUM_EXAMPLES: n, R.LOSS: loss, R.AUROC: auc,
+                                               R.EPSILON: eps})})
+                for n, loss, auc, eps in [(10, 1.0, 0.8, 3.0), (30, 2.0, math.nan, 7.0)]]
+    agg = aggregate_metrics(contents, R.NUM_EXAMPLES)
+    assert set(agg.keys()) == {R.LOSS, R.AUROC}  # epsilon is never averaged
+    assert agg[R.LOSS] == pytest.approx(np.average([1.0, 2.0], weights=[10, 30]))
+    assert agg[R.AUROC] == pytest.approx(0.8)
+
+
+def federation(data_root: Path, out: Path, sites: int, tap=None, **overrides: object):
+    cfg = tiny_user_config(data_root, **{"output-dir": str(out), "run-name": "t", **overrides})
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": sites}
+                                      for i in range(sites)], cfg, tap=tap)
+    return grid, tiny_run(data_root, **{"output-dir": str(out), "run-name": "t", **overrides})
+
+
+def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path: Path) -> None:
+    replies: list[Message] = []
+    grid, run = federation(demo_root, tmp_path, 2, tap=lambda node, msg: replies.append(msg),
+                           **{"num-server-rounds": 2})
+    out = run_federation(grid, run)
+
+    history = read_history(out)
+    assert [h["round"] for h in history] == [1, 2]
+    for h in history:
+        assert set(h["sites"]) == {"hospital-0", "hospital-1"}
+        for site in h["sites"].values():
+            assert set(site) == set(R.TRAIN_METRICS) | set(R.EVAL_METRICS)
+            assert 0 < site[R.EPSILON] <= 8.01
+        assert set(h["aggregate"]) >= {R.AUROC, R.LOSS, R.TRAIN_LOSS} and not h["failures"]
+    assert history[1]["sites"]["hospital-0"][R.EPSILON] > history[0]["sites"]["hospital-0"][R.EPSILON]
+
+    # round 1's checkpoint is the num-examples-weighted mean of round 1's train replies
+    train_1 = [m for m in replies[:4] if R.ARRAYS in m.content]
+    weights = [m.content[R.METRICS][R.NUM_EXAMPLES] for m in train_1]
+    saved = load_tensors(out / "round-001.safetensors")
+    for name, value in saved.items():
+        expected = np.average([m.content[R.ARRAYS][name].numpy() for m in train_1], axis=0,
+                              weights=weights)
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    # the final model reloads without Flower and carries round 2's parameters
+    model = load_model(out)
+    final = load_tensors(out / "round-002.safetensors")
+    for name, value in trainable_state(model).items():
+        torch.testing.assert_close(value, final[name])
+
+
+def _broken_copy(demo_root: Path, dest: Path) -> Path:
+    shutil.copytree(demo_root / "hospital-0", dest / "hospital-0")
+    shutil.copytree(demo_root / "hospital-1", dest / "hospital-1")
+    manifest = dest / "hospital-1" / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open()))
+    rows[4]["label"] = "pneumothorax"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return dest
+
+
+def test_a_failing_site_is_named_and_stops_the_run_below_min_nodes(demo_root: Path, tmp_path: Path) -> None:
+    data = _broken_copy(demo_root, tmp_path / "data")
+    grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 1})
+    with pytest.raises(NotEnoughSites, match=r"Failures: site 'hospital-1': unusable data: (.|\n)*"
+                                             r"manifest.csv:6: unknown label 'pneumothorax'"):
+        run_federation(grid, run)
+
+
+def test_the_others_carry_on_when_min_nodes_allows(demo_root: Path, tmp_path: Path) -> None:
+    data = _broken_copy(demo_root, tmp_path / "data")
+    grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 1, "min-nodes": 1})
+    out = run_federation(grid, run)
+    (line,) = read_history(out)
+    assert set(line["sites"]) == {"hospital-0"}
+    assert "unknown label 'pneumothorax'" in line["failures"]["hospital-1"]
+
+
+def test_an_existing_run_folder_is_not_overwritten(demo_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "history.jsonl").write_text("{}\n")
+    grid, run = federation(demo_root, tmp_path, 2)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run_federation(grid, run)
