@@ -266,7 +266,8 @@ class SiteConfig:
             )
         if "manifest" in node_config:
             manifest = Path(str(node_config["manifest"])).expanduser()
-            name = str(node_config.get("site-name") or manifest.resolve().parent.name)
+            folder = manifest if manifest.is_dir() else manifest.parent
+            name = str(node_config.get("site-name") or folder.resolve().name)
             return cls(site_name=name, manifest=manifest)
         if "partition-id" in node_config:
             pid = int(node_config["partition-id"])

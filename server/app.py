@@ -53,13 +53,13 @@ def round_config(run: RunConfig, fingerprint: str) -> ConfigRecord:
 
 def run_federation(grid: Grid, run: RunConfig) -> Path:
     """Run all rounds and write the outputs; return the run folder."""
+    model = build_model(run.model)  # first: a bad encoder path fails before anything is written
+    fingerprint = frozen_fingerprint(model)
     out_dir = output_folder(run)
     atomic_write_bytes(out_dir / "run-config.json", json.dumps(
         {"federation": vars(run.federation), "data": vars(run.data),
          "model": run.model.to_json_dict(), "train": vars(run.train),
          "privacy": vars(run.privacy)}, indent=2).encode())
-    model = build_model(run.model)
-    fingerprint = frozen_fingerprint(model)
     log.info("run folder %s; frozen-part fingerprint %s", out_dir, fingerprint[:16])
     recorder = RunRecorder(out_dir)
     fed = run.federation

@@ -77,8 +77,13 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
 
     run = RunConfig.from_user_config(user_config)  # fail fast, before Ray starts
     data_root = Path(run.data.data_root)
-    if len(hospital_folders(data_root)) < hospitals:
-        raise ConfigError(f"{data_root} has fewer than {hospitals} hospital folders.")
+    if not data_root.is_dir():
+        raise ConfigError(f"Data root {data_root} does not exist: it should hold one folder per "
+                          "hospital, hospital-0 .. hospital-<N-1>.")
+    found = len(hospital_folders(data_root))
+    if found < hospitals:
+        raise ConfigError(f"{data_root} holds {found} hospital folder(s) (hospital-<i>); "
+                          f"{hospitals} were asked for.")
     out_root = Path(run.federation.output_dir)
     before = set(out_root.iterdir()) if out_root.is_dir() else set()
     server, client = make_apps(user_config)

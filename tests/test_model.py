@@ -171,3 +171,45 @@ def test_missing_text_encoder_path_is_a_clear_error(tmp_path: Path) -> None:
         build_text_encoder(str(tmp_path), seed=0)
     with pytest.raises(ModelLoadError, match="is not installed"):
         build_text_encoder("pkg:no_such_package_here", seed=0)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> None:
+    from torch.utils.data import DataLoader
+
+    from common.privacy import Ledger, private_training
+
+    model = build_model(tiny_run(fusion=fusion, trainable_text_layers=1,
+                                 trainable_image_blocks=1).model)
+    x = batch(model, b=8)
+    x["has_image"][0], x["has_text"][1] = False, False
+    rows = [{**{k: v[i] for k, v in x.items()}, "labels": torch.tensor(i % 3)} for i in range(8)]
+    loader = DataLoader(rows, batch_size=8)
+    before = trainable_state(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ledger = Ledger("rdp", 1e-5, 1.0, 1.0)
+    with private_training(model, optimizer, loader, ledger, max_grad_norm=1.0,
+                          grad_sample_mode=mode) as session:
+        for b in session.loader:
+            session.optimizer.zero_grad()
+            loss = session.criterion(logits(model, b), b["labels"])
+            loss.backward()
+            session.optimizer.step()
+        assert session.engine.accountant.history == [(1.0, 1.0, 1)]
+    unchanged = [n for n, v in trainable_state(model).items() if torch.equal(v, before[n])]
+    assert not unchanged
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in build_model(
+        tiny_run(fusion=fusion).model).named_parameters()]  # hooks gone, no renamed parameters
+
+
+def test_seed_preset_is_the_reference_design() -> None:
+    cfg = resolve_model_config(tiny_run(preset="seed", text_encoder="builtin:bert-base").model)
+    assert cfg.image_encoder == "resnet50" and cfg.image_size == 224
+    model = build_model(cfg)
+    assert model.image.out_dim == 2048 and model.text.config.hidden_size == 768
+    assert len(model.text.encoder.layer) == 12
+    with torch.no_grad():
+        x = batch(model, b=1)
+        x["images"] = x["images"][:, :, :64, :64]  # any size works; keep the test fast
+        assert logits(model, x).shape == (1, 3)
