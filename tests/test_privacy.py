@@ -67,7 +67,9 @@ def test_epsilon_grows_each_round_and_matches_a_fresh_accountant(demo_root: Path
         epsilons.append(ledger.epsilon)
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 8.0 + 0.01
     assert epsilons[2] > 7.5  # the planned rounds spend (almost) all of the target
-    assert ledger.steps == 3 * local_steps(num_examples=out.num_examples, batch_size=32, epochs=1)
+    assert ledger.steps == 3 * local_steps(num_examples=out.num_examples,
+                                           batch_size=run.train.batch_size,
+                                           epochs=run.train.local_epochs)
 
 
 def test_dp_noise_is_not_derived_from_the_public_seed(demo_root: Path) -> None:
@@ -76,7 +78,7 @@ def test_dp_noise_is_not_derived_from_the_public_seed(demo_root: Path) -> None:
     site = SiteConfig("hospital-1", demo_root / "hospital-1")
     bundle = model_bundle(run.model)
     start = trainable_state(bundle.model)
-    q = sample_rate(num_examples=len(site_data(site, run).train), batch_size=32)
+    q = sample_rate(num_examples=len(site_data(site, run).train), batch_size=run.train.batch_size)
     ledger = Ledger("rdp", 1e-5, 1.0, q)  # skip calibration: the noise level is not the point
     ins = RoundInstructions(1, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
     a = train_round(run, site, start, ins, ledger).state
