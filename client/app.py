@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -61,8 +63,21 @@ def _error_reply(msg: Message, site: str, err: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-def _site(context: Context, run: RunConfig) -> SiteConfig:
-    return SiteConfig.from_node_config(context.node_config, run.data.data_root)
+Work = Callable[[RunConfig, SiteConfig, dict[str, torch.Tensor]], RecordDict]
+
+
+def _reply(msg: Message, context: Context, user_config: Mapping[str, Any], work: Work) -> Message:
+    """Parse the configs, run `work` on the received parameters, and reply (or explain why not)."""
+    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
+    try:
+        run = parse_run_config(user_config)
+        site = SiteConfig.from_node_config(context.node_config, run.data.data_root)
+        name = site.site_name
+        content = work(run, site, msg.content[R.ARRAYS].to_torch_state_dict())
+    except EXPLAINED_ERRORS as err:
+        return _error_reply(msg, name, err)
+    content[R.SITE] = ConfigRecord({R.SITE_NAME: site.site_name})
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
@@ -78,58 +93,42 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) -> Message:
-    """Unpack a train message, train with `common.site`, pack the reply."""
-    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
-    try:
-        run = parse_run_config(user_config)
-        site = _site(context, run)
-        name = site.site_name
-        state = msg.content[R.ARRAYS].to_torch_state_dict()
+    """Train with `common.site`; reply with the trainable parameters and TRAIN_METRICS."""
+
+    def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
         ledger = None
         if LEDGER_STATE in context.state:
             ledger = Ledger.from_json(str(context.state[LEDGER_STATE]["json"]))
         outcome = train_round(run, site, state, round_instructions(msg.content[R.CONFIG]), ledger)
-    except EXPLAINED_ERRORS as err:
-        return _error_reply(msg, name, err)
-    if outcome.ledger is not None:
-        context.state[LEDGER_STATE] = ConfigRecord({"json": outcome.ledger.to_json()})
-    ledger = outcome.ledger
-    metrics = MetricRecord({
-        R.NUM_EXAMPLES: outcome.num_examples,
-        R.TRAIN_LOSS: float(outcome.result.loss),
-        R.EPSILON: float(epsilon_or_inf(ledger)),
-        R.DELTA: float(ledger.delta if ledger else 0.0),
-        R.NOISE_MULTIPLIER: float(ledger.noise_multiplier if ledger else 0.0),
-        R.SAMPLE_RATE: float(ledger.sample_rate if ledger else 0.0),
-        R.STEPS: int(ledger.steps if ledger else outcome.result.steps),
-        R.TRAIN_SECONDS: float(outcome.result.seconds),
-    })
-    content = RecordDict({
-        R.ARRAYS: ArrayRecord(outcome.state),
-        R.METRICS: metrics,
-        R.SITE: ConfigRecord({R.SITE_NAME: site.site_name}),
-    })
-    return Message(content=content, reply_to=msg)
+        ledger = outcome.ledger
+        if ledger is not None:
+            context.state[LEDGER_STATE] = ConfigRecord({"json": ledger.to_json()})
+        return RecordDict({
+            R.ARRAYS: ArrayRecord(outcome.state),
+            R.METRICS: MetricRecord({
+                R.NUM_EXAMPLES: outcome.num_examples,
+                R.TRAIN_LOSS: float(outcome.result.loss),
+                R.EPSILON: float(epsilon_or_inf(ledger)),
+                R.DELTA: float(ledger.delta if ledger else 0.0),
+                R.NOISE_MULTIPLIER: float(ledger.noise_multiplier if ledger else 0.0),
+                R.SAMPLE_RATE: float(ledger.sample_rate if ledger else 0.0),
+                R.STEPS: int(ledger.steps if ledger else outcome.result.steps),
+                R.TRAIN_SECONDS: float(outcome.result.seconds),
+            }),
+        })
+
+    return _reply(msg, context, user_config, work)
 
 
 def evaluate_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) -> Message:
-    """Unpack an evaluate message, evaluate with `common.site`, pack the reply."""
-    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
-    try:
-        run = parse_run_config(user_config)
-        site = _site(context, run)
-        name = site.site_name
-        state = msg.content[R.ARRAYS].to_torch_state_dict()
+    """Evaluate with `common.site`; reply with EVAL_METRICS."""
+
+    def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
         fingerprint = str(msg.content[R.CONFIG][R.FROZEN_FINGERPRINT])
         m = evaluate_round(run, site, state, fingerprint)
-    except EXPLAINED_ERRORS as err:
-        return _error_reply(msg, name, err)
-    metrics = MetricRecord({
-        R.NUM_EXAMPLES: m.num_examples,
-        R.LOSS: float(m.loss),
-        R.ACCURACY: float(m.accuracy),
-        R.AUROC: float(m.auroc),
-        R.F1: float(m.f1),
-    })
-    content = RecordDict({R.METRICS: metrics, R.SITE: ConfigRecord({R.SITE_NAME: site.site_name})})
-    return Message(content=content, reply_to=msg)
+        return RecordDict({R.METRICS: MetricRecord({
+            R.NUM_EXAMPLES: m.num_examples, R.LOSS: float(m.loss), R.ACCURACY: float(m.accuracy),
+            R.AUROC: float(m.auroc), R.F1: float(m.f1),
+        })})
+
+    return _reply(msg, context, user_config, work)

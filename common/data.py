@@ -10,7 +10,6 @@ overriding the random patient-level split). Every problem is reported with its f
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -80,7 +79,8 @@ def _raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ManifestError(manifest, [f"{manifest}:{line_no}: not valid JSON ({err.msg})."]) from err
+                    problem = f"{manifest}:{line_no}: not valid JSON ({err.msg})."
+                    raise ManifestError(manifest, [problem]) from err
                 if not isinstance(obj, dict):
                     raise ManifestError(manifest, [f"{manifest}:{line_no}: expected a JSON object."])
                 records.append((line_no, {k: "" if v is None else str(v) for k, v in obj.items()}))
@@ -126,11 +126,6 @@ def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[
     if problems:
         raise ManifestError(manifest, problems)
     return manifest, rows
-
-
-def manifest_hash(manifest: Path) -> str:
-    """SHA-256 of the manifest file: the site's dataset version."""
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
 
 
 def split_by_patient(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:

@@ -187,8 +187,7 @@ def build_text_encoder(source: str, seed: int) -> TextEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = BertModel(BertConfig(**BUILTIN_TEXT_CONFIGS[name]), add_pooling_layer=False)
-        tokenizer = _load_tokenizer(DEFAULT_TOKENIZER_SOURCE)
-        return TextEncoder(model=model, tokenizer=tokenizer)
+        return TextEncoder(model=model, tokenizer=load_tokenizer(source))
     where = resolve_text_source(source) or source
     try:
         model = AutoModel.from_pretrained(str(where))
@@ -201,10 +200,13 @@ def build_text_encoder(source: str, seed: int) -> TextEncoder:
         ) from err
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused (we mean-pool tokens) and it would receive no gradient
-    return TextEncoder(model=model, tokenizer=_load_tokenizer(source))
+    return TextEncoder(model=model, tokenizer=load_tokenizer(source))
 
 
-def _load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a text source (builtin configs use the uncased BERT vocabulary)."""
+    if source.startswith("builtin:"):
+        source = DEFAULT_TOKENIZER_SOURCE
     where = resolve_text_source(source) or source
     try:
         return AutoTokenizer.from_pretrained(str(where))

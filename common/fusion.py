@@ -131,7 +131,8 @@ class AttentionFusion(nn.Module):
         present = torch.stack([f.has_image, f.has_text], dim=1)  # (B, 2)
         return torch.relu(self.norm(masked_mean(attended, present)))  # (B, d)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_ok: torch.Tensor) -> torch.Tensor:
         b, d, h = q.shape[0], q.shape[-1], self.heads
 
         def split(x: torch.Tensor) -> torch.Tensor:

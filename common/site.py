@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from common.config import ModelConfig, RunConfig, SiteConfig
-from common.data import ManifestDataset, ManifestError, manifest_hash, read_manifest, split_by_patient
-from common.encoders import build_text_encoder
+from common.data import ManifestDataset, ManifestError, read_manifest, split_by_patient
+from common.encoders import load_tokenizer
 from common.metrics import Metrics
 from common.model import (
     FusionModel,
@@ -64,7 +65,6 @@ class SiteData:
     """A site's checked data, split by patient."""
 
     manifest: Path
-    dataset_hash: str
     train: ManifestDataset
     val: ManifestDataset
 
@@ -74,7 +74,7 @@ class ModelBundle:
     """A built model, its tokenizer and the fingerprint of its frozen part."""
 
     model: FusionModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     fingerprint: str
 
 
@@ -93,8 +93,7 @@ def model_bundle(config: ModelConfig) -> ModelBundle:
     """Build (once per process and config) the model, tokenizer and frozen fingerprint."""
     resolved = resolve_model_config(config)
     model = build_model(resolved)
-    tokenizer = build_text_encoder(resolved.text_encoder, resolved.seed).tokenizer
-    return ModelBundle(model, tokenizer, frozen_fingerprint(model))
+    return ModelBundle(model, load_tokenizer(resolved.text_encoder), frozen_fingerprint(model))
 
 
 @functools.lru_cache(maxsize=16)
@@ -116,7 +115,7 @@ def site_data(site: SiteConfig, run: RunConfig) -> SiteData:
 
     log.info("site %s: %d train / %d val rows from %s", site.site_name, len(train_rows),
              len(val_rows), manifest)
-    return SiteData(manifest, manifest_hash(manifest), dataset(train_rows), dataset(val_rows))
+    return SiteData(manifest, dataset(train_rows), dataset(val_rows))
 
 
 def plan_ledger(run: RunConfig, instructions: RoundInstructions, num_examples: int) -> Ledger:

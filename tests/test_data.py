@@ -16,7 +16,7 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from common.data import ManifestDataset, ManifestError, Row, read_manifest, split_by_patient
 from common.demo_data import DEMO_CLASS_NAMES, plan_hospitals
-from common.encoders import build_text_encoder
+from common.encoders import load_tokenizer
 from common.metrics import macro_auroc
 
 CLASSES = ("normal", "pneumonia", "effusion")
@@ -116,7 +116,7 @@ def test_dataset_items_and_unreadable_image(tmp_path: Path) -> None:
         {"image": good, "text": "", "label": "pneumonia"},
     ])
     _, rows = read_manifest(manifest, CLASSES)
-    tok = build_text_encoder("builtin:tiny", 0).tokenizer
+    tok = load_tokenizer("builtin:tiny")
     ds = ManifestDataset(manifest, rows, CLASSES, tok, image_size=16, max_text_length=12)
     item = ds[0]
     assert item["images"].shape == (3, 16, 16) and item["input_ids"].shape == (12,)

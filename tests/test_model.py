@@ -122,7 +122,7 @@ def test_fingerprint_identifies_the_frozen_part_only() -> None:
 def test_load_trainable_state_roundtrip_and_mismatch() -> None:
     a, b = build_model(tiny_run(seed=1).model), build_model(tiny_run(seed=2).model)
     load_trainable_state(b, trainable_state(a))
-    for (name, x), y in zip(trainable_state(a).items(), trainable_state(b).values()):
+    for (name, x), y in zip(trainable_state(a).items(), trainable_state(b).values(), strict=True):
         torch.testing.assert_close(x, y, msg=name)
     state = trainable_state(a)
     state.pop("head.bias")
@@ -147,7 +147,7 @@ def test_image_weights_load_from_a_local_file(tmp_path: Path) -> None:
     path = tmp_path / "resnet10.pth"
     torch.save({**source.state_dict(), "fc.weight": torch.zeros(1000, 512)}, path)
     loaded = build_image_encoder("resnet10", str(path), seed=99)
-    for (name, x), y in zip(source.state_dict().items(), loaded.state_dict().values()):
+    for (name, x), y in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, msg=name)
     with pytest.raises(ModelLoadError, match="do not fit a torchvision resnet18"):
         build_image_encoder("resnet18", str(path), seed=0)
@@ -160,7 +160,7 @@ def test_text_encoder_from_a_local_directory(tmp_path: Path) -> None:
     enc.model.save_pretrained(tmp_path / "bert")
     enc.tokenizer.save_pretrained(tmp_path / "bert")
     loaded = build_text_encoder(str(tmp_path / "bert"), seed=5)
-    for (name, x), y in zip(enc.model.state_dict().items(), loaded.model.state_dict().values()):
+    for (name, x), y in zip(enc.model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, msg=name)
 
 
