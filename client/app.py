@@ -3,18 +3,19 @@
 Handlers unpack the message, call `common.site`, and pack the reply. Only the trainable
 parameters and the fixed set of scalar metrics in `common.records` leave the site, plus the
 site's self-chosen name. Problems the site can explain (bad data, a model mismatch, a
-configuration error) become an error reply whose reason names the site and the cause.
+configuration error, a privacy refusal) become an error reply whose reason names the site and
+the cause.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -23,15 +24,18 @@ from common import records as R
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.data import ManifestError
 from common.encoders import ModelLoadError
-from common.privacy import Ledger
-from common.site import RoundInstructions, SiteError, epsilon_or_inf, evaluate_round, train_round
+from common.enforcement import PrivacyRefusal
+from common.ledger import LedgerError
+from common.policy import PolicyError
+from common.site import RoundInstructions, SiteError, evaluate_round, train_round
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-LEDGER_STATE = "privacy-ledger"  # Context.state key: this run's ledger survives across rounds
-EXPLAINED_ERRORS = (SiteError, ManifestError, ModelLoadError, ConfigError, ValueError)
+# Problems a site can explain: they become an error reply naming the site and the cause.
+EXPLAINED_ERRORS = (SiteError, PrivacyRefusal, PolicyError, LedgerError, ManifestError,
+                    ModelLoadError, ConfigError, ValueError)
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,7 +75,7 @@ def _reply(msg: Message, context: Context, user_config: Mapping[str, Any], work:
     name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
     try:
         run = parse_run_config(user_config)
-        site = SiteConfig.from_node_config(context.node_config, run.data.data_root)
+        site = SiteConfig.from_node_config(context.node_config, run.data)
         name = site.site_name
         content = work(run, site, msg.content[R.ARRAYS].to_torch_state_dict())
     except EXPLAINED_ERRORS as err:
@@ -96,23 +100,19 @@ def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) 
     """Train with `common.site`; reply with the trainable parameters and TRAIN_METRICS."""
 
     def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
-        ledger = None
-        if LEDGER_STATE in context.state:
-            ledger = Ledger.from_json(str(context.state[LEDGER_STATE]["json"]))
-        outcome = train_round(run, site, state, round_instructions(msg.content[R.CONFIG]), ledger)
+        instructions = round_instructions(msg.content[R.CONFIG])
+        outcome = train_round(run, site, state, instructions, str(context.run_id))
         ledger = outcome.ledger
-        if ledger is not None:
-            context.state[LEDGER_STATE] = ConfigRecord({"json": ledger.to_json()})
         return RecordDict({
             R.ARRAYS: ArrayRecord(outcome.state),
             R.METRICS: MetricRecord({
                 R.NUM_EXAMPLES: outcome.num_examples,
-                R.TRAIN_LOSS: float(outcome.result.loss),
-                R.EPSILON: float(epsilon_or_inf(ledger)),
-                R.DELTA: float(ledger.delta if ledger else 0.0),
-                R.NOISE_MULTIPLIER: float(ledger.noise_multiplier if ledger else 0.0),
-                R.SAMPLE_RATE: float(ledger.sample_rate if ledger else 0.0),
-                R.STEPS: int(ledger.steps if ledger else outcome.result.steps),
+                R.TRAIN_LOSS: float(outcome.result.loss) if outcome.share_metrics else math.nan,
+                R.EPSILON: float(ledger.epsilon) if ledger else math.inf,
+                R.DELTA: float(ledger.delta) if ledger else 0.0,
+                R.NOISE_MULTIPLIER: float(ledger.noise_multiplier) if ledger else 0.0,
+                R.SAMPLE_RATE: float(ledger.sample_rate) if ledger else 0.0,
+                R.STEPS: int(ledger.steps) if ledger else int(outcome.result.steps),
                 R.TRAIN_SECONDS: float(outcome.result.seconds),
             }),
         })

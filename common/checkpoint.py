@@ -8,33 +8,17 @@ A saved model is a folder with `model.safetensors` (the full state: frozen + tra
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
 from common.config import ModelConfig
+from common.files import atomic_write_bytes
 from common.model import FusionModel, build_model, frozen_fingerprint, trainable_names
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

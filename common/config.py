@@ -57,6 +57,7 @@ class DataConfig:
     """Where simulated hospitals' data lives and how a site splits it."""
 
     data_root: str = field(metadata={})  # simulation only: <data-root>/hospital-<i>
+    state_root: str = field(metadata={})  # simulation only: "" = each hospital's own folder
     val_fraction: float = field(metadata=_range(0.0, 1.0, lo_open=True))
     num_workers: int = field(metadata=_range(0))
 
@@ -242,38 +243,55 @@ def run_config_with(overrides: Mapping[str, Any] | None = None) -> RunConfig:
 # --- per-site configuration ----------------------------------------------------------------
 
 NODE_KEYS_FLOWER = ("partition-id", "num-partitions")  # set by Flower's simulation runtime
+NODE_KEYS = ("manifest", "site-name", "state-dir", "policy")
+POLICY_FILE = "policy.toml"  # a simulated hospital's policy, when its folder has one
+STATE_FOLDER = "state"
 
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """What one hospital node knows about itself: its data and its name."""
+    """What one hospital node knows about itself: its data, name, state folder and policy."""
 
     site_name: str
     manifest: Path
+    state_dir: Path
+    policy: Path | None = None  # None: the default policy (DP required, no cap of its own)
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], data_root: str) -> SiteConfig:
-        """Deployment: `manifest` (and optional `site-name`) from --node-config.
+    def from_node_config(cls, node_config: Mapping[str, Any], data: DataConfig) -> SiteConfig:
+        """Deployment: `manifest`, `state-dir` (and optional `site-name`, `policy`) from --node-config.
 
-        Simulation: Flower sets only `partition-id`, which maps to `<data-root>/hospital-<i>`.
+        Simulation: Flower sets only `partition-id`, which maps to `<data-root>/hospital-<i>`;
+        the hospital's policy is `policy.toml` in that folder if present, and its state folder
+        is `<state-root or data-root>/hospital-<i>/state`.
         """
-        known = {"manifest", "site-name", *NODE_KEYS_FLOWER}
-        unknown = sorted(set(node_config) - known)
+        unknown = sorted(set(node_config) - set(NODE_KEYS) - set(NODE_KEYS_FLOWER))
         if unknown:
             raise ConfigError(
-                f"Unknown node config key(s) {unknown}; known: {sorted(known)}. "
-                "Pass them with flower-supernode --node-config \"manifest='/data/site/manifest.csv'\"."
-            )
+                f"Unknown node config key(s) {unknown}; known: {sorted(NODE_KEYS)}. Example: "
+                "flower-supernode --node-config \"manifest='/data/site/manifest.csv' "
+                "state-dir='/var/lib/fedfusion' policy='/etc/fedfusion/policy.toml'\".")
+        policy = node_config.get("policy")
         if "manifest" in node_config:
+            if "state-dir" not in node_config:
+                raise ConfigError(
+                    "This node has no state-dir: the site keeps its privacy ledger there, so that "
+                    "a restart cannot reset what it has spent. Add state-dir='/a/private/folder' "
+                    "to --node-config.")
             manifest = Path(str(node_config["manifest"])).expanduser()
             folder = manifest if manifest.is_dir() else manifest.parent
-            name = str(node_config.get("site-name") or folder.resolve().name)
-            return cls(site_name=name, manifest=manifest)
+            return cls(site_name=str(node_config.get("site-name") or folder.resolve().name),
+                       manifest=manifest, state_dir=Path(str(node_config["state-dir"])).expanduser(),
+                       policy=Path(str(policy)).expanduser() if policy else None)
         if "partition-id" in node_config:
-            pid = int(node_config["partition-id"])
-            folder = Path(data_root).expanduser() / f"hospital-{pid}"
-            return cls(site_name=str(node_config.get("site-name") or folder.name), manifest=folder)
+            name = f"hospital-{int(node_config['partition-id'])}"
+            folder = Path(data.data_root).expanduser() / name
+            state_root = Path(data.state_root or data.data_root).expanduser()
+            if not policy and (folder / POLICY_FILE).is_file():
+                policy = folder / POLICY_FILE
+            return cls(site_name=str(node_config.get("site-name") or name), manifest=folder,
+                       state_dir=state_root / name / STATE_FOLDER,
+                       policy=Path(str(policy)) if policy else None)
         raise ConfigError(
             "This node has no data: set its manifest with "
-            "flower-supernode --node-config \"manifest='/path/to/manifest.csv'\"."
-        )
+            "flower-supernode --node-config \"manifest='/path/to/manifest.csv' state-dir=...\".")

@@ -15,7 +15,7 @@ import json
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+MAX_NOISE_MULTIPLIER = 1e4  # beyond this, training is noise: the budget is too low to train
+
+
+class BudgetTooLow(ValueError):
+    """No noise level lets this run stay within the privacy target."""
 
 
 def local_steps(*, num_examples: int, batch_size: int, epochs: int) -> int:
@@ -40,21 +45,45 @@ def sample_rate(*, num_examples: int, batch_size: int) -> float:
 
 
 def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                    total_steps: int, accountant: str) -> float:
-    """The noise multiplier that spends exactly the target over `total_steps` (once per run)."""
-    try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                           sample_rate=sample_rate, steps=total_steps,
-                                           accountant=accountant))
-    except ValueError as err:
-        raise ValueError(
-            f"Cannot reach epsilon={target_epsilon} at delta={target_delta} over {total_steps} "
-            f"steps with sampling rate {sample_rate:.4f} ({err}). Raise target-epsilon, lower the "
-            "number of rounds or local epochs, or raise the batch size."
-        ) from err
+                    total_steps: int, accountant: str,
+                    prior_history: Sequence[HistoryEntry] = ()) -> float:
+    """The noise multiplier that spends at most the target over `total_steps` (once per run).
+
+    With `prior_history` (earlier runs on the same data), the target bounds the composition
+    of that history and this run.
+    """
+    if not prior_history:
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                               sample_rate=sample_rate, steps=total_steps,
+                                               accountant=accountant))
+        except ValueError as err:
+            raise BudgetTooLow(_too_low(target_epsilon, target_delta, total_steps, sample_rate)) from err
+
+    def spent(sigma: float) -> float:
+        return epsilon_from_history([*prior_history, (sigma, sample_rate, total_steps)],
+                                    delta=target_delta, accountant=accountant)
+
+    # bisection on sigma: epsilon decreases as the noise grows
+    low, high = 0.05, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise BudgetTooLow(_too_low(target_epsilon, target_delta, total_steps, sample_rate)
+                               + " Earlier runs on this dataset have spent most of the budget.")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)
+    return high
 
 
-def epsilon_from_history(history: list[HistoryEntry], *, delta: float, accountant: str) -> float:
+def _too_low(eps: float, delta: float, steps: int, q: float) -> str:
+    return (f"Cannot reach epsilon={eps:g} at delta={delta:g} over {steps} steps with sampling "
+            f"rate {q:.4f}. Raise the epsilon target or cap, lower the number of rounds or "
+            "local epochs, or raise the batch size.")
+
+
+def epsilon_from_history(history: Sequence[HistoryEntry], *, delta: float, accountant: str) -> float:
     """Cumulative epsilon of a ledger, recomputed with a fresh Opacus accountant."""
     if not history:
         return 0.0

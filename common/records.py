@@ -24,6 +24,14 @@ def site_error_reason(site_name: str, cause: str) -> str:
     return f"site '{site_name}': {cause}"
 
 
+REFUSAL_PREFIX = "refused: "  # a site's privacy refusal: "site 'x': refused: <why>"
+
+
+def is_refusal(reason: str) -> bool:
+    """Whether an error reply's reason is a site's privacy refusal (not a failure)."""
+    return reason.partition("': ")[2].startswith(REFUSAL_PREFIX)
+
+
 def site_of_error_reason(reason: str) -> str | None:
     """The site name in a reason written by `site_error_reason`, else None."""
     if reason.startswith("site '") and "': " in reason:

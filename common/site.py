@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,19 @@ from common.model import (
     resolve_model_config,
     trainable_state,
 )
-from common.privacy import (
-    Ledger,
-    calibrate_noise,
-    local_steps,
-    private_training,
-    sample_rate,
-    updated_ledger,
+from common.enforcement import PrivacyRefusal, authorize_round, check_round_count, negotiate
+from common.ledger import (
+    LedgerBook,
+    Receipt,
+    RunRecord,
+    append_receipt,
+    file_sha256,
+    load_book,
+    save_book,
+    update_digest,
 )
+from common.policy import SitePolicy, load_policy
+from common.privacy import HistoryEntry, Ledger, epsilon_from_history, private_training, updated_ledger
 from common.train import TrainResult, evaluate, pick_device, train
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class SiteData:
     """A site's checked data, split by patient."""
 
     manifest: Path
+    dataset_sha256: str  # the dataset version: SHA-256 of the manifest
     train: ManifestDataset
     val: ManifestDataset
 
@@ -80,12 +85,14 @@ class ModelBundle:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """A site's round: the trained parameters, what training did, and the updated ledger."""
+    """A site's round: the trained parameters, what training did, the ledger and the receipt."""
 
     state: dict[str, torch.Tensor]
     result: TrainResult
     num_examples: int
     ledger: Ledger | None  # None when the round trained without DP
+    receipt: Receipt
+    share_metrics: bool  # the site's policy allows reporting its training loss
 
 
 @functools.lru_cache(maxsize=2)
@@ -115,21 +122,15 @@ def site_data(site: SiteConfig, run: RunConfig) -> SiteData:
 
     log.info("site %s: %d train / %d val rows from %s", site.site_name, len(train_rows),
              len(val_rows), manifest)
-    return SiteData(manifest, dataset(train_rows), dataset(val_rows))
+    return SiteData(manifest, file_sha256(manifest), dataset(train_rows), dataset(val_rows))
 
 
-def plan_ledger(run: RunConfig, instructions: RoundInstructions, num_examples: int) -> Ledger:
-    """A fresh ledger for this run: the noise multiplier calibrated once for all planned rounds."""
-    b, e = run.train.batch_size, run.train.local_epochs
-    q = sample_rate(num_examples=num_examples, batch_size=b)
-    total = instructions.num_rounds * local_steps(num_examples=num_examples, batch_size=b, epochs=e)
-    sigma = calibrate_noise(target_epsilon=instructions.target_epsilon,
-                            target_delta=instructions.target_delta, sample_rate=q,
-                            total_steps=total, accountant=run.privacy.accountant)
-    return Ledger(run.privacy.accountant, instructions.target_delta, sigma, q)
+def site_policy(site: SiteConfig) -> SitePolicy:
+    """The site's policy file, or the default policy (DP required, no cap of its own)."""
+    return load_policy(site.policy) if site.policy else SitePolicy()
 
 
-def _prepare(bundle: ModelBundle, site: SiteConfig, global_state: dict[str, torch.Tensor],
+def _prepare(bundle: ModelBundle, global_state: dict[str, torch.Tensor],
              fingerprint: str | None, device: torch.device) -> FusionModel:
     if fingerprint is not None and fingerprint != bundle.fingerprint:
         raise SiteError(
@@ -142,44 +143,79 @@ def _prepare(bundle: ModelBundle, site: SiteConfig, global_state: dict[str, torc
 
 
 def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.Tensor],
-                instructions: RoundInstructions, ledger: Ledger | None) -> TrainOutcome:
-    """Train the global model on this site's data for one round (DP-SGD when asked)."""
+                instructions: RoundInstructions, run_id: str) -> TrainOutcome:
+    """One round at a site: check the privacy terms, train, charge the ledger, write a receipt.
+
+    Raises PrivacyRefusal (nothing trained, nothing charged) when the site's policy forbids the
+    round. The ledger and the receipt are on disk before this returns, so before any reply.
+    """
+    policy = site_policy(site)
+    terms = negotiate(policy, run, dp=instructions.dp, target_epsilon=instructions.target_epsilon,
+                      target_delta=instructions.target_delta, num_rounds=instructions.num_rounds)
     bundle, data = model_bundle(run.model), site_data(site, run)
+    book = load_book(site.state_dir)
+    record = book.run(run_id)
+    n, b, e = len(data.train), run.train.batch_size, run.train.local_epochs
+    prior = book.prior_history(data.dataset_sha256, run_id) if terms.budget_scope == "dataset" else []
+    if terms.dp:
+        ledger = authorize_round(terms, record, prior, policy, num_examples=n, batch_size=b, epochs=e)
+    else:
+        ledger = None
+        check_round_count(record, policy)
     device = pick_device(run.train.device)
-    model = _prepare(bundle, site, global_state, instructions.frozen_fingerprint, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=instructions.learning_rate, momentum=0.9)
-    loader = DataLoader(data.train, batch_size=run.train.batch_size, shuffle=True,
-                        num_workers=run.data.num_workers)
-    n = len(data.train)
-    if not instructions.dp:
+    model = _prepare(bundle, global_state, instructions.frozen_fingerprint, device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=instructions.learning_rate, momentum=0.9)
+    loader = DataLoader(data.train, batch_size=b, shuffle=True, num_workers=run.data.num_workers)
+    if ledger is None:
         torch.manual_seed(run.model.seed * 100_003 + instructions.server_round)  # reproducible
-        result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(),
-                       epochs=run.train.local_epochs, device=device)
-        return TrainOutcome(trainable_state(model), result, n, None)
-    # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
-    # regenerate the noise and subtract it. Reseed from the operating system's entropy.
-    torch.seed()
-    ledger = ledger or plan_ledger(run, instructions, n)
-    with private_training(model, optimizer, loader, ledger, max_grad_norm=run.privacy.max_grad_norm,
-                          grad_sample_mode=run.privacy.grad_sample_mode) as session:
-        result = train(model, session.loader, session.optimizer, session.criterion,
-                       epochs=run.train.local_epochs, device=device)
-        ledger = updated_ledger(ledger, session.engine)
-    return TrainOutcome(trainable_state(model), result, n, ledger)
+        result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=e, device=device)
+    else:
+        # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed
+        # could regenerate the noise and subtract it. Reseed from the operating system's entropy.
+        torch.seed()
+        with private_training(model, optimizer, loader, ledger, max_grad_norm=terms.max_grad_norm,
+                              grad_sample_mode=run.privacy.grad_sample_mode) as session:
+            result = train(model, session.loader, session.optimizer, session.criterion,
+                           epochs=e, device=device)
+            ledger = updated_ledger(ledger, session.engine)
+    state = trainable_state(model)
+    receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
+                     state, prior, policy.budget_scope)
+    return TrainOutcome(state, result, n, ledger, receipt, policy.share_metrics)
+
+
+def charge(site: SiteConfig, book: LedgerBook, run_id: str, dataset: str, ledger: Ledger | None,
+           server_round: int, state: dict[str, torch.Tensor], prior: list[HistoryEntry],
+           budget_scope: str) -> Receipt:
+    """Persist this round's spend (ledger first, then the receipt) before anything is sent."""
+    record = book.run(run_id)
+    rounds = (record.rounds if record else ()) + (server_round,)
+    save_book(site.state_dir, book.with_run(run_id, RunRecord(dataset, ledger, rounds)))
+    last = ledger.history[-1] if ledger else (0.0, 0.0, 0)
+    before = sum(s for _, _, s in record.ledger.history) if record and record.ledger else 0
+    receipt = Receipt(
+        run_id=run_id, round=server_round, noise_multiplier=last[0], sample_rate=last[1],
+        steps=(ledger.steps - before) if ledger else 0,
+        accountant=ledger.accountant if ledger else "none",
+        epsilon=ledger.epsilon if ledger else None, delta=ledger.delta if ledger else None,
+        scope_epsilon=epsilon_from_history([*prior, *ledger.history], delta=ledger.delta,
+                                           accountant=ledger.accountant) if ledger else None,
+        budget_scope=budget_scope, update_sha256=update_digest(state), dataset_sha256=dataset,
+        time=Receipt.now())
+    append_receipt(site.state_dir, receipt)
+    return receipt
 
 
 def evaluate_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.Tensor],
                    fingerprint: str | None) -> Metrics:
-    """Evaluate the global model on this site's validation split."""
+    """Evaluate the global model on this site's validation split (if its policy shares metrics)."""
+    if not site_policy(site).share_metrics:
+        raise PrivacyRefusal("this site's policy does not share evaluation metrics "
+                             "(share-metrics = false).")
     bundle, data = model_bundle(run.model), site_data(site, run)
     device = pick_device(run.train.device)
-    model = _prepare(bundle, site, global_state, fingerprint, device)
+    model = _prepare(bundle, global_state, fingerprint, device)
     loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
                         num_workers=run.data.num_workers)
     return evaluate(model, loader, device)
-
-
-def epsilon_or_inf(ledger: Ledger | None) -> float:
-    """The cumulative epsilon to report: inf when the site trained without DP."""
-    return math.inf if ledger is None else ledger.epsilon

@@ -2,8 +2,10 @@
 
 It builds the model from the run config (to get the initial trainable parameters and the
 frozen part's fingerprint), runs the strategy, and leaves under `<output-dir>/<run-name>/`:
-`round-NNN.safetensors` after every round, `history.jsonl`, `run-config.json`, and the final
-full model (`model.safetensors` + `model.json`, loadable with `common.checkpoint.load_model`).
+`round-NNN.safetensors` after every round, `history.jsonl`, `run-config.json`, `summary.json`
+(how the run ended, each site's privacy spend), and the final full model (`model.safetensors` +
+`model.json`, loadable with `common.checkpoint.load_model`). When fewer than `min-nodes` sites
+train in a round (refusals or failures), the run ends cleanly there with the last global model.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
-from common.checkpoint import atomic_write_bytes, save_model
+from common.checkpoint import save_model
+from common.files import atomic_write_bytes
 from common.config import RunConfig
 from common.model import build_model, frozen_fingerprint, load_trainable_state, trainable_state
 from server.history import RunRecorder
-from server.strategy import RecordingFedAvg
+from server.strategy import NotEnoughSites, RecordingFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
          "model": run.model.to_json_dict(), "train": vars(run.train),
          "privacy": vars(run.privacy)}, indent=2).encode())
     log.info("run folder %s; frozen-part fingerprint %s", out_dir, fingerprint[:16])
-    recorder = RunRecorder(out_dir)
+    initial = ArrayRecord(trainable_state(model))
+    recorder = RunRecorder(out_dir, initial)
     fed = run.federation
     strategy = RecordingFedAvg(
         recorder,
@@ -71,17 +75,24 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
         min_evaluate_nodes=fed.min_nodes if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_nodes,
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(trainable_state(model)),
-        num_rounds=fed.num_server_rounds,
-        timeout=fed.round_timeout,
-        train_config=round_config(run, fingerprint),
-        evaluate_config=ConfigRecord({R.FROZEN_FINGERPRINT: fingerprint}),
-        evaluate_fn=recorder.end_of_round,
-    )
-    load_trainable_state(model, dict(result.arrays.to_torch_state_dict()))
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=fed.num_server_rounds,
+            timeout=fed.round_timeout,
+            train_config=round_config(run, fingerprint),
+            evaluate_config=ConfigRecord({R.FROZEN_FINGERPRINT: fingerprint}),
+            evaluate_fn=recorder.end_of_round,
+        )
+        status, message = "completed", f"All {fed.num_server_rounds} rounds completed."
+    except NotEnoughSites as stop:
+        recorder.stop(stop.server_round, str(stop))
+        status, message = "stopped", f"The run stopped early. {stop}"
+        log.warning("%s", message)
+    load_trainable_state(model, dict(recorder.last_arrays.to_torch_state_dict()))
     save_model(out_dir, model)
+    recorder.write_summary(status, message)
     log.info("final model written to %s", out_dir)
     return out_dir
 

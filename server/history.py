@@ -1,8 +1,10 @@
-"""The run's record on disk: per-round checkpoints and `history.jsonl`, one line per round.
+"""The run's record on disk: per-round checkpoints, `history.jsonl` and `summary.json`.
 
-A history line: {"round": r, "sites": {name: {train and evaluate metrics, epsilon included}},
-"aggregate": {weighted means of the non-privacy metrics}, "failures": {name: reason}}.
-Privacy metrics are per site only: an average epsilon over sites would guarantee nothing.
+A history line: {"round": r, "sites": {name: {train and evaluate metrics, epsilon included,
+"update-sha256"}}, "aggregate": {weighted means of the non-privacy metrics},
+"refusals": {name: reason}, "failures": {name: reason}}. A round that stopped the run has
+"stopped": reason instead of "aggregate". Privacy metrics are per site only: an average epsilon
+over sites would guarantee nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common import records as R
-from common.checkpoint import atomic_write_bytes, save_tensors
+from common.checkpoint import save_tensors
+from common.files import append_line_atomic, atomic_write_bytes
+from common.ledger import update_digest
 
 log = logging.getLogger(__name__)
 
 HISTORY = "history.jsonl"
+SUMMARY = "summary.json"
+UPDATE_SHA256 = "update-sha256"  # history only: the server's hash of the update it received
 
 
 def round_checkpoint(out_dir: Path, server_round: int) -> Path:
@@ -28,7 +34,7 @@ def round_checkpoint(out_dir: Path, server_round: int) -> Path:
     return out_dir / f"round-{server_round:03d}.safetensors"
 
 
-def _json_number(value: float | int) -> float | int | None:
+def _json_value(value: Any) -> Any:
     """JSON has no inf/nan: write null (epsilon is inf without DP, AUROC nan on one class)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -44,11 +50,14 @@ def weighted_mean(rows: list[dict[str, Any]], key: str) -> float:
 
 
 class RunRecorder:
-    """Collects per-site replies of each round and writes checkpoints and history."""
+    """Collects per-site replies of each round and writes checkpoints, history and summary."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, initial: ArrayRecord) -> None:
         self.out_dir = out_dir
+        self.last_arrays = initial  # the global trainable state after the last finished round
+        self.lines: list[dict[str, Any]] = []
         self._sites: dict[str, dict[str, Any]] = {}
+        self._refusals: dict[str, str] = {}
         self._failures: dict[str, str] = {}
         self._names: dict[int, str] = {}  # node id -> site name, learned from replies
 
@@ -64,15 +73,20 @@ class RunRecorder:
         return self._names.get(node, f"node-{node}")
 
     def record_replies(self, replies: list[Message]) -> None:
-        """Remember each site's metrics, or its failure reason."""
+        """Remember each site's metrics (and its update's hash), refusal or failure."""
         for msg in replies:
             name = self.site_name(msg)
             if msg.has_error():
-                self._failures[name] = msg.error.reason
-                log.warning("site %s failed: %s", name, msg.error.reason)
+                refused = R.is_refusal(msg.error.reason)
+                (self._refusals if refused else self._failures)[name] = msg.error.reason
+                log.warning("site %s %s: %s", name, "refused" if refused else "failed",
+                            msg.error.reason)
                 continue
-            metrics = next(iter(msg.content.metric_records.values()))
-            self._sites.setdefault(name, {}).update(dict(metrics))
+            entry = self._sites.setdefault(name, {})
+            entry.update(dict(next(iter(msg.content.metric_records.values()))))
+            if msg.content.array_records:
+                arrays = next(iter(msg.content.array_records.values()))
+                entry[UPDATE_SHA256] = update_digest({k: v.numpy() for k, v in arrays.items()})
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Checkpoint the global trainable state and append the round to history.jsonl.
@@ -83,32 +97,68 @@ class RunRecorder:
         if server_round == 0:
             return None
         save_tensors(round_checkpoint(self.out_dir, server_round), arrays.to_torch_state_dict())
+        self.last_arrays = arrays
         rows = list(self._sites.values())
         aggregate = {key: weighted_mean(rows, key) for key in (R.TRAIN_LOSS, *R.EVAL_METRICS)
                      if key != R.NUM_EXAMPLES}
-        line = {
-            "round": server_round,
-            "sites": {name: {k: _json_number(v) for k, v in m.items()}
-                      for name, m in sorted(self._sites.items())},
-            "aggregate": {k: _json_number(v) for k, v in aggregate.items()},
-            "failures": dict(sorted(self._failures.items())),
-        }
-        path = self.out_dir / HISTORY
-        previous = path.read_bytes() if path.exists() else b""
-        atomic_write_bytes(path, previous + (json.dumps(line) + "\n").encode())
-        self._log_round(server_round, line)
-        self._sites, self._failures = {}, {}
+        self._write_line(server_round, aggregate=aggregate)
         return None
 
+    def stop(self, server_round: int, reason: str) -> None:
+        """Record the round that ended the run early (nothing was aggregated)."""
+        self._write_line(server_round, stopped=reason)
+
+    def _write_line(self, server_round: int, **extra: Any) -> None:
+        line = {
+            "round": server_round,
+            "sites": {name: {k: _json_value(v) for k, v in m.items()}
+                      for name, m in sorted(self._sites.items())},
+            **{k: ({kk: _json_value(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+               for k, v in extra.items()},
+            "refusals": dict(sorted(self._refusals.items())),
+            "failures": dict(sorted(self._failures.items())),
+        }
+        append_line_atomic(self.out_dir / HISTORY, json.dumps(line))
+        self.lines.append(line)
+        self._log_round(line)
+        self._sites, self._refusals, self._failures = {}, {}, {}
+
+    def write_summary(self, status: str, message: str) -> dict[str, Any]:
+        """summary.json: how the run ended and each site's privacy spend (never averaged)."""
+        sites: dict[str, dict[str, Any]] = {}
+        for line in self.lines:
+            for name, m in line["sites"].items():
+                s = sites.setdefault(name, _empty_site())
+                if R.EPSILON in m:  # a train reply
+                    s["rounds_trained"].append(line["round"])
+                    s.update(epsilon=m[R.EPSILON], delta=m[R.DELTA],
+                             noise_multiplier=m[R.NOISE_MULTIPLIER], steps=m[R.STEPS])
+            for name in line["refusals"]:
+                sites.setdefault(name, _empty_site())["rounds_refused"].append(line["round"])
+            for name in line["failures"]:
+                sites.setdefault(name, _empty_site())["rounds_failed"].append(line["round"])
+        finished = [line["round"] for line in self.lines if "stopped" not in line]
+        summary = {"status": status, "message": message, "rounds_completed": len(finished),
+                   "sites": dict(sorted(sites.items()))}
+        atomic_write_bytes(self.out_dir / SUMMARY, json.dumps(summary, indent=2).encode())
+        return summary
+
     @staticmethod
-    def _log_round(server_round: int, line: dict[str, Any]) -> None:
+    def _log_round(line: dict[str, Any]) -> None:
+        r = line["round"]
         for name, m in line["sites"].items():
             eps = m.get(R.EPSILON)
-            log.info("round %d  %-14s loss %s  auroc %s  epsilon %s", server_round, name,
-                     _fmt(m.get(R.LOSS)), _fmt(m.get(R.AUROC)), "off" if eps is None else _fmt(eps))
-        agg = line["aggregate"]
-        log.info("round %d  %-14s loss %s  auroc %s", server_round, "(aggregate)",
-                 _fmt(agg.get(R.LOSS)), _fmt(agg.get(R.AUROC)))
+            log.info("round %d  %-14s loss %s  auroc %s  epsilon %s", r, name, _fmt(m.get(R.LOSS)),
+                     _fmt(m.get(R.AUROC)), "off" if eps is None and R.EPSILON in m else _fmt(eps))
+        if "aggregate" in line:
+            agg = line["aggregate"]
+            log.info("round %d  %-14s loss %s  auroc %s", r, "(aggregate)", _fmt(agg.get(R.LOSS)),
+                     _fmt(agg.get(R.AUROC)))
+
+
+def _empty_site() -> dict[str, Any]:
+    return {"epsilon": None, "delta": None, "noise_multiplier": None, "steps": 0,
+            "rounds_trained": [], "rounds_refused": [], "rounds_failed": []}
 
 
 def _fmt(value: float | None) -> str:
@@ -121,3 +171,9 @@ def read_history(out_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(out_dir: Path) -> dict[str, Any] | None:
+    """`out_dir/summary.json`, if the run got that far."""
+    path = out_dir / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class NotEnoughSites(RuntimeError):
-    """Fewer sites than `min-nodes` replied successfully; the run cannot continue."""
+    """Fewer sites than `min-nodes` trained in a round; the run ends there."""
+
+    def __init__(self, server_round: int, message: str) -> None:
+        super().__init__(message)
+        self.server_round = server_round
 
 
 def aggregate_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -45,13 +49,22 @@ class RecordingFedAvg(FedAvg):
         self.recorder.record_replies(replies)
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_train_nodes:
-            reasons = "; ".join(m.error.reason if R.site_of_error_reason(m.error.reason)
-                                else f"{self.recorder.site_name(m)}: {m.error.reason}"
-                                for m in replies if m.has_error()) or "no replies before the timeout"
-            raise NotEnoughSites(
+            raise NotEnoughSites(server_round, (
                 f"Round {server_round}: {len(ok)} site(s) trained, fewer than min-nodes="
-                f"{self.min_train_nodes}. Failures: {reasons}")
+                f"{self.min_train_nodes}. " + self._explain([m for m in replies if m.has_error()])))
         return super().aggregate_train(server_round, replies)
+
+    def _explain(self, errors: list[Message]) -> str:
+        """Refusals and failures, each reason naming its site."""
+        def reason(m: Message) -> str:
+            text = m.error.reason
+            return text if R.site_of_error_reason(text) else f"{self.recorder.site_name(m)}: {text}"
+
+        refused = [reason(m) for m in errors if R.is_refusal(m.error.reason)]
+        failed = [reason(m) for m in errors if not R.is_refusal(m.error.reason)]
+        parts = [f"Refused: {'; '.join(refused)}" if refused else "",
+                 f"Failed: {'; '.join(failed)}" if failed else ""]
+        return " ".join(p for p in parts if p) or "No replies before the round timeout."
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record the replies, then aggregate as FedAvg does."""

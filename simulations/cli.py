@@ -91,8 +91,22 @@ def format_history(history: list[dict[str, Any]]) -> str:
         a = h["aggregate"]
         lines.append(f"{h['round']:>5}  {'(aggregate)':<16} {num(a.get(R.LOSS)):>7} "
                      f"{num(a.get(R.AUROC)):>7} {num(a.get(R.ACCURACY)):>8} {'':>8}")
-        for name, reason in h.get("failures", {}).items():
-            lines.append(f"{h['round']:>5}  {name:<16} FAILED: {reason}")
+        for kind in ("refusals", "failures"):
+            for name, reason in h.get(kind, {}).items():
+                lines.append(f"{h['round']:>5}  {name:<16} {reason.partition(': ')[2]}")
+    return "\n".join(lines)
+
+
+def format_privacy(summary: dict[str, Any]) -> str:
+    """Each site's own privacy spend over the run (never averaged across sites)."""
+    lines = [f"{'site':<16} {'epsilon':>8} {'delta':>8} {'sigma':>7} {'steps':>6}  rounds trained"
+             f" / refused / failed"]
+    for name, s in summary["sites"].items():
+        eps = "-" if not s["rounds_trained"] else ("off" if s["epsilon"] is None else f"{s['epsilon']:.3f}")
+        delta = "-" if s["delta"] in (None, 0.0) else f"{s['delta']:.0e}"
+        sigma = "-" if not s["noise_multiplier"] else f"{s['noise_multiplier']:.3f}"
+        lines.append(f"{name:<16} {eps:>8} {delta:>8} {sigma:>7} {s['steps']:>6}  "
+                     f"{s['rounds_trained']} / {s['rounds_refused']} / {s['rounds_failed']}")
     return "\n".join(lines)
 
 
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     for package in OUR_PACKAGES:
         logging.getLogger(package).setLevel(logging.INFO)
     quiet_flower(verbose=args.verbose)
-    from server.history import read_history
+    from server.history import read_history, read_summary
     from simulations.run import prepare_demo_data, simulate
 
     start = time.perf_counter()
@@ -132,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print()
     print(format_history(read_history(run_dir)))
-    print(f"\nFinished in {time.perf_counter() - start:.0f} s. Outputs in {run_dir}/ "
-          "(history.jsonl, round-NNN.safetensors, model.safetensors + model.json).")
+    summary = read_summary(run_dir) or {"status": "unknown", "message": "", "sites": {}}
+    print("\nPrivacy per site (cumulative over this run):")
+    print(format_privacy(summary))
+    print(f"\n{summary['message']} Finished in {time.perf_counter() - start:.0f} s. "
+          f"Outputs in {run_dir}/ (history.jsonl, summary.json, round-NNN.safetensors, "
+          "model.safetensors + model.json).")
+    if summary["status"] != "completed":
+        print(f"error: {summary['message']}", file=sys.stderr)
+        return 1
     return 0

@@ -97,7 +97,6 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
                    backend_config=backend, verbose_logging=False)
     name = run.federation.run_name
     created = sorted(set(out_root.iterdir()) - before) if not name else [out_root / name]
-    if not created or not (created[-1] / "model.json").is_file():
-        raise RuntimeError(
-            "The simulation ended without a final model: see the log above for the failing site.")
+    if not created or not (created[-1] / "summary.json").is_file():
+        raise RuntimeError("The simulation ended without a run summary: see the log above.")
     return created[-1]

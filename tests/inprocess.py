@@ -7,6 +7,7 @@ with that node's persistent Context, and turn an exception into an error reply.
 from __future__ import annotations
 
 import copy
+import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,11 +25,12 @@ class InProcessGrid(Grid):
 
     def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]],
                  run_config: dict[str, Any], tap: Tap | None = None) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.run_id = secrets.randbits(62)  # a new run, as Flower's SuperLink would number it
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
         self.client_app, self.tap = client_app, tap
         self.contexts = {
-            i + 1: Context(run_id=1, node_id=i + 1, node_config=dict(nc), state=RecordDict(),
-                           run_config=dict(run_config))
+            i + 1: Context(run_id=self.run_id, node_id=i + 1, node_config=dict(nc),
+                           state=RecordDict(), run_config=dict(run_config))
             for i, nc in enumerate(node_configs)
         }
 

@@ -8,7 +8,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import LEDGER_STATE, app
+from client.app import app
+from common.ledger import load_book, read_receipts
 from common import records as R
 from common.model import build_model, frozen_fingerprint, trainable_state
 from server.app import round_config
@@ -33,14 +34,16 @@ def message(arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: 
     return Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: config}), dst_node_id=7, message_type=kind)
 
 
-def context(demo_root: Path, partition: int = 0, **overrides: object) -> Context:
-    return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 3},
-                   state=RecordDict(), run_config=tiny_user_config(demo_root, **overrides))
+def context(demo_root: Path, state_root: Path, partition: int = 0, **overrides: object) -> Context:
+    return Context(run_id=11, node_id=7, node_config={"partition-id": partition, "num-partitions": 3},
+                   state=RecordDict(),
+                   run_config=tiny_user_config(demo_root, state_root=str(state_root), **overrides))
 
 
-def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root: Path) -> None:
+def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root: Path,
+                                                                      tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
-    ctx = context(demo_root)
+    ctx = context(demo_root, tmp_path)
     reply = app(message(arrays, config, MessageType.TRAIN), ctx)
     assert not reply.has_error(), reply.error
     content = reply.content
@@ -52,45 +55,52 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     assert set(content[R.METRICS].keys()) == set(R.TRAIN_METRICS)
     assert dict(content[R.SITE]) == {R.SITE_NAME: "hospital-0"}
     first = content[R.METRICS][R.EPSILON]
-    assert 0 < first < 8.0 and LEDGER_STATE in ctx.state
+    assert 0 < first < 8.0
+    state_dir = tmp_path / "hospital-0" / "state"
+    assert load_book(state_dir).run("11").rounds == (1,)  # charged before the reply left
 
     second = app(message(sent, config, MessageType.TRAIN, server_round=2), ctx)
     assert second.content[R.METRICS][R.EPSILON] > first  # the ledger carried over the round
+    assert [r.round for r in read_receipts(state_dir)] == [1, 2]
 
 
-def test_without_dp_the_metric_keys_are_the_same(demo_root: Path) -> None:
+def test_without_dp_the_metric_keys_are_the_same(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root, dp=False)
-    reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, dp=False))
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require-dp = false\n")
+    ctx = context(demo_root, tmp_path, dp=False)
+    ctx.node_config["policy"] = str(policy)
+    reply = app(message(arrays, config, MessageType.TRAIN), ctx)
     assert set(reply.content[R.METRICS].keys()) == set(R.TRAIN_METRICS)
     assert reply.content[R.METRICS][R.EPSILON] == float("inf")
 
 
-def test_evaluate_reply(demo_root: Path) -> None:
+def test_evaluate_reply(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
-    reply = app(message(arrays, config, MessageType.EVALUATE), context(demo_root))
+    reply = app(message(arrays, config, MessageType.EVALUATE), context(demo_root, tmp_path))
     assert set(reply.content.keys()) == {R.METRICS, R.SITE}
     metrics = reply.content[R.METRICS]
     assert set(metrics.keys()) == set(R.EVAL_METRICS)
     assert metrics[R.NUM_EXAMPLES] > 0 and 0.0 <= metrics[R.AUROC] <= 1.0
 
 
-def test_missing_data_folder_is_an_error_reply_naming_the_site(demo_root: Path) -> None:
+def test_missing_data_folder_is_an_error_reply_naming_the_site(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
-    reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, partition=9))
+    reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path, partition=9))
     assert reply.has_error()
     assert "site 'hospital-9'" in reply.error.reason and "no such file or folder" in reply.error.reason
 
 
-def test_frozen_part_mismatch_is_refused(demo_root: Path) -> None:
+def test_frozen_part_mismatch_is_refused(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
     config = ConfigRecord({**config, R.FROZEN_FINGERPRINT: "0" * 64})
-    reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root))
+    reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
     assert reply.has_error() and "differs from the server's" in reply.error.reason
 
 
-def test_bad_run_config_is_an_error_reply(demo_root: Path) -> None:
+def test_bad_run_config_is_an_error_reply(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
-    ctx = context(demo_root)
+    ctx = context(demo_root, tmp_path)
     ctx = Context(run_id=1, node_id=7, node_config=ctx.node_config, state=RecordDict(),
                   run_config={**ctx.run_config, "batch-sise": 8})
     reply = app(message(arrays, config, MessageType.TRAIN), ctx)

@@ -52,20 +52,34 @@ def test_int_is_accepted_for_a_float_key() -> None:
 
 
 def test_site_from_deployment_node_config(tmp_path: Path) -> None:
+    data = run_config_with({}).data
     manifest = tmp_path / "st-mary" / "manifest.csv"
-    site = SiteConfig.from_node_config({"manifest": str(manifest)}, data_root="ignored")
-    assert site == SiteConfig(site_name="st-mary", manifest=manifest)
-    named = SiteConfig.from_node_config({"manifest": str(manifest), "site-name": "A"}, "x")
-    assert named.site_name == "A"
+    site = SiteConfig.from_node_config({"manifest": str(manifest), "state-dir": "/var/ff"}, data)
+    assert site == SiteConfig(site_name="st-mary", manifest=manifest, state_dir=Path("/var/ff"))
+    (tmp_path / "folder-site").mkdir()
+    named = SiteConfig.from_node_config({"manifest": str(tmp_path / "folder-site"), "state-dir": "s",
+                                         "policy": "/etc/p.toml"}, data)
+    assert named.site_name == "folder-site" and named.policy == Path("/etc/p.toml")
+    with pytest.raises(ConfigError, match="no state-dir"):
+        SiteConfig.from_node_config({"manifest": str(manifest)}, data)
 
 
-def test_site_from_simulation_partition() -> None:
-    site = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, data_root="/data")
-    assert site == SiteConfig(site_name="hospital-2", manifest=Path("/data/hospital-2"))
+def test_site_from_simulation_partition(tmp_path: Path) -> None:
+    data = run_config_with({"data-root": str(tmp_path)}).data
+    site = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, data)
+    assert site == SiteConfig(site_name="hospital-2", manifest=tmp_path / "hospital-2",
+                              state_dir=tmp_path / "hospital-2" / "state", policy=None)
+    (tmp_path / "hospital-1").mkdir()
+    (tmp_path / "hospital-1" / "policy.toml").write_text("max-epsilon = 3.0\n")
+    data = run_config_with({"data-root": str(tmp_path), "state-root": "/elsewhere"}).data
+    site = SiteConfig.from_node_config({"partition-id": 1}, data)
+    assert site.policy == tmp_path / "hospital-1" / "policy.toml"
+    assert site.state_dir == Path("/elsewhere/hospital-1/state")
 
 
 def test_site_node_config_errors() -> None:
+    data = run_config_with({}).data
     with pytest.raises(ConfigError, match="Unknown node config key"):
-        SiteConfig.from_node_config({"manifest": "m.csv", "dataset-path": "x"}, "")
+        SiteConfig.from_node_config({"manifest": "m.csv", "dataset-path": "x"}, data)
     with pytest.raises(ConfigError, match="no data"):
-        SiteConfig.from_node_config({}, "")
+        SiteConfig.from_node_config({}, data)

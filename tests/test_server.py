@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from flwr.app import Message, MetricRecord, RecordDict
 from client.app import app as client_app
 from common import records as R
 from common.checkpoint import load_model, load_tensors
+from common.ledger import read_receipts
 from common.model import trainable_state
 from server.app import run_federation
-from server.history import read_history
-from server.strategy import NotEnoughSites, aggregate_metrics
+from server.history import UPDATE_SHA256, read_history, read_summary
+from server.strategy import aggregate_metrics
 from tests.conftest import tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
 
@@ -37,10 +39,13 @@ def test_aggregate_metrics_weights_by_examples_skips_nan_and_privacy() -> None:
 
 
 def federation(data_root: Path, out: Path, sites: int, tap=None, **overrides: object):
-    cfg = tiny_user_config(data_root, **{"output-dir": str(out), "run-name": "t", **overrides})
+    """An in-process grid of `sites` simulated hospitals and the run config, outputs in `out`."""
+    settings = {"output-dir": str(out), "run-name": "t", "state-root": str(out / "state"),
+                **overrides}
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": sites}
-                                      for i in range(sites)], cfg, tap=tap)
-    return grid, tiny_run(data_root, **{"output-dir": str(out), "run-name": "t", **overrides})
+                                      for i in range(sites)], tiny_user_config(data_root, **settings),
+                         tap=tap)
+    return grid, tiny_run(data_root, **settings)
 
 
 def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path: Path) -> None:
@@ -54,9 +59,10 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
     for h in history:
         assert set(h["sites"]) == {"hospital-0", "hospital-1"}
         for site in h["sites"].values():
-            assert set(site) == set(R.TRAIN_METRICS) | set(R.EVAL_METRICS)
+            assert set(site) == set(R.TRAIN_METRICS) | set(R.EVAL_METRICS) | {UPDATE_SHA256}
             assert 0 < site[R.EPSILON] <= 8.01
-        assert set(h["aggregate"]) >= {R.AUROC, R.LOSS, R.TRAIN_LOSS} and not h["failures"]
+        assert set(h["aggregate"]) >= {R.AUROC, R.LOSS, R.TRAIN_LOSS}
+        assert not h["failures"] and not h["refusals"]
     assert history[1]["sites"]["hospital-0"][R.EPSILON] > history[0]["sites"]["hospital-0"][R.EPSILON]
 
     # round 1's checkpoint is the num-examples-weighted mean of round 1's train replies
@@ -67,6 +73,12 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
         expected = np.average([m.content[R.ARRAYS][name].numpy() for m in train_1], axis=0,
                               weights=weights)
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    # the server's hash of what it received equals the site's receipt of what it sent
+    receipts = read_receipts(tmp_path / "state" / "hospital-0" / "state")
+    assert [r.update_sha256 for r in receipts] == [
+        h["sites"]["hospital-0"][UPDATE_SHA256] for h in history]
+    assert read_summary(out)["status"] == "completed"
 
     # the final model reloads without Flower and carries round 2's parameters
     model = load_model(out)
@@ -90,10 +102,15 @@ def _broken_copy(demo_root: Path, dest: Path) -> Path:
 
 def test_a_failing_site_is_named_and_stops_the_run_below_min_nodes(demo_root: Path, tmp_path: Path) -> None:
     data = _broken_copy(demo_root, tmp_path / "data")
-    grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 1})
-    with pytest.raises(NotEnoughSites, match=r"Failures: site 'hospital-1': unusable data: (.|\n)*"
-                                             r"manifest.csv:6: unknown label 'pneumothorax'"):
-        run_federation(grid, run)
+    grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 2})
+    out = run_federation(grid, run)
+    summary = read_summary(out)
+    assert summary["status"] == "stopped" and summary["rounds_completed"] == 0
+    assert re.search(r"Failed: site 'hospital-1': unusable data: (.|\n)*"
+                     r"manifest.csv:6: unknown label 'pneumothorax'", summary["message"])
+    (line,) = read_history(out)
+    assert line["round"] == 1 and "stopped" in line and "hospital-1" in line["failures"]
+    assert (out / "model.json").is_file()  # the last global model (here: the initial one)
 
 
 def test_the_others_carry_on_when_min_nodes_allows(demo_root: Path, tmp_path: Path) -> None:
