@@ -25,6 +25,43 @@ def _demo_data(argv: list[str]) -> int:
     return 0
 
 
+def _privacy(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedfusion privacy",
+                                description="A site's privacy: audit its receipts, check a policy.")
+    sub = p.add_subparsers(dest="action", required=True)
+    report = sub.add_parser("report", help="print the site's spend per run and round, "
+                                           "re-derived from its receipts (exit 1 on disagreement)")
+    report.add_argument("state_dir", type=Path, help="the site's state-dir (node config)")
+    check = sub.add_parser("check-policy", help="read a policy file and print what it allows")
+    check.add_argument("policy", type=Path, help="the site's policy TOML file")
+    args = p.parse_args(argv)
+    if args.action == "check-policy":
+        from common.policy import PolicyError, load_policy
+
+        try:
+            policy = load_policy(args.policy)
+        except PolicyError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"{args.policy}: valid.")
+        for key, value in vars(policy).items():
+            print(f"  {key.replace('_', '-')} = {value}")
+        return 0
+    from common.audit import audit, format_report
+    from common.ledger import LedgerError
+
+    if not args.state_dir.is_dir():
+        print(f"error: {args.state_dir} is not a folder (a site's state-dir).", file=sys.stderr)
+        return 2
+    try:
+        rows, problems = audit(args.state_dir)
+    except LedgerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(args.state_dir, rows, problems))
+    return 0 if all(r.ok for r in rows) and not problems else 1
+
+
 def _simulate(argv: list[str]) -> int:
     from simulations.cli import main
 
@@ -34,6 +71,7 @@ def _simulate(argv: list[str]) -> int:
 COMMANDS = {
     "simulate": (_simulate, "run a local multi-hospital federation (Flower simulation runtime)"),
     "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
+    "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy <file>`"),
 }
 
 

@@ -1,0 +1,64 @@
+"""Audit of everything that leaves a site during a simulated run.
+
+Every reply is captured as it leaves the ClientApp. Allowed: the trainable parameters (exact
+names, shapes, float32), the fixed scalar metrics of common.records, the site's own name, and,
+instead of all of that, an error reason naming the site. Nothing else.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Message
+
+from client.app import app as client_app
+from common import records as R
+from common.model import build_model, trainable_state
+from server.app import run_federation
+from server.history import read_summary
+from tests.conftest import tiny_run, tiny_user_config
+from tests.inprocess import InProcessGrid
+
+
+def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Path,
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(2):
+        shutil.copytree(demo_root / f"hospital-{i}", data / f"hospital-{i}")
+    (data / "hospital-1" / "policy.toml").write_text("max-rounds = 1\n")  # refuses round 2
+    settings = {"output-dir": str(tmp_path / "out"), "run-name": "audit", "min-nodes": 1,
+                "state-root": str(tmp_path / "state"), "num-server-rounds": 2}
+    sent: list[tuple[int, Message]] = []
+    grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(2)],
+                         tiny_user_config(data, **settings), tap=lambda n, m: sent.append((n, m)))
+    out = run_federation(grid, tiny_run(data, **settings))
+    assert read_summary(out)["status"] == "completed"
+
+    expected = {k: v.shape for k, v in trainable_state(build_model(tiny_run(data).model)).items()}
+    names = {1: "hospital-0", 2: "hospital-1"}
+    kinds = {"train": 0, "evaluate": 0, "error": 0}
+    for node, msg in sent:
+        if msg.has_error():
+            kinds["error"] += 1
+            assert not msg.has_content()
+            assert msg.error.reason.startswith(f"site '{names[node]}': ")
+            continue
+        content = msg.content
+        assert set(content.keys()) <= {R.ARRAYS, R.METRICS, R.SITE}
+        assert len(content.config_records) == 1 and dict(content[R.SITE]) == {R.SITE_NAME: names[node]}
+        metrics = dict(content[R.METRICS])
+        assert all(type(v) in (int, float) for v in metrics.values())  # scalars: no per-sample lists
+        if R.ARRAYS in content:
+            kinds["train"] += 1
+            assert set(metrics) == set(R.TRAIN_METRICS)
+            arrays = content[R.ARRAYS]
+            assert list(arrays.keys()) == list(expected)
+            for name, array in arrays.items():
+                value = array.numpy()
+                assert value.shape == tuple(expected[name]) and value.dtype == np.float32
+        else:
+            kinds["evaluate"] += 1
+            assert set(metrics) == set(R.EVAL_METRICS) and not content.array_records
+    assert kinds == {"train": 3, "evaluate": 4, "error": 1}  # hospital-1 refused round 2
