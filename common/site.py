@@ -130,13 +130,18 @@ def site_policy(site: SiteConfig) -> SitePolicy:
     return load_policy(site.policy) if site.policy else SitePolicy()
 
 
-def _prepare(bundle: ModelBundle, global_state: dict[str, torch.Tensor],
-             fingerprint: str | None, device: torch.device) -> FusionModel:
-    if fingerprint is not None and fingerprint != bundle.fingerprint:
+def check_fingerprint(bundle: ModelBundle, fingerprint: str) -> None:
+    """The server's frozen part must be this site's, or the trainable part means nothing here."""
+    if fingerprint != bundle.fingerprint:
         raise SiteError(
             f"the frozen part of this site's model (fingerprint "
             f"{bundle.fingerprint[:12]}) differs from the server's ({fingerprint[:12]}). Server and "
             "sites must use the same preset, encoders, weights and seed.")
+
+
+def _prepare(bundle: ModelBundle, global_state: dict[str, torch.Tensor],
+             fingerprint: str, device: torch.device) -> FusionModel:
+    check_fingerprint(bundle, fingerprint)
     model = bundle.model.to(device)
     load_trainable_state(model, global_state)
     return model
@@ -153,6 +158,7 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
     terms = negotiate(policy, run, dp=instructions.dp, target_epsilon=instructions.target_epsilon,
                       target_delta=instructions.target_delta, num_rounds=instructions.num_rounds)
     bundle, data = model_bundle(run.model), site_data(site, run)
+    check_fingerprint(bundle, instructions.frozen_fingerprint)  # before any privacy work
     book = load_book(site.state_dir)
     record = book.run(run_id)
     n, b, e = len(data.train), run.train.batch_size, run.train.local_epochs
@@ -208,7 +214,7 @@ def charge(site: SiteConfig, book: LedgerBook, run_id: str, dataset: str, ledger
 
 
 def evaluate_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.Tensor],
-                   fingerprint: str | None) -> Metrics:
+                   fingerprint: str) -> Metrics:
     """Evaluate the global model on this site's validation split (if its policy shares metrics)."""
     if not site_policy(site).share_metrics:
         raise PrivacyRefusal("this site's policy does not share evaluation metrics "
