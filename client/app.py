@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,12 +71,13 @@ def _error_reply(msg: Message, site: str, err: Exception) -> Message:
 Work = Callable[[RunConfig, SiteConfig, dict[str, torch.Tensor]], RecordDict]
 
 
-def _reply(msg: Message, context: Context, user_config: Mapping[str, Any], work: Work) -> Message:
+def _reply(msg: Message, context: Context, user_config: Mapping[str, Any], work: Work,
+           default_policy: Path | None) -> Message:
     """Parse the configs, run `work` on the received parameters, and reply (or explain why not)."""
     name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
     try:
         run = parse_run_config(user_config)
-        site = SiteConfig.from_node_config(context.node_config, run.data)
+        site = SiteConfig.from_node_config(context.node_config, run.data, default_policy)
         name = site.site_name
         content = work(run, site, msg.content[R.ARRAYS].to_torch_state_dict())
     except EXPLAINED_ERRORS as err:
@@ -96,8 +98,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return evaluate_reply(msg, context, context.run_config)
 
 
-def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) -> Message:
-    """Train with `common.site`; reply with the trainable parameters and TRAIN_METRICS."""
+def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
+                default_policy: Path | None = None) -> Message:
+    """Train with `common.site`; reply with the trainable parameters and TRAIN_METRICS.
+
+    `default_policy` is for simulations: the policy of simulated hospitals that have none.
+    """
 
     def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
         instructions = round_instructions(msg.content[R.CONFIG])
@@ -117,10 +123,11 @@ def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) 
             }),
         })
 
-    return _reply(msg, context, user_config, work)
+    return _reply(msg, context, user_config, work, default_policy)
 
 
-def evaluate_reply(msg: Message, context: Context, user_config: Mapping[str, Any]) -> Message:
+def evaluate_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
+                   default_policy: Path | None = None) -> Message:
     """Evaluate with `common.site`; reply with EVAL_METRICS."""
 
     def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
@@ -131,4 +138,4 @@ def evaluate_reply(msg: Message, context: Context, user_config: Mapping[str, Any
             R.AUROC: float(m.auroc), R.F1: float(m.f1),
         })})
 
-    return _reply(msg, context, user_config, work)
+    return _reply(msg, context, user_config, work, default_policy)

@@ -258,12 +258,14 @@ class SiteConfig:
     policy: Path | None = None  # None: the default policy (DP required, no cap of its own)
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], data: DataConfig) -> SiteConfig:
+    def from_node_config(cls, node_config: Mapping[str, Any], data: DataConfig,
+                         default_policy: Path | None = None) -> SiteConfig:
         """Deployment: `manifest`, `state-dir` (and optional `site-name`, `policy`) from --node-config.
 
         Simulation: Flower sets only `partition-id`, which maps to `<data-root>/hospital-<i>`;
-        the hospital's policy is `policy.toml` in that folder if present, and its state folder
-        is `<state-root or data-root>/hospital-<i>/state`.
+        the hospital's policy is `policy.toml` in that folder if present (else
+        `default_policy`, which the simulation command sets for all its hospitals), and its
+        state folder is `<state-root or data-root>/hospital-<i>/state`.
         """
         unknown = sorted(set(node_config) - set(NODE_KEYS) - set(NODE_KEYS_FLOWER))
         if unknown:
@@ -287,8 +289,8 @@ class SiteConfig:
             name = f"hospital-{int(node_config['partition-id'])}"
             folder = Path(data.data_root).expanduser() / name
             state_root = Path(data.state_root or data.data_root).expanduser()
-            if not policy and (folder / POLICY_FILE).is_file():
-                policy = folder / POLICY_FILE
+            if not policy:
+                policy = folder / POLICY_FILE if (folder / POLICY_FILE).is_file() else default_policy
             return cls(site_name=str(node_config.get("site-name") or name), manifest=folder,
                        state_dir=state_root / name / STATE_FOLDER,
                        policy=Path(str(policy)) if policy else None)

@@ -14,10 +14,12 @@ runs on one dataset compose into one history.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from common.privacy import HistoryEntry, Ledger
 
 LEDGER_FILE = "ledger.json"
 RECEIPTS_FILE = "receipts.jsonl"
+LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 
 
@@ -91,6 +94,20 @@ class LedgerBook:
 def _record_to_json(rec: RunRecord) -> dict[str, Any]:
     ledger = json.loads(rec.ledger.to_json()) if rec.ledger else None
     return {"dataset": rec.dataset, "rounds": list(rec.rounds), "ledger": ledger}
+
+
+@contextmanager
+def exclusive(state_dir: Path) -> Iterator[None]:
+    """Hold the state folder's lock: two runs at one site must not interleave read and write."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handle = (state_dir / LOCK_FILE).open("a")
+    except OSError as err:
+        raise LedgerError(f"Cannot use the state folder {state_dir} ({err}); nothing is sent "
+                          "until the privacy ledger can be written there.") from err
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def load_book(state_dir: Path) -> LedgerBook:

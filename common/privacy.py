@@ -160,7 +160,7 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         hooks, dp_optimizer, dp_loader = out
     if not math.isclose(dp_loader.sample_rate, ledger.sample_rate):
         hooks.cleanup()
-        raise RuntimeError(
+        raise ValueError(
             f"Opacus samples at rate {dp_loader.sample_rate} but the ledger was planned for "
             f"{ledger.sample_rate}: the site's training set or batch size changed mid-run.")
     try:

@@ -32,6 +32,7 @@ from common.model import (
 from common.enforcement import PrivacyRefusal, authorize_round, check_round_count, negotiate
 from common.ledger import (
     LedgerBook,
+    exclusive,
     Receipt,
     RunRecord,
     append_receipt,
@@ -159,36 +160,53 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
                       target_delta=instructions.target_delta, num_rounds=instructions.num_rounds)
     bundle, data = model_bundle(run.model), site_data(site, run)
     check_fingerprint(bundle, instructions.frozen_fingerprint)  # before any privacy work
-    book = load_book(site.state_dir)
-    record = book.run(run_id)
-    n, b, e = len(data.train), run.train.batch_size, run.train.local_epochs
-    prior = book.prior_history(data.dataset_sha256, run_id) if terms.budget_scope == "dataset" else []
-    if terms.dp:
-        ledger = authorize_round(terms, record, prior, policy, num_examples=n, batch_size=b, epochs=e)
-    else:
-        ledger = None
-        check_round_count(record, policy)
+    with exclusive(site.state_dir):  # from reading the ledger to writing it: one round at a time
+        book = load_book(site.state_dir)
+        record = book.run(run_id)
+        if record and record.dataset != data.dataset_sha256:
+            raise SiteError(f"the site's data ({data.manifest}) changed during this run; its "
+                            "privacy plan no longer holds. Restore the data or start a new run.")
+        prior = (book.prior_history(data.dataset_sha256, run_id)
+                 if terms.budget_scope == "dataset" else [])
+        if terms.dp:
+            ledger = authorize_round(terms, record, prior, policy, num_examples=len(data.train),
+                                     batch_size=run.train.batch_size, epochs=run.train.local_epochs)
+        else:
+            ledger = None
+            check_round_count(record, policy)
+        result, ledger, state = _train_locally(run, bundle, data, global_state, instructions,
+                                               ledger, terms.max_grad_norm)
+        receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
+                         state, prior, policy.budget_scope)
+    return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics)
+
+
+def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
+                   global_state: dict[str, torch.Tensor], instructions: RoundInstructions,
+                   ledger: Ledger | None, max_grad_norm: float,
+                   ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
+    """Local epochs from the global state: DP-SGD when a ledger is given, plain SGD otherwise."""
     device = pick_device(run.train.device)
     model = _prepare(bundle, global_state, instructions.frozen_fingerprint, device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=instructions.learning_rate, momentum=0.9)
-    loader = DataLoader(data.train, batch_size=b, shuffle=True, num_workers=run.data.num_workers)
+    epochs = run.train.local_epochs
+    loader = DataLoader(data.train, batch_size=run.train.batch_size, shuffle=True,
+                        num_workers=run.data.num_workers)
     if ledger is None:
         torch.manual_seed(run.model.seed * 100_003 + instructions.server_round)  # reproducible
-        result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=e, device=device)
-    else:
-        # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed
-        # could regenerate the noise and subtract it. Reseed from the operating system's entropy.
-        torch.seed()
-        with private_training(model, optimizer, loader, ledger, max_grad_norm=terms.max_grad_norm,
-                              grad_sample_mode=run.privacy.grad_sample_mode) as session:
-            result = train(model, session.loader, session.optimizer, session.criterion,
-                           epochs=e, device=device)
-            ledger = updated_ledger(ledger, session.engine)
-    state = trainable_state(model)
-    receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
-                     state, prior, policy.budget_scope)
-    return TrainOutcome(state, result, n, ledger, receipt, policy.share_metrics)
+        result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
+                       device=device)
+        return result, None, trainable_state(model)
+    # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
+    # regenerate the noise and subtract it. Reseed from the operating system's entropy.
+    torch.seed()
+    with private_training(model, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
+                          grad_sample_mode=run.privacy.grad_sample_mode) as session:
+        result = train(model, session.loader, session.optimizer, session.criterion,
+                       epochs=epochs, device=device)
+        ledger = updated_ledger(ledger, session.engine)
+    return result, ledger, trainable_state(model)
 
 
 def charge(site: SiteConfig, book: LedgerBook, run_id: str, dataset: str, ledger: Ledger | None,

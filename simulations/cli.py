@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("tiny", "demo", "seed"), default="demo", help="model preset")
     p.add_argument("--fusion", choices=("concat", "weighted", "attention"), default="concat",
                    help="fusion mode")
-    p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    p.add_argument("--no-dp", action="store_true",
+                   help="train without differential privacy (hospitals whose policy.toml requires "
+                        "DP still refuse)")
     p.add_argument("--epsilon", type=float, default=8.0, help="per-site target epsilon for the run")
     p.add_argument("--seed", type=int, default=0, help="model initialisation and demo-data seed")
     p.add_argument("--data-root", type=Path, default=None,
@@ -110,6 +113,18 @@ def format_privacy(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def no_dp_policy() -> Path:
+    """A policy allowing training without DP, for simulated hospitals that have no policy.toml.
+
+    A site requires DP unless its policy says otherwise; with --no-dp the researcher, who plays
+    every simulated hospital, says so for the hospitals without a policy of their own.
+    """
+    path = Path(tempfile.mkdtemp(prefix="fedfusion-")) / "no-dp-policy.toml"
+    path.write_text("require-dp = false\n")
+    log.info("--no-dp: simulated hospitals without a policy.toml allow training without DP")
+    return path
+
+
 def quiet_flower(*, verbose: bool) -> None:
     """Flower logs through its own handler: show only its warnings unless --verbose.
 
@@ -137,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_root is None:
             prepare_demo_data(data_root, args.hospitals, args.seed)
         cfg = user_config_from_args(args, data_root)
-        run_dir = simulate(cfg, args.hospitals, verbose=args.verbose)
+        run_dir = simulate(cfg, args.hospitals, verbose=args.verbose,
+                           default_policy=no_dp_policy() if args.no_dp else None)
     except (ConfigError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

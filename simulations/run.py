@@ -19,8 +19,12 @@ from common.demo_data import write_demo_hospitals
 log = logging.getLogger(__name__)
 
 
-def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
-    """ServerApp and ClientApp that see `user_config` as their run config."""
+def make_apps(user_config: Mapping[str, Any],
+              default_policy: Path | None = None) -> tuple[Any, Any]:
+    """ServerApp and ClientApp that see `user_config` as their run config.
+
+    `default_policy`: the privacy policy of simulated hospitals whose folder has no policy.toml.
+    """
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -37,11 +41,11 @@ def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
-        return client_app.train_reply(msg, context, config)
+        return client_app.train_reply(msg, context, config, default_policy)
 
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return client_app.evaluate_reply(msg, context, config)
+        return client_app.evaluate_reply(msg, context, config, default_policy)
 
     return server, client
 
@@ -71,7 +75,8 @@ def prepare_demo_data(data_root: Path, hospitals: int, seed: int) -> None:
     write_demo_hospitals(data_root, hospitals, seed=seed)
 
 
-def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False) -> Path:
+def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False,
+             default_policy: Path | None = None) -> Path:
     """Run the federation with `hospitals` simulated sites; return the run folder."""
     from flwr.simulation import run_simulation
 
@@ -86,7 +91,7 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
                           f"{hospitals} were asked for.")
     out_root = Path(run.federation.output_dir)
     before = set(out_root.iterdir()) if out_root.is_dir() else set()
-    server, client = make_apps(user_config)
+    server, client = make_apps(user_config, default_policy)
     cpus = os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -57,7 +57,8 @@ def test_nothing_is_sent_when_the_ledger_cannot_be_written(demo_root: Path, tmp_
                                                     "state-dir": str(blocker / "sub")},
                   state=RecordDict(), run_config=tiny_user_config(demo_root))
     reply = app(msg, ctx)
-    assert reply.has_error() and "Cannot write the privacy ledger" in reply.error.reason
+    assert reply.has_error()
+    assert "nothing is sent until the privacy ledger can be written" in reply.error.reason
     assert not reply.has_content()  # no parameters left the site
 
 
@@ -65,3 +66,24 @@ def test_an_unreadable_ledger_is_an_error_not_a_fresh_start(tmp_path: Path) -> N
     (tmp_path / LEDGER_FILE).write_text("{ truncated")
     with pytest.raises(LedgerError, match="restore it from a backup; do not delete it"):
         load_book(tmp_path)
+
+
+def test_data_changed_mid_run_is_refused(demo_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from common.config import SiteConfig
+    from common.site import RoundInstructions, SiteError, model_bundle, site_data, train_round
+
+    shutil.copytree(demo_root / "hospital-2", tmp_path / "h2")
+    run = tiny_run(demo_root)
+    where = SiteConfig("h2", tmp_path / "h2", tmp_path / "state")
+    bundle = model_bundle(run.model)
+    ins = RoundInstructions(1, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
+    state = train_round(run, where, trainable_state(bundle.model), ins, "r").state
+    manifest = tmp_path / "h2" / "manifest.csv"
+    manifest.write_text(manifest.read_text() + manifest.read_text().splitlines()[1] + "\n")
+    site_data.cache_clear()  # a new site process would read the manifest afresh
+    ins2 = RoundInstructions(2, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
+    with pytest.raises(SiteError, match="changed during this run"):
+        train_round(run, where, state, ins2, "r")
+    assert [r.round for r in read_receipts(where.state_dir)] == [1]
