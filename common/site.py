@@ -195,8 +195,9 @@ def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
                         num_workers=run.data.num_workers)
     if ledger is None:
         torch.manual_seed(run.model.seed * 100_003 + instructions.server_round)  # reproducible
+        # the batch gradient is clipped like DP-SGD's per-sample ones, so one learning rate fits both
         result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
-                       device=device)
+                       device=device, clip_grad_norm=max_grad_norm)
         return result, None, trainable_state(model)
     # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
     # regenerate the noise and subtract it. Reseed from the operating system's entropy.

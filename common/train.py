@@ -52,9 +52,14 @@ def train(
     *,
     epochs: int,
     device: torch.device,
+    clip_grad_norm: float | None = None,
 ) -> TrainResult:
-    """Run `epochs` passes over `loader`; `criterion` must average over the batch."""
+    """Run `epochs` passes over `loader`; `criterion` must average over the batch.
+
+    `clip_grad_norm` clips the batch gradient (without DP; DP-SGD clips per sample itself).
+    """
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     start, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
     for _ in range(epochs):
         for batch in loader:
@@ -62,6 +67,8 @@ def train(
             logits, labels = forward_batch(model, batch, device)
             loss = criterion(logits, labels)
             loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, clip_grad_norm)
             optimizer.step()  # also on an empty Poisson batch: DP noise and accounting still apply
             steps += 1
             if labels.numel():
