@@ -1,4 +1,5 @@
-"""What a hospital does in one round: check, train locally (with DP), evaluate.
+"""What a hospital does in one round: check its privacy terms, train locally (DP-SGD), charge
+its ledger and write a receipt before anything is sent; or evaluate the global model.
 
 Plain functions called by the ClientApp handlers. The model and a site's data are built once
 per process and reused across rounds (a model load takes seconds); the caches are keyed by every
