@@ -114,7 +114,7 @@ def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
             R.METRICS: MetricRecord({
                 R.NUM_EXAMPLES: outcome.num_examples,
                 R.TRAIN_LOSS: float(outcome.result.loss) if outcome.share_metrics else math.nan,
-                R.EPSILON: float(ledger.epsilon) if ledger else math.inf,
+                R.EPSILON: float(outcome.receipt.epsilon) if ledger else math.inf,
                 R.DELTA: float(ledger.delta) if ledger else 0.0,
                 R.NOISE_MULTIPLIER: float(ledger.noise_multiplier) if ledger else 0.0,
                 R.SAMPLE_RATE: float(ledger.sample_rate) if ledger else 0.0,

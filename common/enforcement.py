@@ -108,7 +108,7 @@ def authorize_round(terms: PrivacyTerms, record: RunRecord | None, prior: Sequen
     run_after = epsilon_from_history([*ledger.history, step], delta=ledger.delta,
                                      accountant=ledger.accountant)
     scope_after = epsilon_from_history([*prior, *ledger.history, step], delta=ledger.delta,
-                                       accountant=ledger.accountant)
+                                       accountant=ledger.accountant) if prior else run_after
     for name, after, cap in (("this run's", run_after, terms.run_epsilon),
                              (f"the {terms.budget_scope} budget's", scope_after, terms.scope_epsilon)):
         if after > cap * (1 + TOLERANCE):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from collections import OrderedDict
 
 import torch
@@ -30,8 +29,6 @@ from common.encoders import (
     text_layers,
 )
 from common.fusion import FUSIONS, Features
-
-log = logging.getLogger(__name__)
 
 # Preset defaults for the config values left at their "use the preset" sentinel ("" or 0).
 PRESET_DEFAULTS: dict[str, dict[str, object]] = {

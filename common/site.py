@@ -220,13 +220,15 @@ def charge(site: SiteConfig, book: LedgerBook, run_id: str, dataset: str, ledger
     save_book(site.state_dir, book.with_run(run_id, RunRecord(dataset, ledger, rounds)))
     last = ledger.history[-1] if ledger else (0.0, 0.0, 0)
     before = sum(s for _, _, s in record.ledger.history) if record and record.ledger else 0
+    epsilon = ledger.epsilon if ledger else None
     receipt = Receipt(
         run_id=run_id, round=server_round, noise_multiplier=last[0], sample_rate=last[1],
         steps=(ledger.steps - before) if ledger else 0,
         accountant=ledger.accountant if ledger else "none",
-        epsilon=ledger.epsilon if ledger else None, delta=ledger.delta if ledger else None,
+        epsilon=epsilon, delta=ledger.delta if ledger else None,
         scope_epsilon=epsilon_from_history([*prior, *ledger.history], delta=ledger.delta,
-                                           accountant=ledger.accountant) if ledger else None,
+                                           accountant=ledger.accountant)
+        if ledger and prior else epsilon,
         budget_scope=budget_scope, update_sha256=update_digest(state), dataset_sha256=dataset,
         time=Receipt.now())
     append_receipt(site.state_dir, receipt)
