@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,9 @@ def test_random_policies_never_decrease_or_exceed_the_cap(cap: float, target: fl
             assert r > min(max_rounds, server_rounds)
             continue
         steps = local_steps(num_examples=n, batch_size=batch, epochs=1)
-        ledger = ledger.__class__(ledger.accountant, ledger.delta, ledger.noise_multiplier,
-                                  ledger.sample_rate,
-                                  ((ledger.noise_multiplier, ledger.sample_rate, ledger.steps + steps),))
+        # what training charges: this round's steps at the run's noise and rate
+        ledger = replace(ledger, history=(
+            (ledger.noise_multiplier, ledger.sample_rate, ledger.steps + steps),))
         record = RunRecord("d", ledger, (record.rounds if record else ()) + (r,))
         epsilons.append(ledger.epsilon)
     assert all(b >= a for a, b in zip(epsilons, epsilons[1:], strict=False))
