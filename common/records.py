@@ -5,6 +5,11 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"  # ConfigRecord in replies: the site's self-chosen name, nothing else
+# ConfigRecord in train replies: which global trainable parameters the site did not train this
+# round (e.g. text-side ones at a site without reports). Its ArrayRecord then holds only the
+# others; the server aggregates each parameter over the sites that trained it.
+UPDATE = "update"
+UNTRAINED = "untrained"  # list[str] of parameter names, possibly empty
 
 # Round ConfigRecord (server -> site).
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
