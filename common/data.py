@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+from common.images import ImageReadError, read_gray
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +178,11 @@ class ManifestDataset(Dataset):
     def _load_image(self, row: Row) -> torch.Tensor:
         """Grayscale image -> normalised (3, S, S) tensor for the ImageNet-style encoder."""
         try:
-            with Image.open(row.image) as img:
-                gray = img.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
-        except (OSError, UnidentifiedImageError) as err:
-            raise ManifestError(self.manifest, [
-                f"{self.manifest}:{row.line}: cannot read image {row.image} ({err})."]) from err
-        x = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)  # (S, S)
+            gray = read_gray(row.image)  # (H, W) in [0, 1]
+        except ImageReadError as err:
+            raise ManifestError(self.manifest, [f"{self.manifest}:{row.line}: {err}"]) from err
+        resized = Image.fromarray(gray).resize((self.image_size, self.image_size),
+                                                         Image.BILINEAR)
+        x = torch.from_numpy(np.array(resized, dtype=np.float32))  # (S, S)
+        # the grayscale fills the encoder's 3 input channels
         return (x.unsqueeze(0).expand(3, -1, -1) - self._mean) / self._std
