@@ -16,6 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -99,35 +100,77 @@ def _raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
                 for i, rec in enumerate(reader, start=2)]
 
 
+class Problem(NamedTuple):
+    """One problem of a manifest, at a row (its line in the file)."""
+
+    line: int
+    text: str  # "file:line: message"
+
+
+@dataclass(frozen=True)
+class ManifestScan:
+    """A manifest's rows and every row-level problem found without opening the images."""
+
+    manifest: Path
+    rows: list[Row]
+    problems: list[Problem]
+
+
 def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
     """Read and check a manifest; raise ManifestError listing every problem found."""
+    scan = scan_manifest(path, class_names)
+    if scan.problems:
+        raise ManifestError(scan.manifest, [p.text for p in scan.problems])
+    return scan.manifest, scan.rows
+
+
+def scan_manifest(path: Path, class_names: tuple[str, ...]) -> ManifestScan:
+    """Read a manifest and list the problems of its rows (a file that cannot be parsed raises)."""
     manifest = find_manifest(path)
     records = _raw_records(manifest)
     if not records:
         raise ManifestError(manifest, [f"{manifest}: the manifest has no rows."])
     rows, problems = [], []
+    seen: dict[tuple[str, ...], int] = {}  # a row's content -> the first line holding it
     for line, rec in records:
         where = f"{manifest}:{line}"
-        for col in REQUIRED_COLUMNS:
-            if col not in rec:
-                problems.append(f"{where}: missing field '{col}'.")
+        found = [f"missing field '{col}'." for col in REQUIRED_COLUMNS if col not in rec]
         image_rel, text = rec.get("image", "").strip(), rec.get("text", "").strip()
         label, split = rec.get("label", "").strip(), rec.get("split", "").strip() or None
+        patient_raw = rec.get("patient_id", "").strip()
         if not image_rel and not text:
-            problems.append(f"{where}: empty row (no image and no text).")
+            found.append("empty row (no image and no text).")
         if label not in class_names:
-            problems.append(f"{where}: unknown label {label!r}; the run's class names are "
-                            f"{list(class_names)} (run config key class-names).")
+            found.append(f"unknown label {label!r}; the run's class names are {list(class_names)} "
+                         "(run config key class-names).")
         if split is not None and split not in SPLITS:
-            problems.append(f"{where}: unknown split {split!r}; use one of {list(SPLITS)} or leave it empty.")
+            found.append(f"unknown split {split!r}; use one of {list(SPLITS)} or leave it empty.")
         image = (manifest.parent / image_rel) if image_rel else None
         if image is not None and not image.is_file():
-            problems.append(f"{where}: image file {image} does not exist.")
-        patient = rec.get("patient_id", "").strip() or f"row-{line}"
-        rows.append(Row(line, image, text, label, patient, split))
-    if problems:
-        raise ManifestError(manifest, problems)
-    return manifest, rows
+            found.append(f"image file {image} does not exist.")
+        key = (image_rel, text, label, patient_raw, split or "")
+        if key in seen and (image_rel or text):
+            found.append(f"duplicate of row {seen[key]} (same image, text, label, patient and split).")
+        seen.setdefault(key, line)
+        problems += [Problem(line, f"{where}: {message}") for message in found]
+        rows.append(Row(line, image, text, label, patient_raw or f"row-{line}", split))
+    problems += _split_conflicts(manifest, rows)
+    return ManifestScan(manifest, rows, sorted(problems, key=lambda p: p.line))
+
+
+def _split_conflicts(manifest: Path, rows: list[Row]) -> list[Problem]:
+    """Rows that put a patient in a second split (patients never straddle train and val)."""
+    first: dict[str, Row] = {}
+    problems = []
+    for row in rows:
+        if row.split not in SPLITS:
+            continue
+        other = first.setdefault(row.patient_id, row)
+        if other.split != row.split:
+            problems.append(Problem(row.line, (
+                f"{manifest}:{row.line}: patient {row.patient_id!r} is in split '{row.split}' here "
+                f"but in '{other.split}' at row {other.line}; a patient's rows must share one split.")))
+    return problems
 
 
 def split_by_patient(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
