@@ -100,7 +100,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
                 default_policy: Path | None = None) -> Message:
-    """Train with `common.site`; reply with the trainable parameters and TRAIN_METRICS.
+    """Train with `common.site`; reply with the parameters it trained, the names of those it
+    could not train (R.UPDATE), and TRAIN_METRICS.
 
     `default_policy` is for simulations: the policy of simulated hospitals that have none.
     """
@@ -110,7 +111,8 @@ def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
         outcome = train_round(run, site, state, instructions, str(context.run_id))
         ledger = outcome.ledger
         return RecordDict({
-            R.ARRAYS: ArrayRecord(outcome.state),
+            R.ARRAYS: ArrayRecord(outcome.state),  # only the parameters trained this round
+            R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
             R.METRICS: MetricRecord({
                 R.NUM_EXAMPLES: outcome.num_examples,
                 R.TRAIN_LOSS: float(outcome.result.loss) if outcome.share_metrics else math.nan,

@@ -12,6 +12,11 @@ silently: `concat` substitutes a learned placeholder vector, `weighted` renormal
 over the modalities present, `attention` hides the missing tokens from the keys and averages
 only the present modalities' outputs.
 
+Which rows can train which part: each fusion declares, per submodule, the rows whose gradient
+reaches it (`REACHED_BY`: `image` / `text` = rows with that modality, `no-image` / `no-text` =
+rows without it, `both` = rows with both); undeclared submodules are reached by every row.
+`common.modalities` turns this into the parameters a site cannot train.
+
 Learned vectors (placeholders, the weight logits) are 1-row `nn.Embedding` tables looked up with
 index 0, so Opacus computes their per-sample gradients with its Embedding sampler.
 """
@@ -69,6 +74,10 @@ def _fill_missing(x: torch.Tensor, present: torch.Tensor, placeholder: LearnedVe
 class ConcatFusion(nn.Module):
     """Concatenate normalised pooled features, then Linear + ReLU (the reference design)."""
 
+    # a placeholder replaces its modality's features, so only rows lacking the modality reach it
+    REACHED_BY = {"image_norm": "image", "text_norm": "text",
+                  "missing_image": "no-image", "missing_text": "no-text"}
+
     def __init__(self, image_dim: int, text_dim: int, fusion_dim: int) -> None:
         super().__init__()
         self.image_norm, self.text_norm = nn.LayerNorm(image_dim), nn.LayerNorm(text_dim)
@@ -84,6 +93,9 @@ class ConcatFusion(nn.Module):
 
 class WeightedFusion(nn.Module):
     """Z = sum_i w_i * phi_i(M_i) with w = softmax of learned logits over present modalities."""
+
+    # with one modality present its weight is 1 whatever the logits: they learn from `both` rows
+    REACHED_BY = {"image_phi": "image", "text_phi": "text", "logits": "both"}
 
     def __init__(self, image_dim: int, text_dim: int, fusion_dim: int) -> None:
         super().__init__()
@@ -106,6 +118,9 @@ class WeightedFusion(nn.Module):
 
 class AttentionFusion(nn.Module):
     """Each modality's pooled feature attends over the tokens of both modalities."""
+
+    # a missing modality's tokens are masked keys and its query is dropped from the mean
+    REACHED_BY = {"image_in": "image", "text_in": "text"}
 
     def __init__(self, image_dim: int, text_dim: int, fusion_dim: int, heads: int = 4) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ from common.config import ModelConfig, RunConfig, SiteConfig
 from common.data import ManifestDataset, ManifestError, read_manifest, split_by_patient
 from common.encoders import load_tokenizer
 from common.metrics import Metrics
+from common.modalities import Combo, frozen, modality_combos, untrained_parameters
 from common.model import (
     FusionModel,
     build_model,
@@ -74,6 +75,7 @@ class SiteData:
     dataset_sha256: str  # the dataset version: SHA-256 of the manifest
     train: ManifestDataset
     val: ManifestDataset
+    train_combos: frozenset[Combo]  # the (has_image, has_text) combinations of the training rows
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class ModelBundle:
 class TrainOutcome:
     """A site's round: the trained parameters, what training did, the ledger and the receipt."""
 
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]  # the parameters trained this round: exactly what is sent
+    untrained: tuple[str, ...]  # trainable parameters this site's data cannot train (not sent)
     result: TrainResult
     num_examples: int
     ledger: Ledger | None  # None when the round trained without DP
@@ -124,7 +127,8 @@ def site_data(site: SiteConfig, run: RunConfig) -> SiteData:
 
     log.info("site %s: %d train / %d val rows from %s", site.site_name, len(train_rows),
              len(val_rows), manifest)
-    return SiteData(manifest, file_sha256(manifest), dataset(train_rows), dataset(val_rows))
+    return SiteData(manifest, file_sha256(manifest), dataset(train_rows), dataset(val_rows),
+                    modality_combos(train_rows))
 
 
 def site_policy(site: SiteConfig) -> SitePolicy:
@@ -175,20 +179,31 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
         else:
             ledger = None
             check_round_count(record, policy)
+        untrained = untrained_parameters(bundle.model, data.train_combos)
         result, ledger, state = _train_locally(run, bundle, data, global_state, instructions,
-                                               ledger, terms.max_grad_norm)
+                                               ledger, terms.max_grad_norm, untrained)
         receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
                          state, prior, policy.budget_scope)
-    return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics)
+    return TrainOutcome(state, tuple(untrained), result, len(data.train), ledger, receipt,
+                        policy.share_metrics)
 
 
 def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
                    global_state: dict[str, torch.Tensor], instructions: RoundInstructions,
-                   ledger: Ledger | None, max_grad_norm: float,
+                   ledger: Ledger | None, max_grad_norm: float, untrained: list[str],
                    ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
-    """Local epochs from the global state: DP-SGD when a ledger is given, plain SGD otherwise."""
+    """Local epochs from the global state with `untrained` frozen; returns the trained parameters."""
     device = pick_device(run.train.device)
     model = _prepare(bundle, global_state, instructions.frozen_fingerprint, device)
+    with frozen(model, untrained):  # neither the optimizer nor DP noise touches them
+        return _train_prepared(run, model, data, instructions, ledger, max_grad_norm, device)
+
+
+def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
+                    instructions: RoundInstructions, ledger: Ledger | None, max_grad_norm: float,
+                    device: torch.device,
+                    ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
+    """DP-SGD when a ledger is given, plain SGD otherwise, on the model's trainable parameters."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=instructions.learning_rate, momentum=0.9)
     epochs = run.train.local_epochs
