@@ -86,7 +86,7 @@ def train(
 
 @torch.no_grad()
 def _proximal_step(params: list[torch.Tensor], anchor: list[torch.Tensor], rate: float) -> None:
-    for p, p0 in zip(params, anchor):
+    for p, p0 in zip(params, anchor, strict=True):
         p.sub_(p - p0, alpha=rate)
 
 

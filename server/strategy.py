@@ -96,14 +96,14 @@ class FederationMixin:
         screening = screen_updates(updates, self._global, self.bounds)
         for site, reason in screening.rejected.items():
             self.recorder.reject(site, reason)
-        accepted = [m for m, u in zip(ok, updates) if u.site not in screening.rejected]
+        accepted = [m for m, u in zip(ok, updates, strict=True) if u.site not in screening.rejected]
         if len(accepted) < self.min_train_nodes:
             raise NotEnoughSites(server_round, (
                 f"Round {server_round}: {len(accepted)} site(s) sent a usable update, fewer than "
                 f"min-nodes={self.min_train_nodes}. "
                 + self._explain([m for m in replies if m.has_error()], screening.rejected)))
         full = complete_partial_updates(screening.accepted, self._global)
-        for msg, arrays in zip(accepted, full):
+        for msg, arrays in zip(accepted, full, strict=True):
             msg.content[R.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
