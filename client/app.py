@@ -59,6 +59,8 @@ def round_instructions(config: ConfigRecord) -> RoundInstructions:
         dp=bool(config[R.DP]),
         target_epsilon=float(config[R.TARGET_EPSILON]),
         target_delta=float(config[R.TARGET_DELTA]),
+        run_key=str(config.get(R.RUN_KEY, "")),
+        proximal_mu=float(config.get(R.PROXIMAL_MU, 0.0)),
     )
 
 
@@ -108,7 +110,9 @@ def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
 
     def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
         instructions = round_instructions(msg.content[R.CONFIG])
-        outcome = train_round(run, site, state, instructions, str(context.run_id))
+        # the ledger is filed under the server's run key, which survives a server restart
+        outcome = train_round(run, site, state, instructions,
+                              instructions.run_key or str(context.run_id))
         ledger = outcome.ledger
         return RecordDict({
             R.ARRAYS: ArrayRecord(outcome.state),  # only the parameters trained this round

@@ -23,6 +23,8 @@ IMAGE_ENCODERS = ("", "resnet10", "resnet18", "resnet34", "resnet50")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+              "multikrum")
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -50,6 +52,20 @@ class FederationConfig:
     round_timeout: float = field(metadata=_range(0.0, lo_open=True))
     run_name: str = field(metadata={})  # "" = a time-stamped name
     output_dir: str = field(metadata={})
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the server screens and combines the sites' updates (Flower's strategies)."""
+
+    strategy: str = field(metadata=_choice(*STRATEGIES))
+    proximal_mu: float = field(metadata=_range(0.0))  # fedprox
+    server_learning_rate: float = field(metadata=_range(0.0, lo_open=True))  # fedadam, fedyogi
+    trim_fraction: float = field(metadata=_range(0.0, 0.5, lo_open=True))  # fedtrimmedavg
+    byzantine_sites: int = field(metadata=_range(0))  # krum, multikrum: sites assumed malicious
+    multikrum_select: int = field(metadata=_range(1))  # multikrum: updates averaged
+    max_update_norm: float = field(metadata=_range(0.0))  # 0 = no fixed bound
+    update_norm_factor: float = field(metadata=_range(0.0))  # x the round's median; 0 = off
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,7 @@ class PrivacyConfig:
 
 _SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
+    "aggregation": AggregationConfig,
     "data": DataConfig,
     "model": ModelConfig,
     "train": TrainConfig,
@@ -187,6 +204,7 @@ class RunConfig:
     """The whole run configuration, one typed section per concern."""
 
     federation: FederationConfig
+    aggregation: AggregationConfig
     data: DataConfig
     model: ModelConfig
     train: TrainConfig

@@ -13,6 +13,8 @@ UNTRAINED = "untrained"  # list[str] of parameter names, possibly empty
 
 # Round ConfigRecord (server -> site).
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
+RUN_KEY = "run-key"  # the run's name for the sites' ledgers; stable when a run is resumed
 NUM_ROUNDS = "num-rounds"
 LEARNING_RATE = "learning-rate"
 FROZEN_FINGERPRINT = "frozen-fingerprint"

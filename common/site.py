@@ -65,6 +65,8 @@ class RoundInstructions:
     dp: bool
     target_epsilon: float
     target_delta: float
+    run_key: str = ""  # the run's name for the ledger ("" = the caller's run id)
+    proximal_mu: float = 0.0  # FedProx; 0 = plain local training
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,8 @@ def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
         torch.manual_seed(run.model.seed * 100_003 + instructions.server_round)  # reproducible
         # the batch gradient is clipped like DP-SGD's per-sample ones, so one learning rate fits both
         result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
-                       device=device, clip_grad_norm=max_grad_norm)
+                       device=device, clip_grad_norm=max_grad_norm,
+                       proximal_mu=instructions.proximal_mu)
         return result, None, trainable_state(model)
     # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
     # regenerate the noise and subtract it. Reseed from the operating system's entropy.
@@ -221,7 +224,7 @@ def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
     with private_training(model, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
                           grad_sample_mode=run.privacy.grad_sample_mode) as session:
         result = train(model, session.loader, session.optimizer, session.criterion,
-                       epochs=epochs, device=device)
+                       epochs=epochs, device=device, proximal_mu=instructions.proximal_mu)
         ledger = updated_ledger(ledger, session.engine)
     return result, ledger, trainable_state(model)
 

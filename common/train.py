@@ -53,13 +53,18 @@ def train(
     epochs: int,
     device: torch.device,
     clip_grad_norm: float | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Run `epochs` passes over `loader`; `criterion` must average over the batch.
 
     `clip_grad_norm` clips the batch gradient (without DP; DP-SGD clips per sample itself).
+    `proximal_mu` > 0 adds FedProx's pull toward the starting parameters w0 as a decoupled step
+    after each optimizer step, w <- w - lr * mu * (w - w0): it depends on no example, so it sits
+    outside DP-SGD's clipping and noise, as weight decay would.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     start, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
     for _ in range(epochs):
         for batch in loader:
@@ -70,11 +75,19 @@ def train(
             if clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, clip_grad_norm)
             optimizer.step()  # also on an empty Poisson batch: DP noise and accounting still apply
+            if anchor:
+                _proximal_step(params, anchor, optimizer.param_groups[0]["lr"] * proximal_mu)
             steps += 1
             if labels.numel():
                 loss_sum += float(loss.item()) * labels.numel()
                 seen += labels.numel()
     return TrainResult(loss_sum / max(seen, 1), seen, steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _proximal_step(params: list[torch.Tensor], anchor: list[torch.Tensor], rate: float) -> None:
+    for p, p0 in zip(params, anchor, strict=True):
+        p.sub_(p - p0, alpha=rate)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""The coordinator: a Flower ServerApp running FedAvg rounds over the hospitals.
+"""The coordinator: a Flower ServerApp running federated rounds over the hospitals.
 
 It builds the model from the run config (to get the initial trainable parameters and the
-frozen part's fingerprint), runs the strategy, and leaves under `<output-dir>/<run-name>/`:
+frozen part's fingerprint), runs the strategy (server.strategy), and leaves under
+`<output-dir>/<run-name>/` (server.resume: a run interrupted by a crash continues there):
 `round-NNN.safetensors` after every round, `history.jsonl`, `run-config.json`, `summary.json`
 (how the run ended, each site's privacy spend), and the final full model (`model.safetensors` +
 `model.json`, loadable with `common.checkpoint.load_model`). When fewer than `min-nodes` sites
@@ -10,41 +11,29 @@ train in a round (refusals or failures), the run ends cleanly there with the las
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
 from common.checkpoint import save_model
-from common.files import atomic_write_bytes
 from common.config import RunConfig
 from common.model import build_model, frozen_fingerprint, load_trainable_state, trainable_state
 from server.history import RunRecorder
-from server.strategy import NotEnoughSites, RecordingFedAvg
+from server.resume import open_run
+from server.strategy import NotEnoughSites, build_strategy
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
 
 
-def output_folder(run: RunConfig) -> Path:
-    """`<output-dir>/<run-name>`, created empty; an existing non-empty folder is an error."""
-    name = run.federation.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    folder = Path(run.federation.output_dir).expanduser().resolve() / name
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(
-            f"Run folder {folder} already holds a run. Choose another run-name or remove it.")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def round_config(run: RunConfig, fingerprint: str) -> ConfigRecord:
+def round_config(run: RunConfig, fingerprint: str, run_key: str) -> ConfigRecord:
     """What every site is told each round (Flower adds the round number)."""
     return ConfigRecord({
+        R.RUN_KEY: run_key,
         R.NUM_ROUNDS: run.federation.num_server_rounds,
         R.LEARNING_RATE: run.train.learning_rate,
         R.FROZEN_FINGERPRINT: fingerprint,
@@ -55,35 +44,35 @@ def round_config(run: RunConfig, fingerprint: str) -> ConfigRecord:
 
 
 def run_federation(grid: Grid, run: RunConfig) -> Path:
-    """Run all rounds and write the outputs; return the run folder."""
+    """Run (or resume) all rounds and write the outputs; return the run folder."""
     model = build_model(run.model)  # first: a bad encoder path fails before anything is written
     fingerprint = frozen_fingerprint(model)
-    out_dir = output_folder(run)
-    atomic_write_bytes(out_dir / "run-config.json", json.dumps(
-        {"federation": vars(run.federation), "data": vars(run.data),
-         "model": run.model.to_json_dict(), "train": vars(run.train),
-         "privacy": vars(run.privacy)}, indent=2).encode())
-    log.info("run folder %s; frozen-part fingerprint %s", out_dir, fingerprint[:16])
+    start = open_run(run)
+    out_dir, fed = start.out_dir, run.federation
+    log.info("run folder %s; frozen-part fingerprint %s; strategy %s", out_dir, fingerprint[:16],
+             run.aggregation.strategy)
     initial = ArrayRecord(trainable_state(model))
-    recorder = RunRecorder(out_dir, initial)
-    fed = run.federation
-    strategy = RecordingFedAvg(
-        recorder,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=fed.min_nodes,
-        min_evaluate_nodes=fed.min_nodes if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=fed.min_nodes,
-    )
+    if start.arrays is not None:
+        initial = ArrayRecord({k: Array(v) for k, v in start.arrays.items()})
+    recorder = RunRecorder(out_dir, initial, start.lines)
+    strategy = build_strategy(fed, run.aggregation, recorder, round_offset=start.finished_round)
+    strategy.load_optimizer_state(start.optimizer_state)
+    recorder.optimizer_state = strategy.optimizer_state
+    remaining = fed.num_server_rounds - start.finished_round
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round > 0:  # Flower also calls this before the first round
+            recorder.end_of_round(server_round + start.finished_round, arrays)
+
     try:
         strategy.start(
             grid=grid,
             initial_arrays=initial,
-            num_rounds=fed.num_server_rounds,
+            num_rounds=remaining,
             timeout=fed.round_timeout,
-            train_config=round_config(run, fingerprint),
+            train_config=round_config(run, fingerprint, start.run_key),
             evaluate_config=ConfigRecord({R.FROZEN_FINGERPRINT: fingerprint}),
-            evaluate_fn=recorder.end_of_round,
+            evaluate_fn=end_of_round,
         )
         status, message = "completed", f"All {fed.num_server_rounds} rounds completed."
     except NotEnoughSites as stop:

@@ -2,7 +2,8 @@
 
 A history line: {"round": r, "sites": {name: {train and evaluate metrics, epsilon included,
 "update-sha256"}}, "aggregate": {weighted means of the non-privacy metrics},
-"refusals": {name: reason}, "failures": {name: reason}}. A round that stopped the run has
+"refusals": {name: reason}, "failures": {name: reason}, "rejected": {name: reason}} (rejected:
+updates the server screened out, see server.updates). A round that stopped the run has
 "stopped": reason instead of "aggregate". Privacy metrics are per site only: an average epsilon
 over sites would guarantee nothing.
 """
@@ -12,9 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common import records as R
@@ -32,6 +36,11 @@ UPDATE_SHA256 = "update-sha256"  # history only: the server's hash of the update
 def round_checkpoint(out_dir: Path, server_round: int) -> Path:
     """Where the global trainable state after `server_round` is saved."""
     return out_dir / f"round-{server_round:03d}.safetensors"
+
+
+def optimizer_checkpoint(out_dir: Path, server_round: int) -> Path:
+    """Where the server optimiser's state after `server_round` is saved (FedAdam, FedYogi)."""
+    return out_dir / f"round-{server_round:03d}.server-optimizer.safetensors"
 
 
 def _json_value(value: Any) -> Any:
@@ -52,13 +61,16 @@ def weighted_mean(rows: list[dict[str, Any]], key: str) -> float:
 class RunRecorder:
     """Collects per-site replies of each round and writes checkpoints, history and summary."""
 
-    def __init__(self, out_dir: Path, initial: ArrayRecord) -> None:
+    def __init__(self, out_dir: Path, initial: ArrayRecord, lines: list[dict[str, Any]] | None = None,
+                 optimizer_state: Callable[[], dict[str, np.ndarray]] | None = None) -> None:
         self.out_dir = out_dir
         self.last_arrays = initial  # the global trainable state after the last finished round
-        self.lines: list[dict[str, Any]] = []
+        self.lines: list[dict[str, Any]] = list(lines or [])  # a resumed run's finished rounds
+        self.optimizer_state = optimizer_state
         self._sites: dict[str, dict[str, Any]] = {}
         self._refusals: dict[str, str] = {}
         self._failures: dict[str, str] = {}
+        self._rejected: dict[str, str] = {}
         self._names: dict[int, str] = {}  # node id -> site name, learned from replies
 
     def site_name(self, msg: Message) -> str:
@@ -88,14 +100,20 @@ class RunRecorder:
                 arrays = next(iter(msg.content.array_records.values()))
                 entry[UPDATE_SHA256] = update_digest({k: v.numpy() for k, v in arrays.items()})
 
-    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Checkpoint the global trainable state and append the round to history.jsonl.
+    def reject(self, site: str, reason: str) -> None:
+        """Record that the server screened out a site's update this round."""
+        self._rejected[site] = reason
+        log.warning("site %s: update rejected: %s", site, reason)
 
-        Used as the strategy's `evaluate_fn`, which Flower calls after every round (and once
-        before the first, with round 0, which has nothing to record).
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Checkpoint the global state, then append the round to history.jsonl (its commit).
+
+        Called by the strategy's `evaluate_fn` after every round. A crash before the history
+        line is written leaves the round unfinished: a resumed run does it again.
         """
-        if server_round == 0:
-            return None
+        if self.optimizer_state is not None and (opt := self.optimizer_state()):
+            save_tensors(optimizer_checkpoint(self.out_dir, server_round),
+                         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in opt.items()})
         save_tensors(round_checkpoint(self.out_dir, server_round), arrays.to_torch_state_dict())
         self.last_arrays = arrays
         rows = list(self._sites.values())
@@ -117,11 +135,12 @@ class RunRecorder:
                for k, v in extra.items()},
             "refusals": dict(sorted(self._refusals.items())),
             "failures": dict(sorted(self._failures.items())),
+            "rejected": dict(sorted(self._rejected.items())),
         }
         append_line_atomic(self.out_dir / HISTORY, json.dumps(line))
         self.lines.append(line)
         self._log_round(line)
-        self._sites, self._refusals, self._failures = {}, {}, {}
+        self._sites, self._refusals, self._failures, self._rejected = {}, {}, {}, {}
 
     def write_summary(self, status: str, message: str) -> dict[str, Any]:
         """summary.json: how the run ended and each site's privacy spend (never averaged)."""
@@ -137,6 +156,8 @@ class RunRecorder:
                 sites.setdefault(name, _empty_site())["rounds_refused"].append(line["round"])
             for name in line["failures"]:
                 sites.setdefault(name, _empty_site())["rounds_failed"].append(line["round"])
+            for name in line.get("rejected", {}):
+                sites.setdefault(name, _empty_site())["rounds_rejected"].append(line["round"])
         finished = [line["round"] for line in self.lines if "stopped" not in line]
         summary = {"status": status, "message": message, "rounds_completed": len(finished),
                    "sites": dict(sorted(sites.items()))}
@@ -158,7 +179,8 @@ class RunRecorder:
 
 def _empty_site() -> dict[str, Any]:
     return {"epsilon": None, "delta": None, "noise_multiplier": None, "steps": 0,
-            "rounds_trained": [], "rounds_refused": [], "rounds_failed": []}
+            "rounds_trained": [], "rounds_refused": [], "rounds_failed": [],
+            "rounds_rejected": []}
 
 
 def _fmt(value: float | None) -> str:

@@ -29,7 +29,8 @@ def main(data_root: str, state_root: str, run_id: int, total: int, rounds: list[
     ctx = Context(run_id=run_id, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                   run_config=tiny_user_config(data_root, **overrides))
     for r in rounds:
-        config = ConfigRecord({**round_config(run, frozen_fingerprint(model)), R.SERVER_ROUND: r})
+        config = ConfigRecord({**round_config(run, frozen_fingerprint(model), str(run_id)),
+                               R.SERVER_ROUND: r})
         msg = Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: config}), dst_node_id=1,
                       message_type=MessageType.TRAIN)
         reply = app(msg, ctx)

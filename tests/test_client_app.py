@@ -26,7 +26,7 @@ def server_side(demo_root: Path, **overrides: object) -> tuple[ArrayRecord, Conf
     run = tiny_run(demo_root, **overrides)
     model = build_model(run.model)
     fingerprint = frozen_fingerprint(model)
-    return ArrayRecord(trainable_state(model)), round_config(run, fingerprint), fingerprint
+    return ArrayRecord(trainable_state(model)), round_config(run, fingerprint, "run-1"), fingerprint
 
 
 def message(arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: int = 1) -> Message:
@@ -57,7 +57,7 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     first = content[R.METRICS][R.EPSILON]
     assert 0 < first < 8.0
     state_dir = tmp_path / "hospital-0" / "state"
-    assert load_book(state_dir).run("11").rounds == (1,)  # charged before the reply left
+    assert load_book(state_dir).run("run-1").rounds == (1,)  # charged before the reply
 
     second = app(message(sent, config, MessageType.TRAIN, server_round=2), ctx)
     assert second.content[R.METRICS][R.EPSILON] > first  # the ledger carried over the round

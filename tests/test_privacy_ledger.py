@@ -50,7 +50,7 @@ def test_nothing_is_sent_when_the_ledger_cannot_be_written(demo_root: Path, tmp_
     blocker.write_text("not a folder")
     run = tiny_run(demo_root)
     model = build_model(run.model)
-    config = ConfigRecord({**round_config(run, frozen_fingerprint(model)), R.SERVER_ROUND: 1})
+    config = ConfigRecord({**round_config(run, frozen_fingerprint(model), "run-5"), R.SERVER_ROUND: 1})
     msg = Message(RecordDict({R.ARRAYS: ArrayRecord(trainable_state(model)), R.CONFIG: config}),
                   dst_node_id=1, message_type=MessageType.TRAIN)
     ctx = Context(run_id=5, node_id=1, node_config={"manifest": str(demo_root / "hospital-0"),

@@ -22,6 +22,7 @@ from common.checkpoint import load_model, load_tensors
 from common.ledger import read_receipts
 from common.model import trainable_state
 from server.app import run_federation
+from server.resume import ResumeError
 from server.history import UPDATE_SHA256, read_history, read_summary
 from server.strategy import aggregate_metrics
 from tests.conftest import tiny_run, tiny_user_config
@@ -122,9 +123,10 @@ def test_the_others_carry_on_when_min_nodes_allows(demo_root: Path, tmp_path: Pa
     assert "unknown label 'pneumothorax'" in line["failures"]["hospital-1"]
 
 
-def test_an_existing_run_folder_is_not_overwritten(demo_root: Path, tmp_path: Path) -> None:
+def test_a_folder_that_is_not_a_run_is_not_overwritten(demo_root: Path, tmp_path: Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "history.jsonl").write_text("{}\n")
     grid, run = federation(demo_root, tmp_path, 2)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(ResumeError, match="not a FedFusion run"):
         run_federation(grid, run)
+    assert (tmp_path / "t" / "history.jsonl").read_text() == "{}\n"
