@@ -37,7 +37,8 @@ def main(data_root: str, state_root: str, run_id: int, total: int, rounds: list[
         if reply.has_error():
             print(json.dumps({"round": r, "error": reply.error.reason}), flush=True)
             continue
-        arrays = reply.content[R.ARRAYS]
+        sent = reply.content[R.ARRAYS]  # the parameters the site trained; keep the rest
+        arrays = ArrayRecord({k: sent[k] if k in sent else arrays[k] for k in arrays.keys()})
         print(json.dumps({"round": r, "epsilon": reply.content[R.METRICS][R.EPSILON]}), flush=True)
 
 

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
-from common.ledger import load_book, read_receipts
+from common.ledger import load_book, read_receipts, update_digest
 from common import records as R
 from common.model import build_model, frozen_fingerprint, trainable_state
 from server.app import round_config
@@ -47,10 +47,14 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     reply = app(message(arrays, config, MessageType.TRAIN), ctx)
     assert not reply.has_error(), reply.error
     content = reply.content
-    assert set(content.keys()) == {R.ARRAYS, R.METRICS, R.SITE}
+    assert set(content.keys()) == {R.ARRAYS, R.UPDATE, R.METRICS, R.SITE}
     sent = content[R.ARRAYS]
-    assert list(sent.keys()) == list(arrays.keys())  # same names, same order as the server's
-    for name in arrays:
+    # every demo row has an image and a report: the missing-modality placeholders are not trained
+    untrained = list(content[R.UPDATE][R.UNTRAINED])
+    assert untrained == ["fusion.missing_image.table.weight", "fusion.missing_text.table.weight"]
+    # the others: same names, same order as the server's
+    assert list(sent.keys()) == [n for n in arrays.keys() if n not in untrained]
+    for name in sent:
         assert sent[name].shape == arrays[name].shape and sent[name].dtype == arrays[name].dtype
     assert set(content[R.METRICS].keys()) == set(R.TRAIN_METRICS)
     assert dict(content[R.SITE]) == {R.SITE_NAME: "hospital-0"}
@@ -59,7 +63,7 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     state_dir = tmp_path / "hospital-0" / "state"
     assert load_book(state_dir).run("run-1").rounds == (1,)  # charged before the reply
 
-    second = app(message(sent, config, MessageType.TRAIN, server_round=2), ctx)
+    second = app(message(arrays, config, MessageType.TRAIN, server_round=2), ctx)
     assert second.content[R.METRICS][R.EPSILON] > first  # the ledger carried over the round
     assert [r.round for r in read_receipts(state_dir)] == [1, 2]
 

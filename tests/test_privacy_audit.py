@@ -31,8 +31,16 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
     settings = {"output-dir": str(tmp_path / "out"), "run-name": "audit", "min-nodes": 1,
                 "state-root": str(tmp_path / "state"), "num-server-rounds": 2}
     sent: list[tuple[int, Message]] = []
+    names_sent: dict[int, list[str]] = {}  # id(reply) -> its array names as they left the site
+
+    def tap(node: int, msg: Message) -> None:
+        # the server later completes a partial update inside the same Message object
+        if not msg.has_error() and R.ARRAYS in msg.content:
+            names_sent[id(msg)] = list(msg.content[R.ARRAYS].keys())
+        sent.append((node, msg))
+
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(2)],
-                         tiny_user_config(data, **settings), tap=lambda n, m: sent.append((n, m)))
+                         tiny_user_config(data, **settings), tap=tap)
     out = run_federation(grid, tiny_run(data, **settings))
     assert read_summary(out)["status"] == "completed"
 
@@ -46,19 +54,23 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
             assert msg.error.reason.startswith(f"site '{names[node]}': ")
             continue
         content = msg.content
-        assert set(content.keys()) <= {R.ARRAYS, R.METRICS, R.SITE}
-        assert len(content.config_records) == 1 and dict(content[R.SITE]) == {R.SITE_NAME: names[node]}
+        assert set(content.keys()) <= {R.ARRAYS, R.UPDATE, R.METRICS, R.SITE}
+        assert dict(content[R.SITE]) == {R.SITE_NAME: names[node]}
         metrics = dict(content[R.METRICS])
         assert all(type(v) in (int, float) for v in metrics.values())  # scalars: no per-sample lists
         if R.ARRAYS in content:
             kinds["train"] += 1
             assert set(metrics) == set(R.TRAIN_METRICS)
+            assert len(content.config_records) == 2  # the site's name and the untrained names
+            untrained = list(content[R.UPDATE][R.UNTRAINED])
+            assert set(untrained) <= set(expected)  # parameter names only: nothing else rides along
+            assert names_sent[id(msg)] == [n for n in expected if n not in untrained]
             arrays = content[R.ARRAYS]
-            assert list(arrays.keys()) == list(expected)
             for name, array in arrays.items():
                 value = array.numpy()
                 assert value.shape == tuple(expected[name]) and value.dtype == np.float32
         else:
             kinds["evaluate"] += 1
             assert set(metrics) == set(R.EVAL_METRICS) and not content.array_records
+            assert len(content.config_records) == 1
     assert kinds == {"train": 3, "evaluate": 4, "error": 1}  # hospital-1 refused round 2

@@ -79,9 +79,11 @@ def test_data_changed_mid_run_is_refused(demo_root: Path, tmp_path: Path) -> Non
     where = SiteConfig("h2", tmp_path / "h2", tmp_path / "state")
     bundle = model_bundle(run.model)
     ins = RoundInstructions(1, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
-    state = train_round(run, where, trainable_state(bundle.model), ins, "r").state
+    state = trainable_state(bundle.model)
+    train_round(run, where, state, ins, "r")
     manifest = tmp_path / "h2" / "manifest.csv"
-    manifest.write_text(manifest.read_text() + manifest.read_text().splitlines()[1] + "\n")
+    one_more = manifest.read_text().splitlines()[1].rsplit(",", 1)[0] + ",a-new-patient\n"
+    manifest.write_text(manifest.read_text() + one_more)
     site_data.cache_clear()  # a new site process would read the manifest afresh
     ins2 = RoundInstructions(2, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
     with pytest.raises(SiteError, match="changed during this run"):

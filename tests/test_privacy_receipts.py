@@ -26,7 +26,7 @@ def trained_state(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     state = trainable_state(bundle.model)
     for r in (1, 2):
         ins = RoundInstructions(r, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
-        state = train_round(run, where, state, ins, "run-7").state
+        state = {**state, **train_round(run, where, state, ins, "run-7").state}
     return where.state_dir
 
 
