@@ -62,6 +62,9 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     assert 0 < first < 8.0
     state_dir = tmp_path / "hospital-0" / "state"
     assert load_book(state_dir).run("run-1").rounds == (1,)  # charged before the reply
+    # the receipt's hash is the hash of exactly the arrays sent
+    assert read_receipts(state_dir)[0].update_sha256 == update_digest(
+        {k: v.numpy() for k, v in sent.items()})
 
     second = app(message(arrays, config, MessageType.TRAIN, server_round=2), ctx)
     assert second.content[R.METRICS][R.EPSILON] > first  # the ledger carried over the round
