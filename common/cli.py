@@ -62,6 +62,17 @@ def _privacy(argv: list[str]) -> int:
     return 0 if all(r.ok for r in rows) and not problems else 1
 
 
+def _indices(text: str, option: str) -> tuple[int, ...]:
+    """'2,3' -> (2, 3) for a hospital-index option."""
+    from common.partition import PartitionError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise PartitionError(f"{option} takes hospital indices separated by commas, e.g. 0,2; "
+                             f"got {text!r}.") from err
+
+
 def _data(argv: list[str]) -> int:
     from common.config import default_user_config
 
@@ -107,13 +118,17 @@ def _data(argv: list[str]) -> int:
             report = check_manifest(args.manifest, class_names)
             print(format_report(report))
             return 0 if report.ok else 1
-        from common.partition import PartitionError, partition_command
+        from common.partition import PartitionError, PartitionPlan, format_partition, partition_manifest
 
         try:
-            print(partition_command(args, class_names))
+            plan = PartitionPlan(args.hospitals, args.scheme, args.alpha, args.column, args.seed,
+                                 _indices(args.drop_text, "--drop-text"),
+                                 _indices(args.drop_images, "--drop-images"))
+            summaries = partition_manifest(args.manifest, args.out, plan, class_names)
         except PartitionError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        print(format_partition(args.out, plan, summaries, class_names))
         return 0
     except (ConfigError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)

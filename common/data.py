@@ -71,7 +71,7 @@ def find_manifest(path: Path) -> Path:
     raise ManifestError(path, [f"{path}: no such file or folder (check the site's manifest path)."])
 
 
-def _raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+def raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
     """(line, record) pairs from a CSV or JSONL manifest."""
     if manifest.suffix == ".jsonl":
         records = []
@@ -127,7 +127,7 @@ def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[
 def scan_manifest(path: Path, class_names: tuple[str, ...]) -> ManifestScan:
     """Read a manifest and list the problems of its rows (a file that cannot be parsed raises)."""
     manifest = find_manifest(path)
-    records = _raw_records(manifest)
+    records = raw_records(manifest)
     if not records:
         raise ManifestError(manifest, [f"{manifest}: the manifest has no rows."])
     rows, problems = [], []
