@@ -21,6 +21,7 @@ with neither is dropped (and counted).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 from collections import Counter
@@ -74,6 +75,9 @@ def partition_manifest(source: Path, out: Path, plan: PartitionPlan,
                        class_names: tuple[str, ...]) -> list[HospitalSummary]:
     """Write `<out>/hospital-<i>/manifest.csv` for each hospital of the plan (same seed, same output)."""
     _check_plan(plan, out)
+    if importlib.util.find_spec("flwr_datasets") is None:
+        raise PartitionError("partitioning needs Flower Datasets, which a hospital node does not "
+                             "install: pip install -e \".[partition]\" (or flwr-datasets).")
     manifest, rows = read_manifest(source, class_names)  # every row valid before anything is written
     records = [rec for _, rec in raw_records(manifest)]
     patients, table = _patient_table(manifest, rows, records, plan, class_names)
