@@ -1,10 +1,11 @@
 """A site's data: manifest reading and checking, the patient-level split, and the torch Dataset.
 
 A manifest is a CSV or JSONL file (or a folder holding `manifest.csv` / `manifest.jsonl`) with the
-columns `image` (path relative to the manifest; may be empty), `text` (report text; may be empty),
-`label` (one of the run's class names), optional `patient_id` (rows of one patient always land in
-the same split; without it each row is its own patient) and optional `split` (`train` or `val`,
-overriding the random patient-level split). Every problem is reported with its file and row.
+columns `image` (PNG/JPEG/DICOM path relative to the manifest, read by `common.images`; may be
+empty), `text` (report text; may be empty), `label` (one of the run's class names), optional
+`patient_id` (rows of one patient always land in the same split; without it each row is its own
+patient) and optional `split` (`train` or `val`, overriding the random patient-level split).
+Every problem is reported with its file and row.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ class ManifestDataset(Dataset):
         try:
             gray = read_gray(row.image)  # (H, W) in [0, 1]
         except ImageReadError as err:
-            raise ManifestError(self.manifest, [f"{self.manifest}:{row.line}: {err}"]) from err
+            # one-argument exception: a DataLoader worker re-raises it by type and message
+            raise ImageReadError(f"{self.manifest}:{row.line}: {err}") from err
         resized = Image.fromarray(gray).resize((self.image_size, self.image_size),
                                                          Image.BILINEAR)
         x = torch.from_numpy(np.array(resized, dtype=np.float32))  # (S, S)

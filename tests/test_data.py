@@ -13,10 +13,12 @@ from PIL import Image
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_predict
+from torch.utils.data import DataLoader
 
 from common.data import ManifestDataset, ManifestError, Row, read_manifest, split_by_patient
 from common.demo_data import DEMO_CLASS_NAMES, plan_hospitals
 from common.encoders import load_tokenizer
+from common.images import ImageReadError
 from common.metrics import macro_auroc
 
 CLASSES = ("normal", "pneumonia", "effusion")
@@ -123,8 +125,11 @@ def test_dataset_items_and_unreadable_image(tmp_path: Path) -> None:
     assert item["labels"].item() == 2 and item["has_image"] and item["has_text"]
     assert not ds[1]["has_image"] and ds[1]["images"].abs().sum() == 0
     assert ds[1]["has_text"] and not ds[3]["has_text"] and ds[3]["labels"].item() == 1
-    with pytest.raises(ManifestError, match=r"manifest.csv:4: .*bad.png is not a readable PNG/JPEG image"):
+    with pytest.raises(ImageReadError, match=r"manifest.csv:4: .*bad.png is not a readable PNG/JPEG image"):
         ds[2]
+    # from a worker process too: the loader re-raises it by type, and the site explains the error
+    with pytest.raises(ImageReadError, match=r"manifest.csv:4: .*bad.png"):
+        list(DataLoader(ds, batch_size=4, num_workers=1))
 
 
 def test_demo_hospitals_differ() -> None:
