@@ -133,14 +133,19 @@ class RunRecorder:
                       for name, m in sorted(self._sites.items())},
             **{k: ({kk: _json_value(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
                for k, v in extra.items()},
-            "refusals": dict(sorted(self._refusals.items())),
-            "failures": dict(sorted(self._failures.items())),
-            "rejected": dict(sorted(self._rejected.items())),
+            "refusals": self._named(self._refusals),
+            "failures": self._named(self._failures),
+            "rejected": self._named(self._rejected),
         }
         append_line_atomic(self.out_dir / HISTORY, json.dumps(line))
         self.lines.append(line)
         self._log_round(line)
         self._sites, self._refusals, self._failures, self._rejected = {}, {}, {}, {}
+
+    def _named(self, reasons: dict[str, str]) -> dict[str, str]:
+        """Reasons keyed by site name: a crash reply names no site, but a later reply may have."""
+        by_node = {f"node-{node}": name for node, name in self._names.items()}
+        return dict(sorted((by_node.get(key, key), reason) for key, reason in reasons.items()))
 
     def write_summary(self, status: str, message: str) -> dict[str, Any]:
         """summary.json: how the run ended and each site's privacy spend (never averaged)."""
