@@ -39,10 +39,12 @@ from common.ledger import (
     append_receipt,
     file_sha256,
     load_book,
+    read_receipts,
     save_book,
     update_digest,
 )
 from common.policy import SitePolicy, load_policy
+from common.replay import SentUpdate, load_sent, save_sent
 from common.privacy import HistoryEntry, Ledger, epsilon_from_history, private_training, updated_ledger
 from common.train import TrainResult, evaluate, pick_device, train
 
@@ -163,12 +165,19 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
                       target_delta=instructions.target_delta, num_rounds=instructions.num_rounds)
     bundle, data = model_bundle(run.model), site_data(site, run)
     check_fingerprint(bundle, instructions.frozen_fingerprint)  # before any privacy work
+    global_sha256 = update_digest(global_state)
     with exclusive(site.state_dir):  # from reading the ledger to writing it: one round at a time
         book = load_book(site.state_dir)
         record = book.run(run_id)
         if record and record.dataset != data.dataset_sha256:
             raise SiteError(f"the site's data ({data.manifest}) changed during this run; its "
                             "privacy plan no longer holds. Restore the data or start a new run.")
+        if record and instructions.server_round in record.rounds:
+            again = _send_again(site, run_id, instructions.server_round, global_sha256)
+            if again:
+                sent, receipt = again
+                return TrainOutcome(sent.state, sent.result, len(data.train), record.ledger,
+                                    receipt, policy.share_metrics)
         prior = (book.prior_history(data.dataset_sha256, run_id)
                  if terms.budget_scope == "dataset" else [])
         if terms.dp:
@@ -181,7 +190,27 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
                                                ledger, terms.max_grad_norm)
         receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
                          state, prior, policy.budget_scope)
+        save_sent(site.state_dir, run_id,
+                  SentUpdate(instructions.server_round, global_sha256, state, result))
     return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics)
+
+
+def _send_again(site: SiteConfig, run_id: str, server_round: int,
+                global_sha256: str) -> tuple[SentUpdate, Receipt] | None:
+    """The update this site sent for `server_round` from the same global parameters, if kept.
+
+    A resumed server asks a round again; the same update is sent and nothing new is spent.
+    """
+    sent = load_sent(site.state_dir, run_id)
+    if sent is None or sent.server_round != server_round or sent.global_sha256 != global_sha256:
+        return None
+    receipts = [r for r in read_receipts(site.state_dir)
+                if r.run_id == run_id and r.round == server_round]
+    if not receipts or receipts[-1].update_sha256 != update_digest(sent.state):
+        return None
+    log.info("site %s: round %d asked again from the same global parameters; sending the update "
+             "already sent and charged (nothing new is spent)", site.site_name, server_round)
+    return sent, receipts[-1]
 
 
 def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
