@@ -30,7 +30,13 @@ from common.model import (
     resolve_model_config,
     trainable_state,
 )
-from common.enforcement import PrivacyRefusal, authorize_round, check_round_count, negotiate
+from common.enforcement import (
+    PrivacyRefusal,
+    PrivacyTerms,
+    authorize_round,
+    check_round_count,
+    negotiate,
+)
 from common.ledger import (
     LedgerBook,
     exclusive,
@@ -95,6 +101,7 @@ class TrainOutcome:
     ledger: Ledger | None  # None when the round trained without DP
     receipt: Receipt
     share_metrics: bool  # the site's policy allows reporting its training loss
+    terms: PrivacyTerms  # what the site trained under (cap, clipping norm)
 
 
 @functools.lru_cache(maxsize=2)
@@ -176,15 +183,15 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
             ledger = None
             check_round_count(record, policy)
         result, ledger, state = _train_locally(run, bundle, data, global_state, instructions,
-                                               ledger, terms.max_grad_norm)
+                                               ledger, terms.max_grad_norm, site.site_name)
         receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
                          state, prior, policy.budget_scope)
-    return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics)
+    return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics, terms)
 
 
 def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
                    global_state: dict[str, torch.Tensor], instructions: RoundInstructions,
-                   ledger: Ledger | None, max_grad_norm: float,
+                   ledger: Ledger | None, max_grad_norm: float, site_name: str,
                    ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
     """Local epochs from the global state: DP-SGD when a ledger is given, plain SGD otherwise."""
     device = pick_device(run.train.device)
@@ -192,13 +199,14 @@ def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=instructions.learning_rate, momentum=0.9)
     epochs = run.train.local_epochs
+    desc = f"{site_name} round {instructions.server_round} train"
     loader = DataLoader(data.train, batch_size=run.train.batch_size, shuffle=True,
                         num_workers=run.data.num_workers)
     if ledger is None:
         torch.manual_seed(run.model.seed * 100_003 + instructions.server_round)  # reproducible
         # the batch gradient is clipped like DP-SGD's per-sample ones, so one learning rate fits both
         result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
-                       device=device, clip_grad_norm=max_grad_norm)
+                       device=device, clip_grad_norm=max_grad_norm, desc=desc)
         return result, None, trainable_state(model)
     # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
     # regenerate the noise and subtract it. Reseed from the operating system's entropy.
@@ -206,7 +214,7 @@ def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
     with private_training(model, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
                           grad_sample_mode=run.privacy.grad_sample_mode) as session:
         result = train(model, session.loader, session.optimizer, session.criterion,
-                       epochs=epochs, device=device)
+                       epochs=epochs, device=device, desc=desc)
         ledger = updated_ledger(ledger, session.engine)
     return result, ledger, trainable_state(model)
 
@@ -246,4 +254,4 @@ def evaluate_round(run: RunConfig, site: SiteConfig, global_state: dict[str, tor
     model = _prepare(bundle, global_state, fingerprint, device)
     loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
                         num_workers=run.data.num_workers)
-    return evaluate(model, loader, device)
+    return evaluate(model, loader, device, desc=f"{site.site_name} evaluate")
