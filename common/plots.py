@@ -108,12 +108,13 @@ def write_plots(out_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
     paths = []
     for name, fig in figures.items():
         path = out_dir / name
-        atomic_write_bytes(path, _png(fig))
+        atomic_write_bytes(path, figure_png(fig))
         paths.append(path)
     return paths
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     return buffer.getvalue()
