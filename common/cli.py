@@ -73,7 +73,7 @@ def _report(argv: list[str]) -> int:
     p.add_argument("run_dir", type=Path, help="the run folder, e.g. outputs/<run-name>")
     p.add_argument("--format", choices=FORMATS, default="html", help="report format")
     p.add_argument("--out", type=Path, default=None,
-                   help="report file (default: report.<format> inside the run folder)")
+                   help="the report file; None: report.<format> inside the run folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -93,12 +93,15 @@ def _predict_parser() -> argparse.ArgumentParser:
                     "CSV, with metrics when the manifest has labels. A missing modality is masked "
                     "as in training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, required=True,
-                   help="the run folder holding model.safetensors + model.json (outputs/<run-name>)")
-    p.add_argument("--image", type=Path, default=None, help="one case: its image (PNG/JPEG)")
-    p.add_argument("--text", default="", help="one case: its report text")
+    p.add_argument("--model", type=Path, required=True, default=argparse.SUPPRESS,
+                   help="(required) the run folder holding model.safetensors + model.json, "
+                        "e.g. outputs/<run-name>")
+    p.add_argument("--image", type=Path, default=None,
+                   help="one case: its image (PNG/JPEG); None: the case has no image")
+    p.add_argument("--text", default="", help="one case: its report text; empty: no report")
     p.add_argument("--manifest", type=Path, default=None,
-                   help="many cases: a manifest in the site format (CSV/JSONL; label optional)")
+                   help="many cases: a manifest in the site format (CSV/JSONL, paths relative to "
+                        "it; label optional); None: predict one case")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"),
                    help="with --manifest: the CSV of predictions to write")
     p.add_argument("--batch-size", type=int, default=64, help="cases per forward pass")
