@@ -96,7 +96,8 @@ def _overview(run: dict[str, Any], sites: dict[str, dict[str, Any]]) -> list[Blo
              _fmt((f["eval"] or {}).get(R.VAL_EXAMPLES)), _rounds(f["trained"]),
              _rounds(f["refused"]), _rounds(f["failed"])] for name, f in sites.items()]
     return [Paragraph(f"Status: {summary.get('status', 'unknown')}. {status} Rounds completed: "
-                      f"{done} of {planned} planned."),
+                      f"{done} of {planned} planned. Every number below comes from the "
+                      "coordinator's records in the run folder."),
             Heading(2, "Sites"),
             Table(["site", "training records", "validation records", "rounds trained",
                    "rounds refused", "rounds failed"], rows)]
@@ -144,41 +145,54 @@ def _model(run: dict[str, Any]) -> list[Block]:
                                                       if cfg["image_weights"] else " (seeded init)")],
             ["text encoder", cfg["text_encoder"]], ["classes", ", ".join(cfg["class_names"])],
             ["trainable set", _trainable_groups(meta["trainable"])],
-            ["parameters", f"{_fmt(total)} total, {_fmt(trainable)} trainable (exchanged), "
-                           f"{_fmt(total - trainable) if total is not None else '-'} frozen"],
+            ["parameters", f"{total:,} total, {trainable:,} trainable (exchanged each round), "
+                           f"{total - trainable:,} frozen" if total is not None else "not recorded"],
             ["frozen-part fingerprint (SHA-256)", meta["frozen_fingerprint"]]]
-    return [Heading(2, "Model"), Table(["", ""], rows)]
+    return [Heading(2, "Model"), Table(["item", "value"], rows)]
 
 
 def privacy_statement(name: str, facts: dict[str, Any], accountant: str) -> str:
     """A site's guarantee (or its absence) in plain words, with every number needed to check it."""
     m = facts["train"]
     if m is None:
-        return (f"{name} did not train in this run: no update computed from its data left the site.")
+        return f"{name} did not train in this run: no update computed from its data left the site."
     if m.get(R.EPSILON) is None:
         return (f"{name} trained in rounds {_rounds(facts['trained'])} without differential "
                 "privacy: the updates it sent carry no formal privacy guarantee.")
     eps, delta, sigma = m[R.EPSILON], m[R.DELTA], m[R.NOISE_MULTIPLIER]
-    clip, q, steps, cap = m.get(R.MAX_GRAD_NORM), m[R.SAMPLE_RATE], m[R.STEPS], m.get(R.EPSILON_CAP)
+    clip, cap, n = m.get(R.MAX_GRAD_NORM), m.get(R.EPSILON_CAP), m.get(R.TRAIN_EXAMPLES)
     clip_text = f"{clip:g}" if isinstance(clip, (int, float)) else "the run's max-grad-norm"
     noise_text = f" = {sigma * clip:.3f}" if isinstance(clip, (int, float)) else ""
+    cap_text = f" (its cap for this run: {cap:g})" if isinstance(cap, (int, float)) else ""
+    delta_text = (f" (1 / training records = {1 / n:.2g}: delta should be well below it)"
+                  if isinstance(n, int) and n > 0 else "")
     return (
-        f"{name} trained in rounds {_rounds(facts['trained'])} with DP-SGD (Abadi et al., 2016). In "
-        f"each of its {steps} local steps it drew a batch by including every training record "
-        f"independently with probability {q:.4f}, clipped each record's gradient to norm "
-        f"{clip_text}, and added Gaussian noise of standard deviation {sigma:.3f} x {clip_text}"
-        f"{noise_text} to their sum. The Opacus {accountant.upper()} accountant bounds the privacy "
-        f"loss of all its rounds together at epsilon = {eps:.3f} with delta = {delta:g}"
-        + (f" (the site's cap for this run: {cap:g})" if isinstance(cap, (int, float)) else "")
-        + f". Meaning: for any single training record, the probability of anything the coordinator "
-        f"received from {name} changes by at most a factor e^epsilon = {math.exp(eps):.1f} whether "
-        f"or not that record was used, except with probability at most delta. Not covered: the "
-        "validation metrics and record counts in this report (not noised); a patient with several "
-        "records is protected per record, not per patient; other runs on the same data (unless the "
-        "site's policy sets budget-scope = \"dataset\"); the frozen part of the model, which must "
-        "not have been trained on the site's data; a modified FedFusion installation. The site can "
-        "re-derive these numbers from its receipts with `fedfusion privacy report <state-dir>`; "
-        "the update hashes in history.jsonl match those receipts.")
+        f"{name} trained in rounds {_rounds(facts['trained'])} with DP-SGD (Abadi et al., 2016), "
+        f"{m[R.STEPS]} local steps in all. Each step drew a batch by including every training "
+        f"record independently with probability {m[R.SAMPLE_RATE]:.4f}, clipped each record's "
+        f"gradient to norm {clip_text}, and added Gaussian noise of standard deviation "
+        f"{sigma:.3f} x {clip_text}{noise_text} to their sum. The Opacus {accountant.upper()} "
+        f"accountant bounds the privacy loss of all its rounds together at epsilon = {eps:.3f} "
+        f"with delta = {delta:g}{cap_text}. Meaning: for any single training record, the "
+        f"probability of anything the coordinator received from {name} changes by at most a "
+        f"factor e^epsilon = {math.exp(eps):.3g} whether or not that record was used, except with "
+        f"probability at most delta{delta_text}.")
+
+
+NOT_COVERED = (
+    "What the guarantee does not cover: the validation metrics, training loss and record counts "
+    "in this report (they are not noised; a site's policy can withhold them with "
+    "share-metrics = false); patients with several records (the protection is per record, so a "
+    "patient with k records is protected at roughly k times epsilon); other runs on the same "
+    "data, unless the site's policy sets budget-scope = \"dataset\" (then its spends are composed "
+    "across runs); the frozen part of the model, which must not have been trained on the site's "
+    "data; and a modified FedFusion installation (the guarantee rests on the site running it as "
+    "shipped).")
+HOW_TO_CHECK = (
+    "How to check: at each site, `fedfusion privacy report <state-dir>` re-derives every "
+    "round's epsilon from the site's own receipts with a fresh Opacus accountant; the SHA-256 of "
+    "each update the coordinator received (update-sha256 in history.jsonl) matches the receipt "
+    "of what the site sent.")
 
 
 def _privacy(run: dict[str, Any], sites: dict[str, dict[str, Any]]) -> list[Block]:
@@ -200,7 +214,7 @@ def _privacy(run: dict[str, Any], sites: dict[str, dict[str, Any]]) -> list[Bloc
         Table(["site", "epsilon", "delta", "noise multiplier", "clipping norm", "sampling rate",
                "accountant", "steps", "epsilon cap"], rows)]
     blocks += [Paragraph(privacy_statement(name, f, accountant)) for name, f in sites.items()]
-    return blocks
+    return [*blocks, Paragraph(NOT_COVERED), Paragraph(HOW_TO_CHECK)]
 
 
 def _plots(history: list[dict[str, Any]]) -> list[Block]:

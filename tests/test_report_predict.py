@@ -88,7 +88,7 @@ def test_report_holds_sites_metrics_model_privacy_and_plots(run_dir: Path, fmt: 
         assert f"{m[R.TRAIN_EXAMPLES]}" in text and f"{m[R.AUROC]:.3f}" in text
         assert f"epsilon = {m[R.EPSILON]:.3f} with delta = 1e-05" in text
         assert f"standard deviation {m[R.NOISE_MULTIPLIER]:.3f} x 1" in text
-    assert "RDP accountant" in text and "not per patient" in text
+    assert "RDP accountant" in text and "protection is per record" in text
     assert "tiny" in text and "concat" in text and "fusion, head" in text
     fingerprint = re.search(r'"frozen_fingerprint": "([0-9a-f]{64})"', (run_dir / "model.json").read_text())
     assert fingerprint and fingerprint.group(1) in text
