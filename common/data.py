@@ -68,7 +68,8 @@ def find_manifest(path: Path) -> Path:
     raise ManifestError(path, [f"{path}: no such file or folder (check the site's manifest path)."])
 
 
-def _raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+def _raw_records(manifest: Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
+                 ) -> list[tuple[int, dict[str, str]]]:
     """(line, record) pairs from a CSV or JSONL manifest."""
     if manifest.suffix == ".jsonl":
         records = []
@@ -89,31 +90,41 @@ def _raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
         raise ManifestError(manifest, [f"{manifest}: unknown manifest type; use .csv or .jsonl."])
     with manifest.open(encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise ManifestError(manifest, [f"{manifest}:1: missing column(s) {missing}; "
-                                           f"required: {list(REQUIRED_COLUMNS)}."])
+                                           f"required: {list(required)}."])
         return [(i, {k: (v or "") for k, v in rec.items() if k is not None})
                 for i, rec in enumerate(reader, start=2)]
 
 
 def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
-    """Read and check a manifest; raise ManifestError listing every problem found."""
+    """Read and check a site's manifest; raise ManifestError listing every problem found."""
+    return _read_rows(path, class_names, REQUIRED_COLUMNS)
+
+
+def read_cases(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
+    """Read and check cases to predict: a manifest whose `label` may be missing or empty ("")."""
+    return _read_rows(path, class_names, ("image", "text"))
+
+
+def _read_rows(path: Path, class_names: tuple[str, ...],
+               required: tuple[str, ...]) -> tuple[Path, list[Row]]:
     manifest = find_manifest(path)
-    records = _raw_records(manifest)
+    records = _raw_records(manifest, required)
     if not records:
         raise ManifestError(manifest, [f"{manifest}: the manifest has no rows."])
     rows, problems = [], []
     for line, rec in records:
         where = f"{manifest}:{line}"
-        for col in REQUIRED_COLUMNS:
+        for col in required:
             if col not in rec:
                 problems.append(f"{where}: missing field '{col}'.")
         image_rel, text = rec.get("image", "").strip(), rec.get("text", "").strip()
         label, split = rec.get("label", "").strip(), rec.get("split", "").strip() or None
         if not image_rel and not text:
             problems.append(f"{where}: empty row (no image and no text).")
-        if label not in class_names:
+        if label not in class_names and (label or "label" in required):
             problems.append(f"{where}: unknown label {label!r}; the run's class names are "
                             f"{list(class_names)} (run config key class-names).")
         if split is not None and split not in SPLITS:
@@ -150,7 +161,9 @@ class ManifestDataset(Dataset):
     def __init__(self, manifest: Path, rows: list[Row], class_names: tuple[str, ...],
                  tokenizer: PreTrainedTokenizerBase, image_size: int, max_text_length: int) -> None:
         self.manifest, self.rows, self.image_size = manifest, rows, image_size
-        self.labels = torch.tensor([class_names.index(r.label) for r in rows], dtype=torch.long)
+        # -1: an unlabelled case (prediction only; training and evaluation rows always have one)
+        self.labels = torch.tensor([class_names.index(r.label) if r.label else -1 for r in rows],
+                                   dtype=torch.long)
         enc = tokenizer([r.text for r in rows] or [""], padding="max_length", truncation=True,
                         max_length=max_text_length, return_tensors="pt")
         self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]

@@ -30,7 +30,13 @@ from common.model import (
     resolve_model_config,
     trainable_state,
 )
-from common.enforcement import PrivacyRefusal, authorize_round, check_round_count, negotiate
+from common.enforcement import (
+    PrivacyRefusal,
+    PrivacyTerms,
+    authorize_round,
+    check_round_count,
+    negotiate,
+)
 from common.ledger import (
     LedgerBook,
     exclusive,
@@ -99,6 +105,7 @@ class TrainOutcome:
     ledger: Ledger | None  # None when the round trained without DP
     receipt: Receipt
     share_metrics: bool  # the site's policy allows reporting its training loss
+    terms: PrivacyTerms  # what the site trained under (cap, clipping norm)
 
 
 @functools.lru_cache(maxsize=2)
@@ -177,7 +184,7 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
             if again:
                 sent, receipt = again
                 return TrainOutcome(sent.state, sent.result, len(data.train), record.ledger,
-                                    receipt, policy.share_metrics)
+                                    receipt, policy.share_metrics, terms)
         prior = (book.prior_history(data.dataset_sha256, run_id)
                  if terms.budget_scope == "dataset" else [])
         if terms.dp:
@@ -187,12 +194,12 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
             ledger = None
             check_round_count(record, policy)
         result, ledger, state = _train_locally(run, bundle, data, global_state, instructions,
-                                               ledger, terms.max_grad_norm)
+                                               ledger, terms.max_grad_norm, site.site_name)
         receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
                          state, prior, policy.budget_scope)
         save_sent(site.state_dir, run_id,
                   SentUpdate(instructions.server_round, global_sha256, state, result))
-    return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics)
+    return TrainOutcome(state, result, len(data.train), ledger, receipt, policy.share_metrics, terms)
 
 
 def _send_again(site: SiteConfig, run_id: str, server_round: int,
@@ -215,7 +222,7 @@ def _send_again(site: SiteConfig, run_id: str, server_round: int,
 
 def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
                    global_state: dict[str, torch.Tensor], instructions: RoundInstructions,
-                   ledger: Ledger | None, max_grad_norm: float,
+                   ledger: Ledger | None, max_grad_norm: float, site_name: str,
                    ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
     """Local epochs from the global state: DP-SGD when a ledger is given, plain SGD otherwise."""
     device = pick_device(run.train.device)
@@ -223,6 +230,7 @@ def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=instructions.learning_rate, momentum=0.9)
     epochs = run.train.local_epochs
+    desc = f"{site_name} round {instructions.server_round} train"
     loader = DataLoader(data.train, batch_size=run.train.batch_size, shuffle=True,
                         num_workers=run.data.num_workers)
     if ledger is None:
@@ -230,7 +238,7 @@ def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
         # the batch gradient is clipped like DP-SGD's per-sample ones, so one learning rate fits both
         result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
                        device=device, clip_grad_norm=max_grad_norm,
-                       proximal_mu=instructions.proximal_mu)
+                       proximal_mu=instructions.proximal_mu, desc=desc)
         return result, None, trainable_state(model)
     # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
     # regenerate the noise and subtract it. Reseed from the operating system's entropy.
@@ -238,7 +246,8 @@ def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
     with private_training(model, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
                           grad_sample_mode=run.privacy.grad_sample_mode) as session:
         result = train(model, session.loader, session.optimizer, session.criterion,
-                       epochs=epochs, device=device, proximal_mu=instructions.proximal_mu)
+                       epochs=epochs, device=device, proximal_mu=instructions.proximal_mu,
+                       desc=desc)
         ledger = updated_ledger(ledger, session.engine)
     return result, ledger, trainable_state(model)
 
@@ -278,4 +287,4 @@ def evaluate_round(run: RunConfig, site: SiteConfig, global_state: dict[str, tor
     model = _prepare(bundle, global_state, fingerprint, device)
     loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
                         num_workers=run.data.num_workers)
-    return evaluate(model, loader, device)
+    return evaluate(model, loader, device, desc=f"{site.site_name} evaluate")

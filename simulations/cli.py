@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPrivacy per site (cumulative over this run):")
     print(format_privacy(summary))
     print(f"\n{summary['message']} Finished in {time.perf_counter() - start:.0f} s. "
-          f"Outputs in {run_dir}/ (history.jsonl, summary.json, round-NNN.safetensors, "
-          "model.safetensors + model.json).")
+          f"Outputs in {run_dir}/ (history.jsonl, summary.json, plots *.png, round-NNN.safetensors, "
+          f"model.safetensors + model.json). Report: fedfusion report {run_dir}")
     if summary["status"] != "completed":
         print(f"error: {summary['message']}", file=sys.stderr)
         return 1
