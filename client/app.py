@@ -126,6 +126,8 @@ def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
                 R.SAMPLE_RATE: float(ledger.sample_rate) if ledger else 0.0,
                 R.STEPS: int(ledger.steps) if ledger else int(outcome.result.steps),
                 R.TRAIN_SECONDS: float(outcome.result.seconds),
+                R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if ledger else math.inf,
+                R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
             }),
         })
 

@@ -1,7 +1,8 @@
 """Saving and loading models and parameter sets as safetensors, loadable without Flower.
 
 A saved model is a folder with `model.safetensors` (the full state: frozen + trainable) and
-`model.json` (the resolved model config, the frozen-part fingerprint and the trainable names).
+`model.json` (the resolved model config, the frozen-part fingerprint, the trainable names and the
+parameter counts).
 `load_model(folder)` rebuilds the architecture from the config and loads the state.
 """
 
@@ -15,7 +16,13 @@ from safetensors.torch import load_file, save
 
 from common.config import ModelConfig
 from common.files import atomic_write_bytes
-from common.model import FusionModel, build_model, frozen_fingerprint, trainable_names
+from common.model import (
+    FusionModel,
+    build_model,
+    frozen_fingerprint,
+    parameter_counts,
+    trainable_names,
+)
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
@@ -41,6 +48,7 @@ def save_model(folder: Path, model: FusionModel) -> None:
         "model_config": model.config.to_json_dict(),
         "frozen_fingerprint": frozen_fingerprint(model),
         "trainable": trainable_names(model),
+        "parameters": parameter_counts(model),  # {"total": n, "trainable": n}
     }
     atomic_write_bytes(folder / MODEL_CONFIG, json.dumps(meta, indent=2).encode())
 

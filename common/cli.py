@@ -68,6 +68,90 @@ def _data(argv: list[str]) -> int:
     return main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from common.report import FORMATS, ReportError, write_report
+
+    p = argparse.ArgumentParser(prog="fedfusion report",
+                                description="Write a self-contained run report (plots embedded): "
+                                            "sites, rounds, final metrics, the model, and each "
+                                            "site's privacy guarantee in words.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="the run folder, e.g. outputs/<run-name>")
+    p.add_argument("--format", choices=FORMATS, default="html", help="report format")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the report file; None: report.<format> inside the run folder")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        path = write_report(args.run_dir, args.format, args.out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedfusion predict",
+        description="Class probabilities from a run's final model (no Flower needed): one case "
+                    "(--image and/or --text), or every row of a manifest (--manifest) written to a "
+                    "CSV, with metrics when the manifest has labels. A missing modality is masked "
+                    "as in training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, default=argparse.SUPPRESS,
+                   help="(required) the run folder holding model.safetensors + model.json, "
+                        "e.g. outputs/<run-name>")
+    p.add_argument("--image", type=Path, default=None,
+                   help="one case: its image (PNG/JPEG); None: the case has no image")
+    p.add_argument("--text", default="", help="one case: its report text; empty: no report")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="many cases: a manifest in the site format (CSV/JSONL, paths relative to "
+                        "it; label optional); None: predict one case")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"),
+                   help="with --manifest: the CSV of predictions to write")
+    p.add_argument("--batch-size", type=int, default=64, help="cases per forward pass")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available")
+    return p
+
+
+def _predict(argv: list[str]) -> int:
+    p = _predict_parser()
+    args = p.parse_args(argv)
+    if args.manifest is not None and (args.image is not None or args.text):
+        p.error("give either --manifest (many cases) or --image/--text (one case), not both.")
+    if args.manifest is None and args.image is None and not args.text.strip():
+        p.error("nothing to predict: give --image and/or --text for one case, or --manifest.")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1.")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from common.encoders import ModelLoadError
+    from common.predict import load_predictor, predict_case, predict_manifest, write_predictions_csv
+
+    try:
+        predictor = load_predictor(args.model, args.device)
+        if args.manifest is None:
+            probs = predict_case(predictor, args.image, args.text)
+            for name, prob in probs.items():
+                print(f"{name:<20} {prob:.4f}")
+            print(f"prediction: {max(probs, key=probs.__getitem__)}")
+            return 0
+        result = predict_manifest(predictor, args.manifest, args.batch_size)
+    # ValueError: PredictError, ManifestError, ConfigError (a damaged model.json), bad JSON;
+    # RuntimeError: --device cuda without a GPU
+    except (ValueError, ModelLoadError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_predictions_csv(args.out, result, predictor.class_names)
+    print(f"{len(result.rows)} predictions written to {args.out}")
+    if result.metrics is not None:
+        m = result.metrics
+        print(f"metrics over {m.num_examples} labelled cases: loss {m.loss:.4f}  accuracy "
+              f"{m.accuracy:.4f}  auroc {m.auroc:.4f}  f1 {m.f1:.4f}")
+    return 0
+
+
 def _simulate(argv: list[str]) -> int:
     from simulations.cli import main
 
@@ -79,6 +163,8 @@ COMMANDS = {
     "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
     "data": (_data, "a site's data: `check <manifest>`, `partition <pooled> <out>`"),
     "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy <file>`"),
+    "report": (_report, "write a run's report (HTML or Markdown, plots embedded)"),
+    "predict": (_predict, "class probabilities from a run's final model, for one case or a manifest"),
 }
 
 

@@ -72,7 +72,8 @@ def find_manifest(path: Path) -> Path:
     raise ManifestError(path, [f"{path}: no such file or folder (check the site's manifest path)."])
 
 
-def raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
+def raw_records(manifest: Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
+                ) -> list[tuple[int, dict[str, str]]]:
     """(line, record) pairs from a CSV or JSONL manifest."""
     if manifest.suffix == ".jsonl":
         records = []
@@ -93,10 +94,10 @@ def raw_records(manifest: Path) -> list[tuple[int, dict[str, str]]]:
         raise ManifestError(manifest, [f"{manifest}: unknown manifest type; use .csv or .jsonl."])
     with manifest.open(encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise ManifestError(manifest, [f"{manifest}:1: missing column(s) {missing}; "
-                                           f"required: {list(REQUIRED_COLUMNS)}."])
+                                           f"required: {list(required)}."])
         return [(i, {k: (v or "") for k, v in rec.items() if k is not None})
                 for i, rec in enumerate(reader, start=2)]
 
@@ -118,30 +119,46 @@ class ManifestScan:
 
 
 def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
-    """Read and check a manifest; raise ManifestError listing every problem found."""
-    scan = scan_manifest(path, class_names)
+    """Read and check a site's manifest; raise ManifestError listing every problem found."""
+    return _read_rows(path, class_names, REQUIRED_COLUMNS)
+
+
+def read_cases(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
+    """Read and check cases to predict: a manifest whose `label` may be missing or empty ("")."""
+    return _read_rows(path, class_names, ("image", "text"))
+
+
+def _read_rows(path: Path, class_names: tuple[str, ...],
+               required: tuple[str, ...]) -> tuple[Path, list[Row]]:
+    scan = scan_manifest(path, class_names, required)
     if scan.problems:
         raise ManifestError(scan.manifest, [p.text for p in scan.problems])
     return scan.manifest, scan.rows
 
 
-def scan_manifest(path: Path, class_names: tuple[str, ...]) -> ManifestScan:
-    """Read a manifest and list the problems of its rows (a file that cannot be parsed raises)."""
+def scan_manifest(path: Path, class_names: tuple[str, ...],
+                  required: tuple[str, ...] = REQUIRED_COLUMNS) -> ManifestScan:
+    """Read a manifest and list the problems of its rows (a file that cannot be parsed raises).
+
+    Without `label` in `required` (cases to predict) a row may have no label, and duplicate
+    rows and split conflicts are not problems.
+    """
+    labelled = "label" in required
     manifest = find_manifest(path)
-    records = raw_records(manifest)
+    records = raw_records(manifest, required)
     if not records:
         raise ManifestError(manifest, [f"{manifest}: the manifest has no rows."])
     rows, problems = [], []
     seen: dict[tuple[str, ...], int] = {}  # a row's content -> the first line holding it
     for line, rec in records:
         where = f"{manifest}:{line}"
-        found = [f"missing field '{col}'." for col in REQUIRED_COLUMNS if col not in rec]
+        found = [f"missing field '{col}'." for col in required if col not in rec]
         image_rel, text = rec.get("image", "").strip(), rec.get("text", "").strip()
         label, split = rec.get("label", "").strip(), rec.get("split", "").strip() or None
         patient_raw = rec.get("patient_id", "").strip()
         if not image_rel and not text:
             found.append("empty row (no image and no text).")
-        if label not in class_names:
+        if label not in class_names and (label or labelled):
             found.append(f"unknown label {label!r}; the run's class names are {list(class_names)} "
                          "(run config key class-names).")
         if split is not None and split not in SPLITS:
@@ -150,12 +167,12 @@ def scan_manifest(path: Path, class_names: tuple[str, ...]) -> ManifestScan:
         if image is not None and not image.is_file():
             found.append(f"image file {image} does not exist.")
         key = (image_rel, text, label, patient_raw, split or "")
-        if key in seen and (image_rel or text):
+        if labelled and key in seen and (image_rel or text):
             found.append(f"duplicate of row {seen[key]} (same image, text, label, patient and split).")
         seen.setdefault(key, line)
         problems += [Problem(line, f"{where}: {message}") for message in found]
         rows.append(Row(line, image, text, label, patient_raw or f"row-{line}", split))
-    problems += _split_conflicts(manifest, rows)
+    problems += _split_conflicts(manifest, rows) if labelled else []
     return ManifestScan(manifest, rows, sorted(problems, key=lambda p: p.line))
 
 
@@ -196,7 +213,9 @@ class ManifestDataset(Dataset):
     def __init__(self, manifest: Path, rows: list[Row], class_names: tuple[str, ...],
                  tokenizer: PreTrainedTokenizerBase, image_size: int, max_text_length: int) -> None:
         self.manifest, self.rows, self.image_size = manifest, rows, image_size
-        self.labels = torch.tensor([class_names.index(r.label) for r in rows], dtype=torch.long)
+        # -1: an unlabelled case (prediction only; training and evaluation rows always have one)
+        self.labels = torch.tensor([class_names.index(r.label) if r.label else -1 for r in rows],
+                                   dtype=torch.long)
         enc = tokenizer([r.text for r in rows] or [""], padding="max_length", truncation=True,
                         max_length=max_text_length, return_tensors="pt")
         self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]

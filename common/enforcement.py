@@ -49,6 +49,11 @@ class PrivacyTerms:
     budget_scope: str
     accountant: str
 
+    @property
+    def epsilon_cap(self) -> float:
+        """The most this run's epsilon may reach at this site: the stricter of both caps."""
+        return min(self.run_epsilon, self.scope_epsilon)
+
 
 def negotiate(policy: SitePolicy, run: RunConfig, *, dp: bool, target_epsilon: float,
               target_delta: float, num_rounds: int) -> PrivacyTerms:

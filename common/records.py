@@ -55,6 +55,11 @@ NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 TRAIN_SECONDS = "train-seconds"
+# The site's effective cap on its run epsilon: the stricter of the server's target and its policy's
+# max-epsilon (inf without DP); and the per-sample clipping norm it trained with (its policy may
+# narrow the server's max-grad-norm). Both for the coordinator's plots and the run report.
+EPSILON_CAP = "epsilon-cap"
+MAX_GRAD_NORM = "max-grad-norm"
 LOSS = "loss"
 ACCURACY = "accuracy"
 AUROC = "auroc"
@@ -62,7 +67,13 @@ F1 = "f1"
 
 TRAIN_METRICS = (
     NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, TRAIN_SECONDS,
+    EPSILON_CAP, MAX_GRAD_NORM,
 )
 EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1)
 # Per-site privacy facts: reported per site, never averaged across sites.
-PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS)
+PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, EPSILON_CAP, MAX_GRAD_NORM)
+
+# History-only keys (server/history.py): a site's training and validation sizes, since train and
+# evaluate replies both call theirs `num-examples`.
+TRAIN_EXAMPLES = "train-examples"
+VAL_EXAMPLES = "val-examples"

@@ -31,7 +31,13 @@ from common.model import (
     resolve_model_config,
     trainable_state,
 )
-from common.enforcement import PrivacyRefusal, authorize_round, check_round_count, negotiate
+from common.enforcement import (
+    PrivacyRefusal,
+    PrivacyTerms,
+    authorize_round,
+    check_round_count,
+    negotiate,
+)
 from common.ledger import (
     LedgerBook,
     exclusive,
@@ -40,10 +46,12 @@ from common.ledger import (
     append_receipt,
     file_sha256,
     load_book,
+    read_receipts,
     save_book,
     update_digest,
 )
 from common.policy import SitePolicy, load_policy
+from common.replay import SentUpdate, load_sent, save_sent
 from common.privacy import HistoryEntry, Ledger, epsilon_from_history, private_training, updated_ledger
 from common.train import TrainResult, evaluate, pick_device, train
 
@@ -100,6 +108,7 @@ class TrainOutcome:
     ledger: Ledger | None  # None when the round trained without DP
     receipt: Receipt
     share_metrics: bool  # the site's policy allows reporting its training loss
+    terms: PrivacyTerms  # what the site trained under (cap, clipping norm)
 
 
 @functools.lru_cache(maxsize=2)
@@ -167,12 +176,20 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
                       target_delta=instructions.target_delta, num_rounds=instructions.num_rounds)
     bundle, data = model_bundle(run.model), site_data(site, run)
     check_fingerprint(bundle, instructions.frozen_fingerprint)  # before any privacy work
+    global_sha256 = update_digest(global_state)
     with exclusive(site.state_dir):  # from reading the ledger to writing it: one round at a time
         book = load_book(site.state_dir)
         record = book.run(run_id)
         if record and record.dataset != data.dataset_sha256:
             raise SiteError(f"the site's data ({data.manifest}) changed during this run; its "
                             "privacy plan no longer holds. Restore the data or start a new run.")
+        if record and instructions.server_round in record.rounds:
+            again = _send_again(site, run_id, instructions.server_round, global_sha256)
+            if again:
+                sent, receipt = again
+                not_sent = tuple(n for n in global_state if n not in sent.state)
+                return TrainOutcome(sent.state, not_sent, sent.result, len(data.train),
+                                    record.ledger, receipt, policy.share_metrics, terms)
         prior = (book.prior_history(data.dataset_sha256, run_id)
                  if terms.budget_scope == "dataset" else [])
         if terms.dp:
@@ -183,32 +200,56 @@ def train_round(run: RunConfig, site: SiteConfig, global_state: dict[str, torch.
             check_round_count(record, policy)
         untrained = untrained_parameters(bundle.model, data.train_combos)
         result, ledger, state = _train_locally(run, bundle, data, global_state, instructions,
-                                               ledger, terms.max_grad_norm, untrained)
+                                               ledger, terms.max_grad_norm, site.site_name,
+                                               untrained)
         receipt = charge(site, book, run_id, data.dataset_sha256, ledger, instructions.server_round,
                          state, prior, policy.budget_scope)
+        save_sent(site.state_dir, run_id,
+                  SentUpdate(instructions.server_round, global_sha256, state, result))
     return TrainOutcome(state, tuple(untrained), result, len(data.train), ledger, receipt,
-                        policy.share_metrics)
+                        policy.share_metrics, terms)
+
+
+def _send_again(site: SiteConfig, run_id: str, server_round: int,
+                global_sha256: str) -> tuple[SentUpdate, Receipt] | None:
+    """The update this site sent for `server_round` from the same global parameters, if kept.
+
+    A resumed server asks a round again; the same update is sent and nothing new is spent.
+    """
+    sent = load_sent(site.state_dir, run_id)
+    if sent is None or sent.server_round != server_round or sent.global_sha256 != global_sha256:
+        return None
+    receipts = [r for r in read_receipts(site.state_dir)
+                if r.run_id == run_id and r.round == server_round]
+    if not receipts or receipts[-1].update_sha256 != update_digest(sent.state):
+        return None
+    log.info("site %s: round %d asked again from the same global parameters; sending the update "
+             "already sent and charged (nothing new is spent)", site.site_name, server_round)
+    return sent, receipts[-1]
 
 
 def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
                    global_state: dict[str, torch.Tensor], instructions: RoundInstructions,
-                   ledger: Ledger | None, max_grad_norm: float, untrained: list[str],
+                   ledger: Ledger | None, max_grad_norm: float, site_name: str,
+                   untrained: list[str],
                    ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
     """Local epochs from the global state with `untrained` frozen; returns the trained parameters."""
     device = pick_device(run.train.device)
     model = _prepare(bundle, global_state, instructions.frozen_fingerprint, device)
     with frozen(model, untrained):  # neither the optimizer nor DP noise touches them
-        return _train_prepared(run, model, data, instructions, ledger, max_grad_norm, device)
+        return _train_prepared(run, model, data, instructions, ledger, max_grad_norm, site_name,
+                               device)
 
 
 def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
                     instructions: RoundInstructions, ledger: Ledger | None, max_grad_norm: float,
-                    device: torch.device,
+                    site_name: str, device: torch.device,
                     ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
     """DP-SGD when a ledger is given, plain SGD otherwise, on the model's trainable parameters."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=instructions.learning_rate, momentum=0.9)
     epochs = run.train.local_epochs
+    desc = f"{site_name} round {instructions.server_round} train"
     loader = DataLoader(data.train, batch_size=run.train.batch_size, shuffle=True,
                         num_workers=run.data.num_workers)
     if ledger is None:
@@ -216,7 +257,7 @@ def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
         # the batch gradient is clipped like DP-SGD's per-sample ones, so one learning rate fits both
         result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
                        device=device, clip_grad_norm=max_grad_norm,
-                       proximal_mu=instructions.proximal_mu)
+                       proximal_mu=instructions.proximal_mu, desc=desc)
         return result, None, trainable_state(model)
     # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
     # regenerate the noise and subtract it. Reseed from the operating system's entropy.
@@ -224,7 +265,8 @@ def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
     with private_training(model, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
                           grad_sample_mode=run.privacy.grad_sample_mode) as session:
         result = train(model, session.loader, session.optimizer, session.criterion,
-                       epochs=epochs, device=device, proximal_mu=instructions.proximal_mu)
+                       epochs=epochs, device=device, proximal_mu=instructions.proximal_mu,
+                       desc=desc)
         ledger = updated_ledger(ledger, session.engine)
     return result, ledger, trainable_state(model)
 
@@ -264,4 +306,4 @@ def evaluate_round(run: RunConfig, site: SiteConfig, global_state: dict[str, tor
     model = _prepare(bundle, global_state, fingerprint, device)
     loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
                         num_workers=run.data.num_workers)
-    return evaluate(model, loader, device)
+    return evaluate(model, loader, device, desc=f"{site.site_name} evaluate")

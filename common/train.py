@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.metrics import Metrics, classification_metrics
+from common.progress import batches, log_line, progress, show_loss
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def train(
     device: torch.device,
     clip_grad_norm: float | None = None,
     proximal_mu: float = 0.0,
+    desc: str = "train",
 ) -> TrainResult:
     """Run `epochs` passes over `loader`; `criterion` must average over the batch.
 
@@ -61,13 +63,15 @@ def train(
     `proximal_mu` > 0 adds FedProx's pull toward the starting parameters w0 as a decoupled step
     after each optimizer step, w <- w - lr * mu * (w - w0): it depends on no example, so it sits
     outside DP-SGD's clipping and noise, as weight decay would.
+    `desc` names the progress bar (or the log lines when no terminal is attached).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     start, loss_sum, seen, steps = time.perf_counter(), 0.0, 0, 0
-    for _ in range(epochs):
-        for batch in loader:
+    for epoch in range(1, epochs + 1):
+        bar = progress(loader, desc=f"{desc} epoch {epoch}/{epochs}", total=batches(loader))
+        for batch in bar:
             optimizer.zero_grad(set_to_none=True)
             logits, labels = forward_batch(model, batch, device)
             loss = criterion(logits, labels)
@@ -81,6 +85,9 @@ def train(
             if labels.numel():
                 loss_sum += float(loss.item()) * labels.numel()
                 seen += labels.numel()
+                show_loss(bar, loss_sum / seen)
+        log_line(log, "%s epoch %d/%d: %d steps, mean loss %.4f, %.1f s", desc, epoch, epochs,
+                 steps, loss_sum / max(seen, 1), time.perf_counter() - start)
     return TrainResult(loss_sum / max(seen, 1), seen, steps, time.perf_counter() - start)
 
 
@@ -91,15 +98,34 @@ def _proximal_step(params: list[torch.Tensor], anchor: list[torch.Tensor], rate:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device) -> Metrics:
-    """Loss, accuracy, macro AUROC and F1 of the model on `loader`."""
+def predict_logits(model: nn.Module, loader: Iterable[Batch], device: torch.device,
+                   desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, C) and labels (N,) over `loader`, on the CPU (labels are -1 where unknown)."""
     model.eval()
-    labels_all, probs_all, loss_sum = [], [], 0.0
-    for batch in loader:
+    logits_all, labels_all = [], []
+    for batch in progress(loader, desc=desc, total=batches(loader)):
         logits, labels = forward_batch(model, batch, device)
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        probs_all.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        labels_all.append(labels.cpu().numpy())
-    if not labels_all:
+        logits_all.append(logits.float().cpu())
+        labels_all.append(labels.cpu())
+    if not logits_all:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits_all), torch.cat(labels_all)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    """Loss, accuracy, macro AUROC and F1 from logits (N, C) and integer labels (N,)."""
+    if not len(labels):
         return classification_metrics(np.zeros(0, dtype=np.int64), np.zeros((0, 1)), 0.0)
-    return classification_metrics(np.concatenate(labels_all), np.concatenate(probs_all), loss_sum)
+    loss_sum = float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    probs = torch.softmax(logits, dim=-1).numpy()
+    return classification_metrics(labels.numpy(), probs, loss_sum)
+
+
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device,
+             desc: str = "evaluate") -> Metrics:
+    """Loss, accuracy, macro AUROC and F1 of the model on `loader`."""
+    start = time.perf_counter()
+    metrics = metrics_from_logits(*predict_logits(model, loader, device, desc))
+    log_line(log, "%s: %d examples, loss %.4f, accuracy %.3f, %.1f s", desc, metrics.num_examples,
+             metrics.loss, metrics.accuracy, time.perf_counter() - start)
+    return metrics

@@ -25,6 +25,7 @@ from common import records as R
 from common.checkpoint import save_tensors
 from common.files import append_line_atomic, atomic_write_bytes
 from common.ledger import update_digest
+from common.round_views import format_round_table, write_round_views
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class RunRecorder:
                 continue
             entry = self._sites.setdefault(name, {})
             entry.update(dict(next(iter(msg.content.metric_records.values()))))
+            entry[R.TRAIN_EXAMPLES if msg.content.array_records else R.VAL_EXAMPLES] = entry[R.NUM_EXAMPLES]
             if msg.content.array_records:
                 arrays = next(iter(msg.content.array_records.values()))
                 entry[UPDATE_SHA256] = update_digest({k: v.numpy() for k, v in arrays.items()})
@@ -133,14 +135,20 @@ class RunRecorder:
                       for name, m in sorted(self._sites.items())},
             **{k: ({kk: _json_value(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
                for k, v in extra.items()},
-            "refusals": dict(sorted(self._refusals.items())),
-            "failures": dict(sorted(self._failures.items())),
-            "rejected": dict(sorted(self._rejected.items())),
+            "refusals": self._named(self._refusals),
+            "failures": self._named(self._failures),
+            "rejected": self._named(self._rejected),
         }
         append_line_atomic(self.out_dir / HISTORY, json.dumps(line))
         self.lines.append(line)
         self._log_round(line)
+        write_round_views(self.out_dir, self.lines)  # plots (and TensorBoard events) so far
         self._sites, self._refusals, self._failures, self._rejected = {}, {}, {}, {}
+
+    def _named(self, reasons: dict[str, str]) -> dict[str, str]:
+        """Reasons keyed by site name: a crash reply names no site, but a later reply may have."""
+        by_node = {f"node-{node}": name for node, name in self._names.items()}
+        return dict(sorted((by_node.get(key, key), reason) for key, reason in reasons.items()))
 
     def write_summary(self, status: str, message: str) -> dict[str, Any]:
         """summary.json: how the run ended and each site's privacy spend (never averaged)."""
@@ -166,25 +174,13 @@ class RunRecorder:
 
     @staticmethod
     def _log_round(line: dict[str, Any]) -> None:
-        r = line["round"]
-        for name, m in line["sites"].items():
-            eps = m.get(R.EPSILON)
-            log.info("round %d  %-14s loss %s  auroc %s  epsilon %s", r, name, _fmt(m.get(R.LOSS)),
-                     _fmt(m.get(R.AUROC)), "off" if eps is None and R.EPSILON in m else _fmt(eps))
-        if "aggregate" in line:
-            agg = line["aggregate"]
-            log.info("round %d  %-14s loss %s  auroc %s", r, "(aggregate)", _fmt(agg.get(R.LOSS)),
-                     _fmt(agg.get(R.AUROC)))
+        log.info("round %d\n%s", line["round"], format_round_table(line))
 
 
 def _empty_site() -> dict[str, Any]:
     return {"epsilon": None, "delta": None, "noise_multiplier": None, "steps": 0,
             "rounds_trained": [], "rounds_refused": [], "rounds_failed": [],
             "rounds_rejected": []}
-
-
-def _fmt(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:6.3f}"
 
 
 def read_history(out_dir: Path) -> list[dict[str, Any]]:

@@ -59,20 +59,54 @@ def settings_json(run: RunConfig) -> dict[str, Any]:
             "privacy": vars(run.privacy)}
 
 
+def run_folder(run: RunConfig) -> Path:
+    """`<output-dir>/<run-name>` (a time-stamped name when run-name is empty)."""
+    name = run.federation.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    return Path(run.federation.output_dir).expanduser().resolve() / name
+
+
+def check_run_folder(run: RunConfig) -> int:
+    """Rounds already finished in the run's folder (0 for a new run); ResumeError if it cannot go on.
+
+    Writes nothing: commands call it before starting a federation to fail fast.
+    """
+    folder = run_folder(run)
+    if not folder.exists() or not any(folder.iterdir()):
+        return 0
+    _, finished, _ = _inspect(folder, run)
+    return len(finished)
+
+
 def open_run(run: RunConfig) -> RunStart:
     """Create the run folder, or find where an interrupted run with the same name stopped."""
-    name = run.federation.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    folder = Path(run.federation.output_dir).expanduser().resolve() / name
+    folder = run_folder(run)
     if not folder.exists() or not any(folder.iterdir()):
         folder.mkdir(parents=True, exist_ok=True)
         key = secrets.token_hex(16)
         atomic_write_bytes(folder / RUN_CONFIG, json.dumps(
             {RUN_KEY: key, **settings_json(run)}, indent=2).encode())
         return RunStart(folder, key)
-    return _resume(folder, run)
+    saved, finished, lines = _inspect(folder, run)
+    if len(finished) != len(lines):
+        dropped = [line["round"] for line in lines[len(finished):]]
+        log.warning("resume: round(s) %s of %s were not finished and will be run again", dropped,
+                    folder.name)
+        atomic_write_bytes(folder / HISTORY, "".join(json.dumps(x) + "\n" for x in finished).encode())
+    last = len(finished)
+    arrays = optimizer = None
+    if last:
+        arrays = {k: v.numpy() for k, v in load_tensors(round_checkpoint(folder, last)).items()}
+        opt_file = optimizer_checkpoint(folder, last)
+        if opt_file.is_file():
+            optimizer = {k: v.numpy() for k, v in load_tensors(opt_file).items()}
+    log.info("resuming run %s after round %d of %d", folder.name, last,
+             run.federation.num_server_rounds)
+    return RunStart(folder, str(saved[RUN_KEY]), last, arrays, finished, optimizer or {})
 
 
-def _resume(folder: Path, run: RunConfig) -> RunStart:
+def _inspect(folder: Path, run: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                     list[dict[str, Any]]]:
+    """(saved settings, finished rounds' history lines, all history lines) of a run to resume."""
     config_file = folder / RUN_CONFIG
     if not config_file.is_file():
         raise ResumeError(f"{folder} is not empty and holds no {RUN_CONFIG}, so it is not a FedFusion "
@@ -89,27 +123,13 @@ def _resume(folder: Path, run: RunConfig) -> RunStart:
         raise ResumeError(f"Run {folder.name} already completed all its rounds ({folder}). Choose "
                           "another run-name for a new run.")
     lines = read_history(folder)
-    finished = []
+    finished: list[dict[str, Any]] = []
     for line in lines:  # rounds 1..k, each with its checkpoint; anything after is redone
         if ("stopped" in line or line["round"] != len(finished) + 1
                 or not round_checkpoint(folder, line["round"]).is_file()):
             break
         finished.append(line)
-    if len(finished) != len(lines):
-        dropped = [line["round"] for line in lines[len(finished):]]
-        log.warning("resume: round(s) %s of %s were not finished and will be run again", dropped,
-                    folder.name)
-        atomic_write_bytes(folder / HISTORY, "".join(json.dumps(x) + "\n" for x in finished).encode())
-    last = len(finished)
-    arrays = optimizer = None
-    if last:
-        arrays = {k: v.numpy() for k, v in load_tensors(round_checkpoint(folder, last)).items()}
-        opt_file = optimizer_checkpoint(folder, last)
-        if opt_file.is_file():
-            optimizer = {k: v.numpy() for k, v in load_tensors(opt_file).items()}
-    log.info("resuming run %s after round %d of %d", folder.name, last,
-             run.federation.num_server_rounds)
-    return RunStart(folder, str(saved[RUN_KEY]), last, arrays, finished, optimizer or {})
+    return saved, finished, lines
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -105,7 +105,11 @@ class FederationMixin:
         full = complete_partial_updates(screening.accepted, self._global)
         for msg, arrays in zip(accepted, full, strict=True):
             msg.content[R.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        aggregated, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if aggregated is not None:  # FedAdam/FedYogi compute in float64: keep the model's dtypes
+            aggregated = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=self._global[k].dtype))
+                                      for k, v in aggregated.items()})
+        return aggregated, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

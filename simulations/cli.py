@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None,
                    help="folder of hospital-<i>/ sites (default: ./demo-data, generated if absent)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where run folders go")
-    p.add_argument("--run-name", default="", help="run folder name (default: time-stamped)")
+    p.add_argument("--run-name", default="",
+                   help="run folder name (default: time-stamped); the name of an interrupted run "
+                        "resumes it after its last finished round")
     p.add_argument("--run-config", "-c", action="append", default=[], metavar="KEY=VALUE",
                    help="any other [tool.flwr.app.config] key, e.g. -c local-epochs=2 (repeatable)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(package).setLevel(logging.INFO)
     quiet_flower(verbose=args.verbose)
     from server.history import read_history, read_summary
+    from server.resume import ResumeError
     from simulations.run import prepare_demo_data, simulate
 
     start = time.perf_counter()
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = user_config_from_args(args, data_root)
         run_dir = simulate(cfg, args.hospitals, verbose=args.verbose,
                            default_policy=no_dp_policy() if args.no_dp else None)
-    except (ConfigError, FileExistsError) as err:
+    except (ConfigError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
@@ -166,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPrivacy per site (cumulative over this run):")
     print(format_privacy(summary))
     print(f"\n{summary['message']} Finished in {time.perf_counter() - start:.0f} s. "
-          f"Outputs in {run_dir}/ (history.jsonl, summary.json, round-NNN.safetensors, "
-          "model.safetensors + model.json).")
+          f"Outputs in {run_dir}/ (history.jsonl, summary.json, plots *.png, round-NNN.safetensors, "
+          f"model.safetensors + model.json). Report: fedfusion report {run_dir}")
     if summary["status"] != "completed":
         print(f"error: {summary['message']}", file=sys.stderr)
         return 1

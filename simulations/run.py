@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,14 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
     if found < hospitals:
         raise ConfigError(f"{data_root} holds {found} hospital folder(s) (hospital-<i>); "
                           f"{hospitals} were asked for.")
+    from server.resume import check_run_folder
+
+    finished = check_run_folder(run)  # a run to resume must fit; fail before Ray starts
+    if finished:
+        log.info("resuming run %s after round %d", run.federation.run_name, finished)
     out_root = Path(run.federation.output_dir)
     before = set(out_root.iterdir()) if out_root.is_dir() else set()
+    started = time.time()
     server, client = make_apps(user_config, default_policy)
     cpus = os.cpu_count() or 1
     backend = {
@@ -102,6 +109,7 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
                    backend_config=backend, verbose_logging=False)
     name = run.federation.run_name
     created = sorted(set(out_root.iterdir()) - before) if not name else [out_root / name]
-    if not created or not (created[-1] / "summary.json").is_file():
+    summary = created[-1] / "summary.json" if created else None
+    if summary is None or not summary.is_file() or summary.stat().st_mtime < started:
         raise RuntimeError("The simulation ended without a run summary: see the log above.")
     return created[-1]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,18 +58,31 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Deliver each message to its node and collect the replies."""
+        """Deliver each message to its node (one at a time) and collect the replies.
+
+        As Flower's grids do, replies that are not in by `timeout` seconds are left out.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
                                 message_type=msg.metadata.message_type)
-            try:
-                reply = self.client_app(delivered, self.contexts[node])
-            except Exception as err:  # what Flower's runtime does with a raising ClientApp
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+            box: list[Message] = []
+            worker = threading.Thread(
+                target=lambda d=delivered, n=node, b=box: b.append(self._handle(d, n)), daemon=True)
+            worker.start()
+            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            if not box:  # still running at the deadline: the reply is lost, as in Flower
+                continue
             if self.tap is not None:
-                self.tap(node, reply)
-            replies.append(reply)
+                self.tap(node, box[0])
+            replies.append(box[0])
         return replies
+
+    def _handle(self, delivered: Message, node: int) -> Message:
+        try:
+            return self.client_app(delivered, self.contexts[node])
+        except Exception as err:  # what Flower's runtime does with a raising ClientApp
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"{type(err).__name__}: {err}"), reply_to=delivered)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
@@ -112,3 +113,26 @@ def test_bad_run_config_is_an_error_reply(demo_root: Path, tmp_path: Path) -> No
                   run_config={**ctx.run_config, "batch-sise": 8})
     reply = app(message(arrays, config, MessageType.TRAIN), ctx)
     assert reply.has_error() and "did you mean 'batch-size'" in reply.error.reason
+
+
+def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(demo_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """A resumed server asks a round again: same global parameters -> the update already sent."""
+    arrays, config, _ = server_side(demo_root)
+    first = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
+    again = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
+    assert not again.has_error(), again.error
+    for name in arrays:
+        np.testing.assert_array_equal(again.content[R.ARRAYS][name].numpy(),
+                                      first.content[R.ARRAYS][name].numpy())
+    assert again.content[R.METRICS][R.EPSILON] == first.content[R.METRICS][R.EPSILON]
+    state_dir = tmp_path / "hospital-0" / "state"
+    assert load_book(state_dir).run("run-1").rounds == (1,)
+    assert len(read_receipts(state_dir)) == 1
+
+    # asked again from other global parameters: that is new training, charged as such
+    moved = ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
+    third = app(message(moved, config, MessageType.TRAIN), context(demo_root, tmp_path))
+    assert third.content[R.METRICS][R.EPSILON] > first.content[R.METRICS][R.EPSILON]
+    assert load_book(state_dir).run("run-1").rounds == (1, 1)
+    assert len(read_receipts(state_dir)) == 2

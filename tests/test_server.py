@@ -60,7 +60,8 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
     for h in history:
         assert set(h["sites"]) == {"hospital-0", "hospital-1"}
         for site in h["sites"].values():
-            assert set(site) == set(R.TRAIN_METRICS) | set(R.EVAL_METRICS) | {UPDATE_SHA256}
+            assert set(site) == (set(R.TRAIN_METRICS) | set(R.EVAL_METRICS)
+                                 | {UPDATE_SHA256, R.TRAIN_EXAMPLES, R.VAL_EXAMPLES})
             assert 0 < site[R.EPSILON] <= 8.01
         assert set(h["aggregate"]) >= {R.AUROC, R.LOSS, R.TRAIN_LOSS}
         assert not h["failures"] and not h["refusals"]
