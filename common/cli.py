@@ -103,7 +103,7 @@ def _predict_parser() -> argparse.ArgumentParser:
                    help="(required) the run folder holding model.safetensors + model.json, "
                         "e.g. outputs/<run-name>")
     p.add_argument("--image", type=Path, default=None,
-                   help="one case: its image (PNG/JPEG); None: the case has no image")
+                   help="one case: its image (PNG/JPEG/DICOM); None: the case has no image")
     p.add_argument("--text", default="", help="one case: its report text; empty: no report")
     p.add_argument("--manifest", type=Path, default=None,
                    help="many cases: a manifest in the site format (CSV/JSONL, paths relative to "

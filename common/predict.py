@@ -97,7 +97,7 @@ def predict_case(predictor: Predictor, image: Path | None, text: str) -> dict[st
     if image is None and not text:
         raise PredictError("A case needs an image (--image), a report text (--text), or both.")
     if image is not None and not image.is_file():
-        raise PredictError(f"Image {image} does not exist; pass the path of a PNG/JPEG file.")
+        raise PredictError(f"Image {image} does not exist; pass the path of a PNG/JPEG/DICOM file.")
     row = Row(line=0, image=image.resolve() if image else None, text=text, label="",
               patient_id="case", split=None)
     result = predict_rows(predictor, Path.cwd() / "case", [row])
