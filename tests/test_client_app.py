@@ -122,7 +122,9 @@ def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(demo_root: P
     first = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
     again = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
     assert not again.has_error(), again.error
-    for name in arrays:
+    assert list(again.content[R.ARRAYS].keys()) == list(first.content[R.ARRAYS].keys())
+    assert list(again.content[R.UPDATE][R.UNTRAINED]) == list(first.content[R.UPDATE][R.UNTRAINED])
+    for name in first.content[R.ARRAYS].keys():
         np.testing.assert_array_equal(again.content[R.ARRAYS][name].numpy(),
                                       first.content[R.ARRAYS][name].numpy())
     assert again.content[R.METRICS][R.EPSILON] == first.content[R.METRICS][R.EPSILON]
