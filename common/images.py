@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")  # read with Pillow without sniffing the file
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
 # pydicom names decoder plugins by module; a PyPI name that differs gets this prefix (python-gdcm)
 PLUGIN_PACKAGES = {"gdcm": "python-"}
@@ -35,9 +36,10 @@ class ImageReadError(ValueError):
 
 
 def is_dicom(path: Path) -> bool:
-    """A DICOM file: a .dcm/.dicom name, or the 'DICM' marker after the 128-byte preamble."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
+    """A DICOM file: a .dcm/.dicom name, or (no image suffix) the 'DICM' marker after the preamble."""
+    suffix = path.suffix.lower()
+    if suffix in (*DICOM_SUFFIXES, *PIL_SUFFIXES):
+        return suffix in DICOM_SUFFIXES
     with path.open("rb") as fh:
         return fh.read(132)[128:] == b"DICM"
 

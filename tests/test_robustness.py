@@ -186,6 +186,8 @@ def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(five_hospi
     # the global model is the FedAvg of the two honest hospitals (nodes 1 and 5) alone
     saved = load_tensors(out / "round-001.safetensors")
     for name, value in saved.items():
+        if name not in received[1]:  # trained by no site: the placeholders (every row has both)
+            continue
         expected = np.average([received[n][name] for n in (1, 5)], axis=0,
                               weights=[weights[1], weights[5]])
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
