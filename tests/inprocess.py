@@ -64,7 +64,9 @@ class InProcessGrid(Grid):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         replies = []
-        for msg in messages:
+        # in node order, not Flower's sampling order (which follows the global `random` state):
+        # a test's outcome must not depend on what else consumed random numbers before it
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             node = msg.metadata.dst_node_id
             delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
                                 message_type=msg.metadata.message_type)
