@@ -28,6 +28,8 @@ from tests.local_federation import (
     port_open,
 )
 
+pytestmark = pytest.mark.slow  # about 1.5 min: real processes, each ClientApp a fresh Python
+
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedfusion-test"
 HOSPITALS = {"hospital-a": 8.0, "hospital-b": 6.0}  # name: the max-epsilon in its own policy
@@ -117,7 +119,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
 
     output_dir = tmp / "outputs"
     run_config = (f"preset='tiny' num-server-rounds={ROUNDS} accountant='rdp' local-epochs=1 "
-                  f"output-dir='{output_dir}' run-name='deployment' round-timeout=120.0")
+                  f"output-dir='{output_dir}' run-name='deployment' round-timeout=120.0 "
+                  "fraction-evaluate=0.0")
     run = procs.start("flwr-run", [executable("flwr"), "run", str(ROOT), CONNECTION, "--stream",
                                    "--run-config", run_config], cli_env, tmp)
     return Federation(procs, tmp, superlink, supernodes, run, time.monotonic(), creds, output_dir,
