@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ REFUSED_TIMEOUT = 60.0  # seconds for a refused SuperNode to give up and exit
 class Federation:
     """The running federation and what the tests check afterwards."""
 
-    procs: Processes
+    procs: Processes = field(repr=False)
     tmp: Path
     superlink: Started
     supernodes: list[Started]
@@ -52,7 +52,7 @@ class Federation:
     creds: CredentialLayout
     output_dir: Path
     state_dirs: dict[str, Path]
-    cli_env: dict[str, str]
+    cli_env: dict[str, str] = field(repr=False)
 
 
 def _write_coordinator_config(flwr_home: Path, port: int, ca_cert: Path) -> None:
@@ -63,9 +63,12 @@ def _write_coordinator_config(flwr_home: Path, port: int, ca_cert: Path) -> None
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca_cert}"\n')
 
 
+def _nodes(env: dict[str, str], cwd: Path) -> list[dict]:
+    return flwr_json(["supernode", "list", CONNECTION], env, cwd).get("nodes", [])
+
+
 def _online_nodes(env: dict[str, str], cwd: Path) -> list[dict]:
-    answer = flwr_json(["supernode", "list", CONNECTION], env, cwd)
-    return [n for n in answer.get("nodes", []) if n.get("status") == "online"]
+    return [n for n in _nodes(env, cwd) if n.get("status") == "online"]
 
 
 def _start_supernode(procs: Processes, name: str, tmp: Path, superlink_port: int,
@@ -128,10 +131,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
 
 
 def _assert_federation_unharmed(fed: Federation) -> None:
-    online = _online_nodes(fed.cli_env, fed.tmp)
-    assert len(online) == 2, f"expected the 2 registered nodes online, got {online}\n{fed.procs.report()}"
-    alive = [s.name for s in (fed.superlink, *fed.supernodes) if s.proc.poll() is not None]
-    assert not alive, f"{alive} exited\n{fed.procs.report()}"
+    nodes = _nodes(fed.cli_env, fed.tmp)
+    assert [n.get("status") for n in nodes] == ["online", "online"], \
+        f"expected just the 2 registered nodes, online: {nodes}\n{fed.procs.report()}"
+    dead = [s.name for s in (fed.superlink, *fed.supernodes) if s.proc.poll() is not None]
+    assert not dead, f"{dead} exited\n{fed.procs.report()}"
 
 
 def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
