@@ -46,6 +46,7 @@ class Federation:
     procs: Processes = field(repr=False)
     tmp: Path
     superlink: Started
+    port: int
     supernodes: list[Started]
     run: Started
     run_started: float
@@ -78,18 +79,8 @@ def _start_supernode(procs: Processes, name: str, tmp: Path, superlink_port: int
     return procs.start(name, argv, base_env(tmp / name / "flwr-home"), tmp)
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Federation:
-    """SuperLink + 2 SuperNodes over TLS with node auth, and a submitted 2-round run."""
-    tmp = tmp_path_factory.mktemp("deployment")
-    procs = Processes(tmp / "logs")
-    request.addfinalizer(procs.stop_all)  # also when the setup below fails half-way
-
-    creds = CredentialLayout(tmp / "creds")
-    write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(HOSPITALS))
-    data = tmp / "data"
-    manifests = write_demo_hospitals(data, len(HOSPITALS), seed=0, size_scale=0.1)
-
+def _start_superlink(procs: Processes, creds: CredentialLayout, tmp: Path) -> tuple[Started, int]:
+    """The SuperLink with TLS and SuperNode authentication on a free loopback port."""
     port = free_port()
     superlink = procs.start("superlink", [
         executable("flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
@@ -98,14 +89,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
         "--disable-runtime-dependency-installation",
     ], base_env(tmp / "superlink-home"), tmp)
     procs.wait_until("the SuperLink to listen", lambda: port_open(port), START_TIMEOUT, [superlink])
+    return superlink, port
 
-    cli_env = base_env(tmp / "coordinator-home")
-    _write_coordinator_config(tmp / "coordinator-home", port, creds.ca_cert)
-    for name in HOSPITALS:
-        answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)), CONNECTION,
-                            "--name", name], cli_env, tmp)
-        assert answer.get("success"), f"registering {name}: {answer}\n{procs.report()}"
 
+def _start_hospitals(procs: Processes, creds: CredentialLayout, tmp: Path,
+                     port: int) -> tuple[list[Started], dict[str, Path]]:
+    """One SuperNode per hospital, each with its own data, state folder, policy and key."""
+    manifests = write_demo_hospitals(tmp / "data", len(HOSPITALS), seed=0, size_scale=0.1)
     supernodes, state_dirs = [], {}
     for (name, max_eps), manifest in zip(HOSPITALS.items(), manifests, strict=True):
         policy = tmp / name / "policy.toml"
@@ -117,17 +107,39 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
         supernodes.append(_start_supernode(procs, name, tmp, port, [
             "--root-certificates", str(creds.ca_cert),
             "--auth-supernode-private-key", str(creds.node_key(name))], node_config))
+    return supernodes, state_dirs
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Federation:
+    """SuperLink + 2 registered SuperNodes over TLS, and a submitted 2-round run."""
+    tmp = tmp_path_factory.mktemp("deployment")
+    procs = Processes(tmp / "logs")
+    request.addfinalizer(procs.stop_all)  # also when the setup below fails half-way
+    creds = CredentialLayout(tmp / "creds")
+    write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(HOSPITALS))
+    superlink, port = _start_superlink(procs, creds, tmp)
+
+    cli_env = base_env(tmp / "coordinator-home")
+    _write_coordinator_config(tmp / "coordinator-home", port, creds.ca_cert)
+    for name in HOSPITALS:
+        answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)), CONNECTION,
+                            "--name", name], cli_env, tmp)
+        assert answer.get("success"), f"registering {name}: {answer}\n{procs.report()}"
+    supernodes, state_dirs = _start_hospitals(procs, creds, tmp, port)
     procs.wait_until("both SuperNodes online", lambda: len(_online_nodes(cli_env, tmp)) == 2,
                      START_TIMEOUT, [superlink, *supernodes])
 
+    # No federated evaluation: each phase starts a fresh ClientApp process per site (about 20 s
+    # on 2 busy cores); the in-process app tests cover evaluation.
     output_dir = tmp / "outputs"
     run_config = (f"preset='tiny' num-server-rounds={ROUNDS} accountant='rdp' local-epochs=1 "
                   f"output-dir='{output_dir}' run-name='deployment' round-timeout=120.0 "
                   "fraction-evaluate=0.0")
     run = procs.start("flwr-run", [executable("flwr"), "run", str(ROOT), CONNECTION, "--stream",
                                    "--run-config", run_config], cli_env, tmp)
-    return Federation(procs, tmp, superlink, supernodes, run, time.monotonic(), creds, output_dir,
-                      state_dirs, cli_env)
+    return Federation(procs, tmp, superlink, port, supernodes, run, time.monotonic(), creds,
+                      output_dir, state_dirs, cli_env)
 
 
 def _assert_federation_unharmed(fed: Federation) -> None:
@@ -142,7 +154,7 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
     fed = federation
     rogue = CredentialLayout(fed.tmp / "rogue-creds")
     write_credentials(rogue.root, sans=[], hospitals=["rogue"], server=False)
-    node = _start_supernode(fed.procs, "rogue", fed.tmp, _superlink_port(fed), [
+    node = _start_supernode(fed.procs, "rogue", fed.tmp, fed.port, [
         "--root-certificates", str(fed.creds.ca_cert),
         "--auth-supernode-private-key", str(rogue.node_key("rogue")),
         "--max-retries", "1", "--max-wait-time", "10"],
@@ -155,7 +167,7 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
 
 def test_supernode_without_tls_cannot_connect(federation: Federation) -> None:
     fed = federation
-    node = _start_supernode(fed.procs, "plaintext", fed.tmp, _superlink_port(fed), [
+    node = _start_supernode(fed.procs, "plaintext", fed.tmp, fed.port, [
         "--insecure", "--max-retries", "1", "--max-wait-time", "10"],
         f"manifest='{fed.tmp / 'data'}/hospital-1' state-dir='{fed.tmp / 'plaintext-state'}'")
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
@@ -182,8 +194,3 @@ def test_two_rounds_over_tls_with_node_auth(federation: Federation) -> None:
     for name, max_eps in HOSPITALS.items():
         assert max_eps - 0.5 < history[-1]["sites"][name]["epsilon"] <= max_eps + 1e-9
         assert (fed.state_dirs[name] / "ledger.json").is_file()
-
-
-def _superlink_port(fed: Federation) -> int:
-    argv = fed.superlink.proc.args
-    return int(argv[argv.index("--port") + 1])
