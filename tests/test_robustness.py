@@ -90,7 +90,7 @@ def faulty_client_app(faults: dict[int, Fault], policy: Path,
                       stalls: dict[int, threading.Event] | None = None) -> ClientApp:
     """The real ClientApp; hospital i's train reply passes through faults[i] when it has one.
 
-    A hospital in `stalls` hangs before training until its event is set.
+    A hospital in `stalls` hangs before training until its event is set, then fails.
     """
     app = ClientApp()
 
@@ -98,7 +98,10 @@ def faulty_client_app(faults: dict[int, Fault], policy: Path,
     def train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config["partition-id"])
         if stalls and partition in stalls:
+            # hang, then give up without touching the model: this thread outlives the round, and
+            # training now would race the next test for torch's global RNG and the cached model
             stalls[partition].wait(300)
+            raise TimeoutError("stalled site released")
         reply = train_reply(msg, context, context.run_config, policy)
         fault = faults.get(partition)
         return fault(msg, reply) if fault else reply
