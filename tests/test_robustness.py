@@ -213,7 +213,7 @@ def test_too_few_usable_updates_stop_the_run_with_the_reasons(demo_root: Path, t
 def test_a_stalled_site_is_left_behind_at_the_round_timeout(demo_root: Path, tmp_path: Path) -> None:
     release = threading.Event()  # hospital 2 hangs until the test ends
     try:
-        out = run(demo_root, tmp_path, 3, {}, stalls={2: release}, **{"round-timeout": 45.0})
+        out = run(demo_root, tmp_path, 3, {}, stalls={2: release}, **{"round-timeout": 30.0})
     finally:
         release.set()
     (line,) = read_history(out)
