@@ -152,6 +152,49 @@ def _predict(argv: list[str]) -> int:
     return 0
 
 
+class _AppendOverDefault(argparse.Action):
+    """Like action="append", but the first use replaces the default list instead of extending it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), values])
+
+
+def _certs(argv: list[str]) -> int:
+    from common.certs import DEFAULT_SANS, CredentialError, write_credentials
+
+    p = argparse.ArgumentParser(
+        prog="fedfusion certs",
+        description="Create deployment credentials: a CA, the SuperLink's TLS certificate "
+                    "(ca.crt, server.crt, server.key) and one SuperNode authentication key pair per "
+                    "hospital (hospitals/<name>/supernode.key, .pub). Private keys get mode 0600.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out_dir", type=Path, help="folder to write the credentials into")
+    p.add_argument("--san", action=_AppendOverDefault, default=list(DEFAULT_SANS), metavar="NAME_OR_IP",
+                   help="a host name or IP address the SuperNodes and `flwr` use to reach the "
+                        "SuperLink; repeatable, replaces the default (keep localhost and 127.0.0.1: "
+                        "the SuperLink's own ServerApp process connects through them)")
+    p.add_argument("--hospital", action="append", default=[], metavar="NAME",
+                   help="write a SuperNode key pair for this hospital; repeatable")
+    p.add_argument("--days", type=int, default=365, help="validity of the CA and server certificates")
+    p.add_argument("--keys-only", action="store_true",
+                   help="write only the hospitals' key pairs (no CA, no server certificate): run it "
+                        "at the hospital, so its private key never leaves")
+    p.add_argument("--force", action="store_true", help="overwrite existing credential files")
+    args = p.parse_args(argv)
+    try:
+        files = write_credentials(args.out_dir, sans=args.san,
+                                  hospitals=args.hospital, days=args.days,
+                                  server=not args.keys_only, force=args.force)
+    except CredentialError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in files:
+        print(path)
+    return 0
+
+
 def _simulate(argv: list[str]) -> int:
     from simulations.cli import main
 
@@ -162,6 +205,7 @@ COMMANDS = {
     "simulate": (_simulate, "run a local multi-hospital federation (Flower simulation runtime)"),
     "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
     "data": (_data, "a site's data: `check <manifest>`, `partition <pooled> <out>`"),
+    "certs": (_certs, "create TLS certificates and SuperNode keys for a real deployment"),
     "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy <file>`"),
     "report": (_report, "write a run's report (HTML or Markdown, plots embedded)"),
     "predict": (_predict, "class probabilities from a run's final model, for one case or a manifest"),

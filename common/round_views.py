@@ -59,10 +59,10 @@ def format_round_table(line: dict[str, Any]) -> str:
                     f"{_count(sum(train_n) if train_n else None, 7)} "
                     f"{_count(sum(val_n) if val_n else None, 6)} "
                     f"{_num(max(seconds) if seconds else None, 7, 1)}")
-    for kind in ("refusals", "failures"):
+    for kind, prefix in (("refusals", ""), ("failures", "failed: "), ("rejected", "update rejected: ")):
         for name, reason in line.get(kind, {}).items():
             why = (reason.partition("': ")[2] or reason).splitlines()[0]  # drop "site 'x': "
-            rows.append(f"{name:<16} {why if kind == 'refusals' else 'failed: ' + why}")
+            rows.append(f"{name:<16} {prefix}{why}")
     if "stopped" in line:
         rows.append(f"stopped: {line['stopped'].splitlines()[0]}")
     return "\n".join(rows)

@@ -51,10 +51,11 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def weighted_mean(rows: list[dict[str, Any]], key: str) -> float:
-    """Mean of `key` weighted by num-examples over rows with a finite value (nan if none)."""
-    pairs = [(r[key], r[R.NUM_EXAMPLES]) for r in rows
-             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and r[R.NUM_EXAMPLES] > 0]
+def weighted_mean(rows: list[dict[str, Any]], key: str, weight: str = R.NUM_EXAMPLES) -> float:
+    """Mean of `key` weighted by `weight` over rows with a finite value (nan if none)."""
+    pairs = [(r[key], r[weight]) for r in rows
+             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+             and isinstance(r.get(weight), (int, float)) and r[weight] > 0]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
@@ -119,8 +120,10 @@ class RunRecorder:
         save_tensors(round_checkpoint(self.out_dir, server_round), arrays.to_torch_state_dict())
         self.last_arrays = arrays
         rows = list(self._sites.values())
-        aggregate = {key: weighted_mean(rows, key) for key in (R.TRAIN_LOSS, *R.EVAL_METRICS)
-                     if key != R.NUM_EXAMPLES}
+        # a site's row holds both replies' num-examples under their own names
+        aggregate = {R.TRAIN_LOSS: weighted_mean(rows, R.TRAIN_LOSS, R.TRAIN_EXAMPLES)}
+        aggregate.update({key: weighted_mean(rows, key, R.VAL_EXAMPLES) for key in R.EVAL_METRICS
+                          if key != R.NUM_EXAMPLES})
         self._write_line(server_round, aggregate=aggregate)
         return None
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import records as R
 from common.config import ConfigError, default_user_config
 
 log = logging.getLogger(__name__)
@@ -82,36 +81,23 @@ def user_config_from_args(args: argparse.Namespace, data_root: Path) -> dict[str
 
 
 def format_history(history: list[dict[str, Any]]) -> str:
-    """A per-round table: per site loss, AUROC, epsilon; then the aggregate."""
-    def num(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+    """Every round's table (the one the server logs): per site, the aggregate, refusals, failures."""
+    from common.round_views import format_round_table
 
-    lines = [f"{'round':>5}  {'site':<16} {'loss':>7} {'auroc':>7} {'accuracy':>8} {'epsilon':>8}"]
-    for h in history:
-        for name, m in h["sites"].items():
-            eps = m.get(R.EPSILON)
-            lines.append(f"{h['round']:>5}  {name:<16} {num(m.get(R.LOSS)):>7} "
-                         f"{num(m.get(R.AUROC)):>7} {num(m.get(R.ACCURACY)):>8} "
-                         f"{'off' if eps is None and R.EPSILON in m else num(eps):>8}")
-        a = h["aggregate"]
-        lines.append(f"{h['round']:>5}  {'(aggregate)':<16} {num(a.get(R.LOSS)):>7} "
-                     f"{num(a.get(R.AUROC)):>7} {num(a.get(R.ACCURACY)):>8} {'':>8}")
-        for kind in ("refusals", "failures"):
-            for name, reason in h.get(kind, {}).items():
-                lines.append(f"{h['round']:>5}  {name:<16} {reason.partition(': ')[2]}")
-    return "\n".join(lines)
+    return "\n\n".join(f"round {h['round']}\n{format_round_table(h)}" for h in history)
 
 
 def format_privacy(summary: dict[str, Any]) -> str:
     """Each site's own privacy spend over the run (never averaged across sites)."""
     lines = [f"{'site':<16} {'epsilon':>8} {'delta':>8} {'sigma':>7} {'steps':>6}  rounds trained"
-             f" / refused / failed"]
+             f" / refused / failed / rejected"]
     for name, s in summary["sites"].items():
         eps = "-" if not s["rounds_trained"] else ("off" if s["epsilon"] is None else f"{s['epsilon']:.3f}")
         delta = "-" if s["delta"] in (None, 0.0) else f"{s['delta']:.0e}"
         sigma = "-" if not s["noise_multiplier"] else f"{s['noise_multiplier']:.3f}"
         lines.append(f"{name:<16} {eps:>8} {delta:>8} {sigma:>7} {s['steps']:>6}  "
-                     f"{s['rounds_trained']} / {s['rounds_refused']} / {s['rounds_failed']}")
+                     f"{s['rounds_trained']} / {s['rounds_refused']} / {s['rounds_failed']} / "
+                     f"{s.get('rounds_rejected', [])}")
     return "\n".join(lines)
 
 

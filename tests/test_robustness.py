@@ -86,14 +86,24 @@ def test_a_left_out_parameter_takes_the_mean_of_the_sites_that_trained_it() -> N
 
 # --- faulty hospitals in a federation ------------------------------------------------------
 
-def faulty_client_app(faults: dict[int, Fault], policy: Path) -> ClientApp:
-    """The real ClientApp; hospital i's train reply passes through faults[i] when it has one."""
+def faulty_client_app(faults: dict[int, Fault], policy: Path,
+                      stalls: dict[int, threading.Event] | None = None) -> ClientApp:
+    """The real ClientApp; hospital i's train reply passes through faults[i] when it has one.
+
+    A hospital in `stalls` hangs before training until its event is set, then fails.
+    """
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        if stalls and partition in stalls:
+            # hang, then give up without touching the model: this thread outlives the round, and
+            # training now would race the next test for torch's global RNG and the cached model
+            stalls[partition].wait(300)
+            raise TimeoutError("stalled site released")
         reply = train_reply(msg, context, context.run_config, policy)
-        fault = faults.get(int(context.node_config["partition-id"]))
+        fault = faults.get(partition)
         return fault(msg, reply) if fault else reply
 
     @app.evaluate()
@@ -132,14 +142,14 @@ def raises(received: Message, reply: Message) -> Message:
 
 
 def run(data_root: Path, out: Path, sites: int, faults: dict[int, Fault], tap=None,
-        **overrides: object) -> Path:
+        stalls: dict[int, threading.Event] | None = None, **overrides: object) -> Path:
     """A federation of `sites` hospitals without DP; returns the run folder."""
     settings = {"output-dir": str(out), "run-name": "r", "state-root": str(out / "state"),
                 "dp": False, "num-server-rounds": 1, **overrides}
     policy = out / "no-dp-policy.toml"  # sites require DP unless their policy says otherwise
     policy.parent.mkdir(parents=True, exist_ok=True)
     policy.write_text("require-dp = false\n")
-    grid = InProcessGrid(faulty_client_app(faults, policy),
+    grid = InProcessGrid(faulty_client_app(faults, policy, stalls),
                          [{"partition-id": i, "num-partitions": sites} for i in range(sites)],
                          tiny_user_config(data_root, **settings), tap=tap)
     return run_federation(grid, tiny_run(data_root, **settings))
@@ -203,14 +213,9 @@ def test_too_few_usable_updates_stop_the_run_with_the_reasons(demo_root: Path, t
 
 
 def test_a_stalled_site_is_left_behind_at_the_round_timeout(demo_root: Path, tmp_path: Path) -> None:
-    release = threading.Event()
-
-    def stall(received: Message, reply: Message) -> Message:
-        release.wait(120)  # a site that hangs until the test ends
-        return reply
-
+    release = threading.Event()  # hospital 2 hangs until the test ends
     try:
-        out = run(demo_root, tmp_path, 3, {2: stall}, **{"round-timeout": 20.0})
+        out = run(demo_root, tmp_path, 3, {}, stalls={2: release}, **{"round-timeout": 30.0})
     finally:
         release.set()
     (line,) = read_history(out)

@@ -66,6 +66,13 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
         assert set(h["aggregate"]) >= {R.AUROC, R.LOSS, R.TRAIN_LOSS}
         assert not h["failures"] and not h["refusals"]
     assert history[1]["sites"]["hospital-0"][R.EPSILON] > history[0]["sites"]["hospital-0"][R.EPSILON]
+    # aggregates weight training loss by training size, validation metrics by validation size
+    sites = history[1]["sites"].values()
+    assert history[1]["aggregate"][R.TRAIN_LOSS] == pytest.approx(np.average(
+        [m[R.TRAIN_LOSS] for m in sites], weights=[m[R.TRAIN_EXAMPLES] for m in sites]))
+    assert history[1]["aggregate"][R.LOSS] == pytest.approx(np.average(
+        [m[R.LOSS] for m in sites], weights=[m[R.VAL_EXAMPLES] for m in sites]))
+    assert all(m[R.TRAIN_EXAMPLES] > m[R.VAL_EXAMPLES] for m in sites)
 
     # round 1's checkpoint is the num-examples-weighted mean of round 1's train replies
     train_1 = [m for m in replies[:4] if R.ARRAYS in m.content]
