@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the simulation failed: {err}", file=sys.stderr)
         return 1
     print()
-    print(format_history(read_history(run_dir)))
+    print(format_history(read_history(run_dir)[-1:]))  # the last round; every round was logged
     summary = read_summary(run_dir) or {"status": "unknown", "message": "", "sites": {}}
     print("\nPrivacy per site (cumulative over this run):")
     print(format_privacy(summary))
