@@ -33,7 +33,8 @@ def seed_trainable_arrays() -> dict[str, np.ndarray]:
     return arrays
 
 
-def server_aggregate(contents: list[RecordDict], global_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def server_aggregate(contents: list[RecordDict],
+                     global_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the server does with K train replies: unpack, screen, complete, aggregate, cast."""
     updates = [Update(site=f"s{i}", arrays={k: v.numpy() for k, v in c[R.ARRAYS].items()},
                       untrained=(), num_examples=int(c[R.METRICS][R.NUM_EXAMPLES]))
