@@ -71,7 +71,7 @@ def run(quick: bool, work: Path) -> Outcome:
     """Time both paths for K = 10, 50, 100; the key is the largest ratio."""
     global_arrays = seed_trainable_arrays()
     rng = np.random.default_rng(1)
-    repeats = 3 if quick else 7
+    repeats = 5 if quick else 9
     per_k = {}
     for k in (10, 50, 100):
         arrays = [{n: (a + rng.normal(scale=1e-3, size=a.shape)).astype(np.float32)

@@ -19,14 +19,15 @@ from simulations.cli import quiet_flower
 log = logging.getLogger(__name__)
 
 # name -> summary key; each name is a module of this package with `run(quick, work) -> Outcome`
+# (in run order: the short timings first, before Ray's processes have run on the machine)
 BENCHMARKS: dict[str, str] = {
-    "dp_overhead": "dp_overhead_ratio",
-    "traffic": "upload_reduction_ratio",
-    "feature_cache": "feature_cache_speedup",
-    "framework_overhead": "framework_overhead_fraction",
-    "utility": "auroc_gap_fed_dp8_vs_central",
-    "scale": "max_hospitals_simulated",
     "aggregation": "aggregation_vs_numpy_ratio",
+    "traffic": "upload_reduction_ratio",
+    "dp_overhead": "dp_overhead_ratio",
+    "feature_cache": "feature_cache_speedup",
+    "utility": "auroc_gap_fed_dp8_vs_central",
+    "framework_overhead": "framework_overhead_fraction",
+    "scale": "max_hospitals_simulated",
 }
 # summary.json keys, in order; utility also reports the gain over local-only training
 SUMMARY_KEYS = ("dp_overhead_ratio", "upload_reduction_ratio", "feature_cache_speedup",

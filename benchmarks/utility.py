@@ -33,7 +33,7 @@ from common import records as R
 from common.config import RunConfig, SiteConfig
 from common.data import Row, read_manifest
 from common.feature_cache import PROCESS_CACHE, CacheKey, CachedFusion
-from common.model import load_trainable_state, resolve_model_config, trainable_state
+from common.model import build_model, load_trainable_state, resolve_model_config, trainable_state
 from common.site import RoundInstructions, model_bundle, site_data, train_round
 from common.train import evaluate
 
@@ -135,7 +135,8 @@ def run(quick: bool, work: Path) -> Outcome:
     def config(dp: bool, eps: float = 8.0) -> RunConfig:
         return bench_config("demo", num_server_rounds=rounds, dp=dp, target_epsilon=eps)
 
-    start = trainable_state(model_bundle(config(False).model).model)  # before anything trains
+    # a freshly built model: the process's shared one may have trained in other benchmarks
+    start = trainable_state(build_model(config(False).model))
     test_site = sites("test", [test_folder])[0]
     results: dict[str, dict[str, float]] = {}
 

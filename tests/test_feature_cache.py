@@ -159,3 +159,25 @@ def test_augmenting_dataset_is_never_cached() -> None:
     data.augments = True
     with pytest.raises(ValueError, match="feature-cache = false"):
         FeatureCache().get(key(), tiny_model(0, 0), data, CPU)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_site_round_sends_the_same_update_with_and_without_the_cache(demo_root: Path, tmp_path: Path,
+                                                                     fusion: str) -> None:
+    from common.config import SiteConfig
+    from common.site import RoundInstructions, _train_locally, model_bundle, site_data
+
+    states = []
+    for cache in (True, False):
+        run = tiny_run(demo_root, fusion=fusion, feature_cache=cache, trainable_text_layers=1)
+        bundle = model_bundle(run.model)
+        data = site_data(SiteConfig("h0", demo_root / "hospital-0", tmp_path / "state"), run)
+        start = trainable_state(bundle.model) if not states else states[0][0]
+        load_trainable_state(bundle.model, start)
+        instructions = RoundInstructions(1, 1, 0.1, bundle.fingerprint, False, 8.0, 1e-5)
+        result, _, state = _train_locally(run, bundle, data, start, instructions, None, 1.0, "h0")
+        states.append((start, state, result.loss))
+    (_, cached, loss_cached), (_, full, loss_full) = states
+    assert loss_cached == pytest.approx(loss_full, rel=1e-5)
+    for name, value in full.items():
+        torch.testing.assert_close(cached[name], value, rtol=1e-4, atol=1e-5, msg=name)
