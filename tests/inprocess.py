@@ -64,7 +64,9 @@ class InProcessGrid(Grid):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         replies = []
-        for msg in messages:
+        # in node order: Flower's strategies sample nodes in random order, and a stalled node
+        # delivered first would use up the deadline of the nodes after it
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             node = msg.metadata.dst_node_id
             delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
                                 message_type=msg.metadata.message_type)
