@@ -99,6 +99,9 @@ def faulty_client_app(faults: dict[int, Fault], policy: Path,
         partition = int(context.node_config["partition-id"])
         if stalls and partition in stalls:
             stalls[partition].wait(300)
+            # released when its test ends: training now would race the next test's model build
+            # for torch's process-wide RNG (seeded initialisation) in this process
+            raise RuntimeError("a stalled site released after its test")
         reply = train_reply(msg, context, context.run_config, policy)
         fault = faults.get(partition)
         return fault(msg, reply) if fault else reply
