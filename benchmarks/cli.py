@@ -45,10 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smaller data and fewer repeats: under 10 minutes on 2 CPU cores")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME", default=None,
                         help=f"run only these benchmarks (of {', '.join(BENCHMARKS)}); "
-                             "the summary keeps earlier results of the others")
+                             "the summary keeps earlier results of the others; None: all")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON results")
     parser.add_argument("--work-dir", type=Path, default=None,
-                        help="folder for generated data and runs (default: a temporary folder)")
+                        help="folder for generated data and runs; None: a temporary folder, removed after")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (a simulated hospital gets one core; on a busy "
                              "machine more threads slow the small ops of a cached epoch tenfold)")
