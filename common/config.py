@@ -119,6 +119,7 @@ class TrainConfig:
     batch_size: int = field(metadata=_range(1))
     learning_rate: float = field(metadata=_range(0.0, lo_open=True))
     device: str = field(metadata=_choice(*DEVICES))
+    feature_cache: bool = field(metadata={})  # reuse the frozen encoders' outputs (common/feature_cache.py)
 
 
 @dataclass(frozen=True)

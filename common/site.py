@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from common.config import ModelConfig, RunConfig, SiteConfig
 from common.data import ManifestDataset, ManifestError, read_manifest, split_by_patient
 from common.encoders import load_tokenizer
+from common.feature_cache import PROCESS_CACHE, CacheKey, CachedFusion
 from common.metrics import Metrics
 from common.modalities import Combo, frozen, modality_combos, untrained_parameters
 from common.model import (
@@ -231,17 +233,17 @@ def _send_again(site: SiteConfig, run_id: str, server_round: int,
 def _train_locally(run: RunConfig, bundle: ModelBundle, data: SiteData,
                    global_state: dict[str, torch.Tensor], instructions: RoundInstructions,
                    ledger: Ledger | None, max_grad_norm: float, site_name: str,
-                   untrained: list[str],
+                   untrained: Sequence[str] = (),
                    ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
     """Local epochs from the global state with `untrained` frozen; returns the trained parameters."""
     device = pick_device(run.train.device)
     model = _prepare(bundle, global_state, instructions.frozen_fingerprint, device)
     with frozen(model, untrained):  # neither the optimizer nor DP noise touches them
-        return _train_prepared(run, model, data, instructions, ledger, max_grad_norm, site_name,
-                               device)
+        return _train_prepared(run, bundle, model, data, instructions, ledger, max_grad_norm,
+                               site_name, device)
 
 
-def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
+def _train_prepared(run: RunConfig, bundle: ModelBundle, model: FusionModel, data: SiteData,
                     instructions: RoundInstructions, ledger: Ledger | None, max_grad_norm: float,
                     site_name: str, device: torch.device,
                     ) -> tuple[TrainResult, Ledger | None, dict[str, torch.Tensor]]:
@@ -250,25 +252,36 @@ def _train_prepared(run: RunConfig, model: FusionModel, data: SiteData,
                                 lr=instructions.learning_rate, momentum=0.9)
     epochs = run.train.local_epochs
     desc = f"{site_name} round {instructions.server_round} train"
-    loader = DataLoader(data.train, batch_size=run.train.batch_size, shuffle=True,
+    net, train_set = model, data.train
+    if run.train.feature_cache:  # the frozen fronts run once per dataset version and frozen part
+        net, train_set = CachedFusion(model), PROCESS_CACHE.get(
+            _cache_key(run, bundle, data), model, data.train, device)
+    loader = DataLoader(train_set, batch_size=run.train.batch_size, shuffle=True,
                         num_workers=run.data.num_workers)
     if ledger is None:
         torch.manual_seed(run.model.seed * 100_003 + instructions.server_round)  # reproducible
         # the batch gradient is clipped like DP-SGD's per-sample ones, so one learning rate fits both
-        result = train(model, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
+        result = train(net, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
                        device=device, clip_grad_norm=max_grad_norm,
                        proximal_mu=instructions.proximal_mu, desc=desc)
         return result, None, trainable_state(model)
     # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed could
     # regenerate the noise and subtract it. Reseed from the operating system's entropy.
     torch.seed()
-    with private_training(model, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
+    with private_training(net, optimizer, loader, ledger, max_grad_norm=max_grad_norm,
                           grad_sample_mode=run.privacy.grad_sample_mode) as session:
-        result = train(model, session.loader, session.optimizer, session.criterion,
+        result = train(net, session.loader, session.optimizer, session.criterion,
                        epochs=epochs, device=device, proximal_mu=instructions.proximal_mu,
                        desc=desc)
         ledger = updated_ledger(ledger, session.engine)
     return result, ledger, trainable_state(model)
+
+
+def _cache_key(run: RunConfig, bundle: ModelBundle, data: SiteData) -> CacheKey:
+    """What this site's cached frozen outputs of its training split depend on."""
+    cfg = resolve_model_config(run.model)
+    return CacheKey(data.dataset_sha256, "train", bundle.fingerprint, cfg.trainable_image_blocks,
+                    cfg.trainable_text_layers, cfg.image_size, cfg.max_text_length)
 
 
 def charge(site: SiteConfig, book: LedgerBook, run_id: str, dataset: str, ledger: Ledger | None,

@@ -39,10 +39,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def forward_batch(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, C) and labels (B,) of one batch."""
+    """Logits (B, C) and labels (B,) of one batch; every other key of the batch is a model input.
+
+    (A FusionModel takes `images`, `input_ids`, ...; a CachedFusion the cached frozen outputs.)
+    """
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    logits = model(b["images"], b["input_ids"], b["attention_mask"], b["has_image"], b["has_text"])
-    return logits, b["labels"]
+    labels = b.pop("labels")
+    return model(**b), labels
 
 
 def train(

@@ -103,8 +103,9 @@ class FederationMixin:
                 f"min-nodes={self.min_train_nodes}. "
                 + self._explain([m for m in replies if m.has_error()], screening.rejected)))
         full = complete_partial_updates(screening.accepted, self._global)
-        for msg, arrays in zip(accepted, full, strict=True):
-            msg.content[R.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        for msg, update, arrays in zip(accepted, screening.accepted, full, strict=True):
+            if update.untrained:  # only a partial update needs repacking (saves a serialisation)
+                msg.content[R.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         aggregated, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
         if aggregated is not None:  # FedAdam/FedYogi compute in float64: keep the model's dtypes
             aggregated = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=self._global[k].dtype))

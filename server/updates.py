@@ -83,8 +83,11 @@ def structural_problem(update: Update, global_arrays: Arrays) -> str | None:
 
 def update_norm(update: Update, global_arrays: Arrays) -> float:
     """L2 distance between the sent parameters and the global ones."""
-    return math.sqrt(sum(float(np.sum((a.astype(np.float64) - global_arrays[k]) ** 2))
-                         for k, a in update.arrays.items()))
+    total = 0.0
+    for k, a in update.arrays.items():
+        d = a.astype(np.float64) - global_arrays[k]  # a fresh array: square it in place
+        total += float(np.multiply(d, d, out=d).sum())  # (no BLAS: its threads thrash on busy cores)
+    return math.sqrt(total)
 
 
 def screen_updates(updates: Sequence[Update], global_arrays: Arrays, bounds: UpdateBounds) -> Screening:

@@ -63,7 +63,8 @@ class InProcessGrid(Grid):
         nodes here take turns instead of running in parallel, each gets the whole `timeout`.
         """
         replies = []
-        for msg in messages:
+        # in node order (Flower's strategies sample nodes in random order): reproducible runs
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             node = msg.metadata.dst_node_id
             delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
                                 message_type=msg.metadata.message_type)

@@ -1,0 +1,1 @@
+"""FedFusion benchmarks: `python -m benchmarks [--quick] [--only NAME ...]` (see README, Performance)."""

@@ -1,0 +1,166 @@
+"""Utility: AUROC and accuracy on one common held-out test set, for centralized training (with
+and without DP), federated training (without DP, and with DP at epsilon 1, 3, 8) and each
+hospital alone (mean over hospitals), on non-IID demo hospitals.
+
+Data: demo hospitals are pooled; a fifth of the patients is held out as the common test set; the
+rest is split into hospitals with Flower Datasets' DirichletPartitioner over the label (alpha
+0.5: label skew and, through it, size skew). Every setting trains through the site's own round
+(`common.site.train_round`: feature cache, DP-SGD, ledger) for the same rounds and local epochs,
+from the same initial model; federated rounds average the updates with Flower's
+`aggregate_arrayrecords` (FedAvg, weighted by training examples). Centralized training is one
+site holding all training data. The federated rounds run in this process, not under Ray (the
+framework's cost is the framework benchmark's subject, not this one's).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset as HFDataset
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr_datasets.partitioner import DirichletPartitioner
+from torch.utils.data import DataLoader
+
+from benchmarks.record import Outcome
+from benchmarks.workloads import bench_config, demo_hospitals
+from common import records as R
+from common.config import RunConfig, SiteConfig
+from common.data import Row, read_manifest
+from common.feature_cache import PROCESS_CACHE, CacheKey, CachedFusion
+from common.model import build_model, load_trainable_state, resolve_model_config, trainable_state
+from common.site import RoundInstructions, model_bundle, site_data, train_round
+from common.train import evaluate
+
+CLASSES = ("normal", "pneumonia", "effusion")
+HOSPITALS, ALPHA, TEST_FRACTION = 5, 0.5, 0.2
+EPSILONS = (1.0, 3.0, 8.0)
+State = dict[str, torch.Tensor]
+
+
+def pooled_rows(folders: list[Path]) -> list[Row]:
+    """Every demo hospital's rows, patient ids made unique across hospitals."""
+    rows = []
+    for folder in folders:
+        _, found = read_manifest(folder, CLASSES)
+        rows += [Row(r.line, r.image, r.text, r.label, f"{folder.name}/{r.patient_id}", None) for r in found]
+    return rows
+
+
+def write_manifest(folder: Path, rows: list[Row]) -> Path:
+    """A site manifest of `rows` (image paths relative to it; every row in the train split)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifest.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "text", "label", "patient_id", "split"])
+        for r in rows:
+            image = os.path.relpath(r.image, folder) if r.image else ""
+            writer.writerow([image, r.text, r.label, r.patient_id, "train"])
+    return path
+
+
+def dirichlet_split(rows: list[Row], n: int, seed: int) -> list[list[Row]]:
+    """Label-skewed hospitals (Flower Datasets' DirichletPartitioner, alpha = ALPHA)."""
+    partitioner = DirichletPartitioner(num_partitions=n, partition_by="label", alpha=ALPHA,
+                                       min_partition_size=20, self_balancing=False, seed=seed)
+    partitioner.dataset = HFDataset.from_dict({"label": [r.label for r in rows],
+                                               "row": list(range(len(rows)))})
+    return [[rows[i] for i in partitioner.load_partition(p)["row"]] for p in range(n)]
+
+
+def prepare(work: Path, scale: float) -> tuple[list[Path], Path, Path, dict[str, object]]:
+    """Hospital folders, the centralized folder, the test folder, and the split's description."""
+    rows = pooled_rows(demo_hospitals(work / "pool", 6, size_scale=scale))
+    patients = sorted({r.patient_id for r in rows})
+    random.Random(0).shuffle(patients)
+    test_patients = set(patients[:round(TEST_FRACTION * len(patients))])
+    test = [r for r in rows if r.patient_id in test_patients]
+    train = [r for r in rows if r.patient_id not in test_patients]
+    parts = dirichlet_split(train, HOSPITALS, seed=0)
+    folders = [write_manifest(work / "sites" / f"hospital-{i}", p).parent for i, p in enumerate(parts)]
+    central = write_manifest(work / "central", train).parent
+    test_folder = write_manifest(work / "test", test).parent
+    counts = {f"hospital-{i}": {c: sum(r.label == c for r in p) for c in CLASSES}
+              for i, p in enumerate(parts)}
+    return folders, central, test_folder, {"train": len(train), "test": len(test), "hospitals": counts}
+
+
+def federate(run: RunConfig, sites: list[SiteConfig], start: State, run_id: str) -> State:
+    """`num-server-rounds` rounds of FedAvg over `sites` through the site's own round."""
+    bundle = model_bundle(run.model)
+    state = start
+    for r in range(1, run.federation.num_server_rounds + 1):
+        instructions = RoundInstructions(r, run.federation.num_server_rounds, run.train.learning_rate,
+                                         bundle.fingerprint, run.privacy.dp, run.privacy.target_epsilon,
+                                         run.privacy.target_delta, run_key=run_id)
+        replies = []
+        for site in sites:
+            out = train_round(run, site, state, instructions, run_id)
+            replies.append(RecordDict({
+                R.ARRAYS: ArrayRecord({k: Array(v.numpy()) for k, v in out.state.items()}),
+                R.METRICS: MetricRecord({R.NUM_EXAMPLES: out.num_examples})}))
+        aggregated = aggregate_arrayrecords(replies, R.NUM_EXAMPLES)
+        state = {k: torch.from_numpy(np.asarray(v.numpy(), dtype=np.float32)) for k, v in aggregated.items()}
+    return state
+
+
+def test_metrics(run: RunConfig, test_site: SiteConfig, state: State) -> dict[str, float]:
+    """AUROC and accuracy of `state` on the common test set (its frozen outputs cached)."""
+    bundle, data = model_bundle(run.model), site_data(test_site, run)
+    cfg = resolve_model_config(run.model)
+    load_trainable_state(bundle.model, state)
+    key = CacheKey(data.dataset_sha256, "test", bundle.fingerprint, cfg.trainable_image_blocks,
+                   cfg.trainable_text_layers, cfg.image_size, cfg.max_text_length)
+    features = PROCESS_CACHE.get(key, bundle.model, data.train, torch.device("cpu"))
+    m = evaluate(CachedFusion(bundle.model), DataLoader(features, batch_size=256), torch.device("cpu"))
+    return {"auroc": m.auroc, "accuracy": m.accuracy}
+
+
+def run(quick: bool, work: Path) -> Outcome:
+    """Every setting; keys: fed DP8 vs centralized (gap), fed DP8 vs local-only (gain)."""
+    scale, rounds = (0.4, 3) if quick else (1.0, 5)
+    folders, central, test_folder, split = prepare(work, scale)
+    policy = work / "policy.toml"
+    policy.write_text("require-dp = false\n")  # the no-DP settings need a site that allows them
+
+    def sites(name: str, paths: list[Path]) -> list[SiteConfig]:
+        return [SiteConfig(p.name, p, work / "state" / name / p.name, policy) for p in paths]
+
+    def config(dp: bool, eps: float = 8.0) -> RunConfig:
+        return bench_config("demo", num_server_rounds=rounds, dp=dp, target_epsilon=eps)
+
+    # a freshly built model: the process's shared one may have trained in other benchmarks
+    start = trainable_state(build_model(config(False).model))
+    test_site = sites("test", [test_folder])[0]
+    results: dict[str, dict[str, float]] = {}
+
+    def measure(name: str, run_: RunConfig, paths: list[Path]) -> dict[str, float]:
+        return test_metrics(run_, test_site, federate(run_, sites(name, paths), start, name))
+
+    results["central"] = measure("central", config(False), [central])
+    results["central-dp8"] = measure("central-dp8", config(True), [central])
+    results["federated"] = measure("federated", config(False), folders)
+    for eps in EPSILONS:
+        results[f"federated-dp{eps:g}"] = measure(f"federated-dp{eps:g}", config(True, eps), folders)
+    local = [measure(f"local-{p.name}", config(False), [p]) for p in folders]
+    results["local-mean"] = {k: float(np.mean([m[k] for m in local])) for k in ("auroc", "accuracy")}
+    results["local-per-hospital"] = {p.name: m["auroc"] for p, m in zip(folders, local, strict=True)}
+    gap = results["central"]["auroc"] - results["federated-dp8"]["auroc"]
+    gain = results["federated-dp8"]["auroc"] - results["local-mean"]["auroc"]
+    return Outcome(
+        key="auroc_gap_fed_dp8_vs_central", value=gap, target="<= 0.02",
+        note="test AUROC of centralized training without DP minus federated training with DP at "
+             "epsilon 8 per hospital; gain: federated DP8 minus the mean of hospitals trained alone "
+             "(without DP: alone, a hospital's data never leaves it)",
+        settings={"preset": "demo", "rounds": rounds, "local_epochs": config(False).train.local_epochs,
+                  "hospitals": HOSPITALS, "dirichlet_alpha": ALPHA, "data_scale": scale,
+                  "partitioner": "flwr_datasets DirichletPartitioner(partition_by='label')",
+                  "split": split},
+        raw=results,
+        extra={"auroc_gain_fed_vs_local": (gain, ">= 0.05")})

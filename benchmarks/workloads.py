@@ -1,0 +1,85 @@
+"""What the benchmarks train on: demo hospitals on disk, run configs, one timed local epoch.
+
+The local epoch is the site's own recipe (`common.site._train_locally`: the DataLoader, SGD,
+the feature cache when on, Opacus DP-SGD when a ledger is given), so the numbers are the
+system's, not a re-implementation's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig, SiteConfig, run_config_with
+from common.demo_data import write_demo_hospitals
+from common.model import trainable_state
+from common.privacy import Ledger, sample_rate
+from common.site import RoundInstructions, SiteData, _train_locally, model_bundle, site_data
+
+SEED_TEXT = "builtin:bert-base"  # the seed preset's shape with random weights (no download)
+
+
+def bench_config(preset: str, **overrides: Any) -> RunConfig:
+    """The default run config for `preset` (seed: random-init BERT-base), with kebab-case overrides."""
+    values: dict[str, Any] = {"preset": preset}
+    if preset == "seed":
+        values["text-encoder"] = SEED_TEXT
+    values.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return run_config_with(values)
+
+
+def demo_hospitals(root: Path, n: int, size_scale: float = 1.0, seed: int = 0) -> list[Path]:
+    """Write (once) `n` demo hospitals under `root`; their folders."""
+    folders = [root / f"hospital-{i}" for i in range(n)]
+    if not all((f / "manifest.csv").is_file() for f in folders):
+        write_demo_hospitals(root, n, seed=seed, size_scale=size_scale)
+    return folders
+
+
+def site(folder: Path, state_root: Path) -> SiteConfig:
+    """A site reading `folder`, keeping its state under `state_root`."""
+    return SiteConfig(site_name=folder.name, manifest=folder, state_dir=state_root / folder.name)
+
+
+@dataclass(frozen=True)
+class EpochTiming:
+    """One timed call of the site's local training."""
+
+    examples: int
+    seconds: float  # inside the training loop (what `train` reports)
+    wall_seconds: float  # the whole call, including filling the feature cache on a miss
+
+    @property
+    def samples_per_s(self) -> float:
+        """Training throughput."""
+        return self.examples / self.seconds
+
+
+def local_epoch(run: RunConfig, data: SiteData, *, dp: bool, round_: int = 1) -> EpochTiming:
+    """One call of the site's local training (`local-epochs` passes) from the initial model."""
+    bundle = model_bundle(run.model)
+    state = trainable_state(bundle.model)
+    instructions = RoundInstructions(round_, 1, run.train.learning_rate, bundle.fingerprint, dp,
+                                     run.privacy.target_epsilon, run.privacy.target_delta)
+    ledger = None
+    if dp:
+        q = sample_rate(num_examples=len(data.train), batch_size=run.train.batch_size)
+        ledger = Ledger(run.privacy.accountant, run.privacy.target_delta, 1.0, q)
+    start = time.perf_counter()
+    result, _, _ = _train_locally(run, bundle, data, state, instructions, ledger,
+                                  run.privacy.max_grad_norm, "bench")
+    wall = time.perf_counter() - start
+    return EpochTiming(result.examples_seen, result.seconds, wall)
+
+
+def best_epoch(run: RunConfig, data: SiteData, *, dp: bool, repeats: int) -> EpochTiming:
+    """The fastest of `repeats` local epochs (the machine is shared: the best is the least disturbed)."""
+    timings = [local_epoch(run, data, dp=dp) for _ in range(repeats)]
+    return min(timings, key=lambda t: t.seconds / max(t.examples, 1))
+
+
+def load_site(run: RunConfig, folder: Path, state_root: Path) -> SiteData:
+    """A site's checked and split data (cached per process, like a site's)."""
+    return site_data(site(folder, state_root), run)

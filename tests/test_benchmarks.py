@@ -1,0 +1,53 @@
+"""The benchmark runner's outputs (schema), on its cheapest benchmark; helpers with known values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.cli import SUMMARY_KEYS, main
+from benchmarks.record import meets
+from benchmarks.simulation import SimulationTiming
+from benchmarks.traffic import payload_bytes
+
+
+def test_aggregation_benchmark_writes_its_json_and_the_summary(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--only", "aggregation", "--quick", "--out", str(tmp_path), "--work-dir",
+                     str(tmp_path / "work")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the runner sets one thread for the whole process
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert tuple(summary) == SUMMARY_KEYS
+    assert summary["aggregation_vs_numpy_ratio"] > 0
+    assert all(summary[k] is None for k in SUMMARY_KEYS if k != "aggregation_vs_numpy_ratio")
+    doc = json.loads((tmp_path / "aggregation.json").read_text())
+    assert {"benchmark", "key", "value", "target", "met", "note", "settings", "raw", "machine",
+            "versions", "seconds", "quick"} <= set(doc)
+    assert doc["versions"]["flwr"] and doc["machine"]["cores"] >= 1
+    for k, row in doc["raw"]["per_K"].items():
+        assert row["max_abs_difference"] < 1e-5, k  # the server's FedAvg equals np.average
+    assert "aggregation_vs_numpy_ratio" in capsys.readouterr().out
+
+
+def test_busy_time_is_the_union_of_client_calls() -> None:
+    timing = SimulationTiming(wall_s=10.0, intervals=[(1.0, 3.0), (2.0, 4.0), (6.0, 7.0)], peak_rss_bytes=0)
+    assert timing.busy_s == 4.0  # [1, 4] and [6, 7]
+    assert timing.client_compute_s == 5.0
+    assert timing.first_client_s == 1.0
+
+
+def test_payload_counts_serialised_bytes_and_halves_in_float16() -> None:
+    state = {"w": torch.zeros(1000), "b": torch.zeros(10)}
+    fp32, fp16 = payload_bytes(state, np.dtype("float32")), payload_bytes(state, np.dtype("float16"))
+    assert 4040 < fp32 < 4040 + 2 * 256  # the values plus one .npy header per array
+    assert fp32 - fp16 == 2020
+
+
+def test_targets_compare_in_their_direction() -> None:
+    assert meets(1.2, "<= 1.2") and not meets(1.3, "<= 1.2")
+    assert meets(50, ">= 50") and not meets(49.9, ">= 50")
