@@ -96,7 +96,8 @@ class FederationMixin:
         screening = screen_updates(updates, self._global, self.bounds)
         for site, reason in screening.rejected.items():
             self.recorder.reject(site, reason)
-        accepted = [m for m, u in zip(ok, updates, strict=True) if u.site not in screening.rejected]
+        kept = {id(u) for u in screening.accepted}  # by identity: two nodes may share a name
+        accepted = [m for m, u in zip(ok, updates, strict=True) if id(u) in kept]
         if len(accepted) < self.min_train_nodes:
             raise NotEnoughSites(server_round, (
                 f"Round {server_round}: {len(accepted)} site(s) sent a usable update, fewer than "

@@ -93,17 +93,16 @@ def update_norm(update: Update, global_arrays: Arrays) -> float:
 def screen_updates(updates: Sequence[Update], global_arrays: Arrays, bounds: UpdateBounds) -> Screening:
     """Accept or reject each update (see the module docstring); order is kept."""
     result = Screening()
-    formed = []
+    formed: list[tuple[Update, float]] = []
     for u in updates:
         problem = structural_problem(u, global_arrays)
         if problem:
             result.rejected[u.site] = f"malformed update: {problem}"
         else:
-            result.norms[u.site] = update_norm(u, global_arrays)
-            formed.append(u)
-    median = float(np.median(list(result.norms.values()))) if len(formed) >= 3 else 0.0
-    for u in formed:
-        norm = result.norms[u.site]
+            formed.append((u, update_norm(u, global_arrays)))
+            result.norms[u.site] = formed[-1][1]
+    median = float(np.median([n for _, n in formed])) if len(formed) >= 3 else 0.0
+    for u, norm in formed:
         if bounds.max_norm > 0 and norm > bounds.max_norm:
             result.rejected[u.site] = (f"update norm {norm:.4g} exceeds max-update-norm "
                                        f"{bounds.max_norm:.4g}.")
