@@ -35,7 +35,6 @@ class SentUpdate:
     global_sha256: str  # common.ledger.update_digest of the global parameters received
     state: dict[str, torch.Tensor]
     result: TrainResult
-    untrained: tuple[str, ...] = ()
 
 
 def _path(state_dir: Path, run_id: str) -> Path:
@@ -46,7 +45,6 @@ def save_sent(state_dir: Path, run_id: str, sent: SentUpdate) -> None:
     """Keep `sent` as the run's latest sent update (atomically)."""
     meta = {"run_id": run_id, "server_round": str(sent.server_round),
             "global_sha256": sent.global_sha256, "result": json.dumps(asdict(sent.result)),
-            "untrained": json.dumps(list(sent.untrained)),
             "order": json.dumps(list(sent.state))}  # safetensors sorts names; the hash needs the order
     data = save({k: v.detach().cpu().contiguous() for k, v in sent.state.items()}, metadata=meta)
     atomic_write_bytes(_path(state_dir, run_id), data, durable=True)
@@ -63,5 +61,4 @@ def load_sent(state_dir: Path, run_id: str) -> SentUpdate | None:
             return None
         state = {k: fh.get_tensor(k) for k in json.loads(meta["order"])}
     return SentUpdate(int(meta["server_round"]), meta["global_sha256"], state,
-                      TrainResult(**json.loads(meta["result"])),
-                      tuple(json.loads(meta.get("untrained", "[]"))))
+                      TrainResult(**json.loads(meta["result"])))
