@@ -9,13 +9,17 @@ STAMP := $(VENV)/.fedfusion-installed
 # torch/torchvision pairs measured to import together (x86_64: CUDA build that runs on CPUs too).
 TORCH := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: run test bench install clean
+.PHONY: run test test-fast bench install clean
 
 run: $(STAMP)
 	$(BIN)/python -m simulations $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: everything but the end-to-end runs marked `slow` (CI runs `make test`)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --quick $(ARGS)

@@ -16,9 +16,14 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from benchmarks.record import Outcome
-from common import records as R
-from common.fusion import ConcatFusion
-from server.updates import Update, UpdateBounds, complete_partial_updates, screen_updates
+from common import protocol as R
+from common.model.fusion import ConcatFusion
+from server.screening import (
+    Update,
+    UpdateBounds,
+    complete_partial_updates,
+    screen_updates,
+)
 
 SEED_IMAGE_DIM, SEED_TEXT_DIM, FUSION_DIM, CLASSES = 2048, 768, 128, 3
 
@@ -39,7 +44,7 @@ def server_aggregate(contents: list[RecordDict],
     updates = [Update(site=f"s{i}", arrays={k: v.numpy() for k, v in c[R.ARRAYS].items()},
                       untrained=(), num_examples=int(c[R.METRICS][R.NUM_EXAMPLES]))
                for i, c in enumerate(contents)]
-    screening = screen_updates(updates, global_arrays, UpdateBounds(0.0, 10.0))
+    screening = screen_updates(updates, global_arrays, UpdateBounds(max_norm=0.0, median_factor=10.0))
     assert not screening.rejected, screening.rejected  # the benchmark's updates are all valid
     complete_partial_updates(screening.accepted, global_arrays)  # full updates: nothing to fill
     aggregated = aggregate_arrayrecords(contents, R.NUM_EXAMPLES)

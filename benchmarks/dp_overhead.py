@@ -34,11 +34,12 @@ def run(quick: bool, work: Path) -> Outcome:
         base = dict(local_epochs=3 if cache else 1, feature_cache=cache)
         tries = 3 * repeats if cache else repeats
         plain_run = bench_config(preset, dp=False, **base)
-        data = load_site(plain_run, folder, work / "state")
-        plain = best_epoch(plain_run, data, dp=False, repeats=tries)
+        site = load_site(folder, work / "state")
+        data = site.data(plain_run)
+        plain = best_epoch(plain_run, site, dp=False, repeats=tries)
         for mode in MODES:
             dp_run = bench_config(preset, grad_sample_mode=mode, **base)
-            private = best_epoch(dp_run, load_site(dp_run, folder, work / "state"), dp=True, repeats=tries)
+            private = best_epoch(dp_run, site, dp=True, repeats=tries)
             rows.append({"preset": preset, "feature_cache": cache, "mode": mode,
                          "examples": len(data.train), "batch_size": dp_run.train.batch_size,
                          "non_dp_samples_per_s": plain.samples_per_s,

@@ -10,8 +10,14 @@ import time
 from pathlib import Path
 
 from benchmarks.record import Outcome
-from benchmarks.workloads import bench_config, best_epoch, demo_hospitals, load_site, local_epoch
-from common.feature_cache import PROCESS_CACHE, load_features, save_features
+from benchmarks.workloads import (
+    bench_config,
+    best_epoch,
+    demo_hospitals,
+    load_site,
+    local_epoch,
+)
+from common.model.feature_cache import load_features, save_features
 
 ROUNDS, EPOCHS = 3, 2  # the default run: 3 rounds of 2 local epochs
 
@@ -23,13 +29,14 @@ def run(quick: bool, work: Path) -> Outcome:
     repeats = 2 if quick else 3
     off_run = bench_config("demo", local_epochs=1, feature_cache=False)
     on_run = bench_config("demo", local_epochs=1, feature_cache=True)
-    data = load_site(on_run, folder, work / "state")
-    off = best_epoch(off_run, load_site(off_run, folder, work / "state"), dp=True, repeats=repeats)
-    PROCESS_CACHE.clear()
-    first = local_epoch(on_run, data, dp=True)  # fills the cache
-    warm = best_epoch(on_run, data, dp=True, repeats=3 * repeats)  # tens of ms: more tries
+    site = load_site(folder, work / "state")
+    data = site.data(on_run)
+    off = best_epoch(off_run, site, dp=True, repeats=repeats)
+    site.features.clear()
+    first = local_epoch(on_run, site, dp=True)  # fills the cache
+    warm = best_epoch(on_run, site, dp=True, repeats=3 * repeats)  # tens of ms: more tries
     fill = first.wall_seconds - first.seconds
-    features = next(iter(PROCESS_CACHE._sets.values()))
+    features = site.features.only()
     start = time.perf_counter()
     save_features(features, work / "features.safetensors")
     saved = time.perf_counter() - start

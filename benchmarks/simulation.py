@@ -60,8 +60,11 @@ def _client_app(config: dict[str, Any], log_path: Path) -> Any:
     def timed(kind: str, msg: Message, context: Context) -> Message:
         start = time.time()
         try:
-            handler = client_app.train_reply if kind == "train" else client_app.evaluate_reply
-            return handler(msg, context, config, None)
+            handler = client_app.train if kind == "train" else client_app.evaluate
+            configured = Context(run_id=context.run_id, node_id=context.node_id,  # Flower's Python
+                                 node_config=context.node_config, state=context.state,  # simulation
+                                 run_config=config)  # gives apps no run config
+            return handler(msg, configured)
         finally:
             with log_path.open("a") as fh:  # one short line per call: appends do not interleave
                 fh.write(json.dumps([kind, start, time.time()]) + "\n")

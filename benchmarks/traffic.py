@@ -17,8 +17,9 @@ from flwr.app import Array, ArrayRecord
 
 from benchmarks.record import Outcome
 from benchmarks.workloads import bench_config
-from common.lora import add_text_lora
-from common.model import FusionModel, build_model, trainable_state
+from common.model.fusion_model import FusionModel, build_model
+from common.model.trainable import trainable_state
+from common.model.lora import add_text_lora
 
 OPTIONS = {
     "fusion+head": {},

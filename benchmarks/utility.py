@@ -5,8 +5,9 @@ hospital alone (mean over hospitals), on non-IID demo hospitals.
 Data: demo hospitals are pooled; a fifth of the patients is held out as the common test set; the
 rest is split into hospitals with Flower Datasets' DirichletPartitioner over the label (alpha
 0.5: label skew and, through it, size skew). Every setting trains through the site's own round
-(`common.site.train_round`: feature cache, DP-SGD, ledger) for the same rounds and local epochs,
-from the same initial model; federated rounds average the updates with Flower's
+(`client.rounds.train_round`: feature cache, DP-SGD, ledger) for the same rounds and local epochs,
+from the same initial model; federated rounds complete partial updates as the coordinator does
+(`server.screening.complete_partial_updates`) and average them with Flower's
 `aggregate_arrayrecords` (FedAvg, weighted by training examples). Centralized training is one
 site holding all training data. The federated rounds run in this process, not under Ray (the
 framework's cost is the framework benchmark's subject, not this one's).
@@ -29,13 +30,17 @@ from torch.utils.data import DataLoader
 
 from benchmarks.record import Outcome
 from benchmarks.workloads import bench_config, demo_hospitals
-from common import records as R
-from common.config import RunConfig, SiteConfig
-from common.data import Row, read_manifest
-from common.feature_cache import PROCESS_CACHE, CacheKey, CachedFusion
-from common.model import build_model, load_trainable_state, resolve_model_config, trainable_state
-from common.site import RoundInstructions, model_bundle, site_data, train_round
-from common.train import evaluate
+from client.rounds import RoundRequest, train_round
+from client.site_config import SiteConfig
+from client.state import SiteState
+from common import protocol as R
+from common.config import RunConfig
+from common.data.manifest import Row, read_manifest
+from common.model.feature_cache import CachedFusion, CacheKey
+from common.model.fusion_model import build_model
+from common.model.trainable import load_trainable_state, trainable_state
+from common.training.loop import evaluate
+from server.screening import Update, complete_partial_updates
 
 CLASSES = ("normal", "pneumonia", "effusion")
 HOSPITALS, ALPHA, TEST_FRACTION = 5, 0.5, 0.2
@@ -91,33 +96,38 @@ def prepare(work: Path, scale: float) -> tuple[list[Path], Path, Path, dict[str,
     return folders, central, test_folder, {"train": len(train), "test": len(test), "hospitals": counts}
 
 
-def federate(run: RunConfig, sites: list[SiteConfig], start: State, run_id: str) -> State:
+def federate(run: RunConfig, sites: list[SiteState], start: State, run_id: str) -> State:
     """`num-server-rounds` rounds of FedAvg over `sites` through the site's own round."""
-    bundle = model_bundle(run.model)
     state = start
     for r in range(1, run.federation.num_server_rounds + 1):
-        instructions = RoundInstructions(r, run.federation.num_server_rounds, run.train.learning_rate,
-                                         bundle.fingerprint, run.privacy.dp, run.privacy.target_epsilon,
-                                         run.privacy.target_delta, run_key=run_id)
-        replies = []
+        updates = []
         for site in sites:
-            out = train_round(run, site, state, instructions, run_id)
-            replies.append(RecordDict({
-                R.ARRAYS: ArrayRecord({k: Array(v.numpy()) for k, v in out.state.items()}),
-                R.METRICS: MetricRecord({R.NUM_EXAMPLES: out.num_examples})}))
+            fingerprint = site.bundle(run.model).fingerprint
+            out = train_round(site, run, RoundRequest(server_round=r, run_key=run_id,
+                                                      frozen_fingerprint=fingerprint,
+                                                      parameters=state))
+            updates.append(Update(site=site.site.site_name,
+                                  arrays={k: v.numpy() for k, v in out.state.items()},
+                                  untrained=out.untrained, num_examples=out.num_examples))
+        full = complete_partial_updates(updates, {k: v.numpy() for k, v in state.items()})
+        replies = [RecordDict({R.ARRAYS: ArrayRecord({k: Array(v) for k, v in f.items()}),
+                               R.METRICS: MetricRecord({R.NUM_EXAMPLES: u.num_examples})})
+                   for f, u in zip(full, updates, strict=True)]
         aggregated = aggregate_arrayrecords(replies, R.NUM_EXAMPLES)
         state = {k: torch.from_numpy(np.asarray(v.numpy(), dtype=np.float32)) for k, v in aggregated.items()}
     return state
 
 
-def test_metrics(run: RunConfig, test_site: SiteConfig, state: State) -> dict[str, float]:
+def test_metrics(run: RunConfig, test_site: SiteState, state: State) -> dict[str, float]:
     """AUROC and accuracy of `state` on the common test set (its frozen outputs cached)."""
-    bundle, data = model_bundle(run.model), site_data(test_site, run)
-    cfg = resolve_model_config(run.model)
+    bundle, data = test_site.bundle(run.model), test_site.data(run)
+    cfg = run.model
     load_trainable_state(bundle.model, state)
-    key = CacheKey(data.dataset_sha256, "test", bundle.fingerprint, cfg.trainable_image_blocks,
-                   cfg.trainable_text_layers, cfg.image_size, cfg.max_text_length)
-    features = PROCESS_CACHE.get(key, bundle.model, data.train, torch.device("cpu"))
+    key = CacheKey(dataset_sha256=data.version, split="test", frozen_fingerprint=bundle.fingerprint,
+                   trainable_image_blocks=cfg.trainable_image_blocks,
+                   trainable_text_layers=cfg.trainable_text_layers, image_size=cfg.image_size,
+                   max_text_length=cfg.max_text_length)
+    features = test_site.features.get(key, bundle.model, data.train, torch.device("cpu"))
     m = evaluate(CachedFusion(bundle.model), DataLoader(features, batch_size=256), torch.device("cpu"))
     return {"auroc": m.auroc, "accuracy": m.accuracy}
 
@@ -129,8 +139,10 @@ def run(quick: bool, work: Path) -> Outcome:
     policy = work / "policy.toml"
     policy.write_text("require-dp = false\n")  # the no-DP settings need a site that allows them
 
-    def sites(name: str, paths: list[Path]) -> list[SiteConfig]:
-        return [SiteConfig(p.name, p, work / "state" / name / p.name, policy) for p in paths]
+    def sites(name: str, paths: list[Path]) -> list[SiteState]:
+        return [SiteState(SiteConfig(site_name=p.name, manifest=p,
+                                     state_dir=work / "state" / name / p.name, policy=policy))
+                for p in paths]
 
     def config(dp: bool, eps: float = 8.0) -> RunConfig:
         return bench_config("demo", num_server_rounds=rounds, dp=dp, target_epsilon=eps)

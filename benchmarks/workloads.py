@@ -1,7 +1,7 @@
 """What the benchmarks train on: demo hospitals on disk, run configs, one timed local epoch.
 
-The local epoch is the site's own recipe (`common.site._train_locally`: the DataLoader, SGD,
-the feature cache when on, Opacus DP-SGD when a ledger is given), so the numbers are the
+The local epoch is the site's own recipe (`client.rounds.train_locally`: the DataLoader, SGD,
+the feature cache when on, Opacus DP-SGD when an account is given), so the numbers are the
 system's, not a re-implementation's.
 """
 
@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, SiteConfig, run_config_with
-from common.demo_data import write_demo_hospitals
-from common.model import trainable_state
-from common.privacy import Ledger, sample_rate
-from common.site import RoundInstructions, SiteData, _train_locally, model_bundle, site_data
+from client.rounds import LocalWork, train_locally
+from client.site_config import SiteConfig
+from client.state import SiteState, SiteStates
+from common.config import RunConfig, run_config_with
+from common.model.trainable import trainable_state
+from common.privacy.accounting import Account, sample_rate
+from simulations.demo_data import write_demo_hospitals
+
+SITES = SiteStates(max_sites=32)  # warm sites of this process, as a hospital keeps its own
 
 SEED_TEXT = "builtin:bert-base"  # the seed preset's shape with random weights (no download)
 
@@ -57,29 +61,28 @@ class EpochTiming:
         return self.examples / self.seconds
 
 
-def local_epoch(run: RunConfig, data: SiteData, *, dp: bool, round_: int = 1) -> EpochTiming:
+def local_epoch(run: RunConfig, state: SiteState, *, dp: bool, round_: int = 1) -> EpochTiming:
     """One call of the site's local training (`local-epochs` passes) from the initial model."""
-    bundle = model_bundle(run.model)
-    state = trainable_state(bundle.model)
-    instructions = RoundInstructions(round_, 1, run.train.learning_rate, bundle.fingerprint, dp,
-                                     run.privacy.target_epsilon, run.privacy.target_delta)
-    ledger = None
+    bundle, data = state.bundle(run.model), state.data(run)
+    account = None
     if dp:
         q = sample_rate(num_examples=len(data.train), batch_size=run.train.batch_size)
-        ledger = Ledger(run.privacy.accountant, run.privacy.target_delta, 1.0, q)
+        account = Account(accountant=run.privacy.accountant, delta=run.privacy.target_delta,
+                          noise_multiplier=1.0, sample_rate=q)
+    work = LocalWork(server_round=round_, start=trainable_state(bundle.model), untrained=(),
+                     account=account, max_grad_norm=run.privacy.max_grad_norm)
     start = time.perf_counter()
-    result, _, _ = _train_locally(run, bundle, data, state, instructions, ledger,
-                                  run.privacy.max_grad_norm, "bench")
+    result = train_locally(state, run, work).result
     wall = time.perf_counter() - start
     return EpochTiming(result.examples_seen, result.seconds, wall)
 
 
-def best_epoch(run: RunConfig, data: SiteData, *, dp: bool, repeats: int) -> EpochTiming:
+def best_epoch(run: RunConfig, state: SiteState, *, dp: bool, repeats: int) -> EpochTiming:
     """The fastest of `repeats` local epochs (the machine is shared: the best is the least disturbed)."""
-    timings = [local_epoch(run, data, dp=dp) for _ in range(repeats)]
+    timings = [local_epoch(run, state, dp=dp) for _ in range(repeats)]
     return min(timings, key=lambda t: t.seconds / max(t.examples, 1))
 
 
-def load_site(run: RunConfig, folder: Path, state_root: Path) -> SiteData:
-    """A site's checked and split data (cached per process, like a site's)."""
-    return site_data(site(folder, state_root), run)
+def load_site(folder: Path, state_root: Path) -> SiteState:
+    """A site's warm state (kept per process, like a site's)."""
+    return SITES.get(site(folder, state_root))

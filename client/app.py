@@ -1,10 +1,14 @@
-"""The hospital node: a Flower ClientApp that trains and evaluates the fusion model on site data.
+"""The hospital's Flower ClientApp: unpack the message, run the site's round, pack the reply.
 
-Handlers unpack the message, call `common.site`, and pack the reply. Only the trainable
-parameters and the fixed set of scalar metrics in `common.records` leave the site, plus the
-site's self-chosen name. Problems the site can explain (bad data, a model mismatch, a
-configuration error, a privacy refusal) become an error reply whose reason names the site and
-the cause.
+Only the trainable parameters and the fixed scalar metrics of `common.protocol` leave the site,
+plus its name. A problem the site can explain (`common.errors.FedFusionError`: a refusal, bad
+data, a configuration error, a failure) becomes an error reply with its kind's code; any other
+exception is a defect in FedFusion and is reported as such (kind `bug`), with the traceback in
+the site's log.
+
+The run settings come from the run config (`context.run_config`), the site's own facts from the
+node config (`client.site_config`); the round message carries the global parameters and the
+per-round facts only (`RoundRequest`).
 """
 
 from __future__ import annotations
@@ -12,31 +16,32 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
-from common import records as R
-from common.config import ConfigError, RunConfig, SiteConfig
-from common.data import ManifestError
-from common.encoders import ModelLoadError
-from common.enforcement import PrivacyRefusal
-from common.ledger import LedgerError
-from common.policy import PolicyError
-from common.site import RoundInstructions, SiteError, evaluate_round, train_round
+from client.rounds import RoundRequest, TrainOutcome, evaluate_round, train_round
+from client.site_config import SiteConfig
+from client.state import SiteState, SiteStates
+from common import protocol as R
+from common.config import RunConfig
+from common.errors import ConfigurationError, FedFusionError, Kind
+from common.training.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
-
-# Problems a site can explain: they become an error reply naming the site and the cause.
-EXPLAINED_ERRORS = (SiteError, PrivacyRefusal, PolicyError, LedgerError, ManifestError,
-                    ModelLoadError, ConfigError, ValueError)
+SITES = SiteStates()  # this process' warm site states (a simulation worker serves several)
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,101 +54,100 @@ def parse_run_config(user_config: Mapping[str, Any]) -> RunConfig:
     return _parse_run_config(tuple(sorted(user_config.items())))
 
 
-def round_instructions(config: ConfigRecord) -> RoundInstructions:
-    """Unpack the server's round ConfigRecord."""
-    return RoundInstructions(
-        server_round=int(config[R.SERVER_ROUND]),
-        num_rounds=int(config[R.NUM_ROUNDS]),
-        learning_rate=float(config[R.LEARNING_RATE]),
-        frozen_fingerprint=str(config[R.FROZEN_FINGERPRINT]),
-        dp=bool(config[R.DP]),
-        target_epsilon=float(config[R.TARGET_EPSILON]),
-        target_delta=float(config[R.TARGET_DELTA]),
-        run_key=str(config.get(R.RUN_KEY, "")),
-        proximal_mu=float(config.get(R.PROXIMAL_MU, 0.0)),
-    )
+def site_state(context: Context) -> tuple[RunConfig, SiteState]:
+    """The run's settings and this site's warm state."""
+    run = parse_run_config(context.run_config)
+    return run, SITES.get(SiteConfig.from_node_config(context.node_config, run.data))
 
 
-def _error_reply(msg: Message, site: str, err: Exception) -> Message:
-    reason = R.site_error_reason(site, str(err))
-    log.error("%s", reason)
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+def round_request(msg: Message) -> RoundRequest:
+    """Unpack and check the round message: the global parameters and the per-round facts."""
+    content = msg.content
+    if R.ARRAYS not in content.array_records or R.CONFIG not in content.config_records:
+        raise ConfigurationError(f"the round message lacks its '{R.ARRAYS}' or '{R.CONFIG}' "
+                                 "record.", reason="message")
+    config = content[R.CONFIG]
+    server_round = config.get(R.SERVER_ROUND)
+    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 1:
+        raise ConfigurationError(f"the round message's {R.SERVER_ROUND} is {server_round!r}, not "
+                                 "a round number.", reason="message")
+    return RoundRequest(server_round=server_round, run_key=str(config.get(R.RUN_KEY, "")),
+                        frozen_fingerprint=str(config.get(R.FROZEN_FINGERPRINT, "")),
+                        parameters=content[R.ARRAYS].to_torch_state_dict())
 
 
-Work = Callable[[RunConfig, SiteConfig, dict[str, torch.Tensor]], RecordDict]
+def _site_name(context: Context) -> str:
+    """The site's name for an error reply, even when its configuration cannot be read."""
+    return str(context.node_config.get("site-name") or
+               (f"hospital-{context.node_config['partition-id']}"
+                if "partition-id" in context.node_config else f"node-{context.node_id}"))
 
 
-def _reply(msg: Message, context: Context, user_config: Mapping[str, Any], work: Work,
-           default_policy: Path | None) -> Message:
-    """Parse the configs, run `work` on the received parameters, and reply (or explain why not)."""
-    name = str(context.node_config.get("site-name", f"node-{context.node_id}"))
-    try:
-        run = parse_run_config(user_config)
-        site = SiteConfig.from_node_config(context.node_config, run.data, default_policy)
-        name = site.site_name
-        content = work(run, site, msg.content[R.ARRAYS].to_torch_state_dict())
-    except EXPLAINED_ERRORS as err:
-        return _error_reply(msg, name, err)
-    content[R.SITE] = ConfigRecord({R.SITE_NAME: site.site_name})
-    return Message(content=content, reply_to=msg)
+def error_reply(msg: Message, site: str, err: Exception) -> Message:
+    """The error reply for `err`: its kind's code and a reason naming the site."""
+    if isinstance(err, FedFusionError):
+        kind, text = err.kind, str(err)
+        log.error("site %s: %s (%s): %s", site, kind, err.reason, err.detail)
+    else:
+        kind, text = Kind.BUG, f"internal error (a defect in FedFusion): {type(err).__name__}: {err}"
+        log.exception("site %s: %s", site, text)
+    reason = R.error_reason(site, f"{kind}: {text}" if kind is not Kind.REFUSAL else f"refused: {text}")
+    return Message(Error(code=R.ERROR_CODES[kind], reason=reason), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global trainable parameters on this site's data."""
-    return train_reply(msg, context, context.run_config)
+    site = _site_name(context)
+    try:
+        run, state = site_state(context)
+        site = state.site.site_name
+        outcome = train_round(state, run, round_request(msg))
+    except Exception as err:  # noqa: BLE001  every failure becomes a reply, none a crash
+        return error_reply(msg, site, err)
+    return Message(train_content(outcome, site), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global parameters on this site's validation split."""
-    return evaluate_reply(msg, context, context.run_config)
+    site = _site_name(context)
+    try:
+        run, state = site_state(context)
+        site = state.site.site_name
+        metrics = evaluate_round(state, run, round_request(msg))
+    except Exception as err:  # noqa: BLE001
+        return error_reply(msg, site, err)
+    return Message(evaluate_content(metrics, site), reply_to=msg)
 
 
-def train_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
-                default_policy: Path | None = None) -> Message:
-    """Train with `common.site`; reply with the parameters it trained, the names of those it
-    could not train (R.UPDATE), and TRAIN_METRICS.
-
-    `default_policy` is for simulations: the policy of simulated hospitals that have none.
-    """
-
-    def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
-        instructions = round_instructions(msg.content[R.CONFIG])
-        # the ledger is filed under the server's run key, which survives a server restart
-        outcome = train_round(run, site, state, instructions,
-                              instructions.run_key or str(context.run_id))
-        ledger = outcome.ledger
-        return RecordDict({
-            R.ARRAYS: ArrayRecord(outcome.state),  # only the parameters trained this round
-            R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
-            R.METRICS: MetricRecord({
-                R.NUM_EXAMPLES: outcome.num_examples,
-                R.TRAIN_LOSS: float(outcome.result.loss) if outcome.share_metrics else math.nan,
-                R.EPSILON: float(outcome.receipt.epsilon) if ledger else math.inf,
-                R.DELTA: float(ledger.delta) if ledger else 0.0,
-                R.NOISE_MULTIPLIER: float(ledger.noise_multiplier) if ledger else 0.0,
-                R.SAMPLE_RATE: float(ledger.sample_rate) if ledger else 0.0,
-                R.STEPS: int(ledger.steps) if ledger else int(outcome.result.steps),
-                R.TRAIN_SECONDS: float(outcome.result.seconds),
-                R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if ledger else math.inf,
-                R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
-            }),
-        })
-
-    return _reply(msg, context, user_config, work, default_policy)
+def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
+    """The train reply: the parameters trained (R.ARRAYS), those not trained (R.UPDATE), metrics."""
+    account = outcome.account
+    return RecordDict({
+        R.ARRAYS: ArrayRecord(outcome.state),  # only the parameters trained this round
+        R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
+        R.METRICS: MetricRecord({
+            R.NUM_EXAMPLES: outcome.num_examples,
+            R.TRAIN_LOSS: float(outcome.result.loss) if outcome.share_metrics else math.nan,
+            R.EPSILON: float(outcome.receipt.epsilon) if account else math.inf,
+            R.DELTA: float(account.delta) if account else 0.0,
+            R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,
+            R.SAMPLE_RATE: float(account.sample_rate) if account else 0.0,
+            R.STEPS: int(account.steps) if account else int(outcome.result.steps),
+            R.TRAIN_SECONDS: float(outcome.result.seconds),
+            R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if account else math.inf,
+            R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
+        }),
+        R.SITE: ConfigRecord({R.SITE_NAME: site}),
+    })
 
 
-def evaluate_reply(msg: Message, context: Context, user_config: Mapping[str, Any],
-                   default_policy: Path | None = None) -> Message:
-    """Evaluate with `common.site`; reply with EVAL_METRICS."""
-
-    def work(run: RunConfig, site: SiteConfig, state: dict[str, torch.Tensor]) -> RecordDict:
-        fingerprint = str(msg.content[R.CONFIG][R.FROZEN_FINGERPRINT])
-        m = evaluate_round(run, site, state, fingerprint)
-        return RecordDict({R.METRICS: MetricRecord({
-            R.NUM_EXAMPLES: m.num_examples, R.LOSS: float(m.loss), R.ACCURACY: float(m.accuracy),
-            R.AUROC: float(m.auroc), R.F1: float(m.f1),
-        })})
-
-    return _reply(msg, context, user_config, work, default_policy)
+def evaluate_content(m: Metrics, site: str) -> RecordDict:
+    """The evaluate reply: EVAL_METRICS."""
+    return RecordDict({
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: m.num_examples, R.LOSS: float(m.loss),
+                                 R.ACCURACY: float(m.accuracy), R.AUROC: float(m.auroc),
+                                 R.F1: float(m.f1)}),
+        R.SITE: ConfigRecord({R.SITE_NAME: site}),
+    })

@@ -1,1 +1,3 @@
-"""FedFusion core: model, data, training, privacy and configuration (no Flower imports)."""
+"""FedFusion's core, shared by coordinator and hospitals: configuration, the message protocol,
+the run folder, errors, and the packages model, data, training and privacy. It imports neither
+Flower nor the coordinator, hospital, simulation or tool packages (tests/test_architecture.py)."""

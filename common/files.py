@@ -1,7 +1,8 @@
-"""Crash-safe file writes: a crash leaves the old content or the new, never a mix."""
+"""Crash-safe file writes (a crash leaves the old content or the new, never a mix) and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -35,3 +36,12 @@ def append_line_atomic(path: Path, line: str, *, durable: bool = False) -> None:
     """Append one line by rewriting the file atomically (files here stay small)."""
     previous = path.read_bytes() if path.exists() else b""
     atomic_write_bytes(path, previous + line.rstrip("\n").encode() + b"\n", durable=durable)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

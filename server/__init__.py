@@ -1,1 +1,2 @@
-"""The coordinator (Flower ServerApp and strategy)."""
+"""The coordinator: the Flower ServerApp (`app`), its explicit round loop (`loop`), Flower's
+strategies (`strategy`), update screening (`screening`), the run's record (`recorder`) and resume."""

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunConfig
-from common.demo_data import write_demo_hospitals
+from common.runfolder import SUMMARY, RunFolder
+from simulations.demo_data import write_demo_hospitals
 
 log = logging.getLogger(__name__)
 
 
-def make_apps(user_config: Mapping[str, Any],
-              default_policy: Path | None = None) -> tuple[Any, Any]:
+def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
     """ServerApp and ClientApp that see `user_config` as their run config.
 
-    `default_policy`: the privacy policy of simulated hospitals whose folder has no policy.toml.
+    (Flower's Python simulation entry point hands apps an empty run config.)
     """
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
@@ -40,13 +40,17 @@ def make_apps(user_config: Mapping[str, Any],
     def _main(grid: Grid, context: Context) -> None:
         server_app.run_federation(grid, RunConfig.from_user_config(config))
 
+    def configured(context: Context) -> Context:
+        return Context(run_id=context.run_id, node_id=context.node_id,
+                       node_config=context.node_config, state=context.state, run_config=config)
+
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
-        return client_app.train_reply(msg, context, config, default_policy)
+        return client_app.train(msg, configured(context))
 
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return client_app.evaluate_reply(msg, context, config, default_policy)
+        return client_app.evaluate(msg, configured(context))
 
     return server, client
 
@@ -76,8 +80,7 @@ def prepare_demo_data(data_root: Path, hospitals: int, seed: int) -> None:
     write_demo_hospitals(data_root, hospitals, seed=seed)
 
 
-def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False,
-             default_policy: Path | None = None) -> Path:
+def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False) -> RunFolder:
     """Run the federation with `hospitals` simulated sites; return the run folder."""
     from flwr.simulation import run_simulation
 
@@ -98,7 +101,7 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
     out_root = Path(run.federation.output_dir)
     before = set(out_root.iterdir()) if out_root.is_dir() else set()
     started = time.time()
-    server, client = make_apps(user_config, default_policy)
+    server, client = make_apps(user_config)
     cpus = os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -109,7 +112,7 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
                    backend_config=backend, verbose_logging=False)
     name = run.federation.run_name
     created = sorted(set(out_root.iterdir()) - before) if not name else [out_root / name]
-    summary = created[-1] / "summary.json" if created else None
+    summary = created[-1] / SUMMARY if created else None
     if summary is None or not summary.is_file() or summary.stat().st_mtime < started:
         raise RuntimeError("The simulation ended without a run summary: see the log above.")
-    return created[-1]
+    return RunFolder(created[-1])

@@ -1,13 +1,20 @@
-"""Shared fixtures: a tiny-preset run config and small demo hospitals on disk."""
+"""Shared fixtures and helpers: a tiny-preset run config, small demo hospitals on disk, sites
+and the round requests a coordinator sends them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord
 
+from client.rounds import RoundRequest
+from client.site_config import SiteConfig
+from client.state import SiteState
+from common import protocol as R
 from common.config import RunConfig, default_user_config
-from common.demo_data import write_demo_hospitals
+from common.model.trainable import trainable_state
+from simulations.demo_data import write_demo_hospitals
 
 
 def tiny_user_config(data_root: Path | str = "demo-data", **overrides: object) -> dict[str, object]:
@@ -32,3 +39,26 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     write_demo_hospitals(root, 3, seed=0, size_scale=0.15)
     return root
+
+
+def hospital(data_root: Path, state_root: Path, index: int = 0, policy: Path | None = None,
+             **changes: object) -> SiteConfig:
+    """Simulated hospital `index` of `data_root` as a deployed site (its own state folder)."""
+    name = f"hospital-{index}"
+    return SiteConfig(**{"site_name": name, "manifest": data_root / name,
+                         "state_dir": state_root / name, "policy": policy, **changes})
+
+
+def request(state: SiteState, run: RunConfig, server_round: int, parameters: dict | None = None,
+            run_key: str = "run-1") -> RoundRequest:
+    """The round request a coordinator would send (the site's own fingerprint and parameters)."""
+    bundle = state.bundle(run.model)
+    return RoundRequest(server_round=server_round, run_key=run_key,
+                        frozen_fingerprint=bundle.fingerprint,
+                        parameters=parameters if parameters is not None
+                        else trainable_state(bundle.model))
+
+
+def round_config(fingerprint: str, run_key: str = "run-1") -> ConfigRecord:
+    """The per-round facts of a round message (Flower's strategy adds the round number)."""
+    return ConfigRecord({R.RUN_KEY: run_key, R.FROZEN_FINGERPRINT: fingerprint})

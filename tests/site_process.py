@@ -9,14 +9,21 @@ from __future__ import annotations
 import json
 import sys
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
-from common import records as R
-from common.model import build_model, frozen_fingerprint, trainable_state
-from server.app import round_config
-from tests.conftest import tiny_run, tiny_user_config
+from common import protocol as R
+from common.model.fusion_model import build_model
+from common.model.trainable import frozen_fingerprint, trainable_state
+from tests.conftest import round_config, tiny_run, tiny_user_config
 
 
 def main(data_root: str, state_root: str, run_id: int, total: int, rounds: list[int]) -> None:
@@ -29,7 +36,7 @@ def main(data_root: str, state_root: str, run_id: int, total: int, rounds: list[
     ctx = Context(run_id=run_id, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                   run_config=tiny_user_config(data_root, **overrides))
     for r in rounds:
-        config = ConfigRecord({**round_config(run, frozen_fingerprint(model), str(run_id)),
+        config = ConfigRecord({**round_config(frozen_fingerprint(model), str(run_id)),
                                R.SERVER_ROUND: r})
         msg = Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: config}), dst_node_id=1,
                       message_type=MessageType.TRAIN)

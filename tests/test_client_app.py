@@ -6,15 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
-from common.ledger import load_book, read_receipts, update_digest
-from common import records as R
-from common.model import build_model, frozen_fingerprint, trainable_state
-from server.app import round_config
-from tests.conftest import tiny_run, tiny_user_config
+from common import protocol as R
+from common.errors import Kind
+from common.model.fusion_model import build_model
+from common.model.trainable import frozen_fingerprint, trainable_state
+from common.privacy.ledger import load_ledger
+from common.privacy.receipts import read_receipts
+from common.protocol import update_digest
+from tests.conftest import round_config, tiny_run, tiny_user_config
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +38,7 @@ def server_side(demo_root: Path, **overrides: object) -> tuple[ArrayRecord, Conf
     run = tiny_run(demo_root, **overrides)
     model = build_model(run.model)
     fingerprint = frozen_fingerprint(model)
-    return ArrayRecord(trainable_state(model)), round_config(run, fingerprint, "run-1"), fingerprint
+    return ArrayRecord(trainable_state(model)), round_config(fingerprint, "run-1"), fingerprint
 
 
 def message(arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: int = 1) -> Message:
@@ -62,7 +73,7 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     first = content[R.METRICS][R.EPSILON]
     assert 0 < first < 8.0
     state_dir = tmp_path / "hospital-0" / "state"
-    assert load_book(state_dir).run("run-1").rounds == (1,)  # charged before the reply
+    assert load_ledger(state_dir).run("run-1").rounds == (1,)  # charged before the reply
     # the receipt's hash is the hash of exactly the arrays sent
     assert read_receipts(state_dir)[0].update_sha256 == update_digest(
         {k: v.numpy() for k, v in sent.items()})
@@ -97,6 +108,7 @@ def test_missing_data_folder_is_an_error_reply_naming_the_site(demo_root: Path, 
     reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path, partition=9))
     assert reply.has_error()
     assert "site 'hospital-9'" in reply.error.reason and "no such file or folder" in reply.error.reason
+    assert reply.error.code == R.ERROR_CODES[Kind.BAD_DATA]
 
 
 def test_frozen_part_mismatch_is_refused(demo_root: Path, tmp_path: Path) -> None:
@@ -104,6 +116,7 @@ def test_frozen_part_mismatch_is_refused(demo_root: Path, tmp_path: Path) -> Non
     config = ConfigRecord({**config, R.FROZEN_FINGERPRINT: "0" * 64})
     reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
     assert reply.has_error() and "differs from the server's" in reply.error.reason
+    assert reply.error.code == R.ERROR_CODES[Kind.CONFIGURATION]
 
 
 def test_bad_run_config_is_an_error_reply(demo_root: Path, tmp_path: Path) -> None:
@@ -129,12 +142,12 @@ def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(demo_root: P
                                       first.content[R.ARRAYS][name].numpy())
     assert again.content[R.METRICS][R.EPSILON] == first.content[R.METRICS][R.EPSILON]
     state_dir = tmp_path / "hospital-0" / "state"
-    assert load_book(state_dir).run("run-1").rounds == (1,)
+    assert load_ledger(state_dir).run("run-1").rounds == (1,)
     assert len(read_receipts(state_dir)) == 1
 
     # asked again from other global parameters: that is new training, charged as such
     moved = ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
     third = app(message(moved, config, MessageType.TRAIN), context(demo_root, tmp_path))
     assert third.content[R.METRICS][R.EPSILON] > first.content[R.METRICS][R.EPSILON]
-    assert load_book(state_dir).run("run-1").rounds == (1, 1)
+    assert load_ledger(state_dir).run("run-1").rounds == (1, 1)
     assert len(read_receipts(state_dir)) == 2

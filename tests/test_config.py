@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, SiteConfig, default_user_config, run_config_with
+from client.site_config import NodeConfigError, SiteConfig
+from common.config import ConfigError, RunConfig, default_user_config, run_config_with
 
 
 def test_pyproject_defaults_parse_into_typed_sections() -> None:
@@ -60,7 +61,7 @@ def test_site_from_deployment_node_config(tmp_path: Path) -> None:
     named = SiteConfig.from_node_config({"manifest": str(tmp_path / "folder-site"), "state-dir": "s",
                                          "policy": "/etc/p.toml"}, data)
     assert named.site_name == "folder-site" and named.policy == Path("/etc/p.toml")
-    with pytest.raises(ConfigError, match="no state-dir"):
+    with pytest.raises(NodeConfigError, match="no state-dir"):
         SiteConfig.from_node_config({"manifest": str(manifest)}, data)
 
 
@@ -68,7 +69,8 @@ def test_site_from_simulation_partition(tmp_path: Path) -> None:
     data = run_config_with({"data-root": str(tmp_path)}).data
     site = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, data)
     assert site == SiteConfig(site_name="hospital-2", manifest=tmp_path / "hospital-2",
-                              state_dir=tmp_path / "hospital-2" / "state", policy=None)
+                              state_dir=tmp_path / "hospital-2" / "state", policy=None,
+                              simulated=True)
     (tmp_path / "hospital-1").mkdir()
     (tmp_path / "hospital-1" / "policy.toml").write_text("max-epsilon = 3.0\n")
     data = run_config_with({"data-root": str(tmp_path), "state-root": "/elsewhere"}).data
@@ -79,7 +81,7 @@ def test_site_from_simulation_partition(tmp_path: Path) -> None:
 
 def test_site_node_config_errors() -> None:
     data = run_config_with({}).data
-    with pytest.raises(ConfigError, match="Unknown node config key"):
+    with pytest.raises(NodeConfigError, match="Unknown node config key"):
         SiteConfig.from_node_config({"manifest": "m.csv", "dataset-path": "x"}, data)
-    with pytest.raises(ConfigError, match="no data"):
+    with pytest.raises(NodeConfigError, match="no data"):
         SiteConfig.from_node_config({}, data)

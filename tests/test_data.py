@@ -15,11 +15,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_predict
 from torch.utils.data import DataLoader
 
-from common.data import ManifestDataset, ManifestError, Row, read_manifest, split_by_patient
-from common.demo_data import DEMO_CLASS_NAMES, plan_hospitals
-from common.encoders import load_tokenizer
-from common.images import ImageReadError
-from common.metrics import macro_auroc
+from common.data.dataset import ManifestDataset
+from common.data.images import ImageReadError
+from common.data.manifest import ManifestError, Row, read_manifest, split_by_patient
+from common.model.encoders import load_tokenizer
+from common.training.metrics import macro_auroc
+from simulations.demo_data import DEMO_CLASS_NAMES, plan_hospitals
 
 CLASSES = ("normal", "pneumonia", "effusion")
 

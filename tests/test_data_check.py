@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from common.cli import main
-from common.data_check import check_manifest
+from common.data.check import check_manifest
+from tools.cli import main
 
 CLASSES = ("normal", "pneumonia", "effusion")
 FIELDS = ["image", "text", "label", "patient_id", "split"]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from flwr.common.config import parse_config_args
 
-from common.config import SiteConfig
+from client.site_config import SiteConfig
 from tests.conftest import tiny_run
 from tests.local_federation import executable
 

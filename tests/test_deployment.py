@@ -4,20 +4,19 @@ One SuperLink (TLS + `--enable-supernode-auth`) on a free port, two registered h
 SuperNodes, each with its own data, state directory and policy, and a 2-round `tiny` run
 submitted with `flwr run`. The negative tests (an unregistered key, a SuperNode without TLS)
 run while that run is in flight; the run must still complete. Credentials come from
-`common.certs`, exactly as `fedfusion certs` writes them.
+`tools.certs`, exactly as `fedfusion certs` writes them.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from common.certs import CredentialLayout, write_credentials
-from common.demo_data import write_demo_hospitals
+from common.runfolder import RunFolder
+from simulations.demo_data import write_demo_hospitals
 from tests.local_federation import (
     Processes,
     Started,
@@ -27,6 +26,7 @@ from tests.local_federation import (
     free_port,
     port_open,
 )
+from tools.certs import CredentialLayout, write_credentials
 
 pytestmark = pytest.mark.slow  # about 1.5 min: real processes, each ClientApp a fresh Python
 
@@ -184,13 +184,13 @@ def test_two_rounds_over_tls_with_node_auth(federation: Federation) -> None:
     assert [r.get("status") for r in runs] == ["finished:completed"], f"{runs}\n{fed.procs.report()}"
 
     run_dir = fed.output_dir / "deployment"
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert [h["round"] for h in history] == list(range(1, ROUNDS + 1))
+    history = RunFolder(run_dir).read_history()
+    assert [h.round for h in history] == list(range(1, ROUNDS + 1))
     for h in history:
-        assert set(h["sites"]) == set(HOSPITALS), h
-        assert not h["refusals"] and not h["failures"], h
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        assert set(h.sites) == set(HOSPITALS), h
+        assert not h.refusals and not h.failures, h
+    assert RunFolder(run_dir).read_summary().status == "completed"
     # each site trained under its own policy file, read through its --node-config
     for name, max_eps in HOSPITALS.items():
-        assert max_eps - 0.5 < history[-1]["sites"][name]["epsilon"] <= max_eps + 1e-9
+        assert max_eps - 0.5 < history[-1].sites[name].train["epsilon"] <= max_eps + 1e-9
         assert (fed.state_dirs[name] / "ledger.json").is_file()

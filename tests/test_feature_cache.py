@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.feature_cache import (
+from common.errors import ConfigurationError
+from common.model.feature_cache import (
     CachedFusion,
     CacheKey,
     FeatureCache,
@@ -16,10 +17,12 @@ from common.feature_cache import (
     load_features,
     save_features,
 )
-from common.model import FusionModel, build_model, load_trainable_state, trainable_state
-from common.privacy import Ledger, private_training
-from common.train import forward_batch, train
-from tests.conftest import tiny_run
+from common.model.fusion_model import FusionModel, build_model
+from common.model.trainable import load_trainable_state, trainable_state
+from common.privacy.accounting import Account
+from common.privacy.dpsgd import private_training
+from common.training.loop import forward_batch, train
+from tests.conftest import hospital, tiny_run
 
 CPU = torch.device("cpu")
 # (trainable-image-blocks, trainable-text-layers): encoders fully frozen (the default), and
@@ -90,7 +93,7 @@ def test_cached_logits_and_per_sample_gradients_equal_the_full_model(blocks: int
 def _dp_epoch(net: torch.nn.Module, model: FusionModel, dataset: Dataset,
               mode: str) -> dict[str, torch.Tensor]:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
-    ledger = Ledger("rdp", 1e-5, noise_multiplier=1.0, sample_rate=8 / 24)
+    ledger = Account(accountant="rdp", delta=1e-5, noise_multiplier=1.0, sample_rate=8 / 24)
     torch.manual_seed(123)  # the same Poisson batches and the same noise in both paths
     with private_training(net, optimizer, DataLoader(dataset, batch_size=8), ledger, max_grad_norm=0.5,
                           grad_sample_mode=mode) as session:
@@ -157,26 +160,25 @@ def test_cache_evicts_least_recently_used_beyond_its_memory_bound(tmp_path: Path
 def test_augmenting_dataset_is_never_cached() -> None:
     data = Cases(n=4)
     data.augments = True
-    with pytest.raises(ValueError, match="feature-cache = false"):
+    with pytest.raises(ConfigurationError, match="feature-cache = false"):
         FeatureCache().get(key(), tiny_model(0, 0), data, CPU)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "attention"])
 def test_site_round_sends_the_same_update_with_and_without_the_cache(demo_root: Path, tmp_path: Path,
                                                                      fusion: str) -> None:
-    from common.config import SiteConfig
-    from common.site import RoundInstructions, _train_locally, model_bundle, site_data
+    from client.rounds import LocalWork, train_locally
+    from client.state import SiteState
 
     states = []
     for cache in (True, False):
         run = tiny_run(demo_root, fusion=fusion, feature_cache=cache, trainable_text_layers=1)
-        bundle = model_bundle(run.model)
-        data = site_data(SiteConfig("h0", demo_root / "hospital-0", tmp_path / "state"), run)
+        site = SiteState(hospital(demo_root, tmp_path / "state"))
+        bundle = site.bundle(run.model)
         start = trainable_state(bundle.model) if not states else states[0][0]
-        load_trainable_state(bundle.model, start)
-        instructions = RoundInstructions(1, 1, 0.1, bundle.fingerprint, False, 8.0, 1e-5)
-        result, _, state = _train_locally(run, bundle, data, start, instructions, None, 1.0, "h0")
-        states.append((start, state, result.loss))
+        work = LocalWork(server_round=1, start=start, untrained=(), account=None, max_grad_norm=1.0)
+        local = train_locally(site, run, work)
+        states.append((start, local.sent, local.result.loss))
     (_, cached, loss_cached), (_, full, loss_full) = states
     assert loss_cached == pytest.approx(loss_full, rel=1e-5)
     for name, value in full.items():

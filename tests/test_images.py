@@ -12,9 +12,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 
-from common.data import ManifestDataset, Row
-from common.encoders import load_tokenizer
-from common.images import ImageReadError, read_gray, window
+from common.data.dataset import ManifestDataset
+from common.data.images import ImageReadError, read_gray, window
+from common.data.manifest import Row
+from common.model.encoders import load_tokenizer
 
 
 def dicom(name: str) -> Path:

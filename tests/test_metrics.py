@@ -7,7 +7,7 @@ import math
 import numpy as np
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
-from common.metrics import classification_metrics, macro_auroc
+from common.training.metrics import classification_metrics, macro_auroc
 
 
 def test_metrics_match_sklearn() -> None:

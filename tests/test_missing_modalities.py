@@ -15,11 +15,12 @@ import numpy as np
 from flwr.app import Message
 
 from client.app import app as client_app
-from common import records as R
-from common.checkpoint import load_tensors
-from common.model import build_model, trainable_names
+from common import protocol as R
+from common.model.checkpoint import load_tensors
+from common.model.fusion_model import build_model
+from common.model.trainable import trainable_names
+from common.runfolder import RunFolder
 from server.app import run_federation
-from server.history import read_history, read_summary
 from tests.conftest import tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
 
@@ -57,10 +58,10 @@ def test_sites_missing_a_modality_both_contribute(demo_root: Path, tmp_path: Pat
                          tiny_user_config(data, **settings), tap=tap)
     out = run_federation(grid, tiny_run(data, **settings))
 
-    assert read_summary(out)["status"] == "completed"
-    for h in read_history(out):
-        assert set(h["sites"]) == {"hospital-0", "hospital-1"}
-        assert not h["failures"] and not h["refusals"] and not h.get("rejected")
+    assert RunFolder(out).read_summary().status == "completed"
+    for h in RunFolder(out).read_history():
+        assert set(h.sites) == {"hospital-0", "hospital-1"}
+        assert not h.failures and not h.refusals and not h.rejected
     names = trainable_names(build_model(tiny_run(data, **settings).model))
     (images_sent, images_untrained, n_images), (texts_sent, texts_untrained, n_texts) = \
         sent[1][0], sent[2][0]

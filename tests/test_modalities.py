@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from common.config import run_config_with
-from common.modalities import frozen, modality_combos, untrained_parameters
-from common.model import FusionModel, build_model, trainable_names
+from common.model.fusion_model import FusionModel, build_model
+from common.model.modalities import frozen, modality_combos, untrained_parameters
+from common.model.trainable import trainable_names
 
 IMAGE, TEXT, BOTH = (True, False), (False, True), (True, True)
 COMBO_SETS = [{BOTH}, {IMAGE}, {TEXT}, {IMAGE, TEXT}, {BOTH, IMAGE}, {BOTH, TEXT}]

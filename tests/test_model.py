@@ -10,13 +10,17 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from common.encoders import ModelLoadError, build_image_encoder, build_text_encoder
-from common.fusion import WeightedFusion
-from common.model import (
-    build_model,
+from common.model.encoders import (
+    ModelLoadError,
+    build_image_encoder,
+    build_text_encoder,
+)
+from common.model.fusion import WeightedFusion
+from common.model.fusion_model import build_model
+from common.model.trainable import (
+    TrainableMismatch,
     frozen_fingerprint,
     load_trainable_state,
-    resolve_model_config,
     trainable_names,
     trainable_state,
 )
@@ -28,7 +32,7 @@ FUSIONS = ("concat", "weighted", "attention")
 def batch(model: nn.Module, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random batch shaped for `model`'s config."""
     g = torch.Generator().manual_seed(seed)
-    cfg = resolve_model_config(model.config)
+    cfg = model.config
     s, t = cfg.image_size, cfg.max_text_length
     mask = torch.ones(b, t, dtype=torch.long)
     mask[:, t // 2:] = 0
@@ -126,11 +130,11 @@ def test_load_trainable_state_roundtrip_and_mismatch() -> None:
         torch.testing.assert_close(x, y, msg=name)
     state = trainable_state(a)
     state.pop("head.bias")
-    with pytest.raises(ValueError, match=r"missing \['head.bias'\]"):
+    with pytest.raises(TrainableMismatch, match=r"missing \['head.bias'\]"):
         load_trainable_state(b, state)
     state = trainable_state(a)
     state["head.bias"] = torch.zeros(7)
-    with pytest.raises(ValueError, match="head.bias has shape"):
+    with pytest.raises(TrainableMismatch, match="head.bias has shape"):
         load_trainable_state(b, state)
 
 
@@ -178,7 +182,8 @@ def test_missing_text_encoder_path_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> None:
     from torch.utils.data import DataLoader
 
-    from common.privacy import Ledger, private_training
+    from common.privacy.accounting import Account
+    from common.privacy.dpsgd import private_training
 
     model = build_model(tiny_run(fusion=fusion, trainable_text_layers=1,
                                  trainable_image_blocks=1).model)
@@ -188,7 +193,7 @@ def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> 
     loader = DataLoader(rows, batch_size=8)
     before = trainable_state(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    ledger = Ledger("rdp", 1e-5, 1.0, 1.0)
+    ledger = Account(accountant="rdp", delta=1e-5, noise_multiplier=1.0, sample_rate=1.0)
     with private_training(model, optimizer, loader, ledger, max_grad_norm=1.0,
                           grad_sample_mode=mode) as session:
         for b in session.loader:
@@ -204,7 +209,7 @@ def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> 
 
 
 def test_seed_preset_is_the_reference_design() -> None:
-    cfg = resolve_model_config(tiny_run(preset="seed", text_encoder="builtin:bert-base").model)
+    cfg = tiny_run(preset="seed", text_encoder="builtin:bert-base").model
     assert cfg.image_encoder == "resnet50" and cfg.image_size == 224
     model = build_model(cfg)
     assert model.image.out_dim == 2048 and model.text.config.hidden_size == 768

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
-from common.config import SiteConfig
-from common.data import read_manifest
-from common.demo_data import DEMO_CLASS_NAMES
-from common.partition import PartitionError, PartitionPlan, partition_manifest
+from client.site_config import SiteConfig
+from common.data.manifest import read_manifest
+from simulations.demo_data import DEMO_CLASS_NAMES
+from simulations.partition import PartitionError, PartitionPlan, partition_manifest
 from tests.conftest import tiny_run
+from tools.cli import main
 
 CLASSES = tuple(DEMO_CLASS_NAMES)
 

@@ -12,19 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.config import SiteConfig
-from common.ledger import LedgerBook, RunRecord, load_book, read_receipts, save_book
-from common.model import trainable_state
-from common.privacy import (
+from client.rounds import train_round
+from client.state import SiteState
+from common.model.trainable import trainable_state
+from common.privacy.accounting import (
+    Account,
     BudgetTooLow,
-    Ledger,
     calibrate_noise,
     epsilon_from_history,
     local_steps,
     sample_rate,
 )
-from common.site import RoundInstructions, model_bundle, site_data, train_round
-from tests.conftest import tiny_run
+from common.privacy.ledger import Ledger, RunEntry, load_ledger, save_ledger
+from common.privacy.receipts import read_receipts
+from tests.conftest import hospital, request, tiny_run
 
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
@@ -60,79 +61,79 @@ def test_steps_and_rate_follow_opacus_poisson_loader() -> None:
     assert sample_rate(num_examples=100, batch_size=32) == 0.25
 
 
-def test_ledger_json_roundtrip() -> None:
-    ledger = Ledger("prv", 1e-5, 1.1, 0.2, ((1.1, 0.2, 15),))
-    assert Ledger.from_json(ledger.to_json()) == ledger
-    assert ledger.steps == 15
-
-
-def site(demo_root: Path, tmp_path: Path, index: int = 0, policy: Path | None = None) -> SiteConfig:
-    name = f"hospital-{index}"
-    return SiteConfig(name, demo_root / name, state_dir=tmp_path / name, policy=policy)
-
-
-def instructions(bundle, server_round: int, rounds: int = 3, dp: bool = True) -> RoundInstructions:
-    return RoundInstructions(server_round, rounds, 0.1, bundle.fingerprint, dp, 8.0, 1e-5)
+def test_account_json_roundtrip() -> None:
+    account = Account(accountant="prv", delta=1e-5, noise_multiplier=1.1,
+                      sample_rate=0.2).after([(1.1, 0.2, 15)])
+    assert Account.from_json(account.to_json()) == account
+    assert account.steps == 15
+    assert account.epsilon == epsilon_from_history([(1.1, 0.2, 15)], delta=1e-5, accountant="prv")
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_epsilon_each_round_equals_a_fresh_accountant_fed_the_receipts(
         demo_root: Path, tmp_path: Path, accountant: str) -> None:
-    run = tiny_run(demo_root, accountant=accountant)
-    where = site(demo_root, tmp_path)
-    bundle = model_bundle(run.model)
-    state, epsilons = trainable_state(bundle.model), []
+    run = tiny_run(demo_root, accountant=accountant, num_server_rounds=3)
+    state = SiteState(hospital(demo_root, tmp_path))
+    parameters, epsilons = trainable_state(state.bundle(run.model).model), []
     for r in (1, 2, 3):
-        out = train_round(run, where, state, instructions(bundle, r), run_id="run-a")
-        state = {**state, **out.state}  # the next global: what the site trained, the rest as sent
+        out = train_round(state, run, request(state, run, r, parameters, run_key="run-a"))
+        parameters = {**parameters, **out.state}  # the next global: what the site trained, the rest as sent
         # reference: Opacus' own accountant, fed only what the receipts say
         reference = ACCOUNTANTS[accountant]()
-        for receipt in read_receipts(where.state_dir):
+        for receipt in read_receipts(state.site.state_dir):
             for _ in range(receipt.steps):
                 reference.step(noise_multiplier=receipt.noise_multiplier,
                                sample_rate=receipt.sample_rate)
-        assert out.ledger.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-6)
-        assert read_receipts(where.state_dir)[-1].epsilon == out.ledger.epsilon
-        epsilons.append(out.ledger.epsilon)
+        assert out.account.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-6)
+        assert read_receipts(state.site.state_dir)[-1].epsilon == out.account.epsilon
+        epsilons.append(out.account.epsilon)
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 8.0 + 1e-6
     assert epsilons[2] > 7.5  # the planned rounds spend (almost) all of the target
     n = out.num_examples
-    assert out.ledger.steps == 3 * local_steps(num_examples=n, batch_size=run.train.batch_size,
-                                               epochs=run.train.local_epochs)
+    assert out.account.steps == 3 * local_steps(num_examples=n, batch_size=run.train.batch_size,
+                                                epochs=run.train.local_epochs)
 
 
 def test_dp_noise_is_not_derived_from_the_public_seed(demo_root: Path, tmp_path: Path) -> None:
     """Two trainings from the same state must differ: the noise is secret, not seeded."""
     run = tiny_run(demo_root)
-    bundle = model_bundle(run.model)
-    start = trainable_state(bundle.model)
     results = []
     for attempt in ("a", "b"):
-        where = site(demo_root, tmp_path / attempt, 1)
-        q = sample_rate(num_examples=len(site_data(where, run).train), batch_size=run.train.batch_size)
-        # a pre-planned ledger skips calibration: the noise level is not the point here
-        save_book(where.state_dir, LedgerBook().with_run("r", RunRecord(
-            site_data(where, run).dataset_sha256, Ledger("prv", 1e-5, 1.0, q))))
-        results.append(train_round(run, where, start, instructions(bundle, 1), "r").state)
+        state = SiteState(hospital(demo_root, tmp_path / attempt, 1))
+        data = state.data(run)
+        q = sample_rate(num_examples=len(data.train), batch_size=run.train.batch_size)
+        # a pre-planned account skips calibration: the noise level is not the point here
+        save_ledger(state.site.state_dir, Ledger().with_run("r", RunEntry(
+            dataset=data.version, account=Account(accountant="prv", delta=1e-5,
+                                                  noise_multiplier=1.0, sample_rate=q))))
+        results.append(train_round(state, run, request(state, run, 1, run_key="r")).state)
     assert not torch.equal(results[0]["head.weight"], results[1]["head.weight"])
 
     policy = tmp_path / "no-dp.toml"
     policy.write_text("require-dp = false\n")
-    off = [train_round(run, site(demo_root, tmp_path / f"off{i}", 1, policy), start,
-                       instructions(bundle, 1, dp=False), "r").state for i in range(2)]
+    no_dp = tiny_run(demo_root, dp=False)
+    off = []
+    for i in range(2):
+        state = SiteState(hospital(demo_root, tmp_path / f"off{i}", 1, policy))
+        off.append(train_round(state, no_dp, request(state, no_dp, 1, run_key="r")).state)
     torch.testing.assert_close(off[0]["head.weight"], off[1]["head.weight"])  # reproducible
-    assert load_book(tmp_path / "off0" / "hospital-1").run("r").ledger is None  # nothing charged
+    assert load_ledger(tmp_path / "off0" / "hospital-1").run("r").account is None  # nothing charged
 
 
 @settings(max_examples=15, deadline=None)
-@given(sigma=st.floats(0.5, 5.0), q=st.floats(0.01, 1.0),
-       rounds=st.lists(st.integers(1, 30), min_size=2, max_size=4),
+@given(rounds=st.lists(st.tuples(st.floats(0.5, 5.0), st.floats(0.01, 1.0), st.integers(1, 30)),
+                       min_size=2, max_size=4),
        accountant=st.sampled_from(["rdp", "prv"]))
-def test_epsilon_never_decreases_over_rounds(sigma: float, q: float, rounds: list[int],
-                                             accountant: str) -> None:
-    history, last = [], 0.0
-    for steps in rounds:
-        history = [(sigma, q, (history[0][2] if history else 0) + steps)]
-        eps = epsilon_from_history(history, delta=1e-5, accountant=accountant)
-        assert eps >= last - 1e-9 and math.isfinite(eps)
-        last = eps
+def test_an_account_never_loses_epsilon_and_equals_opacus_stepping_its_history(
+        rounds: list[tuple[float, float, int]], accountant: str) -> None:
+    """Rounds of different noise and rate: the account's epsilon grows and matches the reference."""
+    account = Account(accountant=accountant, delta=1e-5, noise_multiplier=1.0, sample_rate=0.1)
+    reference = ACCOUNTANTS[accountant]()
+    last = 0.0
+    for sigma, q, steps in rounds:
+        account = account.after([*account.history, (sigma, q, steps)])
+        for _ in range(steps):
+            reference.step(noise_multiplier=sigma, sample_rate=q)
+        assert math.isfinite(account.epsilon) and account.epsilon >= last - 1e-9
+        assert account.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
+        last = account.epsilon

@@ -1,7 +1,7 @@
 """Audit of everything that leaves a site during a simulated run.
 
 Every reply is captured as it leaves the ClientApp. Allowed: the trainable parameters (exact
-names, shapes, float32), the fixed scalar metrics of common.records, the site's own name, and,
+names, shapes, float32), the fixed scalar metrics of common.protocol, the site's own name, and,
 instead of all of that, an error reason naming the site. Nothing else.
 """
 
@@ -14,10 +14,11 @@ import numpy as np
 from flwr.app import Message
 
 from client.app import app as client_app
-from common import records as R
-from common.model import build_model, trainable_state
+from common import protocol as R
+from common.model.fusion_model import build_model
+from common.model.trainable import trainable_state
+from common.runfolder import RunFolder
 from server.app import run_federation
-from server.history import read_summary
 from tests.conftest import tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
 
@@ -42,7 +43,7 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(2)],
                          tiny_user_config(data, **settings), tap=tap)
     out = run_federation(grid, tiny_run(data, **settings))
-    assert read_summary(out)["status"] == "completed"
+    assert RunFolder(out).read_summary().status == "completed"
 
     expected = {k: v.shape for k, v in trainable_state(build_model(tiny_run(data).model)).items()}
     names = {1: "hospital-0", 2: "hospital-1"}

@@ -8,16 +8,24 @@ import sys
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
-from common import records as R
-from common.ledger import LEDGER_FILE, LedgerError, load_book, read_receipts
-from common.model import build_model, frozen_fingerprint, trainable_state
-from common.privacy import epsilon_from_history
-from server.app import round_config
-from tests.conftest import tiny_run, tiny_user_config
+from common import protocol as R
+from common.model.fusion_model import build_model
+from common.model.trainable import frozen_fingerprint, trainable_state
+from common.privacy.accounting import epsilon_from_history
+from common.privacy.ledger import LEDGER_FILE, LedgerError, load_ledger
+from common.privacy.receipts import read_receipts
+from tests.conftest import hospital, request, round_config, tiny_run, tiny_user_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,14 +38,15 @@ def site_process(demo_root: Path, state: Path, *rounds: int) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow  # two fresh processes
 def test_a_restarted_site_continues_from_its_recorded_spend(demo_root: Path, tmp_path: Path) -> None:
     first = site_process(demo_root, tmp_path, 1, 2)  # a site process trains rounds 1 and 2 ...
     (third,) = site_process(demo_root, tmp_path, 3)  # ... stops; a new process trains round 3
     eps = [first[0]["epsilon"], first[1]["epsilon"], third["epsilon"]]
     assert eps[0] < eps[1] < eps[2] <= 8.0 + 1e-6
-    record = load_book(tmp_path / "hospital-0" / "state").run("4242")
-    assert record.rounds == (1, 2, 3)
-    (sigma, q, steps), = record.ledger.history  # one noise level for the whole run
+    entry = load_ledger(tmp_path / "hospital-0" / "state").run("4242")
+    assert entry.rounds == (1, 2, 3)
+    (sigma, q, steps), = entry.account.history  # one noise level for the whole run
     assert steps == 3 * read_receipts(tmp_path / "hospital-0" / "state")[0].steps
     assert eps[2] == pytest.approx(epsilon_from_history([(sigma, q, steps)], delta=1e-5,
                                                         accountant="rdp"), abs=1e-9)
@@ -50,7 +59,7 @@ def test_nothing_is_sent_when_the_ledger_cannot_be_written(demo_root: Path, tmp_
     blocker.write_text("not a folder")
     run = tiny_run(demo_root)
     model = build_model(run.model)
-    config = ConfigRecord({**round_config(run, frozen_fingerprint(model), "run-5"), R.SERVER_ROUND: 1})
+    config = ConfigRecord({**round_config(frozen_fingerprint(model), "run-5"), R.SERVER_ROUND: 1})
     msg = Message(RecordDict({R.ARRAYS: ArrayRecord(trainable_state(model)), R.CONFIG: config}),
                   dst_node_id=1, message_type=MessageType.TRAIN)
     ctx = Context(run_id=5, node_id=1, node_config={"manifest": str(demo_root / "hospital-0"),
@@ -65,27 +74,25 @@ def test_nothing_is_sent_when_the_ledger_cannot_be_written(demo_root: Path, tmp_
 def test_an_unreadable_ledger_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
     (tmp_path / LEDGER_FILE).write_text("{ truncated")
     with pytest.raises(LedgerError, match="restore it from a backup; do not delete it"):
-        load_book(tmp_path)
+        load_ledger(tmp_path)
 
 
 def test_data_changed_mid_run_is_refused(demo_root: Path, tmp_path: Path) -> None:
+    """The same process notices the change: the dataset version is recomputed every round."""
     import shutil
 
-    from common.config import SiteConfig
-    from common.site import RoundInstructions, SiteError, model_bundle, site_data, train_round
+    from client.rounds import train_round
+    from client.state import SiteState
+    from common.errors import Refusal
 
     shutil.copytree(demo_root / "hospital-2", tmp_path / "h2")
-    run = tiny_run(demo_root)
-    where = SiteConfig("h2", tmp_path / "h2", tmp_path / "state")
-    bundle = model_bundle(run.model)
-    ins = RoundInstructions(1, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
-    state = trainable_state(bundle.model)
-    train_round(run, where, state, ins, "r")
+    run = tiny_run(demo_root, num_server_rounds=2)
+    state = SiteState(hospital(tmp_path, tmp_path / "state", 2, manifest=tmp_path / "h2"))
+    train_round(state, run, request(state, run, 1, run_key="r"))
     manifest = tmp_path / "h2" / "manifest.csv"
     one_more = manifest.read_text().splitlines()[1].rsplit(",", 1)[0] + ",a-new-patient\n"
     manifest.write_text(manifest.read_text() + one_more)
-    site_data.cache_clear()  # a new site process would read the manifest afresh
-    ins2 = RoundInstructions(2, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
-    with pytest.raises(SiteError, match="changed during this run"):
-        train_round(run, where, state, ins2, "r")
-    assert [r.round for r in read_receipts(where.state_dir)] == [1]
+    with pytest.raises(Refusal, match="changed during this run") as refused:
+        train_round(state, run, request(state, run, 2, run_key="r"))
+    assert refused.value.reason == "data-changed"
+    assert [r.round for r in read_receipts(state.site.state_dir)] == [1]

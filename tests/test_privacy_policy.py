@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.app import app as client_app
-from common import records as R
-from common.config import SiteConfig
-from common.enforcement import PrivacyRefusal, authorize_round, negotiate
-from common.ledger import RunRecord, load_book, read_receipts
-from common.model import trainable_state
-from common.policy import PolicyError, SitePolicy, load_policy
-from common.privacy import epsilon_from_history, local_steps
-from common.site import RoundInstructions, model_bundle, train_round
+from client.rounds import train_round
+from client.state import SiteState
+from common import protocol as R
+from common.errors import Refusal
+from common.privacy.accounting import epsilon_from_history, local_steps
+from common.privacy.enforcement import authorize_round, negotiate
+from common.privacy.ledger import RunEntry, load_ledger
+from common.privacy.policy import PolicyError, SitePolicy, load_policy
+from common.privacy.receipts import read_receipts
+from common.runfolder import RunFolder
 from server.app import run_federation
-from server.history import read_history, read_summary
-from tests.conftest import tiny_run, tiny_user_config
+from tests.conftest import hospital, request, tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
 
 
@@ -53,8 +53,9 @@ def test_the_stricter_of_policy_and_proposal_wins() -> None:
     loose = negotiate(SitePolicy(max_epsilon=20.0), run, dp=True, target_epsilon=8.0,
                       target_delta=1e-5, num_rounds=5)
     assert loose.run_epsilon == 8.0  # the site never loosens the server's proposal either
-    with pytest.raises(PrivacyRefusal, match="refused: the server asked to train without"):
+    with pytest.raises(Refusal, match="the server asked to train without") as refused:
         negotiate(SitePolicy(), run, dp=False, target_epsilon=8.0, target_delta=1e-5, num_rounds=5)
+    assert refused.value.reason == "dp-required"
 
 
 def _copy_with_policies(demo_root: Path, dest: Path, policies: dict[int, str]) -> Path:
@@ -65,11 +66,11 @@ def _copy_with_policies(demo_root: Path, dest: Path, policies: dict[int, str]) -
     return dest
 
 
-def _federation(data: Path, out: Path, sites: int, **overrides: object) -> Path:
+def _federation(data: Path, out: Path, sites: int, **overrides: object) -> RunFolder:
     settings = {"output-dir": str(out), "run-name": "t", "state-root": str(out / "state"), **overrides}
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(sites)],
                          tiny_user_config(data, **settings))
-    return run_federation(grid, tiny_run(data, **settings))
+    return RunFolder(run_federation(grid, tiny_run(data, **settings)))
 
 
 def test_a_site_trains_within_its_cap_then_refuses_and_the_others_finish(
@@ -77,57 +78,67 @@ def test_a_site_trains_within_its_cap_then_refuses_and_the_others_finish(
     data = _copy_with_policies(demo_root, tmp_path / "data",
                                {1: "max-epsilon = 4.0\nmax-rounds = 2\n", 2: "max-epsilon = 2.0\n"})
     out = _federation(data, tmp_path / "out", 3, **{"num-server-rounds": 3})
-    history = read_history(out)
-    trained = [sorted(n for n, m in h["sites"].items() if R.EPSILON in m) for h in history]
+    history = out.read_history()
+    trained = [sorted(n for n, s in h.sites.items() if s.train is not None) for h in history]
     assert trained == [["hospital-0", "hospital-1", "hospital-2"]] * 2 + [["hospital-0", "hospital-2"]]
-    assert "max-rounds = 2" in history[2]["refusals"]["hospital-1"]
-    assert R.AUROC in history[2]["sites"]["hospital-1"]  # it still evaluates the global model
+    assert "max-rounds = 2" in history[2].refusals["hospital-1"]
+    assert history[2].sites["hospital-1"].evaluate is not None  # it still evaluates the global model
     # nothing charged for the refused round
     state = tmp_path / "out" / "state" / "hospital-1" / "state"
     assert [r.round for r in read_receipts(state)] == [1, 2]
-    summary = read_summary(out)
-    assert summary["status"] == "completed"
-    sites = summary["sites"]
-    assert sites["hospital-1"]["rounds_trained"] == [1, 2] and sites["hospital-1"]["rounds_refused"] == [3]
+    summary = out.read_summary()
+    assert summary.status == "completed"
+    sites = summary.sites
+    assert sites["hospital-1"].rounds_trained == [1, 2] and sites["hospital-1"].rounds_refused == [3]
     # each site its own epsilon, under its own cap, spent over the rounds it planned
-    assert 3.5 < sites["hospital-1"]["epsilon"] <= 4.0
-    assert 1.8 < sites["hospital-2"]["epsilon"] <= 2.0
-    assert 7.5 < sites["hospital-0"]["epsilon"] <= 8.0
+    assert 3.5 < sites["hospital-1"].epsilon <= 4.0
+    assert 1.8 < sites["hospital-2"].epsilon <= 2.0
+    assert 7.5 < sites["hospital-0"].epsilon <= 8.0
 
 
 def test_require_dp_refuses_a_run_without_dp_and_the_run_ends_cleanly(demo_root: Path,
                                                                       tmp_path: Path) -> None:
-    out = _federation(demo_root, tmp_path / "out", 2, dp=False, **{"num-server-rounds": 2})
-    summary = read_summary(out)
-    assert summary["status"] == "stopped"
-    assert "Refused: site 'hospital-" in summary["message"]
-    assert summary["message"].count("refused: the server asked to train without differential") == 2
-    (line,) = read_history(out)
-    assert set(line["refusals"]) == {"hospital-0", "hospital-1"} and not line["sites"]
+    data = _copy_with_policies(demo_root, tmp_path / "data", {0: "require-dp = true\n",
+                                                              1: "require-dp = true\n"})
+    out = _federation(data, tmp_path / "out", 2, dp=False, **{"num-server-rounds": 2})
+    summary = out.read_summary()
+    assert summary.status == "stopped"
+    assert "Refused: hospital-0: refused: " in summary.message
+    assert summary.message.count("refused: the server asked to train without differential") == 2
+    (line,) = out.read_history()
+    assert set(line.refusals) == {"hospital-0", "hospital-1"} and not line.sites
     assert not (tmp_path / "out" / "state" / "hospital-0" / "state" / "receipts.jsonl").exists()
+
+
+def test_a_simulated_hospital_without_a_policy_follows_the_runs_dp_setting(
+        demo_root: Path, tmp_path: Path) -> None:
+    """The researcher plays every simulated hospital: without a policy.toml, `dp` decides."""
+    out = _federation(demo_root, tmp_path / "out", 2, dp=False, **{"num-server-rounds": 1})
+    (line,) = out.read_history()
+    assert not line.refusals and all(s.train[R.EPSILON] is None for s in line.sites.values())
 
 
 def test_dataset_scope_composes_runs_and_refuses_when_spent(demo_root: Path, tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('max-epsilon = 6.0\nbudget-scope = "dataset"\n')
-    run = tiny_run(demo_root, accountant="rdp")
-    where = SiteConfig("hospital-2", demo_root / "hospital-2", tmp_path / "state", policy)
-    bundle = model_bundle(run.model)
-    start = trainable_state(bundle.model)
+    run = tiny_run(demo_root, accountant="rdp", target_epsilon=4.0, num_server_rounds=1)
+    state = SiteState(hospital(demo_root, tmp_path / "state", 2, policy))
+    where = state.site
 
     def one_run(run_id: str, target: float) -> float:
-        ins = RoundInstructions(1, 1, 0.1, bundle.fingerprint, True, target, 1e-5)
-        return train_round(run, where, start, ins, run_id).receipt.scope_epsilon
+        assert run.privacy.target_epsilon == target
+        return train_round(state, run, request(state, run, 1, run_key=run_id)).receipt.scope_epsilon
 
     first = one_run("run-1", 4.0)  # this run alone: at most the server's 4.0
     assert 3.8 < first <= 4.0
     second = one_run("run-2", 4.0)  # composed with run-1: at most the cap of 6.0
     assert 5.8 < second <= 6.0
-    book = load_book(where.state_dir)
-    composed = epsilon_from_history([*book.run("run-1").ledger.history,
-                                     *book.run("run-2").ledger.history], delta=1e-5, accountant="rdp")
+    ledger = load_ledger(where.state_dir)
+    composed = epsilon_from_history([*ledger.run("run-1").account.history,
+                                     *ledger.run("run-2").account.history], delta=1e-5,
+                                    accountant="rdp")
     assert composed == pytest.approx(second, abs=1e-6)
-    with pytest.raises(PrivacyRefusal, match="privacy budget is exhausted: earlier runs"):
+    with pytest.raises(Refusal, match="privacy budget is exhausted: earlier runs"):
         one_run("run-3", 4.0)
     assert [r.run_id for r in read_receipts(where.state_dir)] == ["run-1", "run-2"]
 
@@ -141,20 +152,21 @@ def test_random_policies_never_decrease_or_exceed_the_cap(cap: float, target: fl
     policy = SitePolicy(max_epsilon=cap, max_rounds=max_rounds)
     terms = negotiate(policy, run, dp=True, target_epsilon=target, target_delta=1e-5,
                       num_rounds=server_rounds)
-    record, epsilons = None, [0.0]
+    entry, epsilons = None, [0.0]
     for r in range(1, server_rounds + 1):
         try:
-            ledger = authorize_round(terms, record, [], policy, num_examples=n, batch_size=batch,
-                                     epochs=1)
-        except PrivacyRefusal:
+            account = authorize_round(terms, entry, [], policy, num_examples=n, batch_size=batch,
+                                      epochs=1)
+        except Refusal:
             assert r > min(max_rounds, server_rounds)
             continue
         steps = local_steps(num_examples=n, batch_size=batch, epochs=1)
         # what training charges: this round's steps at the run's noise and rate
-        ledger = replace(ledger, history=(
-            (ledger.noise_multiplier, ledger.sample_rate, ledger.steps + steps),))
-        record = RunRecord("d", ledger, (record.rounds if record else ()) + (r,))
-        epsilons.append(ledger.epsilon)
+        account = account.after([*account.history,
+                                 (account.noise_multiplier, account.sample_rate, steps)])
+        entry = RunEntry(dataset="d", account=account,
+                         rounds=(entry.rounds if entry else ()) + (r,))
+        epsilons.append(account.epsilon)
     assert all(b >= a for a, b in zip(epsilons, epsilons[1:], strict=False))
     assert epsilons[-1] <= min(cap, target) * (1 + 1e-6)
     assert len(epsilons) - 1 == min(max_rounds, server_rounds)

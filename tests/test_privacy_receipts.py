@@ -8,26 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from common.audit import audit
-from common.cli import main as fedfusion
-from common.config import SiteConfig
-from common.ledger import RECEIPTS_FILE, read_receipts
-from common.model import trainable_state
-from common.site import RoundInstructions, model_bundle, train_round
-from tests.conftest import tiny_run
+from client.rounds import train_round
+from client.state import SiteState
+from common.model.trainable import trainable_state
+from common.privacy.audit import audit
+from common.privacy.receipts import RECEIPTS_FILE, read_receipts
+from tests.conftest import hospital, request, tiny_run
+from tools.cli import main as fedfusion
 
 
 @pytest.fixture(scope="module")
 def trained_state(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A site's state folder after two DP rounds of one run (read-only: copy it to modify)."""
-    run = tiny_run(demo_root, accountant="rdp")
-    where = SiteConfig("hospital-0", demo_root / "hospital-0", tmp_path_factory.mktemp("state"))
-    bundle = model_bundle(run.model)
-    state = trainable_state(bundle.model)
+    run = tiny_run(demo_root, accountant="rdp", num_server_rounds=2)
+    site = SiteState(hospital(demo_root, tmp_path_factory.mktemp("state")))
+    parameters = trainable_state(site.bundle(run.model).model)
     for r in (1, 2):
-        ins = RoundInstructions(r, 2, 0.1, bundle.fingerprint, True, 8.0, 1e-5)
-        state = {**state, **train_round(run, where, state, ins, "run-7").state}
-    return where.state_dir
+        out = train_round(site, run, request(site, run, r, parameters, run_key="run-7"))
+        parameters = {**parameters, **out.state}
+    return site.site.state_dir
 
 
 @pytest.fixture()
@@ -46,8 +45,8 @@ def test_receipts_hold_what_the_issue_asks(state_dir: Path) -> None:
 
 
 def test_report_re_derives_every_epsilon(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rows, problems = audit(state_dir)
-    assert all(row.ok for row in rows) and not problems
+    result = audit(state_dir)
+    assert result.ok and len(result.rows) == 2
     assert fedfusion(["privacy", "report", str(state_dir)]) == 0
     out = capsys.readouterr().out
     assert "All receipts agree" in out and out.count(" ok") == 2

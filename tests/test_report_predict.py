@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 
 from client.app import app as client_app
-from common import records as R
-from common.cli import COMMANDS, main
-from common.data import read_manifest, split_by_patient
-from common.model import resolve_model_config
-from common.plots import AGGREGATE, plot_epsilon, plot_metric
-from common.predict import load_predictor, predict_case, predict_manifest
-from common.report import write_report
+from common import protocol as R
+from common.data.manifest import read_manifest, split_by_patient
+from common.runfolder import RunFolder
 from server.app import run_federation
-from server.history import read_history
 from tests.conftest import tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
+from tools.cli import COMMANDS, main
+from tools.plots import AGGREGATE, plot_epsilon, plot_metric
+from tools.predict import load_predictor, predict_case, predict_manifest
+from tools.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +42,7 @@ def run_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _val_manifest(demo_root: Path, dest: Path, site: str) -> Path:
     """The site's validation rows as the server's run split them, in a manifest of their own."""
-    cfg = resolve_model_config(tiny_run(demo_root).model)
+    cfg = tiny_run(demo_root).model
     manifest, rows = read_manifest(demo_root / site, cfg.class_names)
     _, val = split_by_patient(rows, tiny_run(demo_root).data.val_fraction, cfg.seed)
     path = dest / f"{site}-val.csv"
@@ -55,15 +54,15 @@ def _val_manifest(demo_root: Path, dest: Path, site: str) -> Path:
 
 
 def test_plots_are_written_and_hold_the_history(run_dir: Path) -> None:
-    history = read_history(run_dir)
+    history = RunFolder(run_dir).read_history()
     for name in ("loss.png", "auroc.png", "accuracy.png", "epsilon.png"):
         assert (run_dir / name).read_bytes()[:8] == PNG
     lines = {ln.get_label(): list(ln.get_ydata())
              for ln in plot_metric(history, R.AUROC, "auroc").axes[0].get_lines()}
-    assert lines[AGGREGATE] == [h["aggregate"][R.AUROC] for h in history]
-    assert lines["hospital-1"] == [h["sites"]["hospital-1"][R.AUROC] for h in history]
+    assert lines[AGGREGATE] == [h.aggregate[R.AUROC] for h in history]
+    assert lines["hospital-1"] == [h.sites["hospital-1"].evaluate[R.AUROC] for h in history]
     eps = {ln.get_label(): list(ln.get_ydata()) for ln in plot_epsilon(history).axes[0].get_lines()}
-    assert eps["hospital-0"] == [h["sites"]["hospital-0"][R.EPSILON] for h in history]
+    assert eps["hospital-0"] == [h.sites["hospital-0"].train[R.EPSILON] for h in history]
     assert eps["hospital-0 cap"][0] == 8.0  # the server's target; the default policy adds no cap
 
 
@@ -73,21 +72,21 @@ def test_tensorboard_events_hold_the_same_series(run_dir: Path) -> None:
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    history = read_history(run_dir)
+    history = RunFolder(run_dir).read_history()
     assert [e.value for e in acc.Scalars("epsilon/hospital-1")] == pytest.approx(
-        [h["sites"]["hospital-1"][R.EPSILON] for h in history])
+        [h.sites["hospital-1"].train[R.EPSILON] for h in history])
     assert [e.step for e in acc.Scalars("loss/aggregate")] == [1, 2]
 
 
 @pytest.mark.parametrize("fmt", ["html", "md"])
 def test_report_holds_sites_metrics_model_privacy_and_plots(run_dir: Path, fmt: str) -> None:
     text = write_report(run_dir, fmt).read_text()
-    final = read_history(run_dir)[-1]["sites"]
-    for name, m in final.items():
+    final = RunFolder(run_dir).read_history()[-1].sites
+    for name, s in final.items():
         assert name in text
-        assert f"{m[R.TRAIN_EXAMPLES]}" in text and f"{m[R.AUROC]:.3f}" in text
-        assert f"epsilon = {m[R.EPSILON]:.3f} with delta = 1e-05" in text
-        assert f"standard deviation {m[R.NOISE_MULTIPLIER]:.3f} x 1" in text
+        assert f"{s.train[R.NUM_EXAMPLES]}" in text and f"{s.evaluate[R.AUROC]:.3f}" in text
+        assert f"epsilon = {s.train[R.EPSILON]:.3f} with delta = 1e-05" in text
+        assert f"standard deviation {s.train[R.NOISE_MULTIPLIER]:.3f} x 1" in text
     assert "RDP accountant" in text and "protection is per record" in text
     assert "tiny" in text and "concat" in text and "fusion, head" in text
     fingerprint = re.search(r'"frozen_fingerprint": "([0-9a-f]{64})"', (run_dir / "model.json").read_text())
@@ -100,8 +99,8 @@ def test_predict_reproduces_the_final_round_evaluation(run_dir: Path, demo_root:
                                                        tmp_path: Path) -> None:
     manifest = _val_manifest(demo_root, tmp_path, "hospital-0")
     result = predict_manifest(load_predictor(run_dir, "cpu"), manifest)
-    evaluated = read_history(run_dir)[-1]["sites"]["hospital-0"]
-    assert result.metrics.num_examples == evaluated[R.VAL_EXAMPLES]
+    evaluated = RunFolder(run_dir).read_history()[-1].sites["hospital-0"].evaluate
+    assert result.metrics.num_examples == evaluated[R.NUM_EXAMPLES]
     for key in (R.LOSS, R.ACCURACY, R.AUROC, R.F1):
         assert getattr(result.metrics, key) == pytest.approx(evaluated[key], rel=1e-5), key
 
@@ -109,7 +108,7 @@ def test_predict_reproduces_the_final_round_evaluation(run_dir: Path, demo_root:
 def test_predict_command_runs_without_flower(run_dir: Path, demo_root: Path, tmp_path: Path) -> None:
     manifest = _val_manifest(demo_root, tmp_path, "hospital-1")
     out = tmp_path / "pred.csv"
-    code = ("import sys; from common.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from tools.cli import main; rc = main(sys.argv[1:]); "
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'); "
             "print('flwr modules:', loaded); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "predict", "--model", str(run_dir),
@@ -118,10 +117,10 @@ def test_predict_command_runs_without_flower(run_dir: Path, demo_root: Path, tmp
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "flwr modules: []" in proc.stdout
-    evaluated = read_history(run_dir)[-1]["sites"]["hospital-1"]
+    evaluated = RunFolder(run_dir).read_history()[-1].sites["hospital-1"].evaluate
     assert f"accuracy {evaluated[R.ACCURACY]:.4f}" in proc.stdout
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == evaluated[R.VAL_EXAMPLES]
+    assert len(rows) == evaluated[R.NUM_EXAMPLES]
     assert set(rows[0]) == {"line", "image", "label", "prediction", "p_normal", "p_pneumonia",
                             "p_effusion"}
 

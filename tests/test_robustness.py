@@ -16,12 +16,17 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import evaluate_reply, train_reply
-from common import records as R
-from common.checkpoint import load_tensors
+from client import app as client_app
+from common import protocol as R
+from common.model.checkpoint import load_tensors
+from common.runfolder import RunFolder
 from server.app import run_federation
-from server.history import read_history, read_summary
-from server.updates import Update, UpdateBounds, complete_partial_updates, screen_updates
+from server.screening import (
+    Update,
+    UpdateBounds,
+    complete_partial_updates,
+    screen_updates,
+)
 from tests.conftest import tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
 
@@ -36,7 +41,7 @@ GLOBAL = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
 def _update(site: str, scale: float = 0.1, n: int = 10, **changes: np.ndarray) -> Update:
     arrays = {k: v + np.float32(scale) for k, v in GLOBAL.items()}
     arrays.update(changes)
-    return Update(site, arrays, (), n)
+    return Update(site=site, arrays=arrays, untrained=(), num_examples=n)
 
 
 @pytest.mark.parametrize(("arrays", "untrained", "reason"), [
@@ -51,8 +56,8 @@ def _update(site: str, scale: float = 0.1, n: int = 10, **changes: np.ndarray) -
 ])
 def test_malformed_updates_are_rejected_with_the_reason(arrays: dict, untrained: tuple,
                                                         reason: str) -> None:
-    screening = screen_updates([Update("bad", dict(arrays), untrained, 10), _update("good")],
-                               GLOBAL, UpdateBounds())
+    bad = Update(site="bad", arrays=dict(arrays), untrained=untrained, num_examples=10)
+    screening = screen_updates([bad, _update("good")], GLOBAL, UpdateBounds())
     assert [u.site for u in screening.accepted] == ["good"]
     assert reason in screening.rejected["bad"]
 
@@ -72,7 +77,7 @@ def test_norm_bounds_fixed_and_relative_to_the_median() -> None:
 def test_a_left_out_parameter_takes_the_mean_of_the_sites_that_trained_it() -> None:
     full_1 = _update("s1", 1.0, n=10)
     full_2 = _update("s2", 2.0, n=30)
-    partial = Update("s3", {"a": GLOBAL["a"] + 5}, ("b",), 60)
+    partial = Update(site="s3", arrays={"a": GLOBAL["a"] + 5}, untrained=("b",), num_examples=60)
     complete = complete_partial_updates([full_1, full_2, partial], GLOBAL)
     np.testing.assert_allclose(complete[2]["b"], GLOBAL["b"] + (1.0 * 10 + 2.0 * 30) / 40)
     np.testing.assert_array_equal(complete[2]["a"], partial.arrays["a"])
@@ -80,13 +85,14 @@ def test_a_left_out_parameter_takes_the_mean_of_the_sites_that_trained_it() -> N
     fedavg_b = sum(c["b"] * n for c, n in zip(complete, (10, 30, 60), strict=True)) / 100
     np.testing.assert_allclose(fedavg_b, GLOBAL["b"] + 1.75, rtol=1e-6)
     # a parameter nobody trained keeps its global value
-    nobody = complete_partial_updates([Update("s", {"a": GLOBAL["a"] + 1}, ("b",), 5)], GLOBAL)
+    nobody = complete_partial_updates(
+        [Update(site="s", arrays={"a": GLOBAL["a"] + 1}, untrained=("b",), num_examples=5)], GLOBAL)
     np.testing.assert_array_equal(nobody[0]["b"], GLOBAL["b"])
 
 
 # --- faulty hospitals in a federation ------------------------------------------------------
 
-def faulty_client_app(faults: dict[int, Fault], policy: Path,
+def faulty_client_app(faults: dict[int, Fault],
                       stalls: dict[int, threading.Event] | None = None) -> ClientApp:
     """The real ClientApp; hospital i's train reply passes through faults[i] when it has one.
 
@@ -102,13 +108,13 @@ def faulty_client_app(faults: dict[int, Fault], policy: Path,
             # training now would race the next test for torch's global RNG and the cached model
             stalls[partition].wait(300)
             raise TimeoutError("stalled site released")
-        reply = train_reply(msg, context, context.run_config, policy)
+        reply = client_app.train(msg, context)
         fault = faults.get(partition)
         return fault(msg, reply) if fault else reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return evaluate_reply(msg, context, context.run_config, policy)
+        return client_app.evaluate(msg, context)
 
     return app
 
@@ -146,10 +152,7 @@ def run(data_root: Path, out: Path, sites: int, faults: dict[int, Fault], tap=No
     """A federation of `sites` hospitals without DP; returns the run folder."""
     settings = {"output-dir": str(out), "run-name": "r", "state-root": str(out / "state"),
                 "dp": False, "num-server-rounds": 1, **overrides}
-    policy = out / "no-dp-policy.toml"  # sites require DP unless their policy says otherwise
-    policy.parent.mkdir(parents=True, exist_ok=True)
-    policy.write_text("require-dp = false\n")
-    grid = InProcessGrid(faulty_client_app(faults, policy, stalls),
+    grid = InProcessGrid(faulty_client_app(faults, stalls),
                          [{"partition-id": i, "num-partitions": sites} for i in range(sites)],
                          tiny_user_config(data_root, **settings), tap=tap)
     return run_federation(grid, tiny_run(data_root, **settings))
@@ -157,7 +160,7 @@ def run(data_root: Path, out: Path, sites: int, faults: dict[int, Fault], tap=No
 
 @pytest.fixture(scope="module")
 def five_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from common.demo_data import write_demo_hospitals
+    from simulations.demo_data import write_demo_hospitals
 
     root = tmp_path_factory.mktemp("five")
     write_demo_hospitals(root, 5, seed=1, size_scale=0.3)
@@ -165,13 +168,13 @@ def five_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_site_that_raises_does_not_stop_the_round(demo_root: Path, tmp_path: Path) -> None:
-    out = run(demo_root, tmp_path, 3, {1: raises}, **{"num-server-rounds": 2})
-    history = read_history(out)
-    assert [h["round"] for h in history] == [1, 2] and all("aggregate" in h for h in history)
+    out = RunFolder(run(demo_root, tmp_path, 3, {1: raises}, **{"num-server-rounds": 2}))
+    history = out.read_history()
+    assert [h.round for h in history] == [1, 2] and all(h.finished for h in history)
     for h in history:
-        assert "the GPU driver crashed" in h["failures"]["hospital-1"]
-        assert R.EPSILON in h["sites"]["hospital-0"] and R.EPSILON in h["sites"]["hospital-2"]
-    assert read_summary(out)["sites"]["hospital-1"]["rounds_failed"] == [1, 2]
+        assert "the GPU driver crashed" in h.failures["hospital-1"]
+        assert h.sites["hospital-0"].train and h.sites["hospital-2"].train
+    assert out.read_summary().sites["hospital-1"].rounds_failed == [1, 2]
 
 
 def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(five_hospitals: Path,
@@ -186,13 +189,13 @@ def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(five_hospi
 
     faults = {1: nan_in("head"), 2: wrong_shape("head"), 3: scaled(1000.0)}
     out = run(five_hospitals, tmp_path, 5, faults, tap=tap)
-    (line,) = read_history(out)
-    rejected = line["rejected"]
+    (line,) = RunFolder(out).read_history()
+    rejected = line.rejected
     assert set(rejected) == {"hospital-1", "hospital-2", "hospital-3"}
     assert "NaN or Inf" in rejected["hospital-1"]
     assert "has shape" in rejected["hospital-2"]
     assert "median norm" in rejected["hospital-3"]
-    assert read_summary(out)["sites"]["hospital-3"]["rounds_rejected"] == [1]
+    assert RunFolder(out).read_summary().sites["hospital-3"].rounds_rejected == [1]
     # the global model is the FedAvg of the two honest hospitals (nodes 1 and 5) alone
     saved = load_tensors(out / "round-001.safetensors")
     for name, value in saved.items():
@@ -205,26 +208,27 @@ def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(five_hospi
 
 def test_too_few_usable_updates_stop_the_run_with_the_reasons(demo_root: Path, tmp_path: Path) -> None:
     out = run(demo_root, tmp_path, 3, {0: nan_in("head"), 1: raises})
-    summary = read_summary(out)
-    assert summary["status"] == "stopped"
-    assert "1 site(s) sent a usable update, fewer than min-nodes=2" in summary["message"]
-    assert "Rejected: hospital-0: malformed update" in summary["message"]
-    assert "the GPU driver crashed" in summary["message"]
+    summary = RunFolder(out).read_summary()
+    assert summary.status == "stopped"
+    assert "1 site(s) sent a usable update, fewer than min-nodes=2" in summary.message
+    assert "Rejected: hospital-0: malformed update" in summary.message
+    assert "the GPU driver crashed" in summary.message
 
 
+@pytest.mark.slow  # waits out a 30 s round timeout
 def test_a_stalled_site_is_left_behind_at_the_round_timeout(demo_root: Path, tmp_path: Path) -> None:
     release = threading.Event()  # hospital 2 hangs until the test ends
     try:
         out = run(demo_root, tmp_path, 3, {}, stalls={2: release}, **{"round-timeout": 30.0})
     finally:
         release.set()
-    (line,) = read_history(out)
-    assert "aggregate" in line and set(line["sites"]) >= {"hospital-0", "hospital-1"}
-    assert R.EPSILON not in line["sites"].get("hospital-2", {})  # its update never arrived
+    (line,) = RunFolder(out).read_history()
+    assert line.finished and set(line.sites) >= {"hospital-0", "hospital-1"}
+    assert "hospital-2" not in line.sites or line.sites["hospital-2"].train is None  # never arrived
 
 
 def _final_auroc(out: Path) -> float:
-    return read_history(out)[-1]["aggregate"][R.AUROC]
+    return RunFolder(out).read_history()[-1].aggregate[R.AUROC]
 
 
 @pytest.mark.slow

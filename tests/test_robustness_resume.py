@@ -6,7 +6,6 @@ uninterrupted one; sites answer a round asked again with the update they already
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.checkpoint import load_tensors
-from common.ledger import load_book, read_receipts
-from server.history import read_history, read_summary
+from common.model.checkpoint import load_tensors
+from common.privacy.ledger import load_ledger
+from common.privacy.receipts import read_receipts
+from common.runfolder import RunFolder
 from server.resume import ResumeError, open_run
 from tests import federation_process
 from tests.conftest import tiny_run
@@ -37,7 +37,7 @@ def _start(demo_root: Path, out: Path, name: str, rounds: int, log: Path) -> sub
 def _wait_for_rounds(folder: Path, rounds: int, proc: subprocess.Popen, log: Path,
                      limit: float = 180.0) -> None:
     deadline = time.monotonic() + limit
-    while len(read_history(folder)) < rounds:
+    while len(RunFolder(folder).read_history()) < rounds:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no round {rounds} in {folder}; log tail:\n{log.read_text()[-3000:]}")
@@ -54,14 +54,14 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(demo_root
     os.killpg(first.pid, signal.SIGKILL)  # mid-run: round 2 is under way
     first.wait(30)
     assert first.returncode == -signal.SIGKILL
-    finished_before = len(read_history(folder))
-    assert finished_before < 3 and read_summary(folder) is None
+    finished_before = len(RunFolder(folder).read_history())
+    assert finished_before < 3 and RunFolder(folder).read_summary() is None
 
     second = _start(demo_root, tmp_path, "resumed", 3, log)
     assert second.wait(300) == 0, log.read_text()[-3000:]
-    history = read_history(folder)
-    assert [h["round"] for h in history] == [1, 2, 3]
-    assert read_summary(folder)["status"] == "completed"
+    history = RunFolder(folder).read_history()
+    assert [h.round for h in history] == [1, 2, 3]
+    assert RunFolder(folder).read_summary().status == "completed"
     assert f"resuming run resumed after round {finished_before} of 3" in log.read_text()
 
     straight = federation_process.main(str(demo_root), str(tmp_path), "straight", 3)
@@ -70,10 +70,10 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(demo_root
         np.testing.assert_allclose(resumed_model[name].numpy(), value.numpy(), rtol=0, atol=1e-6)
 
     # every site trained and was charged each round once, though round 2 may have been asked twice
-    run_key = json.loads((folder / "run-config.json").read_text())["run-key"]
+    run_key = RunFolder(folder).read_settings().run_key
     for site in ("hospital-0", "hospital-1", "hospital-2"):
         state = tmp_path / "state" / site / "state"
-        assert load_book(state).run(run_key).rounds == (1, 2, 3)
+        assert load_ledger(state).run(run_key).rounds == (1, 2, 3)
         assert [r.round for r in read_receipts(state) if r.run_id == run_key] == [1, 2, 3]
 
 
@@ -91,4 +91,4 @@ def test_a_completed_run_is_not_resumed(demo_root: Path, tmp_path: Path) -> None
     folder = federation_process.main(str(demo_root), str(tmp_path), "done", 1)
     with pytest.raises(ResumeError, match="already completed"):
         open_run(tiny_run(demo_root, **federation_process.settings(tmp_path, "done", 1)))
-    assert [h["round"] for h in read_history(folder)] == [1]
+    assert [h.round for h in RunFolder(folder).read_history()] == [1]

@@ -1,4 +1,4 @@
-"""The strategy choices: Flower's classes with our mixin in front, and their site-side parts."""
+"""The strategy choices: Flower's own classes with their settings, and their site-side parts."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from common.checkpoint import load_tensors
 from common.config import STRATEGIES
-from common.model import build_model, trainable_state
-from server.history import RunRecorder, optimizer_checkpoint
-from server.strategy import FederationMixin, build_strategy
+from common.model.checkpoint import load_tensors
+from common.model.fusion_model import build_model
+from common.model.trainable import trainable_state
+from common.runfolder import RunFolder
+from server.strategy import build_strategy, load_optimizer_state, optimizer_state
 from tests.conftest import tiny_run
 from tests.test_robustness import run
 
@@ -41,9 +42,8 @@ def test_each_strategy_is_flowers_with_its_settings(name: str, cls: type, settin
     run_cfg = tiny_run(**{"strategy": name, "proximal-mu": 0.5, "server-learning-rate": 0.03,
                           "trim-fraction": 0.3, "byzantine-sites": 2, "multikrum-select": 3,
                           "min-nodes": 4})
-    strategy = build_strategy(run_cfg.federation, run_cfg.aggregation, recorder=None)  # type: ignore[arg-type]
-    assert isinstance(strategy, cls) and isinstance(strategy, FederationMixin)
-    assert type(strategy).__mro__[1] is FederationMixin and strategy.min_train_nodes == 4
+    strategy = build_strategy(run_cfg.federation, run_cfg.aggregation)
+    assert type(strategy) is cls and strategy.min_train_nodes == 4
     for attr, value in settings.items():
         assert getattr(strategy, attr) == value
     assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian",
@@ -64,13 +64,13 @@ def test_fedprox_with_lr_times_mu_one_pins_sites_to_the_global_model(demo_root: 
 def test_fedadam_checkpoints_its_moments_and_a_resume_restores_them(demo_root: Path,
                                                                     tmp_path: Path) -> None:
     out = run(demo_root, tmp_path, 2, {}, strategy="fedadam", **{"num-server-rounds": 2})
-    saved = load_tensors(optimizer_checkpoint(out, 2))
+    saved = load_tensors(RunFolder(out).optimizer_checkpoint(2))
     names = set(trainable_state(build_model(tiny_run(demo_root).model)))
     assert {k.split("/", 1)[1] for k in saved} == names
     assert {k.split("/", 1)[0] for k in saved} == {"m_t", "v_t"}
     run_cfg = tiny_run(demo_root, strategy="fedadam")
-    fresh = build_strategy(run_cfg.federation, run_cfg.aggregation, RunRecorder(tmp_path, None))  # type: ignore[arg-type]
-    fresh.load_optimizer_state({k: v.numpy() for k, v in saved.items()})
-    restored = fresh.optimizer_state()
+    fresh = build_strategy(run_cfg.federation, run_cfg.aggregation)
+    load_optimizer_state(fresh, {k: v.numpy() for k, v in saved.items()})
+    restored = optimizer_state(fresh)
     for key, value in saved.items():
         np.testing.assert_array_equal(restored[key], value.numpy())

@@ -8,26 +8,33 @@ from pathlib import Path
 
 import pytest
 
-from common import progress
-from common import records as R
-from common.plots import AGGREGATE, metric_series, plot_epsilon, plot_metric, write_plots
-from common.round_views import format_round_table
-from common.tensorboard_events import round_scalars, write_round_events
+from common import protocol as R
+from common.runfolder import HistoryLine, SiteRound
+from common.training import progress
+from tools.plots import AGGREGATE, metric_series, plot_epsilon, plot_metric, write_plots
+from tools.tensorboard_events import round_scalars, write_round_events
+from tools.views import format_round_table
 
 
 def _site(loss: float | None, auroc: float | None, eps: float | None, cap: float | None = 8.0,
-          n: int = 40) -> dict[str, object]:
-    return {R.LOSS: loss, R.ACCURACY: 0.5, R.AUROC: auroc, R.EPSILON: eps, R.EPSILON_CAP: cap,
-            R.TRAIN_EXAMPLES: n, R.VAL_EXAMPLES: 10, R.TRAIN_SECONDS: 2.5}
+          n: int = 40) -> SiteRound:
+    return SiteRound(train={R.NUM_EXAMPLES: n, R.EPSILON: eps, R.EPSILON_CAP: cap,
+                            R.TRAIN_SECONDS: 2.5},
+                     evaluate={R.NUM_EXAMPLES: 10, R.LOSS: loss, R.ACCURACY: 0.5, R.AUROC: auroc})
 
 
 HISTORY = [
-    {"round": 1, "sites": {"a": _site(1.0, 0.6, 3.0), "b": _site(2.0, None, 4.0, cap=5.0)},
-     "aggregate": {R.LOSS: 1.5, R.AUROC: 0.6, R.ACCURACY: 0.5}, "refusals": {}, "failures": {}},
-    {"round": 2, "sites": {"a": _site(0.8, 0.7, 5.0)},
-     "aggregate": {R.LOSS: 0.8, R.AUROC: 0.7, R.ACCURACY: 0.5},
-     "refusals": {"b": "site 'b': refused: this run's epsilon would reach 5.2"}, "failures": {}},
+    HistoryLine(round=1, sites={"a": _site(1.0, 0.6, 3.0), "b": _site(2.0, None, 4.0, cap=5.0)},
+                aggregate={R.LOSS: 1.5, R.AUROC: 0.6, R.ACCURACY: 0.5}),
+    HistoryLine(round=2, sites={"a": _site(0.8, 0.7, 5.0)},
+                aggregate={R.LOSS: 0.8, R.AUROC: 0.7, R.ACCURACY: 0.5},
+                refusals={"b": "refused: this run's epsilon would reach 5.2"}),
 ]
+
+
+def test_history_lines_survive_a_json_round_trip() -> None:
+    for line in HISTORY:
+        assert HistoryLine.from_json(line.to_json()) == line
 
 
 def test_round_table_has_sites_aggregate_and_refusals() -> None:
@@ -41,8 +48,7 @@ def test_round_table_has_sites_aggregate_and_refusals() -> None:
 
 
 def test_round_table_says_off_without_dp() -> None:
-    line = {"round": 1, "sites": {"a": {**_site(1.0, 0.5, None, cap=None)}}, "refusals": {},
-            "failures": {}, "aggregate": {}}
+    line = HistoryLine(round=1, sites={"a": _site(1.0, 0.5, None, cap=None)}, aggregate={})
     assert format_round_table(line).splitlines()[1].split()[4:6] == ["off", "-"]
 
 
@@ -88,7 +94,7 @@ def test_tensorboard_events_read_back(tmp_path: Path) -> None:
 
 
 def test_tensorboard_is_skipped_cleanly_when_absent(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("common.tensorboard_events.tensorboard_available", lambda: False)
+    monkeypatch.setattr("tools.tensorboard_events.tensorboard_available", lambda: False)
     assert write_round_events(tmp_path, HISTORY[0]) is None
     assert not (tmp_path / "tensorboard").exists()
 

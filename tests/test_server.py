@@ -17,23 +17,23 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from client.app import app as client_app
-from common import records as R
-from common.checkpoint import load_model, load_tensors
-from common.ledger import read_receipts
-from common.model import trainable_state
+from common import protocol as R
+from common.model.checkpoint import load_model, load_tensors
+from common.model.trainable import trainable_state
+from common.privacy.receipts import read_receipts
+from common.runfolder import RunFolder
 from server.app import run_federation
 from server.resume import ResumeError
-from server.history import UPDATE_SHA256, read_history, read_summary
-from server.strategy import aggregate_metrics
+from server.strategy import weighted_means
 from tests.conftest import tiny_run, tiny_user_config
 from tests.inprocess import InProcessGrid
 
 
 def test_aggregate_metrics_weights_by_examples_skips_nan_and_privacy() -> None:
-    contents = [RecordDict({"m": MetricRecord({R.NUM_EXAMPLES: n, R.LOSS: loss, R.AUROC: auc,
-                                               R.EPSILON: eps})})
+    contents = [RecordDict({R.METRICS: MetricRecord({R.NUM_EXAMPLES: n, R.LOSS: loss,
+                                                     R.AUROC: auc, R.EPSILON: eps})})
                 for n, loss, auc, eps in [(10, 1.0, 0.8, 3.0), (30, 2.0, math.nan, 7.0)]]
-    agg = aggregate_metrics(contents, R.NUM_EXAMPLES)
+    agg = weighted_means(contents, R.NUM_EXAMPLES)
     assert set(agg.keys()) == {R.LOSS, R.AUROC}  # epsilon is never averaged
     assert agg[R.LOSS] == pytest.approx(np.average([1.0, 2.0], weights=[10, 30]))
     assert agg[R.AUROC] == pytest.approx(0.8)
@@ -54,25 +54,28 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
     grid, run = federation(demo_root, tmp_path, 2, tap=lambda node, msg: replies.append(msg),
                            **{"num-server-rounds": 2})
     out = run_federation(grid, run)
+    folder = RunFolder(out)
 
-    history = read_history(out)
-    assert [h["round"] for h in history] == [1, 2]
+    history = folder.read_history()
+    assert [h.round for h in history] == [1, 2]
     for h in history:
-        assert set(h["sites"]) == {"hospital-0", "hospital-1"}
-        for site in h["sites"].values():
-            assert set(site) == (set(R.TRAIN_METRICS) | set(R.EVAL_METRICS)
-                                 | {UPDATE_SHA256, R.TRAIN_EXAMPLES, R.VAL_EXAMPLES})
-            assert 0 < site[R.EPSILON] <= 8.01
-        assert set(h["aggregate"]) >= {R.AUROC, R.LOSS, R.TRAIN_LOSS}
-        assert not h["failures"] and not h["refusals"]
-    assert history[1]["sites"]["hospital-0"][R.EPSILON] > history[0]["sites"]["hospital-0"][R.EPSILON]
+        assert set(h.sites) == {"hospital-0", "hospital-1"}
+        for site in h.sites.values():
+            assert set(site.train) == set(R.TRAIN_METRICS)
+            assert set(site.evaluate) == set(R.EVAL_METRICS)
+            assert len(site.update_sha256) == 64 and site.node_id in (1, 2)
+            assert 0 < site.train[R.EPSILON] <= 8.01
+        assert set(h.aggregate) == {R.TRAIN_LOSS, R.LOSS, R.ACCURACY, R.AUROC, R.F1}
+        assert not h.failures and not h.refusals
+    assert (history[1].sites["hospital-0"].train[R.EPSILON]
+            > history[0].sites["hospital-0"].train[R.EPSILON])
     # aggregates weight training loss by training size, validation metrics by validation size
-    sites = history[1]["sites"].values()
-    assert history[1]["aggregate"][R.TRAIN_LOSS] == pytest.approx(np.average(
-        [m[R.TRAIN_LOSS] for m in sites], weights=[m[R.TRAIN_EXAMPLES] for m in sites]))
-    assert history[1]["aggregate"][R.LOSS] == pytest.approx(np.average(
-        [m[R.LOSS] for m in sites], weights=[m[R.VAL_EXAMPLES] for m in sites]))
-    assert all(m[R.TRAIN_EXAMPLES] > m[R.VAL_EXAMPLES] for m in sites)
+    sites = history[1].sites.values()
+    assert history[1].aggregate[R.TRAIN_LOSS] == pytest.approx(np.average(
+        [s.train[R.TRAIN_LOSS] for s in sites], weights=[s.train[R.NUM_EXAMPLES] for s in sites]))
+    assert history[1].aggregate[R.LOSS] == pytest.approx(np.average(
+        [s.evaluate[R.LOSS] for s in sites], weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites]))
+    assert all(s.train[R.NUM_EXAMPLES] > s.evaluate[R.NUM_EXAMPLES] for s in sites)
 
     # round 1's checkpoint is the num-examples-weighted mean of round 1's train replies
     train_1 = [m for m in replies[:4] if R.ARRAYS in m.content]
@@ -86,8 +89,8 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
     # the server's hash of what it received equals the site's receipt of what it sent
     receipts = read_receipts(tmp_path / "state" / "hospital-0" / "state")
     assert [r.update_sha256 for r in receipts] == [
-        h["sites"]["hospital-0"][UPDATE_SHA256] for h in history]
-    assert read_summary(out)["status"] == "completed"
+        h.sites["hospital-0"].update_sha256 for h in history]
+    assert folder.read_summary().status == "completed"
 
     # the final model reloads without Flower and carries round 2's parameters
     model = load_model(out)
@@ -113,12 +116,12 @@ def test_a_failing_site_is_named_and_stops_the_run_below_min_nodes(demo_root: Pa
     data = _broken_copy(demo_root, tmp_path / "data")
     grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 2})
     out = run_federation(grid, run)
-    summary = read_summary(out)
-    assert summary["status"] == "stopped" and summary["rounds_completed"] == 0
-    assert re.search(r"Failed: site 'hospital-1': unusable data: (.|\n)*"
-                     r"manifest.csv:6: unknown label 'pneumothorax'", summary["message"])
-    (line,) = read_history(out)
-    assert line["round"] == 1 and "stopped" in line and "hospital-1" in line["failures"]
+    summary = RunFolder(out).read_summary()
+    assert summary.status == "stopped" and summary.rounds_completed == 0
+    assert re.search(r"Failed: hospital-1: bad-data: (.|\n)*"
+                     r"manifest.csv:6: unknown label 'pneumothorax'", summary.message)
+    (line,) = RunFolder(out).read_history()
+    assert line.round == 1 and line.stopped and "hospital-1" in line.failures
     assert (out / "model.json").is_file()  # the last global model (here: the initial one)
 
 
@@ -126,9 +129,9 @@ def test_the_others_carry_on_when_min_nodes_allows(demo_root: Path, tmp_path: Pa
     data = _broken_copy(demo_root, tmp_path / "data")
     grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 1, "min-nodes": 1})
     out = run_federation(grid, run)
-    (line,) = read_history(out)
-    assert set(line["sites"]) == {"hospital-0"}
-    assert "unknown label 'pneumothorax'" in line["failures"]["hospital-1"]
+    (line,) = RunFolder(out).read_history()
+    assert set(line.sites) == {"hospital-0"}
+    assert "unknown label 'pneumothorax'" in line.failures["hospital-1"]
 
 
 def test_a_folder_that_is_not_a_run_is_not_overwritten(demo_root: Path, tmp_path: Path) -> None:

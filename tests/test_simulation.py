@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import records as R
-from common.checkpoint import load_model, load_tensors
-from common.demo_data import write_demo_hospitals
-from common.model import load_trainable_state, trainable_state
-from server.history import read_history
+from common import protocol as R
+from common.model.checkpoint import load_model, load_tensors
+from common.model.trainable import load_trainable_state, trainable_state
+from common.runfolder import RunFolder
+from simulations.demo_data import write_demo_hospitals
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +37,12 @@ def test_tiny_federation_with_dp_learns_and_saves_a_reloadable_model(tmp_path: P
     assert "hospital-1" in proc.stdout and "epsilon" in proc.stdout  # the printed table
 
     out = tmp_path / "out" / "e2e"
-    history = read_history(out)
-    assert [h["round"] for h in history] == [1, 2]
+    history = RunFolder(out).read_history()
+    assert [h.round for h in history] == [1, 2]
     for h in history:
-        assert set(h["sites"]) == {"hospital-0", "hospital-1"}
-        assert all(0 < s[R.EPSILON] <= 8.01 for s in h["sites"].values())
-    assert history[-1]["aggregate"][R.AUROC] > 0.6
+        assert set(h.sites) == {"hospital-0", "hospital-1"}
+        assert all(0 < s.train[R.EPSILON] <= 8.01 for s in h.sites.values())
+    assert history[-1].aggregate[R.AUROC] > 0.6
 
     model = load_model(out)  # rebuilt from model.json, without Flower
     final = trainable_state(model)
@@ -60,5 +60,5 @@ def test_the_report_names_the_hospital_that_failed(tmp_path: Path) -> None:
     proc = simulate("--preset", "tiny", "--hospitals", "2", "--rounds", "1",
                     "--data-root", str(data), "--output-dir", str(tmp_path / "out"))
     assert proc.returncode == 1
-    assert "site 'hospital-1': unusable data" in proc.stderr
+    assert "hospital-1: bad-data: " in proc.stderr
     assert "manifest.csv:4: image file" in proc.stderr and "does not exist" in proc.stderr

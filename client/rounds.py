@@ -1,0 +1,271 @@
+"""One round at a hospital: check its privacy terms, train locally (DP-SGD), charge its ledger and
+write a receipt before anything is sent; or evaluate the global model on its validation split.
+
+Plain functions (no Flower) called by the ClientApp handlers, on the site's warm state
+(`client.state.SiteState`). Every round first loads the received global trainable parameters
+into the site's own model, so nothing carries over from one round to the next but the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from client.site_config import SiteConfig
+from client.state import ModelBundle, SiteData, SiteState
+from common.config import RunConfig
+from common.errors import ConfigurationError, Refusal
+from common.model.feature_cache import CachedFusion, CacheKey
+from common.model.fusion_model import FusionModel
+from common.model.modalities import frozen, untrained_parameters
+from common.model.trainable import load_trainable_state, trainable_state
+from common.privacy.accounting import Account, HistoryEntry, epsilon_from_history
+from common.privacy.dpsgd import private_training
+from common.privacy.enforcement import (
+    PrivacyTerms,
+    authorize_round,
+    check_round_count,
+    negotiate,
+)
+from common.privacy.ledger import Ledger, RunEntry, exclusive, load_ledger, save_ledger
+from common.privacy.policy import SitePolicy, load_policy
+from common.privacy.receipts import Receipt, append_receipt, read_receipts
+from common.privacy.replay import SentUpdate, load_sent, save_sent
+from common.protocol import update_digest
+from common.training.loop import TrainResult, evaluate, pick_device, train
+from common.training.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Parameters = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRequest:
+    """What the coordinator asks of a site this round (validated where the message enters)."""
+
+    server_round: int
+    run_key: str  # the run's name for the site's ledger, stable when the run is resumed
+    frozen_fingerprint: str  # the frozen part the parameters belong to
+    parameters: Parameters  # the global trainable parameters
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOutcome:
+    """A site's round: the trained parameters, what training did, its account and receipt."""
+
+    state: Parameters  # the parameters trained this round: exactly what is sent
+    untrained: tuple[str, ...]  # trainable parameters this site's data cannot train (not sent)
+    result: TrainResult
+    num_examples: int
+    account: Account | None  # None when the round trained without DP
+    receipt: Receipt
+    share_metrics: bool  # the site's policy allows reporting its training loss
+    terms: PrivacyTerms  # what the site trained under (cap, clipping norm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalWork:
+    """What local training does this round: from which parameters, how, under which privacy."""
+
+    server_round: int
+    start: Parameters
+    untrained: tuple[str, ...]  # frozen for the round: neither the optimizer nor DP noise moves them
+    account: Account | None  # None: plain SGD without DP
+    max_grad_norm: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalResult:
+    """What local training produced."""
+
+    result: TrainResult
+    account: Account | None  # after this round's steps
+    sent: Parameters  # the trained parameters
+
+
+def site_policy(site: SiteConfig, run: RunConfig) -> SitePolicy:
+    """The site's policy file; without one, the default policy.
+
+    A simulated hospital without a policy file is played by the researcher who chose the run's
+    `dp` setting: its default policy requires DP exactly when the run asks for it.
+    """
+    if site.policy:
+        return load_policy(site.policy)
+    return SitePolicy(require_dp=run.privacy.dp) if site.simulated else SitePolicy()
+
+
+def check_fingerprint(bundle: ModelBundle, fingerprint: str) -> None:
+    """The server's frozen part must be this site's, or the trainable part means nothing here."""
+    if fingerprint != bundle.fingerprint:
+        raise ConfigurationError(
+            f"the frozen part of this site's model (fingerprint {bundle.fingerprint[:12]}) differs "
+            f"from the server's ({fingerprint[:12]}). Server and sites must use the same preset, "
+            "encoders, weights and seed.", reason="model-mismatch")
+
+
+def _prepare(bundle: ModelBundle, parameters: Parameters, device: torch.device) -> FusionModel:
+    model = bundle.model.to(device)
+    load_trainable_state(model, parameters)
+    return model
+
+
+def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> TrainOutcome:
+    """One round at a site: check the privacy terms, train, charge the ledger, write a receipt.
+
+    Raises Refusal (nothing trained, nothing charged) when the site's policy forbids the round.
+    The ledger and the receipt are on disk before this returns, so before any reply.
+    """
+    site = state.site
+    policy = site_policy(site, run)
+    terms = negotiate(policy, run, dp=run.privacy.dp, target_epsilon=run.privacy.target_epsilon,
+                      target_delta=run.privacy.target_delta,
+                      num_rounds=run.federation.num_server_rounds)
+    with state.lock:
+        bundle, data = state.bundle(run.model), state.data(run)
+        check_fingerprint(bundle, request.frozen_fingerprint)  # before any privacy work
+        global_sha256 = update_digest(request.parameters)
+        with exclusive(site.state_dir):  # from reading the ledger to writing it: one round at a time
+            ledger = load_ledger(site.state_dir)
+            entry = ledger.run(request.run_key)
+            if entry and entry.dataset != data.version:
+                raise Refusal(f"the site's data ({data.manifest}) changed during this run; its "
+                              "privacy plan no longer holds. Restore the data or start a new run.",
+                              reason="data-changed")
+            if entry and request.server_round in entry.rounds:
+                again = _send_again(site, request, global_sha256)
+                if again:
+                    sent, receipt = again
+                    not_sent = tuple(n for n in request.parameters if n not in sent.state)
+                    return TrainOutcome(state=sent.state, untrained=not_sent, result=sent.result,
+                                        num_examples=len(data.train), account=entry.account,
+                                        receipt=receipt, share_metrics=policy.share_metrics,
+                                        terms=terms)
+            prior = (ledger.prior_history(data.version, request.run_key)
+                     if terms.budget_scope == "dataset" else [])
+            if terms.dp:
+                account = authorize_round(terms, entry, prior, policy, num_examples=len(data.train),
+                                          batch_size=run.train.batch_size,
+                                          epochs=run.train.local_epochs)
+            else:
+                account = None
+                check_round_count(entry, policy)
+            work = LocalWork(server_round=request.server_round, start=request.parameters,
+                             untrained=tuple(untrained_parameters(bundle.model, data.train_combos)),
+                             account=account, max_grad_norm=terms.max_grad_norm)
+            local = train_locally(state, run, work)
+            receipt = charge(site, ledger, run_key=request.run_key, dataset=data.version,
+                             account=local.account, server_round=request.server_round,
+                             sent=local.sent, prior=prior, budget_scope=policy.budget_scope)
+            save_sent(site.state_dir, request.run_key,
+                      SentUpdate(server_round=request.server_round, global_sha256=global_sha256,
+                                 state=local.sent, result=local.result))
+    return TrainOutcome(state=local.sent, untrained=work.untrained, result=local.result,
+                        num_examples=len(data.train), account=local.account, receipt=receipt,
+                        share_metrics=policy.share_metrics, terms=terms)
+
+
+def _send_again(site: SiteConfig, request: RoundRequest,
+                global_sha256: str) -> tuple[SentUpdate, Receipt] | None:
+    """The update this site sent for the round from the same global parameters, if kept.
+
+    A resumed server asks a round again; the same update is sent and nothing new is spent.
+    """
+    sent = load_sent(site.state_dir, request.run_key)
+    if (sent is None or sent.server_round != request.server_round
+            or sent.global_sha256 != global_sha256):
+        return None
+    receipts = [r for r in read_receipts(site.state_dir)
+                if r.run_id == request.run_key and r.round == request.server_round]
+    if not receipts or receipts[-1].update_sha256 != update_digest(sent.state):
+        return None
+    log.info("site %s: round %d asked again from the same global parameters; sending the update "
+             "already sent and charged (nothing new is spent)", site.site_name, request.server_round)
+    return sent, receipts[-1]
+
+
+def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalResult:
+    """Local epochs from `work.start` with `work.untrained` frozen: DP-SGD when it has an account."""
+    bundle, data = state.bundle(run.model), state.data(run)
+    device = pick_device(run.train.device)
+    model = _prepare(bundle, work.start, device)
+    with frozen(model, work.untrained):  # neither the optimizer nor DP noise touches them
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                    lr=run.train.learning_rate, momentum=0.9)
+        net, train_set = model, data.train
+        if run.train.feature_cache:  # the frozen fronts run once per dataset version and frozen part
+            net = CachedFusion(model)
+            train_set = state.features.get(_cache_key(run, bundle, data), model, data.train, device)
+        loader = DataLoader(train_set, batch_size=run.train.batch_size, shuffle=True,
+                            num_workers=run.data.num_workers)
+        desc = f"{state.site.site_name} round {work.server_round} train"
+        mu = run.aggregation.proximal_mu if run.aggregation.strategy == "fedprox" else 0.0
+        epochs = run.train.local_epochs
+        if work.account is None:
+            torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible
+            # the batch gradient is clipped like DP-SGD's per-sample ones: one learning rate fits both
+            result = train(net, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
+                           device=device, clip_grad_norm=work.max_grad_norm, proximal_mu=mu,
+                           desc=desc)
+            return LocalResult(result=result, account=None, sent=trainable_state(model))
+        # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed
+        # could regenerate the noise and subtract it. Reseed from the operating system's entropy.
+        torch.seed()
+        with private_training(net, optimizer, loader, work.account, max_grad_norm=work.max_grad_norm,
+                              grad_sample_mode=run.privacy.grad_sample_mode) as session:
+            result = train(net, session.loader, session.optimizer, session.criterion,
+                           epochs=epochs, device=device, proximal_mu=mu, desc=desc)
+            account = session.spent(work.account)
+        return LocalResult(result=result, account=account, sent=trainable_state(model))
+
+
+def _cache_key(run: RunConfig, bundle: ModelBundle, data: SiteData) -> CacheKey:
+    """What this site's cached frozen outputs of its training split depend on."""
+    m = run.model
+    return CacheKey(dataset_sha256=data.version, split="train", frozen_fingerprint=bundle.fingerprint,
+                    trainable_image_blocks=m.trainable_image_blocks,
+                    trainable_text_layers=m.trainable_text_layers, image_size=m.image_size,
+                    max_text_length=m.max_text_length)
+
+
+def charge(site: SiteConfig, ledger: Ledger, *, run_key: str, dataset: str, account: Account | None,
+           server_round: int, sent: Parameters, prior: list[HistoryEntry],
+           budget_scope: str) -> Receipt:
+    """Persist this round's spend (ledger first, then the receipt) before anything is sent."""
+    entry = ledger.run(run_key)
+    rounds = (entry.rounds if entry else ()) + (server_round,)
+    save_ledger(site.state_dir,
+                ledger.with_run(run_key, RunEntry(dataset=dataset, account=account, rounds=rounds)))
+    last = account.history[-1] if account else (0.0, 0.0, 0)
+    before = entry.account.steps if entry and entry.account else 0
+    scope_epsilon = account.epsilon if account else None
+    if account and prior:
+        scope_epsilon = epsilon_from_history([*prior, *account.history], delta=account.delta,
+                                             accountant=account.accountant)
+    receipt = Receipt(
+        run_id=run_key, round=server_round, noise_multiplier=last[0], sample_rate=last[1],
+        steps=(account.steps - before) if account else 0,
+        accountant=account.accountant if account else "none",
+        epsilon=account.epsilon if account else None, delta=account.delta if account else None,
+        scope_epsilon=scope_epsilon, budget_scope=budget_scope, update_sha256=update_digest(sent),
+        dataset_sha256=dataset, time=Receipt.now())
+    append_receipt(site.state_dir, receipt)
+    return receipt
+
+
+def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Metrics:
+    """Evaluate the global model on this site's validation split (if its policy shares metrics)."""
+    if not site_policy(state.site, run).share_metrics:
+        raise Refusal("this site's policy does not share evaluation metrics (share-metrics = false).",
+                      reason="metrics-withheld")
+    with state.lock:
+        bundle, data = state.bundle(run.model), state.data(run)
+        check_fingerprint(bundle, request.frozen_fingerprint)
+        device = pick_device(run.train.device)
+        model = _prepare(bundle, request.parameters, device)
+        loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
+                            num_workers=run.data.num_workers)
+        return evaluate(model, loader, device, desc=f"{state.site.site_name} evaluate")

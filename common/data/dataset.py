@@ -1,0 +1,62 @@
+"""The torch Dataset over a site's manifest rows: images read lazily, reports tokenised once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from common.data.images import ImageReadError, read_gray
+from common.data.manifest import Row
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ManifestDataset(Dataset):
+    """Rows -> dict of tensors; images are read lazily, reports tokenised once up front."""
+
+    def __init__(self, manifest: Path, rows: list[Row], class_names: tuple[str, ...],
+                 tokenizer: PreTrainedTokenizerBase, image_size: int, max_text_length: int) -> None:
+        self.manifest, self.rows, self.image_size = manifest, rows, image_size
+        # -1: an unlabelled case (prediction only; training and evaluation rows always have one)
+        self.labels = torch.tensor([class_names.index(r.label) if r.label else -1 for r in rows],
+                                   dtype=torch.long)
+        enc = tokenizer([r.text for r in rows] or [""], padding="max_length", truncation=True,
+                        max_length=max_text_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self._mean, self._std = mean.view(3, 1, 1), std.view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        has_image = row.image is not None
+        image = self._load_image(row) if has_image else torch.zeros(3, self.image_size, self.image_size)
+        return {
+            "images": image,  # (3, S, S)
+            "input_ids": self.input_ids[i],  # (T,)
+            "attention_mask": self.attention_mask[i],  # (T,)
+            "has_image": torch.tensor(has_image),
+            "has_text": torch.tensor(bool(row.text)),
+            "labels": self.labels[i],
+        }
+
+    def _load_image(self, row: Row) -> torch.Tensor:
+        """Grayscale image -> normalised (3, S, S) tensor for the ImageNet-style encoder."""
+        try:
+            gray = read_gray(row.image)  # (H, W) in [0, 1]
+        except ImageReadError as err:
+            # one-argument exception: a DataLoader worker re-raises it by type and message
+            raise ImageReadError(f"{self.manifest}:{row.line}: {err}") from err
+        resized = Image.fromarray(gray).resize((self.image_size, self.image_size),
+                                                         Image.BILINEAR)
+        x = torch.from_numpy(np.array(resized, dtype=np.float32))  # (S, S)
+        # the grayscale fills the encoder's 3 input channels
+        return (x.unsqueeze(0).expand(3, -1, -1) - self._mean) / self._std

@@ -1,0 +1,255 @@
+"""Cached frozen features: a site runs the frozen front of each encoder once, not every epoch.
+
+The frozen front is everything before the first trainable part: for the image encoder the stem
+and the frozen ResNet stages, for the text encoder the embeddings and the frozen transformer
+layers. Its output depends only on the inputs and the frozen weights, so a site computes it once
+per `CacheKey` (dataset version, frozen fingerprint, trainable-layer config, image size, text
+length) and trains the rest (`CachedFusion`: the trainable encoder tops + fusion + head) on the
+stored outputs in every later epoch and round. Any change of a key field computes afresh.
+
+Exact by construction: the same modules run on the same tensors in the same order (the frozen
+front is in eval mode in both paths and draws no random numbers), so losses and per-sample
+gradients, with or without DP, equal those of the full model (tests/test_feature_cache.py).
+Tokens are cached, not pooled features, because `attention` fusion attends over every token;
+that costs memory (`FeatureSet.nbytes`; measured in benchmarks/feature_cache.py).
+
+The cache assumes the inputs are the same every epoch. A dataset that augments (draws fresh
+random inputs per epoch) must say so with a true `augments` attribute: it is then never cached.
+Set `feature-cache = false` in the run config to turn the cache off altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.errors import ConfigurationError
+from common.model.encoders import IMAGE_STAGES, text_layers
+from common.model.fusion import Features
+from common.model.fusion_model import FusionModel
+
+log = logging.getLogger(__name__)
+
+MAX_CACHE_BYTES = 4 * 1024**3  # per process; least recently used sets are dropped beyond it
+FEATURE_BATCH = 64  # examples per forward pass while filling the cache
+FEATURE_KEYS = ("image_front", "text_front", "attention_mask", "has_image", "has_text", "labels")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheKey:
+    """Everything the frozen outputs depend on; a change in any field computes them afresh."""
+
+    dataset_sha256: str  # the dataset version
+    split: str  # "train" or "val"
+    frozen_fingerprint: str  # SHA-256 of the frozen weights
+    trainable_image_blocks: int
+    trainable_text_layers: int
+    image_size: int
+    max_text_length: int
+
+    def digest(self) -> str:
+        """A short stable name for this key (the on-disk file name)."""
+        text = "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# --- the split of each encoder into a frozen front and a trainable rest --------------------
+
+
+def check_front_frozen(model: FusionModel) -> None:
+    """The stem and the text embeddings must be frozen, or there is no frozen front to cache."""
+    stem = [*model.image.conv1.parameters(), *model.image.bn1.parameters(),
+            *model.text.embeddings.parameters()]
+    if any(p.requires_grad for p in stem):
+        raise ConfigurationError("The image stem or the text embeddings are trainable, so no frozen "
+                                 "front can be cached. Set feature-cache = false.")
+
+
+def image_front(model: FusionModel, images: torch.Tensor, start: int) -> torch.Tensor:
+    """Stem + frozen stages: (B, 3, H, W) -> (B, C, h, w), the input of stage `start`."""
+    enc = model.image
+    x = enc.maxpool(torch.relu(enc.bn1(enc.conv1(images))))
+    for stage in IMAGE_STAGES[:start]:
+        x = getattr(enc, stage)(x)
+    return x
+
+
+def image_rest(model: FusionModel, x: torch.Tensor, start: int) -> torch.Tensor:
+    """Trainable stages from `start`: (B, C, h, w) -> tokens (B, Ni, Di), as ImageEncoder does."""
+    for stage in IMAGE_STAGES[start:]:
+        x = getattr(model.image, stage)(x)
+    return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+
+def _text_mask(model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    # the mask the BERT model builds from the embeddings' output (depends on shape and dtype only)
+    return model.text._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                              embedding_output=hidden, encoder_hidden_states=None,
+                                              cache=None)[0]
+
+
+def text_front(model: FusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               start: int) -> torch.Tensor:
+    """Embeddings + frozen layers: (B, T) ids -> hidden states (B, T, Dt) before layer `start`."""
+    hidden = model.text.embeddings(input_ids=input_ids)  # (B, T, Dt)
+    mask = _text_mask(model, hidden, attention_mask)
+    for layer in text_layers(model.text)[:start]:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
+def text_rest(model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor,
+              start: int) -> torch.Tensor:
+    """Trainable layers from `start`: (B, T, Dt) -> last hidden state (B, T, Dt)."""
+    mask = _text_mask(model, hidden, attention_mask)
+    for layer in text_layers(model.text)[start:]:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
+class CachedFusion(nn.Module):
+    """The fusion model from cached frozen outputs: trainable encoder tops + fusion + head.
+
+    It holds the same module objects as `model` (no copy): training it trains `model`. The split
+    comes from the run config's trainable-set sizes (part of the CacheKey), not from which
+    parameters happen to be trainable this round, so cached outputs always fit it.
+    """
+
+    def __init__(self, model: FusionModel) -> None:
+        super().__init__()
+        check_front_frozen(model)
+        self.model = model
+        cfg = model.config
+        self.image_start = len(IMAGE_STAGES) - cfg.trainable_image_blocks
+        self.text_start = len(text_layers(model.text)) - cfg.trainable_text_layers
+        front = [*(getattr(model.image, s) for s in IMAGE_STAGES[:self.image_start]),
+                 *text_layers(model.text)[:self.text_start]]
+        if any(p.requires_grad for m in front for p in m.parameters()):
+            raise ConfigurationError("A parameter in front of the configured trainable blocks is "
+                                     "trainable, so the frozen front cannot be cached. Set "
+                                     "feature-cache = false.")
+
+    def forward(
+        self,
+        image_front: torch.Tensor,  # (B, C, h, w)
+        text_front: torch.Tensor,  # (B, T, Dt)
+        attention_mask: torch.Tensor,  # (B, T)
+        has_image: torch.Tensor,  # (B,) bool
+        has_text: torch.Tensor,  # (B,) bool
+    ) -> torch.Tensor:
+        m = self.model
+        image_tokens = image_rest(m, image_front, self.image_start)  # (B, Ni, Di)
+        text_tokens = text_rest(m, text_front, attention_mask, self.text_start)  # (B, T, Dt)
+        features = Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+        return m.head(m.fusion(features))  # (B, num_classes)
+
+
+# --- the cached outputs ---------------------------------------------------------------------
+
+
+class FeatureSet(Dataset):
+    """Cached frozen outputs of a dataset: item i is a dict with the keys of FEATURE_KEYS."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        if set(tensors) != set(FEATURE_KEYS):
+            raise ValueError(f"A feature set needs exactly the tensors {FEATURE_KEYS}, "
+                             f"got {sorted(tensors)}.")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["labels"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@torch.no_grad()
+def compute_features(net: CachedFusion, dataset: Dataset, device: torch.device) -> FeatureSet:
+    """Run the frozen fronts of `net` once over `dataset` (in order); the model's mode is restored."""
+    model, wrapper = net.model, net
+    was_training = model.training
+    model.train()  # the frozen front is in eval mode exactly as during training
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURE_KEYS}
+    try:
+        for batch in DataLoader(dataset, batch_size=FEATURE_BATCH, shuffle=False):
+            b = {k: v.to(device) for k, v in batch.items()}
+            parts["image_front"].append(image_front(model, b["images"], wrapper.image_start).cpu())
+            parts["text_front"].append(
+                text_front(model, b["input_ids"], b["attention_mask"], wrapper.text_start).cpu())
+            for k in ("attention_mask", "has_image", "has_text", "labels"):
+                parts[k].append(batch[k])
+    finally:
+        model.train(was_training)
+    return FeatureSet({k: torch.cat(v) for k, v in parts.items()})
+
+
+def save_features(features: FeatureSet, path: Path) -> None:
+    """Write a feature set (safetensors; written to a temporary name, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in features.tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_features(path: Path) -> FeatureSet:
+    """Read a feature set written by `save_features`."""
+    return FeatureSet(load_file(str(path)))
+
+
+class FeatureCache:
+    """Feature sets by key, in memory (least recently used dropped beyond `max_bytes`)."""
+
+    def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._sets: OrderedDict[CacheKey, FeatureSet] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: CacheKey, model: FusionModel, dataset: Dataset, device: torch.device,
+            disk_dir: Path | None = None) -> FeatureSet:
+        """The cached outputs for `key`, computed (or read from `disk_dir`) on a miss."""
+        if getattr(dataset, "augments", False):
+            raise ConfigurationError("This dataset augments its inputs, so frozen outputs differ per "
+                                     "epoch and cannot be cached. Set feature-cache = false.")
+        if key in self._sets:
+            self.hits += 1
+            self._sets.move_to_end(key)
+            return self._sets[key]
+        self.misses += 1
+        start = time.perf_counter()
+        path = disk_dir / f"{key.digest()}.safetensors" if disk_dir else None
+        if path is not None and path.is_file():
+            features = load_features(path)
+        else:
+            features = compute_features(CachedFusion(model), dataset, device)
+            if path is not None:
+                save_features(features, path)
+        log.info("feature cache: %d examples (%.1f MB) for %s in %.1f s", len(features),
+                 features.nbytes / 1e6, key.split, time.perf_counter() - start)
+        self._sets[key] = features
+        while len(self._sets) > 1 and sum(f.nbytes for f in self._sets.values()) > self.max_bytes:
+            self._sets.popitem(last=False)
+        return features
+
+    def clear(self) -> None:
+        """Drop every cached set."""
+        self._sets.clear()
+
+    def only(self) -> FeatureSet:
+        """The one cached set (for measurements of a cache holding exactly one)."""
+        (features,) = self._sets.values()
+        return features
+

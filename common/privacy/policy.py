@@ -1,0 +1,98 @@
+"""A hospital's privacy policy: what the site allows, whatever the coordinator asks.
+
+The policy is a TOML file owned by the site (its path comes from the node config). The site
+trains under the stricter of its policy and the server's proposal, and never loosens its own:
+
+    max-epsilon = 8.0            # cap on cumulative epsilon (see budget-scope)
+    delta = 1e-5                 # the site's delta; the smaller of this and the server's is used
+    max-rounds = 100             # the most rounds this site trains in one run
+    require-dp = true            # refuse any round the server asks to run without DP
+    budget-scope = "run"         # "run": the cap is per run; "dataset": per dataset version,
+                                 # summed (composed) over every run on the same manifest
+    min-max-grad-norm = 0.01     # bounds on the clipping norm the server may set
+    max-max-grad-norm = 10.0
+    share-metrics = true         # false: evaluation is refused and train-loss is not reported
+                                 # (they are computed on private data without noise)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigurationError
+
+BUDGET_SCOPES = ("run", "dataset")
+
+
+class PolicyError(ConfigurationError):
+    """The site's policy file is missing or invalid."""
+
+    default_reason = "policy"
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A site's privacy policy (defaults apply when a site has no policy file)."""
+
+    max_epsilon: float = math.inf  # no cap beyond the server's target
+    delta: float = 1.0  # no bound beyond the server's target delta
+    max_rounds: int = 1_000_000
+    require_dp: bool = True
+    budget_scope: str = "run"
+    min_max_grad_norm: float = 0.0
+    max_max_grad_norm: float = math.inf
+    share_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_epsilon > 0, "max-epsilon must be > 0"),
+            (0 < self.delta <= 1, "delta must be in (0, 1]"),
+            (self.max_rounds >= 1, "max-rounds must be >= 1"),
+            (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
+            (0 <= self.min_max_grad_norm <= self.max_max_grad_norm,
+             "need 0 <= min-max-grad-norm <= max-max-grad-norm"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PolicyError(message)
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name.replace("_", "-"): str(f.type) for f in dataclasses.fields(SitePolicy)}
+
+
+def _typed(key: str, kind: str, value: Any) -> Any:
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    raise PolicyError(f"'{key}' must be a {kind}, got {value!r}.")
+
+
+def load_policy(path: Path) -> SitePolicy:
+    """Read and check a policy file; every problem is a PolicyError naming the file."""
+    if not path.is_file():
+        raise PolicyError(f"Privacy policy file {path} does not exist (node config key 'policy').")
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"Privacy policy {path} is not valid TOML: {err}.") from err
+    types = _field_types()
+    unknown = sorted(set(table) - set(types))
+    if unknown:
+        raise PolicyError(f"Privacy policy {path}: unknown key(s) {unknown}; known: {sorted(types)}.")
+    try:
+        values = {k.replace("-", "_"): _typed(k, types[k], v) for k, v in table.items()}
+        return SitePolicy(**values)
+    except PolicyError as err:
+        raise PolicyError(f"Privacy policy {path}: {err}") from err

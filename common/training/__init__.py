@@ -1,0 +1,1 @@
+"""Local training and evaluation loops, classification metrics, progress reporting."""

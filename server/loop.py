@@ -1,0 +1,116 @@
+"""The coordinator's round loop: Flower's strategy in the middle, screening and recording around it.
+
+Each round, in order: Flower's strategy samples the sites and builds the train messages; the
+replies are read and checked (`server.replies`), updates screened (`server.screening`) and
+partial updates completed; too few usable updates stop the run there; Flower's strategy
+aggregates; the global state is checkpointed; the sites evaluate it; the round's history line
+commits it (`server.recorder`). A resumed run starts the loop after its last finished round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import protocol as R
+from server.recorder import Recorder, RoundRecord, aggregate_line
+from server.replies import Replies, SiteNames, read_replies
+from server.screening import UpdateBounds, complete_partial_updates, screen_updates
+from server.strategy import optimizer_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPlan:
+    """What every round of this run does, whatever its number."""
+
+    last_round: int
+    timeout: float  # seconds for each phase's replies
+    min_nodes: int  # fewer usable updates than this stop the run
+    bounds: UpdateBounds
+    run_key: str
+    fingerprint: str
+
+    def config(self) -> ConfigRecord:
+        """The per-round facts every site is told (Flower's strategy adds the round number)."""
+        return ConfigRecord({R.RUN_KEY: self.run_key, R.FROZEN_FINGERPRINT: self.fingerprint})
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    """How the loop ended: the global state after the last finished round, and why it stopped."""
+
+    arrays: ArrayRecord
+    stopped: str | None = None  # None: every planned round finished
+
+
+def run_rounds(grid: Grid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan, *,
+               first_round: int, arrays: ArrayRecord) -> LoopEnd:
+    """Rounds `first_round`..`plan.last_round`; a round with too few usable updates ends the run."""
+    names = SiteNames()
+    for server_round in range(first_round, plan.last_round + 1):
+        record = RoundRecord(server_round, names)
+        messages = strategy.configure_train(server_round, arrays, plan.config(), grid)
+        replies = read_replies(grid.send_and_receive(messages, timeout=plan.timeout), train=True,
+                               names=names)
+        record.add(replies, train=True)
+        usable = screened(replies, arrays, plan.bounds, record)
+        if len(usable) < plan.min_nodes:
+            why = _too_few(server_round, len(usable), plan.min_nodes, record)
+            recorder.commit(record.line(stopped=why))
+            return LoopEnd(arrays, stopped=why)
+        aggregated, train_metrics = strategy.aggregate_train(server_round, usable)
+        arrays = _like(aggregated, arrays)
+        recorder.checkpoint(server_round, arrays, optimizer_state(strategy))
+        messages = strategy.configure_evaluate(server_round, arrays, plan.config(), grid)
+        evaluated = read_replies(grid.send_and_receive(messages, timeout=plan.timeout),
+                                 train=False, names=names)
+        record.add(evaluated, train=False)
+        evaluate_metrics = strategy.aggregate_evaluate(server_round,
+                                                       [r.message for r in evaluated.ok])
+        recorder.commit(record.line(aggregate=aggregate_line(train_metrics, evaluate_metrics)))
+    return LoopEnd(arrays)
+
+
+def screened(replies: Replies, arrays: ArrayRecord, bounds: UpdateBounds,
+             record: RoundRecord) -> list[Message]:
+    """The train replies fit to aggregate: screened, with partial updates completed."""
+    global_arrays = {k: v.numpy() for k, v in arrays.items()}
+    updates = {id(r.update): r for r in replies.ok if r.update is not None}
+    screening = screen_updates([r.update for r in updates.values()], global_arrays, bounds)
+    for site, reason in screening.rejected.items():
+        record.reject(site, reason)
+    accepted = [updates[id(u)] for u in screening.accepted]  # by identity: names may repeat
+    full = complete_partial_updates(screening.accepted, global_arrays)
+    for reply, update, complete in zip(accepted, screening.accepted, full, strict=True):
+        if update.untrained:  # only a partial update needs repacking (saves a serialisation)
+            reply.message.content[R.ARRAYS] = ArrayRecord(
+                {k: Array(v) for k, v in complete.items()})
+    return [r.message for r in accepted]
+
+
+def _like(aggregated: ArrayRecord | None, arrays: ArrayRecord) -> ArrayRecord:
+    """The aggregate in the global model's dtypes (FedAdam/FedYogi compute in float64)."""
+    if aggregated is None:
+        return arrays
+    return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=arrays[k].numpy().dtype))
+                        for k, v in aggregated.items()})
+
+
+def _too_few(server_round: int, usable: int, min_nodes: int, record: RoundRecord) -> str:
+    """Why the run stops: every refusal, failure and rejected update, each naming its site."""
+    parts = [f"Refused: {'; '.join(f'{s}: {r}' for s, r in record.refusals.items())}"
+             if record.refusals else "",
+             f"Failed: {'; '.join(f'{s}: {r}' for s, r in record.failures.items())}"
+             if record.failures else "",
+             f"Rejected: {'; '.join(f'{s}: {r}' for s, r in record.rejected.items())}"
+             if record.rejected else ""]
+    why = " ".join(p for p in parts if p) or "No replies before the round timeout."
+    return (f"Round {server_round}: {usable} site(s) sent a usable update, fewer than "
+            f"min-nodes={min_nodes}. {why}")

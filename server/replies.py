@@ -1,0 +1,153 @@
+"""The sites' replies, read and checked where they enter the coordinator, before any use.
+
+A reply is untrusted input. An error reply becomes a refusal or a failure (by its kind's code,
+`common.protocol.ERROR_CODES`); a reply is malformed, and is recorded as rejected rather than
+used, when a record is missing, a metric is missing or not a finite number, or `num-examples`
+is not a whole number from 1 to `MAX_EXAMPLES`. Nothing here raises on a site's bad reply.
+
+A site's name is what it says it is (a ConfigRecord, or the error reason); the node it came from
+is what Flower authenticated. The first node to use a name keeps it; another node reporting the
+same name is recorded as `<name> (node <id>)` and flagged in the log, so one hospital cannot
+write its numbers under another's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+
+from common import protocol as R
+from common.errors import Kind
+from server.screening import Update
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 10**8  # records at one site: a weight beyond this is not believed
+MAX_NAME = 64  # characters of a site name kept
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reply:
+    """One usable reply: who sent it and what it reported."""
+
+    node_id: int
+    site: str
+    metrics: dict[str, float]  # exactly the reply kind's metrics, each a finite number or inf/nan
+    update: Update | None  # train replies: the parameters sent and those declared untrained
+    message: Message
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorReply:
+    """A site's error reply: its node, the name it gave (if any), the kind and the reason."""
+
+    node_id: int
+    claimed: str | None  # a crash Flower caught names no site
+    kind: Kind
+    text: str
+
+
+@dataclass
+class Replies:
+    """A phase's replies, sorted into the usable ones and why the others are not."""
+
+    ok: list[Reply] = field(default_factory=list)
+    errors: list[ErrorReply] = field(default_factory=list)
+    malformed: dict[str, str] = field(default_factory=dict)  # site: why its reply is unusable
+
+
+class SiteNames:
+    """Which node goes by which name in this run (the first node to claim a name keeps it)."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[int, str] = {}
+        self._owner: dict[str, int] = {}
+
+    def name(self, node_id: int, claimed: str | None) -> str:
+        """The name recorded for `node_id`, given the name its reply claims (None: none)."""
+        if node_id in self._by_node:
+            return self._by_node[node_id]
+        if not claimed:
+            return f"node-{node_id}"
+        claimed = claimed[:MAX_NAME]
+        owner = self._owner.setdefault(claimed, node_id)
+        if owner != node_id:
+            log.warning("node %d reports the site name %r, which node %d already uses; it is "
+                        "recorded as %r", node_id, claimed, owner, f"{claimed} (node {node_id})")
+            claimed = f"{claimed} (node {node_id})"
+        self._by_node[node_id] = claimed
+        return claimed
+
+
+def read_replies(messages: Iterable[Message], *, train: bool, names: SiteNames) -> Replies:
+    """Sort a phase's replies (train or evaluate) into usable replies, refusals, failures, malformed."""
+    out = Replies()
+    for msg in messages:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            error = R.read_error(msg.error.code, msg.error.reason)
+            out.errors.append(ErrorReply(node_id=node, claimed=error.site, kind=error.kind,
+                                         text=error.text))
+            log.warning("node %d (%s) %s: %s", node, error.site or "no name given",
+                        "refused" if error.kind is Kind.REFUSAL else "failed", error.text)
+            continue
+        site = names.name(node, _claimed_name(msg))
+        try:
+            out.ok.append(_read(msg, node, site, train))
+        except MalformedReply as err:
+            out.malformed[site] = f"malformed reply: {err}"
+            log.warning("site %s: malformed reply: %s", site, err)
+    return out
+
+
+class MalformedReply(Exception):
+    """A reply that does not follow the protocol."""
+
+
+def _claimed_name(msg: Message) -> str | None:
+    if R.SITE in msg.content.config_records:
+        value = msg.content[R.SITE].get(R.SITE_NAME)
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _read(msg: Message, node: int, site: str, train: bool) -> Reply:
+    content = msg.content
+    keys = R.TRAIN_METRICS if train else R.EVAL_METRICS
+    if R.METRICS not in content.metric_records:
+        raise MalformedReply(f"no '{R.METRICS}' record.")
+    record = content[R.METRICS]
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise MalformedReply(f"metric(s) {missing} missing.")
+    metrics: dict[str, float] = {}
+    for key in keys:
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedReply(f"metric {key} is not a number.")
+        metrics[key] = value
+    n = metrics[R.NUM_EXAMPLES]
+    if not (isinstance(n, int) or (math.isfinite(n) and float(n).is_integer())) or not (
+            1 <= n <= MAX_EXAMPLES):
+        raise MalformedReply(f"{R.NUM_EXAMPLES} is {n!r}, not a whole number from 1 to "
+                             f"{MAX_EXAMPLES}.")
+    metrics[R.NUM_EXAMPLES] = int(n)
+    update = _update(content, site, int(n)) if train else None
+    return Reply(node_id=node, site=site, metrics=metrics, update=update, message=msg)
+
+
+def _update(content: RecordDict, site: str, num_examples: int) -> Update:
+    if R.ARRAYS not in content.array_records:
+        raise MalformedReply(f"no '{R.ARRAYS}' record.")
+    declared: object = []
+    if R.UPDATE in content.config_records:
+        declared = content.config_records[R.UPDATE].get(R.UNTRAINED, [])
+    if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared):
+        raise MalformedReply(f"'{R.UNTRAINED}' is not a list of parameter names.")
+    arrays = {k: v.numpy() for k, v in content.array_records[R.ARRAYS].items()}
+    return Update(site=site, arrays=arrays, untrained=tuple(declared), num_examples=num_examples)
+
