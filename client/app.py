@@ -55,9 +55,10 @@ def parse_run_config(user_config: Mapping[str, Any]) -> RunConfig:
 
 
 def site_state(context: Context) -> tuple[RunConfig, SiteState]:
-    """The run's settings and this site's warm state."""
+    """The run's settings as this site runs them (`SiteConfig.localize`) and its warm state."""
     run = parse_run_config(context.run_config)
-    return run, SITES.get(SiteConfig.from_node_config(context.node_config, run.data))
+    site = SiteConfig.from_node_config(context.node_config, run)
+    return site.localize(run), SITES.get(site)
 
 
 def round_request(msg: Message) -> RoundRequest:

@@ -190,7 +190,7 @@ def _send_again(site: SiteConfig, request: RoundRequest,
 def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalResult:
     """Local epochs from `work.start` with `work.untrained` frozen: DP-SGD when it has an account."""
     bundle, data = state.bundle(run.model), state.data(run)
-    device = pick_device(run.train.device)
+    device = pick_device(state.site.device)
     model = _prepare(bundle, work.start, device)
     with frozen(model, work.untrained):  # neither the optimizer nor DP noise touches them
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
@@ -264,7 +264,7 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> M
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
         check_fingerprint(bundle, request.frozen_fingerprint)
-        device = pick_device(run.train.device)
+        device = pick_device(state.site.device)
         model = _prepare(bundle, request.parameters, device)
         loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
                             num_workers=run.data.num_workers)

@@ -32,6 +32,7 @@ from common.model.trainable import frozen_fingerprint
 
 log = logging.getLogger(__name__)
 
+FEATURES_FOLDER = "features"  # in the state folder: frozen features, owner-only
 MAX_WARM_SITES = 8  # per process: a simulation's worker may serve many simulated hospitals
 
 
@@ -63,11 +64,11 @@ class SiteData:
     train_combos: frozenset[Combo]  # the (has_image, has_text) combinations of the training rows
 
 
-def _data_key(run: RunConfig) -> tuple[object, ...]:
-    """The run settings that shape a site's datasets."""
+def _data_key(site: SiteConfig, run: RunConfig) -> tuple[object, ...]:
+    """The settings that shape a site's datasets."""
     m = run.model
     return (m.class_names, m.text_encoder, m.image_size, m.max_text_length,
-            run.data.val_fraction, m.seed)
+            site.val_fraction, site.split_seed)
 
 
 class SiteState:
@@ -75,7 +76,7 @@ class SiteState:
 
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
-        self.features = FeatureCache()
+        self.features = FeatureCache(disk_dir=site.state_dir / FEATURES_FOLDER)
         self.lock = threading.Lock()  # one round at a time per site and process
         self._bundle: ModelBundle | None = None
         self._data: tuple[tuple[object, ...], SiteData] | None = None
@@ -90,13 +91,13 @@ class SiteState:
     def data(self, run: RunConfig) -> SiteData:
         """This site's checked, split and tokenised data (re-read when the manifest changes)."""
         manifest, rows = read_manifest(self.site.manifest, run.model.class_names)
-        key = (*_data_key(run), file_sha256(manifest))
+        key = (*_data_key(self.site, run), file_sha256(manifest))
         if self._data is None or self._data[0] != key:
             self._data = (key, self._split(run, manifest, rows, key[-1]))
         return self._data[1]
 
     def _split(self, run: RunConfig, manifest: Path, rows: list[Row], version: str) -> SiteData:
-        train_rows, val_rows = split_by_patient(rows, run.data.val_fraction, run.model.seed)
+        train_rows, val_rows = split_by_patient(rows, self.site.val_fraction, self.site.split_seed)
         if not train_rows:
             raise BadData(f"no training rows left after the validation split of {manifest}.",
                           reason="no-training-rows")

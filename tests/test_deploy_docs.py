@@ -69,7 +69,7 @@ def test_compose_commands_use_existing_flags_and_tls(name: str) -> None:
 def test_compose_node_config_is_a_valid_site_config(name: str) -> None:
     command = COMPOSE["services"][name]["command"]
     node_config = next(a.split("=", 1)[1] for a in command if a.startswith("--node-config="))
-    site = SiteConfig.from_node_config(parse_config_args([node_config]), tiny_run().data)
+    site = SiteConfig.from_node_config(parse_config_args([node_config]), tiny_run())
     assert site.site_name == name.replace("supernode", "hospital")
     mounts = [v.split(":")[1] for v in COMPOSE["services"][name]["volumes"]]
     assert str(site.manifest.parent) in mounts and str(site.state_dir) in mounts

@@ -133,12 +133,18 @@ def test_cache_reuses_a_key_and_recomputes_when_any_field_changes(tmp_path: Path
     for k in changed:
         assert cache.get(k, model, data, CPU) is not first
     assert (cache.hits, cache.misses) == (1, 1 + len(changed))
-    disk = FeatureCache()
-    written = disk.get(key(), model, data, CPU, disk_dir=tmp_path)
-    assert (tmp_path / f"{key().digest()}.safetensors").is_file()
-    read = load_features(tmp_path / f"{key().digest()}.safetensors")
+    folder = tmp_path / "features"
+    written = FeatureCache(disk_dir=folder).get(key(), model, data, CPU)
+    path = folder / f"train-{key().digest()}.safetensors"
+    assert path.is_file() and oct(path.stat().st_mode & 0o777) == "0o600"  # derived from patients
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    # a restarted process reads the file instead of computing (a model that would fail)
+    restarted = FeatureCache(disk_dir=folder)
+    read = restarted.get(key(), None, data, CPU)  # type: ignore[arg-type]
     for name, tensor in written.tensors.items():
         assert torch.equal(read.tensors[name], tensor), name
+    FeatureCache(disk_dir=folder).get(key(dataset_sha256="d9"), model, data, CPU)
+    assert [p.name for p in folder.iterdir()] == [f"train-{key(dataset_sha256='d9').digest()}.safetensors"]
 
 
 def test_cache_evicts_least_recently_used_beyond_its_memory_bound(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_output_is_a_simulation_data_root_with_dropped_modalities(pooled: Path, 
     assert code == 0
     run = tiny_run(out)
     for i in range(3):
-        site = SiteConfig.from_node_config({"partition-id": i}, run.data)  # as the simulation maps it
+        site = SiteConfig.from_node_config({"partition-id": i}, run)  # as the simulation maps it
         _, rows = read_manifest(site.manifest, CLASSES)
         assert all(r.image is None or r.image.is_file() for r in rows)  # paths rewritten, resolvable
         assert (all(r.text for r in rows), all(r.image for r in rows)) == (i != 1, i != 2)

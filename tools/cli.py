@@ -174,6 +174,12 @@ def _certs(argv: list[str]) -> int:
     return 0
 
 
+def _node(argv: list[str]) -> int:
+    from client.node import main
+
+    return main(argv)
+
+
 def _simulate(argv: list[str]) -> int:
     from simulations.cli import main
 
@@ -182,6 +188,7 @@ def _simulate(argv: list[str]) -> int:
 
 COMMANDS = {
     "simulate": (_simulate, "run a local multi-hospital federation (Flower simulation runtime)"),
+    "node": (_node, "a hospital's node: serves its SuperNode's tasks with the FedFusion installed here"),
     "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
     "data": (_data, "a site's data: `check <manifest>`, `partition <pooled> <out>`"),
     "certs": (_certs, "create TLS certificates and SuperNode keys for a real deployment"),

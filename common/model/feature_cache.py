@@ -11,7 +11,8 @@ Exact by construction: the same modules run on the same tensors in the same orde
 front is in eval mode in both paths and draws no random numbers), so losses and per-sample
 gradients, with or without DP, equal those of the full model (tests/test_feature_cache.py).
 Tokens are cached, not pooled features, because `attention` fusion attends over every token;
-that costs memory (`FeatureSet.nbytes`; measured in benchmarks/feature_cache.py).
+that costs memory (`FeatureSet.nbytes`; measured in benchmarks/feature_cache.py). A site also
+keeps its sets on disk in its state folder (owner-only files), so a restarted node is warm at once.
 
 The cache assumes the inputs are the same every epoch. A dataset that augments (draws fresh
 random inputs per epoch) must say so with a true `augments` attribute: it is then never cached.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -198,10 +200,14 @@ def compute_features(net: CachedFusion, dataset: Dataset, device: torch.device) 
 
 
 def save_features(features: FeatureSet, path: Path) -> None:
-    """Write a feature set (safetensors; written to a temporary name, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a feature set, readable by its owner only (written to a temporary name, renamed).
+
+    Frozen features are derived from patient data: they get the protection of the data itself.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in features.tensors.items()}, str(tmp))
+    os.chmod(tmp, 0o600)
     tmp.replace(path)
 
 
@@ -211,16 +217,20 @@ def load_features(path: Path) -> FeatureSet:
 
 
 class FeatureCache:
-    """Feature sets by key, in memory (least recently used dropped beyond `max_bytes`)."""
+    """Feature sets by key, in memory (least recently used dropped beyond `max_bytes`).
 
-    def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
+    With `disk_dir`, each set is also kept on disk (one file per split: a new version replaces
+    the old), so a restarted process reads it instead of computing it again.
+    """
+
+    def __init__(self, max_bytes: int = MAX_CACHE_BYTES, disk_dir: Path | None = None) -> None:
+        self.max_bytes, self.disk_dir = max_bytes, disk_dir
         self._sets: OrderedDict[CacheKey, FeatureSet] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, key: CacheKey, model: FusionModel, dataset: Dataset, device: torch.device,
-            disk_dir: Path | None = None) -> FeatureSet:
-        """The cached outputs for `key`, computed (or read from `disk_dir`) on a miss."""
+    def get(self, key: CacheKey, model: FusionModel, dataset: Dataset,
+            device: torch.device) -> FeatureSet:
+        """The cached outputs for `key`, computed (or read from the disk cache) on a miss."""
         if getattr(dataset, "augments", False):
             raise ConfigurationError("This dataset augments its inputs, so frozen outputs differ per "
                                      "epoch and cannot be cached. Set feature-cache = false.")
@@ -230,15 +240,18 @@ class FeatureCache:
             return self._sets[key]
         self.misses += 1
         start = time.perf_counter()
-        path = disk_dir / f"{key.digest()}.safetensors" if disk_dir else None
+        path = self.disk_dir / f"{key.split}-{key.digest()}.safetensors" if self.disk_dir else None
         if path is not None and path.is_file():
-            features = load_features(path)
+            features, source = load_features(path), "read from disk"
         else:
-            features = compute_features(CachedFusion(model), dataset, device)
+            features, source = compute_features(CachedFusion(model), dataset, device), "computed"
             if path is not None:
                 save_features(features, path)
-        log.info("feature cache: %d examples (%.1f MB) for %s in %.1f s", len(features),
-                 features.nbytes / 1e6, key.split, time.perf_counter() - start)
+                for old in path.parent.glob(f"{key.split}-*.safetensors"):
+                    if old != path:  # an earlier version of the data or the model
+                        old.unlink(missing_ok=True)
+        log.info("feature cache: %d examples (%.1f MB) for %s %s in %.1f s", len(features),
+                 features.nbytes / 1e6, key.split, source, time.perf_counter() - start)
         self._sets[key] = features
         while len(self._sets) > 1 and sum(f.nbytes for f in self._sets.values()) > self.max_bytes:
             self._sets.popitem(last=False)

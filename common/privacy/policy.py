@@ -13,6 +13,8 @@ trains under the stricter of its policy and the server's proposal, and never loo
     max-max-grad-norm = 10.0
     share-metrics = true         # false: evaluation is refused and train-loss is not reported
                                  # (they are computed on private data without noise)
+    accept-bundles = []          # SHA-256 of the run bundles the site's node takes part with;
+                                 # empty: the FedFusion app at the installed version (client.bundle)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class SitePolicy:
     min_max_grad_norm: float = 0.0
     max_max_grad_norm: float = math.inf
     share_metrics: bool = True
+    accept_bundles: tuple[str, ...] = ()  # SHA-256 of the only run bundles to take part with
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +59,9 @@ class SitePolicy:
             (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
             (0 <= self.min_max_grad_norm <= self.max_max_grad_norm,
              "need 0 <= min-max-grad-norm <= max-max-grad-norm"),
+            (all(len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+                 for h in self.accept_bundles),
+             "accept-bundles must list SHA-256 hashes (64 lowercase hex digits)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,6 +81,8 @@ def _typed(key: str, kind: str, value: Any) -> Any:
         return float(value)
     if kind == "str" and isinstance(value, str):
         return value
+    if kind.startswith("tuple") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     raise PolicyError(f"'{key}' must be a {kind}, got {value!r}.")
 
 

@@ -31,13 +31,16 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
+    """`auto` -> cuda when available, else cpu; `cuda` / `cuda:N` must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise Failure("device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.",
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise Failure(f"device is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                      "device(s); set device to 'cpu', 'auto' or an existing cuda:N.",
                       reason="device")
-    return torch.device(name)
+    return device
 
 
 def forward_batch(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,189 @@
+"""The node against Flower's real SuperNode Runtime API app, in process (no sockets).
+
+These tests pin the Flower internals `client/flower_runtime.py` relies on: when a Flower upgrade
+changes them, they fail here first. The SuperNode's FastAPI app (`flwr.supernode.main.create_app`)
+is driven through Starlette's TestClient, an httpx.Client, swapped into the runtime client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import flwr
+import pytest
+from fastapi.testclient import TestClient
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import Status, SubStatus
+from flwr.supercore.constant import TASK_TOKEN_HEADER, TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run, RunStatus
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.main import create_app
+from flwr.supernode.nodestate import NodeStateFactory
+from flwr.supernode.start_client_internal import _insert_message
+
+from client import flower_runtime as runtime
+from client import node as hospital
+from client.bundle import AcceptanceRule, BundleIdentity, installed_version
+from common import protocol as R
+from common.config import RunConfig
+from common.errors import Kind
+from common.model.fusion_model import build_model
+from common.model.trainable import frozen_fingerprint, trainable_state
+from common.privacy.ledger import load_ledger
+from tests.conftest import round_config, tiny_user_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# starlette warns about its own httpx use on every request of the in-process SuperNode app
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+NODE_ID, RUN_ID, SERIES_ID = 4242, 777, 9
+
+
+def test_the_flower_internals_the_node_uses_are_there() -> None:
+    assert flwr.__version__.startswith(runtime.FLOWER_MINOR + ".")
+    assert TaskType.CLIENT_APP == "flwr-clientapp" and TASK_TOKEN_HEADER == "flwr-task-token"
+    for name in ("AcquireTask", "SendTaskHeartbeat", "PullTaskInput", "PullMessages", "PullObject",
+                 "ConfirmMessageReceived", "PushMessages", "PushObject", "PushTaskOutput"):
+        assert callable(getattr(RuntimeHttpClient, name)), name
+
+
+def _app_copy(tmp_path: Path, publisher: str = "fedfusion") -> Path:
+    """A bundle-able copy of this app (its pyproject and packages), with its publisher set."""
+    app = tmp_path / f"app-{publisher}"
+    app.mkdir()
+    text = (ROOT / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(text.replace('publisher = "fedfusion"',
+                                                     f'publisher = "{publisher}"'))
+    (app / "README.md").write_text("copy\n")
+    for package in ("client", "server", "common"):
+        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return app
+
+
+class SuperNode:
+    """A SuperNode's state with one run and its bundle, and its Runtime API app."""
+
+    def __init__(self, app_dir: Path, run_config: dict) -> None:
+        self.factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+        self.state = self.factory.state()
+        self.state.set_node_id(NODE_ID)
+        content = build_fab_from_disk(app_dir)
+        self.fab_hash = hashlib.sha256(content).hexdigest()
+        identity = BundleIdentity.of(content)
+        run = Run.create_empty(RUN_ID)
+        run.fab_id, run.fab_version = f"{identity.publisher}/{identity.name}", identity.version
+        run.fab_hash, run.series_id = self.fab_hash, SERIES_ID
+        run.status = RunStatus(Status.RUNNING, "", "")
+        self.state.store_run(run)
+        self.state.store_fab(Fab(self.fab_hash, content, {}))  # re-checks the SHA-256
+        self.state.set_run_series_context(SERIES_ID, Context(
+            run_id=RUN_ID, node_id=NODE_ID, node_config={"from": "the supernode"},
+            state=RecordDict(), run_config=run_config, series_id=SERIES_ID))
+        self.app = create_app(state_factory=self.factory)
+
+    def enqueue(self, content: RecordDict, kind: str, server_round: int) -> int:
+        """A message for the node and its ClientApp task (as the SuperNode stores them)."""
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
+        msg = Message(content, dst_node_id=NODE_ID, message_type=kind, group_id=str(server_round))
+        _insert_message(msg, self.state, self.state.object_store)
+        return self.state.create_task(task_type=TaskType.CLIENT_APP, run_id=RUN_ID,
+                                      fab_hash=self.fab_hash)
+
+    def take_reply(self) -> Message:
+        """The reply the node pushed, with its content (from the SuperNode's object store)."""
+        (reply,) = self.state.get_messages_legacy(is_reply=True)
+        self.state.delete_messages(message_ids=[reply.metadata.message_id])
+        if reply.has_error():
+            return reply
+        store = self.state.object_store
+        tree = store.get_object_tree(reply.metadata.message_id)
+        contents = {t.object_id: store.get(t.object_id) for t in iterate_object_tree(tree)}
+        full = inflate_object_from_contents(reply.metadata.message_id, contents)
+        return full  # type: ignore[return-value]
+
+
+@pytest.fixture()
+def wired(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Every runtime client the node makes talks to the in-process SuperNode app."""
+    holder: dict = {}
+    original = runtime.connect
+
+    def connect(address: str, **kwargs: object) -> RuntimeHttpClient:
+        client = original(address, **kwargs)  # the same interceptors as in production
+        client._client.close()
+        client._client = TestClient(holder["supernode"].app)
+        client._base_url = "http://testserver"
+        return client
+
+    monkeypatch.setattr(runtime, "connect", connect)
+    return holder
+
+
+def _node(demo_root: Path, tmp_path: Path, rule: AcceptanceRule | None = None) -> hospital.Node:
+    node_config = {"manifest": str(demo_root / "hospital-0"), "state-dir": str(tmp_path / "state"),
+                   "site-name": "st-mary", "device": "cpu"}
+    node = hospital.setup(supernode="x", node_config=node_config, secret_file=None)
+    if rule is not None:
+        node = hospital.Node(supernode="x", node_config=node_config, site=node.site, rule=rule)
+    return node
+
+
+def _round(run_config: dict, server_round: int) -> RecordDict:
+    model = build_model(RunConfig.from_user_config(run_config).model)
+    config = ConfigRecord({**round_config(frozen_fingerprint(model), "run-key-1"),
+                           R.SERVER_ROUND: server_round})
+    return RecordDict({R.ARRAYS: ArrayRecord(trainable_state(model)), R.CONFIG: config})
+
+
+def test_the_node_runs_the_installed_app_with_its_own_node_config(demo_root: Path, tmp_path: Path,
+                                                                 wired: dict) -> None:
+    run_config = tiny_user_config(demo_root, num_server_rounds=2, device="cuda",
+                                  state_root="/nowhere")  # neither may move the site
+    wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path), run_config)
+    node = _node(demo_root, tmp_path, AcceptanceRule(version=installed_version()))
+    for server_round in (1, 2):
+        task_id = supernode.enqueue(_round(run_config, server_round), "train", server_round)
+        token = runtime.acquire(runtime.connect("x"))
+        hospital.run_task(node, token)
+        reply = supernode.take_reply()
+        assert not reply.has_error(), reply.error
+        assert reply.content[R.SITE][R.SITE_NAME] == "st-mary"  # the node's own config was used
+        task = supernode.state.get_tasks(task_ids=[task_id])[0]
+        assert (task.status.status, task.status.sub_status) == (Status.FINISHED, SubStatus.COMPLETED)
+    assert load_ledger(tmp_path / "state").run("run-key-1").rounds == (1, 2)
+    kept = supernode.state.get_run_series_context(SERIES_ID)
+    assert kept.node_config == {"from": "the supernode"}  # the node's config stays with the node
+
+
+def test_a_bundle_from_another_publisher_is_refused_without_reading_data(
+        demo_root: Path, tmp_path: Path, wired: dict) -> None:
+    run_config = tiny_user_config(demo_root)
+    wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path, "evilcorp"), run_config)
+    node = _node(demo_root, tmp_path)
+    task_id = supernode.enqueue(_round(run_config, 1), "train", 1)
+    hospital.run_task(node, runtime.acquire(runtime.connect("x")))
+    reply = supernode.take_reply()
+    assert reply.has_error() and reply.error.code == R.ERROR_CODES[Kind.REFUSAL]
+    assert "site 'st-mary'" in reply.error.reason and "not the FedFusion app" in reply.error.reason
+    assert supernode.state.get_tasks(task_ids=[task_id])[0].status.sub_status == SubStatus.FAILED
+    assert not (tmp_path / "state").exists()  # no ledger, no feature cache: the data was not read
+
+
+def test_an_allow_list_of_bundle_hashes_decides_alone(tmp_path: Path) -> None:
+    content = build_fab_from_disk(_app_copy(tmp_path))
+    bundle = BundleIdentity.of(content)
+    declared = {"declared_hash": bundle.sha256, "declared_id": "fedfusion/fedfusion",
+                "declared_version": bundle.version}
+    assert AcceptanceRule(version=bundle.version).problem(bundle, **declared) is None
+    assert "accept-bundles" in AcceptanceRule(hashes=frozenset({"0" * 64})).problem(bundle, **declared)
+    assert AcceptanceRule(hashes=frozenset({bundle.sha256})).problem(bundle, **declared) is None
+    assert "does not match" in AcceptanceRule().problem(bundle, **{**declared,
+                                                                   "declared_hash": "f" * 64})
+    assert "is not the FedFusion app" in AcceptanceRule(version="9.9").problem(bundle, **declared)
