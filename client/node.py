@@ -165,6 +165,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the SuperNode
     try:
         node = setup(supernode=args.supernode, node_config=parse_config_args([args.node_config]),
                      secret_file=args.superexec_auth_secret_file)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from flwr.common.config import parse_config_args
 
+from client.node import build_parser
 from client.site_config import SiteConfig
-from tests.conftest import tiny_run
 from tests.local_federation import executable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,8 @@ def _image(service: dict) -> str:
 
 def test_compose_services_use_the_official_images_of_the_installed_flower() -> None:
     images = {name: _image(s) for name, s in COMPOSE["services"].items()}
-    assert set(images) == {"superlink", "serverapp", "supernode-a", "supernode-b"}
+    assert set(images) == {"superlink", "serverapp", "supernode-a", "supernode-b", "node-a",
+                           "node-b"}
     for name, image in images.items():
         repo, tag = image.split(":")
         assert repo in ENTRYPOINTS and tag == flwr.__version__, (name, image)
@@ -65,14 +66,22 @@ def test_compose_commands_use_existing_flags_and_tls(name: str) -> None:
         assert "--root-certificates" in flags
 
 
-@pytest.mark.parametrize("name", ["supernode-a", "supernode-b"])
-def test_compose_node_config_is_a_valid_site_config(name: str) -> None:
-    command = COMPOSE["services"][name]["command"]
-    node_config = next(a.split("=", 1)[1] for a in command if a.startswith("--node-config="))
-    site = SiteConfig.from_node_config(parse_config_args([node_config]), tiny_run())
-    assert site.site_name == name.replace("supernode", "hospital")
-    mounts = [v.split(":")[1] for v in COMPOSE["services"][name]["volumes"]]
+@pytest.mark.parametrize("hospital", ["a", "b"])
+def test_each_hospital_runs_a_supernode_in_process_isolation_and_its_node(hospital: str) -> None:
+    supernode, node = (COMPOSE["services"][f"{kind}-{hospital}"] for kind in ("supernode", "node"))
+    flags = dict(a.split("=", 1) for a in supernode["command"])
+    assert flags["--isolation"] == "process" and "--node-config" not in flags
+    assert node["entrypoint"] == ["fedfusion", "node"]
+    options = dict(a.split("=", 1) for a in node["command"])
+    assert set(options) <= {a.dest.replace("_", "-").join(["--", ""]) for a in
+                            build_parser()._actions if a.option_strings}
+    assert options["--supernode"] == f"supernode-{hospital}:{flags['--port']}"
+    assert options["--superexec-auth-secret-file"] == flags["--superexec-auth-secret-file"]
+    site = SiteConfig.deployed(parse_config_args([options["--node-config"]]))
+    assert site.site_name == f"hospital-{hospital}"
+    mounts = [v.split(":")[1] for v in node["volumes"]]
     assert str(site.manifest.parent) in mounts and str(site.state_dir) in mounts
+    assert not [v for v in supernode["volumes"] if "/app/data" in v]  # the data: the node's only
 
 
 def _guide_commands() -> list[tuple[str, list[str]]]:
@@ -101,3 +110,14 @@ def test_guide_commands_use_flags_the_installed_flower_has_and_never_insecure() 
 
 def test_main_readme_links_the_deployment_guide() -> None:
     assert "(deploy/README.md)" in (ROOT / "README.md").read_text()
+
+
+def test_guide_and_readme_node_commands_use_the_nodes_options() -> None:
+    options = {s for a in build_parser()._actions for s in a.option_strings}
+    for text in (GUIDE, (ROOT / "README.md").read_text()):
+        blocks = " ".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
+        lines = [ln for ln in blocks.splitlines() if ln.strip().startswith("fedfusion node")]
+        assert lines, "the guide shows how a hospital starts its node"
+        for line in lines:
+            flags = _FLAG.findall(line.split('"')[0])
+            assert set(flags) <= options and "--node-config" in flags, line

@@ -1,20 +1,37 @@
-"""A real federation on Flower's deployment engine, on loopback: TLS, SuperNode auth, `flwr run`.
+"""A real federation on Flower's deployment engine, on loopback, as a hospital runs it.
 
-One SuperLink (TLS + `--enable-supernode-auth`) on a free port, two registered hospitals'
-SuperNodes, each with its own data, state directory and policy, and a 2-round `tiny` run
-submitted with `flwr run`. The negative tests (an unregistered key, a SuperNode without TLS)
-run while that run is in flight; the run must still complete. Credentials come from
-`tools.certs`, exactly as `fedfusion certs` writes them.
+One SuperLink (TLS + `--enable-supernode-auth`) on a free port; two registered hospitals, each a
+`flower-supernode --isolation process` (it runs no app code) and a `fedfusion node` that serves
+its tasks with the FedFusion installed here, each with its own data, state folder and policy.
+Runs are submitted with `flwr run`, one after the other:
+1. from a **tampered copy** of the app (its ClientApp writes a marker file and skips DP): the
+   marker never appears, the sites train with DP under their own policies, and the coordinator's
+   history matches the sites' receipts;
+2. from a bundle of **another publisher**: every node refuses it, no site data is read;
+3. with a run config that names another **device, split and data root**: the sites keep theirs;
+4. with a **node killed mid-round** and restarted: the round fails cleanly for that site, the run
+   goes on, and the ledger never under-counts what left the site.
+The negative connection tests (an unregistered key, a SuperNode without TLS) run during run 1.
+Credentials come from `tools.certs`, exactly as `fedfusion certs` writes them.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from common import protocol as R
+from common.privacy.audit import audit
+from common.privacy.ledger import load_ledger
+from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
 from tests.local_federation import (
@@ -28,15 +45,16 @@ from tests.local_federation import (
 )
 from tools.certs import CredentialLayout, write_credentials
 
-pytestmark = pytest.mark.slow  # about 1.5 min: real processes, each ClientApp a fresh Python
+pytestmark = pytest.mark.slow  # about 3 min: real processes, a 60 s task timeout in run 4
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedfusion-test"
 HOSPITALS = {"hospital-a": 8.0, "hospital-b": 6.0}  # name: the max-epsilon in its own policy
-ROUNDS = 2
 START_TIMEOUT = 60.0  # seconds for the SuperLink to listen / the SuperNodes to come online
-RUN_TIMEOUT = 240.0  # seconds for the whole 2-round run (about 60 s on 2 busy cores)
+RUN_TIMEOUT = 240.0  # seconds for one run
 REFUSED_TIMEOUT = 60.0  # seconds for a refused SuperNode to give up and exit
+MARKER = "TAMPERED_CLIENTAPP_RAN"
+TINY = "preset='tiny' accountant='rdp' round-timeout=120.0"
 
 
 @dataclass
@@ -47,13 +65,13 @@ class Federation:
     tmp: Path
     superlink: Started
     port: int
-    supernodes: list[Started]
-    run: Started
-    run_started: float
     creds: CredentialLayout
     output_dir: Path
     state_dirs: dict[str, Path]
+    nodes: dict[str, Started]
+    node_argv: dict[str, list[str]]
     cli_env: dict[str, str] = field(repr=False)
+    first_run: Started | None = None
 
 
 def _write_coordinator_config(flwr_home: Path, port: int, ca_cert: Path) -> None:
@@ -73,10 +91,13 @@ def _online_nodes(env: dict[str, str], cwd: Path) -> list[dict]:
 
 
 def _start_supernode(procs: Processes, name: str, tmp: Path, superlink_port: int,
-                     tls_and_key: list[str], node_config: str) -> Started:
-    argv = [executable("flower-supernode"), *tls_and_key, "--superlink", f"127.0.0.1:{superlink_port}",
-            "--port", str(free_port()), "--node-config", node_config]
+                     extra: list[str]) -> Started:
+    argv = [executable("flower-supernode"), *extra, "--superlink", f"127.0.0.1:{superlink_port}"]
     return procs.start(name, argv, base_env(tmp / name / "flwr-home"), tmp)
+
+
+def _node_env(tmp: Path, name: str) -> dict[str, str]:
+    return {**base_env(tmp / name / "flwr-home"), "PYTHONPATH": str(ROOT)}
 
 
 def _start_superlink(procs: Processes, creds: CredentialLayout, tmp: Path) -> tuple[Started, int]:
@@ -92,61 +113,106 @@ def _start_superlink(procs: Processes, creds: CredentialLayout, tmp: Path) -> tu
     return superlink, port
 
 
-def _start_hospitals(procs: Processes, creds: CredentialLayout, tmp: Path,
-                     port: int) -> tuple[list[Started], dict[str, Path]]:
-    """One SuperNode per hospital, each with its own data, state folder, policy and key."""
+def _start_hospitals(procs: Processes, creds: CredentialLayout, tmp: Path, port: int,
+                     ) -> tuple[dict[str, Path], dict[str, Started], dict[str, list[str]]]:
+    """Per hospital: a SuperNode in process isolation and the FedFusion node that serves it."""
     manifests = write_demo_hospitals(tmp / "data", len(HOSPITALS), seed=0, size_scale=0.1)
-    supernodes, state_dirs = [], {}
+    state_dirs, nodes, node_argv = {}, {}, {}
     for (name, max_eps), manifest in zip(HOSPITALS.items(), manifests, strict=True):
         policy = tmp / name / "policy.toml"
         policy.parent.mkdir(parents=True, exist_ok=True)
         policy.write_text(f"max-epsilon = {max_eps}\n")
+        secret = tmp / name / "superexec.secret"
+        secret.write_bytes(os.urandom(32))
         state_dirs[name] = tmp / name / "state"
-        node_config = (f"manifest='{manifest}' state-dir='{state_dirs[name]}' policy='{policy}' "
-                       f"site-name='{name}'")
-        supernodes.append(_start_supernode(procs, name, tmp, port, [
+        runtime_port = free_port()
+        _start_supernode(procs, f"{name}-supernode", tmp, port, [
             "--root-certificates", str(creds.ca_cert),
-            "--auth-supernode-private-key", str(creds.node_key(name))], node_config))
-    return supernodes, state_dirs
+            "--auth-supernode-private-key", str(creds.node_key(name)),
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+            "--superexec-auth-secret-file", str(secret)])
+        node_argv[name] = [
+            sys.executable, "-m", "tools", "node", "--supernode", f"127.0.0.1:{runtime_port}",
+            "--superexec-auth-secret-file", str(secret), "--node-config",
+            f"manifest='{manifest}' state-dir='{state_dirs[name]}' policy='{policy}' "
+            f"site-name='{name}' device='cpu'"]
+        nodes[name] = procs.start(f"{name}-node", node_argv[name], _node_env(tmp, name), ROOT)
+    return state_dirs, nodes, node_argv
+
+
+def tampered_app(dest: Path, *, publisher: str = "fedfusion", marker: Path | None = None) -> Path:
+    """A copy of this app folder; with `marker`, its ClientApp writes it and sends no DP update."""
+    dest.mkdir(parents=True)
+    (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text().replace(
+        'publisher = "fedfusion"', f'publisher = "{publisher}"'))
+    shutil.copy(ROOT / "README.md", dest / "README.md")
+    for package in ("common", "client", "server", "tools"):
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    if marker is not None:
+        (dest / "client" / "app.py").write_text(f'''
+"""A tampered ClientApp: it would run at a hospital that ran the coordinator's bundle."""
+from pathlib import Path
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    with Path({str(marker)!r}).open("a") as fh:  # ... or read the manifest and send the rows
+        fh.write("tampered ClientApp ran at " + str(context.node_config) + "\\n")
+    arrays = msg.content["arrays"]
+    return Message(RecordDict({{"arrays": arrays, "metrics": MetricRecord({{"num-examples": 1}})}}),
+                   reply_to=msg)
+''')
+    return dest
+
+
+def _submit(fed: Federation, name: str, app: Path, run_config: str) -> Started:
+    return fed.procs.start(f"flwr-run-{name}", [
+        executable("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
+        f"{TINY} output-dir='{fed.output_dir}' run-name='{name}' {run_config}"], fed.cli_env, fed.tmp)
+
+
+def _finish(fed: Federation, run: Started, name: str) -> RunFolder:
+    assert fed.procs.wait_exit(run, RUN_TIMEOUT) == 0, fed.procs.report()
+    folder = RunFolder(fed.output_dir / name)
+    assert folder.read_summary() is not None, fed.procs.report()
+    return folder
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Federation:
-    """SuperLink + 2 registered SuperNodes over TLS, and a submitted 2-round run."""
+    """SuperLink + 2 registered hospitals (SuperNode + node) over TLS, and run 1 submitted."""
     tmp = tmp_path_factory.mktemp("deployment")
     procs = Processes(tmp / "logs")
     request.addfinalizer(procs.stop_all)  # also when the setup below fails half-way
     creds = CredentialLayout(tmp / "creds")
     write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(HOSPITALS))
     superlink, port = _start_superlink(procs, creds, tmp)
-
     cli_env = base_env(tmp / "coordinator-home")
     _write_coordinator_config(tmp / "coordinator-home", port, creds.ca_cert)
     for name in HOSPITALS:
         answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)), CONNECTION,
                             "--name", name], cli_env, tmp)
         assert answer.get("success"), f"registering {name}: {answer}\n{procs.report()}"
-    supernodes, state_dirs = _start_hospitals(procs, creds, tmp, port)
+    state_dirs, nodes, node_argv = _start_hospitals(procs, creds, tmp, port)
     procs.wait_until("both SuperNodes online", lambda: len(_online_nodes(cli_env, tmp)) == 2,
-                     START_TIMEOUT, [superlink, *supernodes])
-
-    # No federated evaluation: each phase starts a fresh ClientApp process per site (about 20 s
-    # on 2 busy cores); the in-process app tests cover evaluation.
-    output_dir = tmp / "outputs"
-    run_config = (f"preset='tiny' num-server-rounds={ROUNDS} accountant='rdp' local-epochs=1 "
-                  f"output-dir='{output_dir}' run-name='deployment' round-timeout=120.0 "
-                  "fraction-evaluate=0.0")
-    run = procs.start("flwr-run", [executable("flwr"), "run", str(ROOT), CONNECTION, "--stream",
-                                   "--run-config", run_config], cli_env, tmp)
-    return Federation(procs, tmp, superlink, port, supernodes, run, time.monotonic(), creds,
-                      output_dir, state_dirs, cli_env)
+                     START_TIMEOUT, [superlink, *nodes.values()])
+    fed = Federation(procs, tmp, superlink, port, creds, tmp / "outputs", state_dirs, nodes,
+                     node_argv, cli_env)
+    # No federated evaluation in run 1: it is covered in-process and in runs 3 and 4.
+    fed.first_run = _submit(fed, "tampered", tampered_app(tmp / "tampered", marker=tmp / MARKER),
+                            "num-server-rounds=2 local-epochs=1 fraction-evaluate=0.0")
+    return fed
 
 
 def _assert_federation_unharmed(fed: Federation) -> None:
     nodes = _nodes(fed.cli_env, fed.tmp)
     assert [n.get("status") for n in nodes] == ["online", "online"], \
         f"expected just the 2 registered nodes, online: {nodes}\n{fed.procs.report()}"
-    dead = [s.name for s in (fed.superlink, *fed.supernodes) if s.proc.poll() is not None]
+    dead = [s.name for s in (fed.superlink, *fed.nodes.values()) if s.proc.poll() is not None]
     assert not dead, f"{dead} exited\n{fed.procs.report()}"
 
 
@@ -157,8 +223,7 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
     node = _start_supernode(fed.procs, "rogue", fed.tmp, fed.port, [
         "--root-certificates", str(fed.creds.ca_cert),
         "--auth-supernode-private-key", str(rogue.node_key("rogue")),
-        "--max-retries", "1", "--max-wait-time", "10"],
-        f"manifest='{fed.tmp / 'data'}/hospital-0' state-dir='{fed.tmp / 'rogue-state'}'")
+        "--max-retries", "1", "--max-wait-time", "10"])
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
     assert "No SuperNode found with the given public key" in fed.superlink.log.read_text(), \
         fed.procs.report()
@@ -168,29 +233,91 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
 def test_supernode_without_tls_cannot_connect(federation: Federation) -> None:
     fed = federation
     node = _start_supernode(fed.procs, "plaintext", fed.tmp, fed.port, [
-        "--insecure", "--max-retries", "1", "--max-wait-time", "10"],
-        f"manifest='{fed.tmp / 'data'}/hospital-1' state-dir='{fed.tmp / 'plaintext-state'}'")
+        "--insecure", "--max-retries", "1", "--max-wait-time", "10"])
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
     assert "could not establish a connection to the SuperLink" in node.log.read_text(), \
         fed.procs.report()
     _assert_federation_unharmed(fed)
 
 
-def test_two_rounds_over_tls_with_node_auth(federation: Federation) -> None:
+def test_a_tampered_bundle_never_runs_at_a_hospital(federation: Federation) -> None:
     fed = federation
-    remaining = RUN_TIMEOUT - (time.monotonic() - fed.run_started)
-    assert fed.procs.wait_exit(fed.run, max(remaining, 1.0)) == 0, fed.procs.report()
-    runs = flwr_json(["list", CONNECTION], fed.cli_env, fed.tmp).get("runs", [])
-    assert [r.get("status") for r in runs] == ["finished:completed"], f"{runs}\n{fed.procs.report()}"
-
-    run_dir = fed.output_dir / "deployment"
-    history = RunFolder(run_dir).read_history()
-    assert [h.round for h in history] == list(range(1, ROUNDS + 1))
-    for h in history:
-        assert set(h.sites) == set(HOSPITALS), h
-        assert not h.refusals and not h.failures, h
-    assert RunFolder(run_dir).read_summary().status == "completed"
-    # each site trained under its own policy file, read through its --node-config
+    folder = _finish(fed, fed.first_run, "tampered")
+    assert not (fed.tmp / MARKER).exists(), (fed.tmp / MARKER).read_text()
+    history = folder.read_history()
+    assert [h.round for h in history] == [1, 2] and folder.read_summary().status == "completed"
+    run_key = folder.read_settings().run_key
     for name, max_eps in HOSPITALS.items():
-        assert max_eps - 0.5 < history[-1].sites[name].train["epsilon"] <= max_eps + 1e-9
-        assert (fed.state_dirs[name] / "ledger.json").is_file()
+        assert not history[-1].refusals and not history[-1].failures, history[-1]
+        # DP training under the site's own policy, as its receipts show
+        receipts = [r for r in read_receipts(fed.state_dirs[name]) if r.run_id == run_key]
+        assert [r.round for r in receipts] == [1, 2] and all(r.steps > 0 for r in receipts)
+        assert max_eps - 0.5 < receipts[-1].epsilon <= max_eps + 1e-9
+        assert history[-1].sites[name].train[R.EPSILON] == pytest.approx(receipts[-1].epsilon)
+        # what the coordinator received is what the site recorded sending
+        assert [h.sites[name].update_sha256 for h in history] == [r.update_sha256 for r in receipts]
+    _assert_federation_unharmed(fed)
+
+
+def _log_after(started: Started, offset: int) -> str:
+    return started.log.read_text(errors="replace")[offset:]
+
+
+def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: Federation) -> None:
+    fed = federation
+    offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
+    app = tampered_app(fed.tmp / "evil", publisher="evilcorp")
+    folder = _finish(fed, _submit(fed, "evil", app, "num-server-rounds=1 local-epochs=1"), "evil")
+    (line,) = folder.read_history()
+    assert set(line.refusals) == set(HOSPITALS) and not line.sites, line
+    assert all("not the FedFusion app" in reason for reason in line.refusals.values())
+    assert folder.read_summary().status == "stopped"
+    run_key = folder.read_settings().run_key
+    for name, node in fed.nodes.items():
+        assert load_ledger(fed.state_dirs[name]).run(run_key) is None  # nothing charged
+        log = _log_after(node, offsets[name])
+        assert "refusing run" in log and "evilcorp/fedfusion" in log
+        assert "train / " not in log and "feature cache" not in log  # no site data was read
+
+
+def test_the_run_config_cannot_move_a_site_off_its_node_config(federation: Federation) -> None:
+    fed = federation
+    offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
+    overrides = (f"num-server-rounds=1 local-epochs=1 device='cuda' val-fraction=0.9 "
+                 f"data-root='{fed.tmp / 'nowhere'}' state-root='{fed.tmp / 'elsewhere'}'")
+    folder = _finish(fed, _submit(fed, "overrides", ROOT, overrides), "overrides")
+    (line,) = folder.read_history()
+    assert line.finished and set(line.sites) == set(HOSPITALS), line
+    first = RunFolder(fed.output_dir / "tampered").read_history()[0]
+    for name, node in fed.nodes.items():
+        # its own split (val-fraction 0.2, not 0.9), data and state folder; trained on the CPU
+        assert line.sites[name].train[R.NUM_EXAMPLES] == first.sites[name].train[R.NUM_EXAMPLES]
+        assert "device='cuda' is not used" in _log_after(node, offsets[name]).replace('"', "'")
+    assert not (fed.tmp / "elsewhere").exists() and not (fed.tmp / "nowhere").exists()
+
+
+def test_a_node_killed_mid_round_never_under_counts(federation: Federation) -> None:
+    fed = federation
+    name = "hospital-a"
+    node = fed.nodes[name]
+    offset = node.log.stat().st_size
+    # uncached epochs, so a round lasts long enough to be interrupted
+    run = _submit(fed, "killed", ROOT, "num-server-rounds=3 local-epochs=40 min-nodes=1 "
+                  "fraction-evaluate=0.0 feature-cache=false")
+    fed.procs.wait_until(f"{name} training round 2",
+                         lambda: re.search(r"round 2 train epoch \d+/40", _log_after(node, offset))
+                         is not None, RUN_TIMEOUT, [node, run])
+    os.kill(node.proc.pid, signal.SIGKILL)  # mid-round: no reply, whatever it had written stays
+    node.proc.wait(10)
+    fed.nodes[name] = fed.procs.start(f"{name}-node-restarted", fed.node_argv[name],
+                                      _node_env(fed.tmp, name), ROOT)
+    folder = _finish(fed, run, "killed")
+    history = folder.read_history()
+    assert [h.round for h in history] == [1, 2, 3]
+    assert name in history[1].failures  # the SuperNode reported the task's process gone
+    assert history[2].sites[name].train is not None  # the restarted node served round 3
+    run_key = folder.read_settings().run_key
+    receipts = {r.update_sha256 for r in read_receipts(fed.state_dirs[name]) if r.run_id == run_key}
+    sent = [h.sites[name].update_sha256 for h in history if name in h.sites]
+    assert set(sent) <= receipts  # every update that left the site was charged
+    assert audit(fed.state_dirs[name]).ok  # ledger and receipts agree
