@@ -2,9 +2,10 @@
 
 Only the trainable parameters and the fixed scalar metrics of `common.protocol` leave the site,
 plus its name. A problem the site can explain (`common.errors.FedFusionError`: a refusal, bad
-data, a configuration error, a failure) becomes an error reply with its kind's code; any other
-exception is a defect in FedFusion and is reported as such (kind `bug`), with the traceback in
-the site's log.
+data, a configuration error, a failure) becomes an error reply with its kind's code and a reason
+of a fixed vocabulary (never a row, a label, a count or a path: those stay in the site's log);
+any other exception is a defect in FedFusion and is reported as such (kind `bug`), with the
+traceback in the site's log.
 
 The run settings come from the run config (`context.run_config`), the site's own facts from the
 node config (`client.site_config`); the round message carries the global parameters and the
@@ -16,9 +17,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -35,7 +38,7 @@ from client.site_config import SiteConfig
 from client.state import SiteState, SiteStates
 from common import protocol as R
 from common.config import RunConfig
-from common.errors import ConfigurationError, FedFusionError, Kind
+from common.errors import ConfigurationError, FedFusionError, Kind, public_text
 from common.training.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -61,20 +64,35 @@ def site_state(context: Context) -> tuple[RunConfig, SiteState]:
     return site.localize(run), SITES.get(site)
 
 
-def round_request(msg: Message) -> RoundRequest:
+RUN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def round_request(msg: Message, context: Context) -> RoundRequest:
     """Unpack and check the round message: the global parameters and the per-round facts."""
     content = msg.content
-    if R.ARRAYS not in content.array_records or R.CONFIG not in content.config_records:
-        raise ConfigurationError(f"the round message lacks its '{R.ARRAYS}' or '{R.CONFIG}' "
-                                 "record.", reason="message")
+    if (len(content.array_records) != 1 or R.ARRAYS not in content.array_records
+            or R.CONFIG not in content.config_records):
+        raise _malformed(f"the round message needs exactly its '{R.ARRAYS}' and '{R.CONFIG}' records.")
     config = content[R.CONFIG]
-    server_round = config.get(R.SERVER_ROUND)
+    server_round, run_key = config.get(R.SERVER_ROUND), config.get(R.RUN_KEY)
+    fingerprint = config.get(R.FROZEN_FINGERPRINT)
     if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 1:
-        raise ConfigurationError(f"the round message's {R.SERVER_ROUND} is {server_round!r}, not "
-                                 "a round number.", reason="message")
-    return RoundRequest(server_round=server_round, run_key=str(config.get(R.RUN_KEY, "")),
-                        frozen_fingerprint=str(config.get(R.FROZEN_FINGERPRINT, "")),
-                        parameters=content[R.ARRAYS].to_torch_state_dict())
+        raise _malformed(f"its {R.SERVER_ROUND} is not a round number.")
+    if not isinstance(run_key, str) or not RUN_KEY.fullmatch(run_key):
+        raise _malformed(f"its {R.RUN_KEY} is not 1 to 128 letters, digits, '.', '_' or '-'.")
+    if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
+        raise _malformed(f"its {R.FROZEN_FINGERPRINT} is not a SHA-256 (64 hex digits).")
+    parameters = content[R.ARRAYS].to_torch_state_dict()
+    bad = [n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()]
+    if bad:
+        raise _malformed(f"parameter(s) {bad[:3]} are not finite float32 values.")
+    return RoundRequest(server_round=server_round, run_key=run_key, frozen_fingerprint=fingerprint,
+                        parameters=parameters, flower_run_id=int(context.run_id))
+
+
+def _malformed(why: str) -> ConfigurationError:
+    return ConfigurationError(f"the round message is malformed: {why}", reason="message")
 
 
 def _site_name(context: Context) -> str:
@@ -84,15 +102,25 @@ def _site_name(context: Context) -> str:
                 if "partition-id" in context.node_config else f"node-{context.node_id}"))
 
 
-def error_reply(msg: Message, site: str, err: Exception) -> Message:
-    """The error reply for `err`: its kind's code and a reason naming the site."""
+def _simulated(context: Context) -> bool:
+    """A simulated hospital: the researcher plays every party, so a reply may carry details."""
+    return "partition-id" in context.node_config and "manifest" not in context.node_config
+
+
+def error_reply(msg: Message, site: str, err: Exception, *, detailed: bool = False) -> Message:
+    """The error reply for `err`: its kind's code, and a reason of the fixed vocabulary.
+
+    The detail (which may name files, rows, labels or counts) goes to the site's own log; only
+    a simulated site (`detailed`), where the researcher plays every party, adds it to the reply.
+    """
     if isinstance(err, FedFusionError):
-        kind, text = err.kind, str(err)
-        log.error("site %s: %s (%s): %s", site, kind, err.reason, err.detail)
+        kind, text, detail = err.kind, err.public, err.detail
+        log.error("site %s: %s (%s): %s", site, kind, err.reason, detail)
     else:
-        kind, text = Kind.BUG, f"internal error (a defect in FedFusion): {type(err).__name__}: {err}"
-        log.exception("site %s: %s", site, text)
-    reason = R.error_reason(site, f"{kind}: {text}" if kind is not Kind.REFUSAL else f"refused: {text}")
+        kind, text = Kind.BUG, public_text(Kind.BUG, "internal-error")
+        detail = f"{type(err).__name__}: {err}"
+        log.exception("site %s: internal error (a defect in FedFusion): %s", site, detail)
+    reason = R.error_reason(site, f"{text} ({detail})" if detailed else text)
     return Message(Error(code=R.ERROR_CODES[kind], reason=reason), reply_to=msg)
 
 
@@ -103,9 +131,9 @@ def train(msg: Message, context: Context) -> Message:
     try:
         run, state = site_state(context)
         site = state.site.site_name
-        outcome = train_round(state, run, round_request(msg))
+        outcome = train_round(state, run, round_request(msg, context))
     except Exception as err:  # noqa: BLE001  every failure becomes a reply, none a crash
-        return error_reply(msg, site, err)
+        return error_reply(msg, site, err, detailed=_simulated(context))
     return Message(train_content(outcome, site), reply_to=msg)
 
 
@@ -116,9 +144,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         run, state = site_state(context)
         site = state.site.site_name
-        metrics = evaluate_round(state, run, round_request(msg))
+        metrics = evaluate_round(state, run, round_request(msg, context))
     except Exception as err:  # noqa: BLE001
-        return error_reply(msg, site, err)
+        return error_reply(msg, site, err, detailed=_simulated(context))
     return Message(evaluate_content(metrics, site), reply_to=msg)
 
 
@@ -130,7 +158,8 @@ def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
         R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
         R.METRICS: MetricRecord({
             R.NUM_EXAMPLES: outcome.num_examples,
-            R.TRAIN_LOSS: float(outcome.result.loss) if outcome.share_metrics else math.nan,
+            R.TRAIN_LOSS: (round(float(outcome.result.loss), outcome.policy.metric_decimals)
+                           if outcome.policy.share_metrics else math.nan),
             R.EPSILON: float(outcome.receipt.epsilon) if account else math.inf,
             R.DELTA: float(account.delta) if account else 0.0,
             R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,

@@ -9,7 +9,7 @@ into the site's own model, so nothing carries over from one round to the next bu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,10 +30,22 @@ from common.privacy.enforcement import (
     check_round_count,
     negotiate,
 )
-from common.privacy.ledger import Ledger, RunEntry, exclusive, load_ledger, save_ledger
+from common.privacy.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    RunEntry,
+    exclusive,
+    load_ledger,
+    save_ledger,
+)
 from common.privacy.policy import SitePolicy, load_policy
-from common.privacy.receipts import Receipt, append_receipt, read_receipts
-from common.privacy.replay import SentUpdate, load_sent, save_sent
+from common.privacy.receipts import (
+    RECEIPTS_FILE,
+    Receipt,
+    append_receipt,
+    read_receipts,
+)
+from common.privacy.replay import SENT_FOLDER, SentUpdate, load_sent, save_sent
 from common.protocol import update_digest
 from common.training.loop import TrainResult, evaluate, pick_device, train
 from common.training.metrics import Metrics
@@ -51,6 +63,7 @@ class RoundRequest:
     run_key: str  # the run's name for the site's ledger, stable when the run is resumed
     frozen_fingerprint: str  # the frozen part the parameters belong to
     parameters: Parameters  # the global trainable parameters
+    flower_run_id: int = 0  # the Flower run the message belongs to (its run key is bound to it)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +76,7 @@ class TrainOutcome:
     num_examples: int
     account: Account | None  # None when the round trained without DP
     receipt: Receipt
-    share_metrics: bool  # the site's policy allows reporting its training loss
+    policy: SitePolicy  # what the site releases of its training (share-metrics, decimals)
     terms: PrivacyTerms  # what the site trained under (cap, clipping norm)
 
 
@@ -95,7 +108,7 @@ def site_policy(site: SiteConfig, run: RunConfig) -> SitePolicy:
     """
     if site.policy:
         return load_policy(site.policy)
-    return SitePolicy(require_dp=run.privacy.dp) if site.simulated else SitePolicy()
+    return SitePolicy.researcher(dp=run.privacy.dp) if site.simulated else SitePolicy()
 
 
 def check_fingerprint(bundle: ModelBundle, fingerprint: str) -> None:
@@ -121,20 +134,17 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
     """
     site = state.site
     policy = site_policy(site, run)
-    terms = negotiate(policy, run, dp=run.privacy.dp, target_epsilon=run.privacy.target_epsilon,
-                      target_delta=run.privacy.target_delta,
-                      num_rounds=run.federation.num_server_rounds)
+    check_round_number(run, request)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
         check_fingerprint(bundle, request.frozen_fingerprint)  # before any privacy work
+        terms = negotiate(policy, run, dp=run.privacy.dp, target_epsilon=run.privacy.target_epsilon,
+                          target_delta=run.privacy.target_delta,
+                          num_rounds=run.federation.num_server_rounds, num_examples=len(data.train))
         global_sha256 = update_digest(request.parameters)
         with exclusive(site.state_dir):  # from reading the ledger to writing it: one round at a time
-            ledger = load_ledger(site.state_dir)
-            entry = ledger.run(request.run_key)
-            if entry and entry.dataset != data.version:
-                raise Refusal(f"the site's data ({data.manifest}) changed during this run; its "
-                              "privacy plan no longer holds. Restore the data or start a new run.",
-                              reason="data-changed")
+            ledger = site_ledger(site)
+            entry = admitted(ledger, request, data)
             if entry and request.server_round in entry.rounds:
                 again = _send_again(site, request, global_sha256)
                 if again:
@@ -142,8 +152,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                     not_sent = tuple(n for n in request.parameters if n not in sent.state)
                     return TrainOutcome(state=sent.state, untrained=not_sent, result=sent.result,
                                         num_examples=len(data.train), account=entry.account,
-                                        receipt=receipt, share_metrics=policy.share_metrics,
-                                        terms=terms)
+                                        receipt=receipt, policy=policy, terms=terms)
             prior = (ledger.prior_history(data.version, request.run_key)
                      if terms.budget_scope == "dataset" else [])
             if terms.dp:
@@ -157,15 +166,54 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                              untrained=tuple(untrained_parameters(bundle.model, data.train_combos)),
                              account=account, max_grad_norm=terms.max_grad_norm)
             local = train_locally(state, run, work)
-            receipt = charge(site, ledger, run_key=request.run_key, dataset=data.version,
-                             account=local.account, server_round=request.server_round,
-                             sent=local.sent, prior=prior, budget_scope=policy.budget_scope)
+            receipt = charge(site, ledger, request=request, dataset=data.version, local=local,
+                             prior=prior, budget_scope=terms.budget_scope)
             save_sent(site.state_dir, request.run_key,
                       SentUpdate(server_round=request.server_round, global_sha256=global_sha256,
                                  state=local.sent, result=local.result))
     return TrainOutcome(state=local.sent, untrained=work.untrained, result=local.result,
                         num_examples=len(data.train), account=local.account, receipt=receipt,
-                        share_metrics=policy.share_metrics, terms=terms)
+                        policy=policy, terms=terms)
+
+
+def check_round_number(run: RunConfig, request: RoundRequest) -> None:
+    """A round number beyond the run's planned rounds is not a round of this run."""
+    if not 1 <= request.server_round <= run.federation.num_server_rounds:
+        raise ConfigurationError(f"round {request.server_round} is not among the run's "
+                                 f"{run.federation.num_server_rounds} rounds.", reason="message")
+
+
+def site_ledger(site: SiteConfig) -> Ledger:
+    """The site's ledger; refuses while receipts or sent updates exist without it.
+
+    A ledger deleted beside its receipts would give the site a fresh budget: the site stops
+    until its operator rebuilds the ledger from the receipts (`fedfusion privacy rebuild-ledger`).
+    """
+    ledger_file = site.state_dir / LEDGER_FILE
+    sent = site.state_dir / SENT_FOLDER
+    if not ledger_file.exists() and ((site.state_dir / RECEIPTS_FILE).exists()
+                                     or (sent.is_dir() and any(sent.iterdir()))):
+        raise Refusal(f"{site.state_dir} holds privacy receipts or sent updates but no "
+                      f"{LEDGER_FILE}: the spend they record would be forgotten. Restore the "
+                      "ledger from a backup, or rebuild it from the receipts with `fedfusion "
+                      f"privacy rebuild-ledger {site.state_dir} --reason ...`.",
+                      reason="state-incomplete")
+    return load_ledger(site.state_dir)
+
+
+def admitted(ledger: Ledger, request: RoundRequest, data: SiteData) -> RunEntry | None:
+    """The run's ledger entry, once the run key is the Flower run's and the data is the run's."""
+    bound = ledger.run_key_of(request.flower_run_id)
+    if bound is not None and bound != request.run_key:
+        raise Refusal(f"Flower run {request.flower_run_id} trains at this site under run key "
+                      f"{bound!r}; a second run key ({request.run_key!r}) in the same run would "
+                      "start a second budget.", reason="run-key-conflict")
+    entry = ledger.run(request.run_key)
+    if entry and entry.dataset != data.version and entry.rounds:
+        raise Refusal(f"the site's data ({data.manifest}) changed during this run; its privacy "
+                      "plan no longer holds. Restore the data or start a new run.",
+                      reason="data-changed")
+    return entry
 
 
 def _send_again(site: SiteConfig, request: RoundRequest,
@@ -231,41 +279,78 @@ def _cache_key(run: RunConfig, bundle: ModelBundle, data: SiteData) -> CacheKey:
                     max_text_length=m.max_text_length)
 
 
-def charge(site: SiteConfig, ledger: Ledger, *, run_key: str, dataset: str, account: Account | None,
-           server_round: int, sent: Parameters, prior: list[HistoryEntry],
-           budget_scope: str) -> Receipt:
-    """Persist this round's spend (ledger first, then the receipt) before anything is sent."""
-    entry = ledger.run(run_key)
-    rounds = (entry.rounds if entry else ()) + (server_round,)
-    save_ledger(site.state_dir,
-                ledger.with_run(run_key, RunEntry(dataset=dataset, account=account, rounds=rounds)))
-    last = account.history[-1] if account else (0.0, 0.0, 0)
-    before = entry.account.steps if entry and entry.account else 0
-    scope_epsilon = account.epsilon if account else None
-    if account and prior:
-        scope_epsilon = epsilon_from_history([*prior, *account.history], delta=account.delta,
-                                             accountant=account.accountant)
+def charge(site: SiteConfig, ledger: Ledger, *, request: RoundRequest, dataset: str,
+           local: LocalResult, prior: list[HistoryEntry], budget_scope: str) -> Receipt:
+    """Persist this round's spend (ledger first, then the receipt) before anything is sent.
+
+    A round without DP keeps the run's DP account (its history is never lost) and is recorded
+    as unprotected.
+    """
+    entry = ledger.run(request.run_key) or RunEntry(dataset=dataset, account=None)
+    account = local.account or entry.account
+    save_ledger(site.state_dir, ledger.with_run(request.run_key, replace(
+        entry, dataset=dataset, account=account, rounds=(*entry.rounds, request.server_round),
+        unprotected_rounds=entry.unprotected_rounds + (() if local.account else (request.server_round,)),
+        flower_runs=_with(entry.flower_runs, request.flower_run_id))))
+    dp = local.account
+    last = dp.history[-1] if dp else (0.0, 0.0, 0)
+    before = entry.account.steps if entry.account else 0
+    scope_epsilon = dp.epsilon if dp else None
+    if dp and prior:
+        scope_epsilon = epsilon_from_history([*prior, *dp.history], delta=dp.delta,
+                                             accountant=dp.accountant)
     receipt = Receipt(
-        run_id=run_key, round=server_round, noise_multiplier=last[0], sample_rate=last[1],
-        steps=(account.steps - before) if account else 0,
-        accountant=account.accountant if account else "none",
-        epsilon=account.epsilon if account else None, delta=account.delta if account else None,
-        scope_epsilon=scope_epsilon, budget_scope=budget_scope, update_sha256=update_digest(sent),
-        dataset_sha256=dataset, time=Receipt.now())
+        run_id=request.run_key, round=request.server_round, noise_multiplier=last[0],
+        sample_rate=last[1], steps=(dp.steps - before) if dp else 0,
+        accountant=dp.accountant if dp else "none", epsilon=dp.epsilon if dp else None,
+        delta=dp.delta if dp else None, scope_epsilon=scope_epsilon, budget_scope=budget_scope,
+        update_sha256=update_digest(local.sent), dataset_sha256=dataset, time=Receipt.now())
     append_receipt(site.state_dir, receipt)
     return receipt
 
 
+def _with(values: tuple[int, ...], value: int) -> tuple[int, ...]:
+    return values if value in values else (*values, value)
+
+
 def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Metrics:
-    """Evaluate the global model on this site's validation split (if its policy shares metrics)."""
-    if not site_policy(state.site, run).share_metrics:
+    """Evaluate the global model on this site's validation split, as its policy releases it.
+
+    Refused when the policy shares no metrics, when the split holds fewer than
+    `min-eval-records` records, or when this round of this run was evaluated already (at most
+    one release per planned round); the metrics are rounded to `metric-decimals`.
+    """
+    site = state.site
+    policy = site_policy(site, run)
+    if not policy.share_metrics:
         raise Refusal("this site's policy does not share evaluation metrics (share-metrics = false).",
                       reason="metrics-withheld")
+    check_round_number(run, request)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
         check_fingerprint(bundle, request.frozen_fingerprint)
-        device = pick_device(state.site.device)
-        model = _prepare(bundle, request.parameters, device)
-        loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
-                            num_workers=run.data.num_workers)
-        return evaluate(model, loader, device, desc=f"{state.site.site_name} evaluate")
+        if len(data.val) < policy.min_eval_records:
+            raise Refusal(f"the site validates on {len(data.val)} records, fewer than its policy's "
+                          f"min-eval-records = {policy.min_eval_records}.", reason="too-few-records")
+        with exclusive(site.state_dir):
+            ledger = site_ledger(site)
+            entry = admitted(ledger, request, data) or RunEntry(dataset=data.version, account=None)
+            if request.server_round in entry.evaluated:
+                raise Refusal(f"round {request.server_round} of this run was evaluated already.",
+                              reason="evaluation-limit")
+            device = pick_device(site.device)
+            model = _prepare(bundle, request.parameters, device)
+            loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
+                                num_workers=run.data.num_workers)
+            metrics = evaluate(model, loader, device, desc=f"{site.site_name} evaluate")
+            save_ledger(site.state_dir, ledger.with_run(request.run_key, replace(
+                entry, evaluated=(*entry.evaluated, request.server_round),
+                flower_runs=_with(entry.flower_runs, request.flower_run_id))))
+    return released(metrics, policy.metric_decimals)
+
+
+def released(metrics: Metrics, decimals: int) -> Metrics:
+    """The metrics as the site releases them: rounded to `decimals`."""
+    return replace(metrics, loss=round(metrics.loss, decimals),
+                   accuracy=round(metrics.accuracy, decimals), auroc=round(metrics.auroc, decimals),
+                   f1=round(metrics.f1, decimals))

@@ -3,9 +3,9 @@
 Every site has its own `SiteState`: its own model object (never shared with another site, so a
 round at one site cannot disturb a round at another), its checked and tokenised data, and its
 frozen-feature cache. Each piece is rebuilt when what shapes it changes: the model when the
-model config does; the data when the manifest's content or the data settings do (the version is
-recomputed every round, so a changed manifest is always noticed). `SiteStates` holds the states
-of the sites a process serves, the least recently used dropped beyond a bound.
+model config does; the data when the rows' content or the data settings do (the version is
+recomputed from the rows' content every round, so a change is always noticed). `SiteStates`
+holds the states of the sites a process serves, the least recently used dropped beyond a bound.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from client.site_config import SiteConfig
 from common.config import ModelConfig, RunConfig
 from common.data.dataset import ManifestDataset
 from common.data.manifest import Row, read_manifest, split_by_patient
+from common.data.version import ImageDigests, dataset_version
 from common.errors import BadData
-from common.files import file_sha256
 from common.model.encoders import load_tokenizer
 from common.model.feature_cache import FeatureCache
 from common.model.fusion_model import FusionModel, build_model
@@ -58,7 +58,7 @@ class SiteData:
     """A site's checked data, split by patient."""
 
     manifest: Path  # the manifest file read
-    version: str  # the dataset version: SHA-256 of the manifest
+    version: str  # the dataset version: a digest of the rows' content (common.data.version)
     train: ManifestDataset
     val: ManifestDataset
     train_combos: frozenset[Combo]  # the (has_image, has_text) combinations of the training rows
@@ -77,6 +77,7 @@ class SiteState:
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
         self.features = FeatureCache(disk_dir=site.state_dir / FEATURES_FOLDER)
+        self.images = ImageDigests()  # the image files' digests, for the dataset version
         self.lock = threading.Lock()  # one round at a time per site and process
         self._bundle: ModelBundle | None = None
         self._data: tuple[tuple[object, ...], SiteData] | None = None
@@ -89,9 +90,9 @@ class SiteState:
         return self._bundle
 
     def data(self, run: RunConfig) -> SiteData:
-        """This site's checked, split and tokenised data (re-read when the manifest changes)."""
+        """This site's checked, split and tokenised data (re-read when the rows' content changes)."""
         manifest, rows = read_manifest(self.site.manifest, run.model.class_names)
-        key = (*_data_key(self.site, run), file_sha256(manifest))
+        key = (*_data_key(self.site, run), dataset_version(rows, self.images))
         if self._data is None or self._data[0] != key:
             self._data = (key, self._split(run, manifest, rows, key[-1]))
         return self._data[1]

@@ -43,6 +43,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
               "multikrum")
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+MAX_TEXT = 1024  # characters of a string value (paths, names): the other side's input is bounded
+MAX_CLASSES, MAX_CLASS_NAME = 100, 64
 
 
 class ConfigError(ConfigurationError):
@@ -63,11 +65,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class FederationConfig:
     """How the server runs the federation."""
 
-    num_server_rounds: int = field(metadata=_range(1))
+    num_server_rounds: int = field(metadata=_range(1, 10_000))
     fraction_train: float = field(metadata=_range(0.0, 1.0, lo_open=True))
     fraction_evaluate: float = field(metadata=_range(0.0, 1.0))
-    min_nodes: int = field(metadata=_range(1))
-    round_timeout: float = field(metadata=_range(0.0, lo_open=True))
+    min_nodes: int = field(metadata=_range(1, 1_000_000))
+    round_timeout: float = field(metadata=_range(0.0, 7 * 24 * 3600.0, lo_open=True))
     run_name: str = field(metadata={})  # "" = a time-stamped name
     output_dir: str = field(metadata={})
 
@@ -77,13 +79,15 @@ class AggregationConfig:
     """How the server screens and combines the sites' updates (Flower's strategies)."""
 
     strategy: str = field(metadata=_choice(*STRATEGIES))
-    proximal_mu: float = field(metadata=_range(0.0))  # fedprox
-    server_learning_rate: float = field(metadata=_range(0.0, lo_open=True))  # fedadam, fedyogi
+    proximal_mu: float = field(metadata=_range(0.0, 1e3))  # fedprox
+    server_learning_rate: float = field(metadata=_range(0.0, 10.0, lo_open=True))  # fedadam, fedyogi
     trim_fraction: float = field(metadata=_range(0.0, 0.5, lo_open=True))  # fedtrimmedavg
-    byzantine_sites: int = field(metadata=_range(0))  # krum, multikrum: sites assumed malicious
-    multikrum_select: int = field(metadata=_range(1))  # multikrum: updates averaged
-    max_update_norm: float = field(metadata=_range(0.0))  # 0 = no fixed bound
-    update_norm_factor: float = field(metadata=_range(0.0))  # x the round's median; 0 = off
+    byzantine_sites: int = field(metadata=_range(0, 1_000_000))  # krum, multikrum: sites assumed malicious
+    multikrum_select: int = field(metadata=_range(1, 1_000_000))  # multikrum: updates averaged
+    max_update_norm: float = field(metadata=_range(0.0, 1e12))  # 0 = no fixed bound
+    update_norm_factor: float = field(metadata=_range(0.0, 1e6))  # x the round's median; 0 = off
+    max_weight_factor: float = field(metadata=_range(0.0, 1e6))  # a site's FedAvg weight: at most
+    # this x the round's (lower) median weight; 0 = off
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class DataConfig:
     data_root: str = field(metadata={})  # simulation only: <data-root>/hospital-<i>
     state_root: str = field(metadata={})  # simulation only: "" = each hospital's own folder
     val_fraction: float = field(metadata=_range(0.0, 1.0, lo_open=True))
-    num_workers: int = field(metadata=_range(0))
+    num_workers: int = field(metadata=_range(0, 64))
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,12 @@ class ModelConfig:
     image_encoder: str = field(metadata=_choice(*IMAGE_ENCODERS))  # "" = preset default
     image_weights: str = field(metadata={})  # "" = seeded random init
     text_encoder: str = field(metadata={})  # "" = preset default
-    image_size: int = field(metadata=_range(0))  # 0 = preset default
-    max_text_length: int = field(metadata=_range(0))  # 0 = preset default
-    fusion_dim: int = field(metadata=_range(1))
-    trainable_text_layers: int = field(metadata=_range(0))
+    image_size: int = field(metadata=_range(0, 1024))  # 0 = preset default
+    max_text_length: int = field(metadata=_range(0, 4096))  # 0 = preset default
+    fusion_dim: int = field(metadata=_range(1, 8192))
+    trainable_text_layers: int = field(metadata=_range(0, 64))
     trainable_image_blocks: int = field(metadata=_range(0, 4))
-    seed: int = field(metadata={})
+    seed: int = field(metadata=_range(0, 2**32 - 1))
 
     def resolved(self) -> ModelConfig:
         """The values left to the preset ("" or 0) replaced by the preset's."""
@@ -142,9 +146,9 @@ class ModelConfig:
 class TrainConfig:
     """Local training at a site."""
 
-    local_epochs: int = field(metadata=_range(1))
-    batch_size: int = field(metadata=_range(1))
-    learning_rate: float = field(metadata=_range(0.0, lo_open=True))
+    local_epochs: int = field(metadata=_range(1, 1000))
+    batch_size: int = field(metadata=_range(1, 100_000))
+    learning_rate: float = field(metadata=_range(0.0, 100.0, lo_open=True))
     device: str = field(metadata={"pattern": DEVICE_PATTERN})  # simulated hospitals; a deployed
     # site's device is its node config's
     feature_cache: bool = field(metadata={})  # reuse the frozen encoders' outputs (common/feature_cache.py)
@@ -155,9 +159,9 @@ class PrivacyConfig:
     """The run's proposed differential-privacy target (sample-level, per site)."""
 
     dp: bool = field(metadata={})
-    target_epsilon: float = field(metadata=_range(0.0, lo_open=True))
-    target_delta: float = field(metadata=_range(0.0, 1.0, lo_open=True))
-    max_grad_norm: float = field(metadata=_range(0.0, lo_open=True))
+    target_epsilon: float = field(metadata=_range(0.0, 100.0, lo_open=True))
+    target_delta: float = field(metadata=_range(1e-15, 0.1))
+    max_grad_norm: float = field(metadata=_range(0.0, 1e4, lo_open=True))
     accountant: str = field(metadata=_choice(*ACCOUNTANTS))
     grad_sample_mode: str = field(metadata=_choice(*GRAD_SAMPLE_MODES))
 
@@ -198,15 +202,17 @@ def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif kind == "str":
-        if isinstance(value, str):
+        if isinstance(value, str) and len(value) <= MAX_TEXT:
             return value
     elif kind.startswith("tuple"):
         if isinstance(value, str):
             items = tuple(s.strip() for s in value.split(",") if s.strip())
-            if len(items) < 2 or len(set(items)) != len(items):
+            if (len(items) < 2 or len(set(items)) != len(items) or len(items) > MAX_CLASSES
+                    or max(map(len, items)) > MAX_CLASS_NAME):
                 raise ConfigError(
-                    f"Run config key '{key}' must list at least two distinct class names separated "
-                    f"by commas (for example \"normal,pneumonia\"), got {value!r}."
+                    f"Run config key '{key}' must list 2 to {MAX_CLASSES} distinct class names of at "
+                    f"most {MAX_CLASS_NAME} characters, separated by commas (for example "
+                    f"\"normal,pneumonia\"), got {value!r}."
                 )
             return items
     raise ConfigError(

@@ -26,17 +26,42 @@ class Kind(StrEnum):
     BUG = "bug"  # an unexpected exception: a defect in FedFusion
 
 
-# The fixed vocabulary of reasons a reply may carry, per kind (issue: nothing else leaves a site).
-REASONS: dict[Kind, tuple[str, ...]] = {
-    Kind.REFUSAL: ("dp-required", "epsilon-cap", "max-rounds", "budget-exhausted",
-                   "metrics-withheld", "run-key-conflict", "data-changed", "bundle-not-accepted",
-                   "too-few-records", "state-incomplete"),
-    Kind.BAD_DATA: ("data-unusable", "no-training-rows"),
-    Kind.CONFIGURATION: ("run-config", "node-config", "policy", "model-mismatch", "model-source",
-                         "message"),
-    Kind.FAILURE: ("state-folder", "device", "interrupted"),
-    Kind.BUG: ("internal-error",),
+# The fixed vocabulary of reasons a reply may carry, per kind, and the one sentence that goes with
+# each: all the other side learns of a problem (the detail stays in the site's own log).
+REASON_TEXT: dict[Kind, dict[str, str]] = {
+    Kind.REFUSAL: {
+        "dp-required": "the site's policy requires differential privacy",
+        "epsilon-cap": "the round would exceed the site's epsilon cap",
+        "max-rounds": "the site has trained the most rounds its policy allows in one run",
+        "budget-exhausted": "the site's privacy budget for its data is spent",
+        "metrics-withheld": "the site's policy does not release evaluation metrics",
+        "run-key-conflict": "this Flower run already trains under another run key at the site",
+        "data-changed": "the site's data changed during this run",
+        "bundle-not-accepted": "the run's bundle is not accepted at the site",
+        "too-few-records": "the site holds too few validation records to release metrics",
+        "evaluation-limit": "the site already evaluated this round of this run",
+        "state-incomplete": "the site's privacy records are incomplete; its operator must restore them",
+    },
+    Kind.BAD_DATA: {
+        "data-unusable": "the site's data cannot be used as it is",
+        "no-training-rows": "the site has no training records",
+    },
+    Kind.CONFIGURATION: {
+        "run-config": "the run config is not valid at the site",
+        "node-config": "the site's own configuration is not valid",
+        "policy": "the site's policy file is not valid",
+        "model-mismatch": "the model does not match the site's (frozen part or trainable names)",
+        "model-source": "the run config names a model source the site does not load",
+        "message": "the round message is malformed",
+    },
+    Kind.FAILURE: {
+        "state-folder": "the site's state folder cannot be used",
+        "device": "the site's device is not available",
+        "interrupted": "the site's work was interrupted",
+    },
+    Kind.BUG: {"internal-error": "an internal error (a defect in FedFusion) stopped the site"},
 }
+REASONS: dict[Kind, tuple[str, ...]] = {kind: tuple(texts) for kind, texts in REASON_TEXT.items()}
 
 
 class FedFusionError(Exception):
@@ -51,6 +76,17 @@ class FedFusionError(Exception):
         self.detail = detail
         self.reason = reason or self.default_reason
         assert self.reason in REASONS[self.kind], f"{self.reason!r} is not a {self.kind} reason"
+
+    @property
+    def public(self) -> str:
+        """What the other side may learn: `<kind>: <reason>: <the reason's fixed sentence>`."""
+        return public_text(self.kind, self.reason)
+
+
+def public_text(kind: Kind, reason: str) -> str:
+    """The fixed text of a reason, as a reply carries it."""
+    label = "refused" if kind is Kind.REFUSAL else str(kind)
+    return f"{label}: {reason}: {REASON_TEXT[kind][reason]}"
 
 
 class Refusal(FedFusionError):

@@ -93,6 +93,7 @@ class HistoryLine:
     refusals: dict[str, str] = field(default_factory=dict)  # site: reason
     failures: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # updates the coordinator screened out
+    capped: dict[str, str] = field(default_factory=dict)  # sites whose weight was capped
 
     @property
     def finished(self) -> bool:
@@ -107,7 +108,8 @@ class HistoryLine:
                     else {"aggregate": self.aggregate})
         line.update(refusals=dict(sorted(self.refusals.items())),
                     failures=dict(sorted(self.failures.items())),
-                    rejected=dict(sorted(self.rejected.items())))
+                    rejected=dict(sorted(self.rejected.items())),
+                    capped=dict(sorted(self.capped.items())))
         return line
 
     @classmethod
@@ -117,7 +119,7 @@ class HistoryLine:
                    sites={n: SiteRound.from_json(s) for n, s in d.get("sites", {}).items()},
                    aggregate=d.get("aggregate"), stopped=d.get("stopped"),
                    refusals=dict(d.get("refusals", {})), failures=dict(d.get("failures", {})),
-                   rejected=dict(d.get("rejected", {})))
+                   rejected=dict(d.get("rejected", {})), capped=dict(d.get("capped", {})))
 
 
 @dataclass(frozen=True, kw_only=True)

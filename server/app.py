@@ -56,7 +56,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     plan = RoundPlan(last_round=fed.num_server_rounds, timeout=fed.round_timeout,
                      min_nodes=fed.min_nodes, run_key=start.run_key, fingerprint=fingerprint,
                      bounds=UpdateBounds(max_norm=agg.max_update_norm,
-                                         median_factor=agg.update_norm_factor))
+                                         median_factor=agg.update_norm_factor),
+                     weight_factor=agg.max_weight_factor)
     arrays = ArrayRecord(trainable_state(model))
     if start.arrays is not None:
         arrays = ArrayRecord({k: Array(v) for k, v in start.arrays.items()})

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from common import protocol as R
 from server.recorder import Recorder, RoundRecord, aggregate_line
 from server.replies import Replies, SiteNames, read_replies
-from server.screening import UpdateBounds, complete_partial_updates, screen_updates
+from server.screening import UpdateBounds, cap_weights, complete_partial_updates, screen_updates
 from server.strategy import optimizer_state
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class RoundPlan:
     timeout: float  # seconds for each phase's replies
     min_nodes: int  # fewer usable updates than this stop the run
     bounds: UpdateBounds
+    weight_factor: float  # a site's weight: at most this x the round's median (0 = no cap)
     run_key: str
     fingerprint: str
 
@@ -60,7 +61,7 @@ def run_rounds(grid: Grid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan
         replies = read_replies(grid.send_and_receive(messages, timeout=plan.timeout), train=True,
                                names=names)
         record.add(replies, train=True)
-        usable = screened(replies, arrays, plan.bounds, record)
+        usable = screened(replies, arrays, plan, record)
         if len(usable) < plan.min_nodes:
             why = _too_few(server_round, len(usable), plan.min_nodes, record)
             recorder.commit(record.line(stopped=why))
@@ -78,20 +79,24 @@ def run_rounds(grid: Grid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan
     return LoopEnd(arrays)
 
 
-def screened(replies: Replies, arrays: ArrayRecord, bounds: UpdateBounds,
+def screened(replies: Replies, arrays: ArrayRecord, plan: RoundPlan,
              record: RoundRecord) -> list[Message]:
-    """The train replies fit to aggregate: screened, with partial updates completed."""
+    """The train replies fit to aggregate: screened, weights capped, partial updates completed."""
     global_arrays = {k: v.numpy() for k, v in arrays.items()}
     updates = {id(r.update): r for r in replies.ok if r.update is not None}
-    screening = screen_updates([r.update for r in updates.values()], global_arrays, bounds)
+    screening = screen_updates([r.update for r in updates.values()], global_arrays, plan.bounds)
     for site, reason in screening.rejected.items():
         record.reject(site, reason)
     accepted = [updates[id(u)] for u in screening.accepted]  # by identity: names may repeat
-    full = complete_partial_updates(screening.accepted, global_arrays)
-    for reply, update, complete in zip(accepted, screening.accepted, full, strict=True):
+    weighted, capped = cap_weights(screening.accepted, plan.weight_factor)
+    for site, change in capped.items():
+        record.cap(site, change)
+    full = complete_partial_updates(weighted, global_arrays)
+    for reply, update, complete in zip(accepted, weighted, full, strict=True):
         if update.untrained:  # only a partial update needs repacking (saves a serialisation)
             reply.message.content[R.ARRAYS] = ArrayRecord(
                 {k: Array(v) for k, v in complete.items()})
+        reply.message.content[R.METRICS][R.NUM_EXAMPLES] = update.num_examples  # as checked
     return [r.message for r in accepted]
 
 

@@ -46,6 +46,7 @@ class RoundRecord:
         self.sites: dict[str, SiteRound] = {}
         self.errors: list[ErrorReply] = []
         self.rejected: dict[str, str] = {}
+        self.capped: dict[str, str] = {}
 
     def add(self, replies: Replies, *, train: bool) -> None:
         """Record a phase's replies: metrics (and the update's hash) per site, and every error."""
@@ -67,6 +68,11 @@ class RoundRecord:
         self.rejected[site] = reason
         log.warning("site %s: update rejected: %s", site, reason)
 
+    def cap(self, site: str, change: str) -> None:
+        """Record that a site's self-reported weight was capped this round."""
+        self.capped[site] = change
+        log.warning("site %s: %s", site, change)
+
     @property
     def refusals(self) -> dict[str, str]:
         """Site: reason, for the sites that refused."""
@@ -78,15 +84,20 @@ class RoundRecord:
         return self._named(refused=False)
 
     def _named(self, *, refused: bool) -> dict[str, str]:
-        return {self.names.name(e.node_id, e.claimed): e.text for e in self.errors
-                if (e.kind is Kind.REFUSAL) == refused}
+        named: dict[str, str] = {}
+        for e in self.errors:  # a site may refuse to train and to evaluate in one round
+            if (e.kind is Kind.REFUSAL) == refused:
+                site = self.names.name(e.node_id, e.claimed)
+                named[site] = f"{named[site]}; {e.text}" if site in named else e.text
+        return named
 
     def line(self, *, aggregate: Metrics | None = None, stopped: str | None = None) -> HistoryLine:
         """The round's history line."""
         return HistoryLine(round=self.server_round,
                            sites=dict(sorted(self.sites.items())),
                            aggregate=aggregate, stopped=stopped, refusals=self.refusals,
-                           failures=self.failures, rejected=dict(self.rejected))
+                           failures=self.failures, rejected=dict(self.rejected),
+                           capped=dict(self.capped))
 
 
 def aggregate_line(train: MetricRecord | None, evaluate: MetricRecord | None) -> Metrics:

@@ -8,6 +8,8 @@ never aggregated, and the reason is recorded for its site. A reply is rejected w
 - its L2 distance from the global parameters exceeds `max-update-norm` (when set), or exceeds
   `update-norm-factor` times the median distance of the round's well-formed updates (when there
   are at least three of them, so that one outlier cannot move the median).
+An accepted site's weight is capped at `max-weight-factor` times the round's lower median
+weight (`cap_weights`): record counts are self-reported.
 
 A site may leave out parameters it could not train (e.g. text-side ones at a site without
 reports). `complete_partial_updates` fills each left-out parameter with the weighted mean of
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -113,6 +115,23 @@ def screen_updates(updates: Sequence[Update], global_arrays: Arrays, bounds: Upd
         else:
             result.accepted.append(u)
     return result
+
+
+def cap_weights(updates: Sequence[Update], factor: float) -> tuple[list[Update], dict[str, str]]:
+    """Each site's weight (`num-examples`) at most `factor` x the round's lower median weight.
+
+    A site reports its own record count: a site that claims a hundredfold more records than its
+    peers would otherwise outweigh them all. The lower median (for two sites, the smaller one)
+    cannot be raised by one site; 0 turns the cap off. Returns the updates and, per capped site,
+    what was changed.
+    """
+    if factor <= 0 or not updates:
+        return list(updates), {}
+    weights = sorted(u.num_examples for u in updates)
+    cap = max(1, int(factor * weights[(len(weights) - 1) // 2]))
+    capped = {u.site: f"weight {u.num_examples} capped to {cap} (max-weight-factor {factor:g} x "
+                      f"the round's median weight)" for u in updates if u.num_examples > cap}
+    return [replace(u, num_examples=min(u.num_examples, cap)) for u in updates], capped
 
 
 def complete_partial_updates(updates: Sequence[Update], global_arrays: Arrays) -> list[dict[str, np.ndarray]]:

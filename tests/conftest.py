@@ -3,6 +3,7 @@ and the round requests a coordinator sends them."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,18 @@ def hospital(data_root: Path, state_root: Path, index: int = 0, policy: Path | N
 
 
 def request(state: SiteState, run: RunConfig, server_round: int, parameters: dict | None = None,
-            run_key: str = "run-1") -> RoundRequest:
-    """The round request a coordinator would send (the site's own fingerprint and parameters)."""
+            run_key: str = "run-1", flower_run_id: int | None = None) -> RoundRequest:
+    """The round request a coordinator would send (the site's own fingerprint and parameters).
+
+    Each run key is its own Flower run unless `flower_run_id` says otherwise.
+    """
     bundle = state.bundle(run.model)
     return RoundRequest(server_round=server_round, run_key=run_key,
                         frozen_fingerprint=bundle.fingerprint,
                         parameters=parameters if parameters is not None
-                        else trainable_state(bundle.model))
+                        else trainable_state(bundle.model),
+                        flower_run_id=zlib.crc32(run_key.encode()) if flower_run_id is None
+                        else flower_run_id)
 
 
 def round_config(fingerprint: str, run_key: str = "run-1") -> ConfigRecord:

@@ -35,12 +35,12 @@ def test_missing_key_is_named() -> None:
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("batch-size", 0, r"'batch-size' is 0; it must be >= 1"),
     ("target-epsilon", 0.0, r"'target-epsilon' is 0.0; it must be > 0"),
-    ("target-delta", 1.5, r"'target-delta' is 1.5; it must be <= 1"),
+    ("target-delta", 1.5, r"'target-delta' is 1.5; it must be <= 0.1"),
     ("fusion", "sum", r"'fusion' is 'sum'; allowed values: 'concat', 'weighted', 'attention'"),
     ("preset", "huge", r"allowed values: 'tiny', 'demo', 'seed'"),
     ("dp", "yes", r"'dp' must be of type bool"),
     ("seed", 1.5, r"'seed' must be of type int"),
-    ("class-names", "normal", r"at least two distinct class names"),
+    ("class-names", "normal", r"2 to 100 distinct class names"),
     ("trainable-image-blocks", 5, r"it must be <= 4"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key: str, value: object, message: str) -> None:

@@ -121,7 +121,8 @@ def _start_hospitals(procs: Processes, creds: CredentialLayout, tmp: Path, port:
     for (name, max_eps), manifest in zip(HOSPITALS.items(), manifests, strict=True):
         policy = tmp / name / "policy.toml"
         policy.parent.mkdir(parents=True, exist_ok=True)
-        policy.write_text(f"max-epsilon = {max_eps}\n")
+        # per-run caps: the module runs several runs on the same data
+        policy.write_text(f'max-epsilon = {max_eps}\nbudget-scope = "run"\nmin-eval-records = 5\n')
         secret = tmp / name / "superexec.secret"
         secret.write_bytes(os.urandom(32))
         state_dirs[name] = tmp / name / "state"
@@ -270,7 +271,7 @@ def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: Fede
     folder = _finish(fed, _submit(fed, "evil", app, "num-server-rounds=1 local-epochs=1"), "evil")
     (line,) = folder.read_history()
     assert set(line.refusals) == set(HOSPITALS) and not line.sites, line
-    assert all("not the FedFusion app" in reason for reason in line.refusals.values())
+    assert all("bundle-not-accepted" in reason for reason in line.refusals.values())
     assert folder.read_summary().status == "stopped"
     run_key = folder.read_settings().run_key
     for name, node in fed.nodes.items():

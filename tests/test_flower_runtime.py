@@ -34,7 +34,7 @@ from client import node as hospital
 from client.bundle import AcceptanceRule, BundleIdentity, installed_version
 from common import protocol as R
 from common.config import RunConfig
-from common.errors import Kind
+from common.errors import Kind, public_text
 from common.model.fusion_model import build_model
 from common.model.trainable import frozen_fingerprint, trainable_state
 from common.privacy.ledger import load_ledger
@@ -171,7 +171,7 @@ def test_a_bundle_from_another_publisher_is_refused_without_reading_data(
     hospital.run_task(node, runtime.acquire(runtime.connect("x")))
     reply = supernode.take_reply()
     assert reply.has_error() and reply.error.code == R.ERROR_CODES[Kind.REFUSAL]
-    assert "site 'st-mary'" in reply.error.reason and "not the FedFusion app" in reply.error.reason
+    assert reply.error.reason == "site 'st-mary': " + public_text(Kind.REFUSAL, "bundle-not-accepted")
     assert supernode.state.get_tasks(task_ids=[task_id])[0].status.sub_status == SubStatus.FAILED
     assert not (tmp_path / "state").exists()  # no ledger, no feature cache: the data was not read
 

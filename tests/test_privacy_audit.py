@@ -28,7 +28,8 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
     data = tmp_path / "data"
     for i in range(2):
         shutil.copytree(demo_root / f"hospital-{i}", data / f"hospital-{i}")
-    (data / "hospital-1" / "policy.toml").write_text("max-rounds = 1\n")  # refuses round 2
+    (data / "hospital-1" / "policy.toml").write_text(  # refuses round 2
+        "max-rounds = 1\nmin-eval-records = 1\n")
     settings = {"output-dir": str(tmp_path / "out"), "run-name": "audit", "min-nodes": 1,
                 "state-root": str(tmp_path / "state"), "num-server-rounds": 2}
     sent: list[tuple[int, Message]] = []

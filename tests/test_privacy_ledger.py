@@ -20,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
 from common import protocol as R
+from common.errors import Kind
 from common.model.fusion_model import build_model
 from common.model.trainable import frozen_fingerprint, trainable_state
 from common.privacy.accounting import epsilon_from_history
@@ -67,7 +68,8 @@ def test_nothing_is_sent_when_the_ledger_cannot_be_written(demo_root: Path, tmp_
                   state=RecordDict(), run_config=tiny_user_config(demo_root))
     reply = app(msg, ctx)
     assert reply.has_error()
-    assert "nothing is sent until the privacy ledger can be written" in reply.error.reason
+    assert reply.error.code == R.ERROR_CODES[Kind.FAILURE] and "state-folder" in reply.error.reason
+    assert str(blocker) not in reply.error.reason  # the detail, with its path, stays at the site
     assert not reply.has_content()  # no parameters left the site
 
 

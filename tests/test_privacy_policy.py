@@ -47,14 +47,22 @@ def test_policy_file_is_read_and_checked(tmp_path: Path) -> None:
 def test_the_stricter_of_policy_and_proposal_wins() -> None:
     run = tiny_run(**{"max-grad-norm": 5.0})
     policy = SitePolicy(max_epsilon=3.0, delta=1e-6, max_rounds=2, max_max_grad_norm=2.0)
-    terms = negotiate(policy, run, dp=True, target_epsilon=8.0, target_delta=1e-5, num_rounds=5)
-    assert (terms.run_epsilon, terms.delta, terms.planned_rounds, terms.max_grad_norm) == (
+    terms = negotiate(policy, run, dp=True, target_epsilon=8.0, target_delta=1e-5, num_rounds=5,
+                      num_examples=100)
+    assert (terms.epsilon_cap, terms.delta, terms.planned_rounds, terms.max_grad_norm) == (
         3.0, 1e-6, 2, 2.0)
-    loose = negotiate(SitePolicy(max_epsilon=20.0), run, dp=True, target_epsilon=8.0,
+    # without a delta of its own, a site of N records allows at most 1 / (10 N)
+    default = negotiate(SitePolicy(), run, dp=True, target_epsilon=8.0, target_delta=1e-2,
+                        num_rounds=5, num_examples=400)
+    assert default.delta == pytest.approx(1 / 4000) and default.budget_scope == "dataset"
+    assert default.epsilon_cap == 8.0
+    loose = negotiate(SitePolicy(max_epsilon=20.0, budget_scope="run"), run, dp=True,
+                      target_epsilon=8.0, num_examples=100,
                       target_delta=1e-5, num_rounds=5)
     assert loose.run_epsilon == 8.0  # the site never loosens the server's proposal either
     with pytest.raises(Refusal, match="the server asked to train without") as refused:
-        negotiate(SitePolicy(), run, dp=False, target_epsilon=8.0, target_delta=1e-5, num_rounds=5)
+        negotiate(SitePolicy(), run, dp=False, target_epsilon=8.0, target_delta=1e-5, num_rounds=5,
+                  num_examples=100)
     assert refused.value.reason == "dp-required"
 
 
@@ -76,7 +84,8 @@ def _federation(data: Path, out: Path, sites: int, **overrides: object) -> RunFo
 def test_a_site_trains_within_its_cap_then_refuses_and_the_others_finish(
         demo_root: Path, tmp_path: Path) -> None:
     data = _copy_with_policies(demo_root, tmp_path / "data",
-                               {1: "max-epsilon = 4.0\nmax-rounds = 2\n", 2: "max-epsilon = 2.0\n"})
+                               {1: "max-epsilon = 4.0\nmax-rounds = 2\nmin-eval-records = 1\n",
+                                2: "max-epsilon = 2.0\nmin-eval-records = 1\n"})
     out = _federation(data, tmp_path / "out", 3, **{"num-server-rounds": 3})
     history = out.read_history()
     trained = [sorted(n for n, s in h.sites.items() if s.train is not None) for h in history]
@@ -104,7 +113,9 @@ def test_require_dp_refuses_a_run_without_dp_and_the_run_ends_cleanly(demo_root:
     summary = out.read_summary()
     assert summary.status == "stopped"
     assert "Refused: hospital-0: refused: " in summary.message
-    assert summary.message.count("refused: the server asked to train without differential") == 2
+    # a simulated hospital adds the detail to the fixed reason (its researcher plays every party)
+    assert summary.message.count("refused: dp-required: the site's policy requires differential "
+                                 "privacy (the server asked to train without") == 2
     (line,) = out.read_history()
     assert set(line.refusals) == {"hospital-0", "hospital-1"} and not line.sites
     assert not (tmp_path / "out" / "state" / "hospital-0" / "state" / "receipts.jsonl").exists()
@@ -150,7 +161,7 @@ def test_random_policies_never_decrease_or_exceed_the_cap(cap: float, target: fl
                                                           server_rounds: int, n: int, batch: int) -> None:
     run = tiny_run(accountant="rdp", **{"batch-size": batch, "local-epochs": 1})
     policy = SitePolicy(max_epsilon=cap, max_rounds=max_rounds)
-    terms = negotiate(policy, run, dp=True, target_epsilon=target, target_delta=1e-5,
+    terms = negotiate(policy, run, dp=True, target_epsilon=target, target_delta=1e-5, num_examples=n,
                       num_rounds=server_rounds)
     entry, epsilons = None, [0.0]
     for r in range(1, server_rounds + 1):

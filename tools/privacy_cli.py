@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from common.privacy.accounting import epsilon_from_history
-from common.privacy.audit import Audit, audit
+from common.privacy.audit import Audit, audit, rebuild_ledger
 from common.privacy.ledger import LedgerError
 from common.privacy.policy import PolicyError, load_policy
 
@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("state_dir", type=Path, help="the site's state-dir (node config)")
     check = sub.add_parser("check-policy", help="read a policy file and print what it allows")
     check.add_argument("policy", type=Path, help="the site's policy TOML file")
+    rebuild = sub.add_parser("rebuild-ledger", help="rebuild a lost ledger.json from the receipts "
+                                                    "(recorded in resets.jsonl); the site refuses "
+                                                    "to train until its ledger exists")
+    rebuild.add_argument("state_dir", type=Path, help="the site's state-dir (node config)")
+    rebuild.add_argument("--reason", required=True, help="why (kept in resets.jsonl for the DPO)")
     return p
 
 
@@ -37,6 +42,15 @@ def main(argv: list[str]) -> int:
         print(f"{args.policy}: valid.")
         for key, value in vars(policy).items():
             print(f"  {key.replace('_', '-')} = {value}")
+        return 0
+    if args.action == "rebuild-ledger":
+        try:
+            ledger = rebuild_ledger(args.state_dir, reason=args.reason)
+        except LedgerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"{args.state_dir}/ledger.json rebuilt from the receipts: {len(ledger.runs)} run(s); "
+              "recorded in resets.jsonl.")
         return 0
     if not args.state_dir.is_dir():
         print(f"error: {args.state_dir} is not a folder (a site's state-dir).", file=sys.stderr)

@@ -201,14 +201,19 @@ def privacy_statement(name: str, facts: SiteFacts, accountant: str) -> str:
 
 
 NOT_COVERED = (
-    "What the guarantee does not cover: the validation metrics, training loss and record counts "
-    "in this report (they are not noised; a site's policy can withhold them with "
-    "share-metrics = false); patients with several records (the protection is per record, so a "
-    "patient with k records is protected at roughly k times epsilon); other runs on the same "
-    "data, unless the site's policy sets budget-scope = \"dataset\" (then its spends are composed "
-    "across runs); the frozen part of the model, which must not have been trained on the site's "
-    "data; and a modified FedFusion installation (the guarantee rests on the site running it as "
-    "shipped).")
+    "What the guarantee does not cover. Releases that are not noised: each site's validation "
+    "metrics (rounded, and only from a split of at least the policy's min-eval-records; a site "
+    "with share-metrics = false releases none) and training loss; its numbers of training and "
+    "validation records; the names of the trainable parameters it did not train (which tell "
+    "which modalities its training records have); its training time; the privacy terms "
+    "themselves (epsilon, delta, noise, sampling rate, steps: derived from its policy and its "
+    "record count); its name; and the kind and fixed reason of a refusal or an error. Also not "
+    "covered: patients with several records (the protection is per record, so a patient with k "
+    "records is protected at roughly k times epsilon); other runs on the same data when the "
+    "site's policy sets budget-scope = \"run\" (the default, \"dataset\", composes them); the "
+    "frozen part of the model, which must not have been trained on the site's data; and a site "
+    "that does not run its own installed FedFusion node (the guarantee rests on the site's own "
+    "software enforcing its policy).")
 HOW_TO_CHECK = (
     "How to check: at each site, `fedfusion privacy report <state-dir>` re-derives every "
     "round's epsilon from the site's own receipts with a fresh Opacus accountant; the SHA-256 of "

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from opacus.accountants.registry import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this, training is noise: the budget is too low to train
+MAX_TOTAL_STEPS = 10**6  # DP-SGD steps a run may plan at a site
+CALIBRATION_SECONDS = 60.0  # noise calibration never holds the state folder's lock longer
 
 
 class BudgetTooLow(Exception):
@@ -39,31 +41,33 @@ def sample_rate(*, num_examples: int, batch_size: int) -> float:
 
 def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float,
                     total_steps: int, accountant: str,
-                    prior_history: Sequence[HistoryEntry] = ()) -> float:
+                    prior_history: Sequence[HistoryEntry] = (),
+                    deadline_s: float = CALIBRATION_SECONDS) -> float:
     """The noise multiplier that spends at most the target over `total_steps` (once per run).
 
     With `prior_history` (earlier runs on the same data), the target bounds the composition
-    of that history and this run.
+    of that history and this run. Bisection on sigma (epsilon falls as the noise grows), bounded
+    in steps and in time: it fails closed (BudgetTooLow) rather than run on.
     """
-    if not prior_history:
-        try:
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                               sample_rate=sample_rate, steps=total_steps,
-                                               accountant=accountant))
-        except ValueError as err:
-            raise BudgetTooLow(_too_low(target_epsilon, target_delta, total_steps, sample_rate)) from err
+    if not 1 <= total_steps <= MAX_TOTAL_STEPS or not 0 < sample_rate <= 1:
+        raise BudgetTooLow(f"Cannot plan {total_steps} steps at sampling rate {sample_rate:g}: "
+                           f"a run plans 1 to {MAX_TOTAL_STEPS} steps at a rate in (0, 1].")
+    stop = time.monotonic() + deadline_s
 
     def spent(sigma: float) -> float:
+        if time.monotonic() > stop:
+            raise BudgetTooLow(f"Noise calibration took longer than {deadline_s:g} s; nothing was "
+                               "trained. Plan fewer rounds or local steps.")
         return epsilon_from_history([*prior_history, (sigma, sample_rate, total_steps)],
                                     delta=target_delta, accountant=accountant)
 
-    # bisection on sigma: epsilon decreases as the noise grows
-    low, high = 0.05, 1.0
+    low, high = 0.0, 1.0
     while spent(high) > target_epsilon:
         low, high = high, high * 2
         if high > MAX_NOISE_MULTIPLIER:
             raise BudgetTooLow(_too_low(target_epsilon, target_delta, total_steps, sample_rate)
-                               + " Earlier runs on this dataset have spent most of the budget.")
+                               + (" Earlier runs on this dataset have spent most of the budget."
+                                  if prior_history else ""))
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
         low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)

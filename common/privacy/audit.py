@@ -2,17 +2,27 @@
 
 For every round the site trained: what the receipt says it spent and what a fresh Opacus
 accountant computes from the receipts; both are checked against the ledger
-(`fedfusion privacy report <state-dir>` prints it, `tools.privacy_cli`).
+(`fedfusion privacy report <state-dir>` prints it, `tools.privacy_cli`). And, for an operator
+who lost the ledger, its rebuild from the receipts (`rebuild_ledger`), recorded in the folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.privacy.accounting import HistoryEntry, epsilon_from_history
-from common.privacy.ledger import Ledger, load_ledger
+from common.files import append_line_atomic
+from common.privacy.accounting import Account, HistoryEntry, epsilon_from_history
+from common.privacy.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    LedgerError,
+    RunEntry,
+    load_ledger,
+    save_ledger,
+)
 from common.privacy.receipts import Receipt, read_receipts
 
 TOLERANCE = 1e-6
@@ -96,3 +106,55 @@ def _ledger_mismatches(ledger: Ledger, receipts: list[Receipt]) -> list[str]:
     for run_id in sorted({r.run_id for r in receipts} - set(ledger.runs)):
         problems.append(f"run {run_id}: receipts without a ledger entry.")
     return problems
+
+
+RESETS_FILE = "resets.jsonl"  # every rebuild of the ledger, in the state folder
+
+
+def rebuild_ledger(state_dir: Path, *, reason: str) -> Ledger:
+    """A ledger rebuilt from the receipts (no spend is forgotten), recorded in resets.jsonl.
+
+    For an operator whose `ledger.json` was lost while its receipts remain: the site refuses to
+    train until the ledger exists again. Each run's account is the composition of its receipts;
+    a damaged ledger file is kept beside it, renamed, never deleted.
+    """
+    if not reason.strip():
+        raise LedgerError("Say why the ledger is rebuilt (--reason): the record is for your DPO.")
+    receipts = read_receipts(state_dir)
+    if not receipts:
+        raise LedgerError(f"{state_dir} holds no receipts: there is no spend to rebuild from.")
+    path = state_dir / LEDGER_FILE
+    kept = None
+    if path.exists():
+        try:
+            load_ledger(state_dir)
+        except LedgerError:
+            kept = path.with_name(f"{LEDGER_FILE}.damaged-{Receipt.now()}")
+            path.rename(kept)
+        else:
+            raise LedgerError(f"{path} is readable: nothing to rebuild (it is the record of spend).")
+    ledger = Ledger()
+    for run_id in dict.fromkeys(r.run_id for r in receipts):
+        ledger = ledger.with_run(run_id, _entry_from_receipts([r for r in receipts
+                                                               if r.run_id == run_id]))
+    save_ledger(state_dir, ledger)
+    event = {"time": Receipt.now(), "action": "ledger rebuilt from receipts", "reason": reason,
+             "runs": len(ledger.runs), "receipts": len(receipts),
+             "damaged_ledger_kept_as": kept.name if kept else None}
+    append_line_atomic(state_dir / RESETS_FILE, json.dumps(event), durable=True)
+    return ledger
+
+
+def _entry_from_receipts(receipts: list[Receipt]) -> RunEntry:
+    """One run's ledger entry from its receipts."""
+    private = [r for r in receipts if r.epsilon is not None]
+    account = None
+    if private:
+        last = private[-1]
+        account = Account(accountant=last.accountant, delta=float(last.delta or 0.0),
+                          noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate,
+                          ).after(_merged([(r.noise_multiplier, r.sample_rate, r.steps)
+                                           for r in private]))
+    return RunEntry(dataset=receipts[-1].dataset_sha256, account=account,
+                    rounds=tuple(r.round for r in receipts),
+                    unprotected_rounds=tuple(r.round for r in receipts if r.epsilon is None))

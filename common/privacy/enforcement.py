@@ -49,8 +49,11 @@ class PrivacyTerms:
 
 
 def negotiate(policy: SitePolicy, run: RunConfig, *, dp: bool, target_epsilon: float,
-              target_delta: float, num_rounds: int) -> PrivacyTerms:
-    """Combine the server's proposal with the site's policy; refuse DP-less training if required."""
+              target_delta: float, num_rounds: int, num_examples: int) -> PrivacyTerms:
+    """Combine the server's proposal with the site's policy; refuse DP-less training if required.
+
+    `num_examples`: the site's training records (the default delta is 1 / (10 N)).
+    """
     if not dp and policy.require_dp:
         raise Refusal("the server asked to train without differential privacy; this "
                       "site's policy requires it (require-dp = true).", reason="dp-required")
@@ -58,7 +61,7 @@ def negotiate(policy: SitePolicy, run: RunConfig, *, dp: bool, target_epsilon: f
                                                                           policy.max_epsilon)
     clip = min(max(run.privacy.max_grad_norm, policy.min_max_grad_norm), policy.max_max_grad_norm)
     return PrivacyTerms(dp=dp, run_epsilon=run_cap, scope_epsilon=policy.max_epsilon,
-                        delta=min(target_delta, policy.delta), max_grad_norm=clip,
+                        delta=min(target_delta, policy.delta_for(num_examples)), max_grad_norm=clip,
                         planned_rounds=min(num_rounds, policy.max_rounds),
                         budget_scope=policy.budget_scope, accountant=run.privacy.accountant)
 

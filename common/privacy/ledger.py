@@ -26,7 +26,7 @@ from common.privacy.accounting import Account, HistoryEntry
 
 LEDGER_FILE = "ledger.json"
 LOCK_FILE = ".lock"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class LedgerError(Failure):
@@ -40,8 +40,11 @@ class RunEntry:
     """What one run spent at this site."""
 
     dataset: str  # the dataset version the run trained on
-    account: Account | None  # None: the run trained without DP (nothing accounted)
+    account: Account | None  # None: no round of the run trained with DP (nothing accounted)
     rounds: tuple[int, ...] = ()  # server rounds this site trained
+    unprotected_rounds: tuple[int, ...] = ()  # of those, the rounds trained without DP
+    evaluated: tuple[int, ...] = ()  # server rounds this site released evaluation metrics for
+    flower_runs: tuple[int, ...] = ()  # the Flower runs that used this run key (one, or resumes)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,11 @@ class Ledger:
                 if rec.dataset == dataset and rid != run_id and rec.account
                 for entry in rec.account.history]
 
+    def run_key_of(self, flower_run: int) -> str | None:
+        """The run key a Flower run trains under at this site, if it trained or evaluated yet."""
+        return next((key for key, entry in self.runs.items() if flower_run in entry.flower_runs),
+                    None)
+
     def with_run(self, run_id: str, entry: RunEntry) -> Ledger:
         """A new ledger with `run_id`'s entry replaced."""
         return replace(self, runs={**self.runs, run_id: entry})
@@ -67,7 +75,16 @@ class Ledger:
 
 def _entry_to_json(rec: RunEntry) -> dict[str, Any]:
     account = json.loads(rec.account.to_json()) if rec.account else None
-    return {"dataset": rec.dataset, "rounds": list(rec.rounds), "account": account}
+    return {"dataset": rec.dataset, "rounds": list(rec.rounds), "account": account,
+            "unprotected_rounds": list(rec.unprotected_rounds), "evaluated": list(rec.evaluated),
+            "flower_runs": list(rec.flower_runs)}
+
+
+def _entry_from_json(rec: dict[str, Any]) -> RunEntry:
+    return RunEntry(dataset=rec["dataset"], rounds=tuple(rec["rounds"]),
+                    account=Account.from_json(json.dumps(rec["account"])) if rec["account"] else None,
+                    unprotected_rounds=tuple(rec["unprotected_rounds"]),
+                    evaluated=tuple(rec["evaluated"]), flower_runs=tuple(rec["flower_runs"]))
 
 
 @contextmanager
@@ -93,10 +110,7 @@ def load_ledger(state_dir: Path) -> Ledger:
         data = json.loads(path.read_text())
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"unknown format version {data.get('version')!r}")
-        runs = {rid: RunEntry(dataset=rec["dataset"], rounds=tuple(rec["rounds"]),
-                              account=Account.from_json(json.dumps(rec["account"]))
-                              if rec["account"] else None)
-                for rid, rec in data["runs"].items()}
+        runs = {rid: _entry_from_json(rec) for rid, rec in data["runs"].items()}
     except (ValueError, KeyError, TypeError) as err:
         raise LedgerError(
             f"The privacy ledger {path} is unreadable ({err}). It records what this site has "

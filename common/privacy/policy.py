@@ -1,16 +1,21 @@
 """A hospital's privacy policy: what the site allows, whatever the coordinator asks.
 
 The policy is a TOML file owned by the site (its path comes from the node config). The site
-trains under the stricter of its policy and the server's proposal, and never loosens its own:
+trains under the stricter of its policy and the server's proposal, and never loosens its own.
+Every key is optional; the values shown are the defaults, which also apply to a site without a
+policy file (a simulated hospital without one is played by the researcher: `researcher`):
 
     max-epsilon = 8.0            # cap on cumulative epsilon (see budget-scope)
-    delta = 1e-5                 # the site's delta; the smaller of this and the server's is used
-    max-rounds = 100             # the most rounds this site trains in one run
+    delta = ...                  # the site's delta (default: 1 / (10 N), N its training records);
+                                 # the smaller of this and the server's is used
+    max-rounds = 1000000         # the most rounds this site trains in one run
     require-dp = true            # refuse any round the server asks to run without DP
-    budget-scope = "run"         # "run": the cap is per run; "dataset": per dataset version,
-                                 # summed (composed) over every run on the same manifest
-    min-max-grad-norm = 0.01     # bounds on the clipping norm the server may set
-    max-max-grad-norm = 10.0
+    budget-scope = "dataset"     # "dataset": the cap holds over every run on the same data
+                                 # (composed); "run": per run
+    min-eval-records = 20        # fewer validation records: evaluation is refused
+    metric-decimals = 3          # released metrics (loss, accuracy, AUROC, F1) are rounded
+    min-max-grad-norm = 0.0      # bounds on the clipping norm the server may set
+    max-max-grad-norm = inf
     share-metrics = true         # false: evaluation is refused and train-loss is not reported
                                  # (they are computed on private data without noise)
     accept-bundles = []          # SHA-256 of the run bundles the site's node takes part with;
@@ -41,20 +46,24 @@ class PolicyError(ConfigurationError):
 class SitePolicy:
     """A site's privacy policy (defaults apply when a site has no policy file)."""
 
-    max_epsilon: float = math.inf  # no cap beyond the server's target
-    delta: float = 1.0  # no bound beyond the server's target delta
+    max_epsilon: float = 8.0  # cap on the cumulative epsilon over the budget scope
+    delta: float | None = None  # None: at most 1 / (10 N) for a site of N training records
     max_rounds: int = 1_000_000
     require_dp: bool = True
-    budget_scope: str = "run"
+    budget_scope: str = "dataset"  # every run on the same data composes into one budget
     min_max_grad_norm: float = 0.0
     max_max_grad_norm: float = math.inf
     share_metrics: bool = True
+    min_eval_records: int = 20  # fewer validation records: no evaluation metrics are released
+    metric_decimals: int = 3  # released metrics are rounded to this many decimals
     accept_bundles: tuple[str, ...] = ()  # SHA-256 of the only run bundles to take part with
 
     def __post_init__(self) -> None:
         checks = [
             (self.max_epsilon > 0, "max-epsilon must be > 0"),
-            (0 < self.delta <= 1, "delta must be in (0, 1]"),
+            (self.delta is None or 0 < self.delta <= 1, "delta must be in (0, 1]"),
+            (self.min_eval_records >= 1, "min-eval-records must be >= 1"),
+            (0 <= self.metric_decimals <= 6, "metric-decimals must be from 0 to 6"),
             (self.max_rounds >= 1, "max-rounds must be >= 1"),
             (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
             (0 <= self.min_max_grad_norm <= self.max_max_grad_norm,
@@ -67,6 +76,16 @@ class SitePolicy:
             if not ok:
                 raise PolicyError(message)
 
+    @classmethod
+    def researcher(cls, *, dp: bool) -> SitePolicy:
+        """A simulated hospital's policy without a file: the researcher who set `dp` plays it."""
+        return cls(max_epsilon=math.inf, delta=1.0, require_dp=dp, budget_scope="run",
+                   min_eval_records=1, metric_decimals=6)
+
+    def delta_for(self, num_examples: int) -> float:
+        """The site's delta for `num_examples` training records."""
+        return self.delta if self.delta is not None else 1.0 / (10 * max(num_examples, 1))
+
 
 def _field_types() -> dict[str, str]:
     return {f.name.replace("_", "-"): str(f.type) for f in dataclasses.fields(SitePolicy)}
@@ -77,7 +96,7 @@ def _typed(key: str, kind: str, value: Any) -> Any:
         return value
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind == "str" and isinstance(value, str):
         return value

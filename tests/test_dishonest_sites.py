@@ -1,0 +1,81 @@
+"""Dishonest sites against the coordinator: each reply is checked before use, none crashes the run.
+
+Each test is an attack by one hospital (its reply rewritten after the honest ClientApp ran); the
+coordinator must record it, leave it out or bound it, and finish the round with the others.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+from common import protocol as R
+from common.model.checkpoint import load_tensors
+from common.runfolder import RunFolder
+from tests.test_robustness import Fault, five_hospitals, run, scaled  # noqa: F401  (fixture)
+
+
+def _metrics(**changes: object) -> Fault:
+    """A fault that rewrites the reply's metrics."""
+    def fault(received: Message, reply: Message) -> Message:
+        if not reply.has_error():
+            reply.content[R.METRICS] = MetricRecord({**dict(reply.content[R.METRICS]), **changes})
+        return reply
+    return fault
+
+
+def _both(first: Fault, second: Fault) -> Fault:
+    return lambda received, reply: second(received, first(received, reply))
+
+
+def _drop_metrics(received: Message, reply: Message) -> Message:
+    del reply.content[R.METRICS]
+    return reply
+
+
+def _claim(name: str) -> Fault:
+    def fault(received: Message, reply: Message) -> Message:
+        reply.content[R.SITE] = ConfigRecord({R.SITE_NAME: name})
+        return reply
+    return fault
+
+
+def test_malformed_replies_are_rejected_and_the_round_goes_on(demo_root: Path, tmp_path: Path) -> None:
+    out = RunFolder(run(demo_root, tmp_path, 3, {0: _metrics(**{R.NUM_EXAMPLES: math.nan}),
+                                                 1: _drop_metrics}, **{"min-nodes": 1}))
+    (line,) = out.read_history()
+    assert line.finished and set(line.rejected) == {"hospital-0", "hospital-1"}
+    assert "num-examples is nan" in line.rejected["hospital-0"]
+    assert "no 'metrics' record" in line.rejected["hospital-1"]
+    assert line.sites["hospital-2"].train is not None
+
+
+def test_a_huge_weight_is_rejected_and_a_large_one_capped(five_hospitals: Path, tmp_path: Path) -> None:
+    """An update scaled by -5 that claims 1e9 (then 1e7) records, screening at its defaults."""
+    poison = scaled(-5.0)
+    huge = RunFolder(run(five_hospitals, tmp_path / "huge", 5,
+                         {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**9}))}))
+    (line,) = huge.read_history()
+    assert "not a whole number from 1 to" in line.rejected["hospital-4"]
+    large = RunFolder(run(five_hospitals, tmp_path / "large", 5,
+                          {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**7}))}))
+    (line,) = large.read_history()
+    weights = sorted(s.train[R.NUM_EXAMPLES] for s in line.sites.values())
+    cap = int(20.0 * weights[(len(weights) - 1) // 2])  # max-weight-factor x the lower median
+    assert f"capped to {cap}" in line.capped["hospital-4"]
+    # the aggregate is exactly the one of a site that had claimed the cap: its weight was bounded
+    bounded = RunFolder(run(five_hospitals, tmp_path / "bounded", 5,
+                            {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: cap}))}))
+    expected = load_tensors(bounded.path / "round-001.safetensors")
+    for name, value in load_tensors(large.path / "round-001.safetensors").items():
+        np.testing.assert_allclose(value.numpy(), expected[name].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_node_cannot_write_under_another_hospitals_name(demo_root: Path, tmp_path: Path) -> None:
+    out = RunFolder(run(demo_root, tmp_path, 3, {2: _claim("hospital-0")}))
+    (line,) = out.read_history()
+    assert set(line.sites) == {"hospital-0", "hospital-1", "hospital-0 (node 3)"}
+    assert line.sites["hospital-0"].node_id == 1 and line.sites["hospital-0 (node 3)"].node_id == 3
