@@ -42,6 +42,14 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def five_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five demo hospitals of another seed (read-only)."""
+    root = tmp_path_factory.mktemp("five")
+    write_demo_hospitals(root, 5, seed=1, size_scale=0.3)
+    return root
+
+
 def hospital(data_root: Path, state_root: Path, index: int = 0, policy: Path | None = None,
              **changes: object) -> SiteConfig:
     """Simulated hospital `index` of `data_root` as a deployed site (its own state folder)."""

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from common import protocol as R
 from common.model.checkpoint import load_tensors
 from common.runfolder import RunFolder
-from tests.test_robustness import Fault, five_hospitals, run, scaled  # noqa: F401  (fixture)
+from tests.test_robustness import Fault, run, scaled
 
 
 def _metrics(**changes: object) -> Fault:

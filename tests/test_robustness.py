@@ -158,15 +158,6 @@ def run(data_root: Path, out: Path, sites: int, faults: dict[int, Fault], tap=No
     return run_federation(grid, tiny_run(data_root, **settings))
 
 
-@pytest.fixture(scope="module")
-def five_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from simulations.demo_data import write_demo_hospitals
-
-    root = tmp_path_factory.mktemp("five")
-    write_demo_hospitals(root, 5, seed=1, size_scale=0.3)
-    return root
-
-
 def test_a_site_that_raises_does_not_stop_the_round(demo_root: Path, tmp_path: Path) -> None:
     out = RunFolder(run(demo_root, tmp_path, 3, {1: raises}, **{"num-server-rounds": 2}))
     history = out.read_history()
