@@ -18,8 +18,8 @@ from flwr.app import Array, ArrayRecord
 from benchmarks.record import Outcome
 from benchmarks.workloads import bench_config
 from common.model.fusion_model import FusionModel, build_model
-from common.model.trainable import trainable_state
 from common.model.lora import add_text_lora
+from common.model.trainable import trainable_state
 
 OPTIONS = {
     "fusion+head": {},

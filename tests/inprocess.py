@@ -29,6 +29,8 @@ class InProcessGrid(Grid):
         self.run_id = secrets.randbits(62)  # a new run, as Flower's SuperLink would number it
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
         self.client_app, self.tap = client_app, tap
+        self._replies: dict[str, Message] = {}
+        self.timeout = float(run_config.get("round-timeout", 3600.0))
         self.contexts = {
             i + 1: Context(run_id=self.run_id, node_id=i + 1, node_config=dict(nc),
                            state=RecordDict(), run_config=dict(run_config))
@@ -49,36 +51,40 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return list(self.contexts)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message to its node (one at a time, in node order) and keep the replies.
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        """Deliver each message to its node (one at a time) and collect the replies.
-
-        As Flower's grids do, a reply that is not in within `timeout` seconds is left out. Since
-        nodes here take turns instead of running in parallel, each gets the whole `timeout`.
+        As Flower's grids do, a reply that is not in within the run's `round-timeout` is lost.
+        Since nodes here take turns instead of running in parallel, each gets the whole timeout.
         """
-        replies = []
+        ids = []
         # in node order (Flower's strategies sample nodes in random order): reproducible runs
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             node = msg.metadata.dst_node_id
             delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
                                 message_type=msg.metadata.message_type)
+            delivered.metadata.__dict__["_message_id"] = delivered.object_id  # as Flower's grids do
+            ids.append(delivered.metadata.message_id)
             box: list[Message] = []
             worker = threading.Thread(
                 target=lambda d=delivered, n=node, b=box: b.append(self._handle(d, n)), daemon=True)
             worker.start()
-            worker.join(timeout)
+            worker.join(self.timeout)
             if not box:  # still running at the deadline: the reply is lost, as in Flower
                 continue
             if self.tap is not None:
                 self.tap(node, box[0])
-            replies.append(box[0])
-        return replies
+            self._replies[delivered.metadata.message_id] = box[0]
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to `message_ids` that are in (each handed out once)."""
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Push, then pull every reply (all are in once push returns)."""
+        return list(self.pull_messages(self.push_messages(messages)))
 
     def _handle(self, delivered: Message, node: int) -> Message:
         try:

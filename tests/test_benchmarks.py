@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from benchmarks import deployment
 from benchmarks.cli import SUMMARY_KEYS, main
 from benchmarks.record import meets
 from benchmarks.simulation import SimulationTiming
@@ -51,3 +53,9 @@ def test_payload_counts_serialised_bytes_and_halves_in_float16() -> None:
 def test_targets_compare_in_their_direction() -> None:
     assert meets(1.2, "<= 1.2") and not meets(1.3, "<= 1.2")
     assert meets(50, ">= 50") and not meets(49.9, ">= 50")
+
+
+@pytest.mark.slow  # a real loopback federation and a simulation, 2 rounds of `tiny`
+def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
+    deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1)
+    assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0

@@ -18,7 +18,7 @@ from flwr.common.config import parse_config_args
 
 from client.node import build_parser
 from client.site_config import SiteConfig
-from tests.local_federation import executable
+from simulations.loopback import executable
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

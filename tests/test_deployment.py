@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import signal
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -33,111 +31,17 @@ from common.privacy.ledger import load_ledger
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
-from tests.local_federation import (
-    Processes,
-    Started,
-    base_env,
-    executable,
-    flwr_json,
-    free_port,
-    port_open,
-)
+from simulations.loopback import LoopbackFederation, Started
 from tools.certs import CredentialLayout, write_credentials
 
 pytestmark = pytest.mark.slow  # about 3 min: real processes, a 60 s task timeout in run 4
 
 ROOT = Path(__file__).resolve().parent.parent
-CONNECTION = "fedfusion-test"
 HOSPITALS = {"hospital-a": 8.0, "hospital-b": 6.0}  # name: the max-epsilon in its own policy
-START_TIMEOUT = 60.0  # seconds for the SuperLink to listen / the SuperNodes to come online
 RUN_TIMEOUT = 240.0  # seconds for one run
 REFUSED_TIMEOUT = 60.0  # seconds for a refused SuperNode to give up and exit
 MARKER = "TAMPERED_CLIENTAPP_RAN"
 TINY = "preset='tiny' accountant='rdp' round-timeout=120.0"
-
-
-@dataclass
-class Federation:
-    """The running federation and what the tests check afterwards."""
-
-    procs: Processes = field(repr=False)
-    tmp: Path
-    superlink: Started
-    port: int
-    creds: CredentialLayout
-    output_dir: Path
-    state_dirs: dict[str, Path]
-    nodes: dict[str, Started]
-    node_argv: dict[str, list[str]]
-    cli_env: dict[str, str] = field(repr=False)
-    first_run: Started | None = None
-
-
-def _write_coordinator_config(flwr_home: Path, port: int, ca_cert: Path) -> None:
-    """The coordinator's `flwr` connection to the SuperLink: TLS, trusting our CA."""
-    flwr_home.mkdir(parents=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca_cert}"\n')
-
-
-def _nodes(env: dict[str, str], cwd: Path) -> list[dict]:
-    return flwr_json(["supernode", "list", CONNECTION], env, cwd).get("nodes", [])
-
-
-def _online_nodes(env: dict[str, str], cwd: Path) -> list[dict]:
-    return [n for n in _nodes(env, cwd) if n.get("status") == "online"]
-
-
-def _start_supernode(procs: Processes, name: str, tmp: Path, superlink_port: int,
-                     extra: list[str]) -> Started:
-    argv = [executable("flower-supernode"), *extra, "--superlink", f"127.0.0.1:{superlink_port}"]
-    return procs.start(name, argv, base_env(tmp / name / "flwr-home"), tmp)
-
-
-def _node_env(tmp: Path, name: str) -> dict[str, str]:
-    return {**base_env(tmp / name / "flwr-home"), "PYTHONPATH": str(ROOT)}
-
-
-def _start_superlink(procs: Processes, creds: CredentialLayout, tmp: Path) -> tuple[Started, int]:
-    """The SuperLink with TLS and SuperNode authentication on a free loopback port."""
-    port = free_port()
-    superlink = procs.start("superlink", [
-        executable("flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
-        "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
-        "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-        "--disable-runtime-dependency-installation",
-    ], base_env(tmp / "superlink-home"), tmp)
-    procs.wait_until("the SuperLink to listen", lambda: port_open(port), START_TIMEOUT, [superlink])
-    return superlink, port
-
-
-def _start_hospitals(procs: Processes, creds: CredentialLayout, tmp: Path, port: int,
-                     ) -> tuple[dict[str, Path], dict[str, Started], dict[str, list[str]]]:
-    """Per hospital: a SuperNode in process isolation and the FedFusion node that serves it."""
-    manifests = write_demo_hospitals(tmp / "data", len(HOSPITALS), seed=0, size_scale=0.1)
-    state_dirs, nodes, node_argv = {}, {}, {}
-    for (name, max_eps), manifest in zip(HOSPITALS.items(), manifests, strict=True):
-        policy = tmp / name / "policy.toml"
-        policy.parent.mkdir(parents=True, exist_ok=True)
-        # per-run caps: the module runs several runs on the same data
-        policy.write_text(f'max-epsilon = {max_eps}\nbudget-scope = "run"\nmin-eval-records = 5\n')
-        secret = tmp / name / "superexec.secret"
-        secret.write_bytes(os.urandom(32))
-        state_dirs[name] = tmp / name / "state"
-        runtime_port = free_port()
-        _start_supernode(procs, f"{name}-supernode", tmp, port, [
-            "--root-certificates", str(creds.ca_cert),
-            "--auth-supernode-private-key", str(creds.node_key(name)),
-            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-            "--superexec-auth-secret-file", str(secret)])
-        node_argv[name] = [
-            sys.executable, "-m", "tools", "node", "--supernode", f"127.0.0.1:{runtime_port}",
-            "--superexec-auth-secret-file", str(secret), "--node-config",
-            f"manifest='{manifest}' state-dir='{state_dirs[name]}' policy='{policy}' "
-            f"site-name='{name}' device='cpu'"]
-        nodes[name] = procs.start(f"{name}-node", node_argv[name], _node_env(tmp, name), ROOT)
-    return state_dirs, nodes, node_argv
 
 
 def tampered_app(dest: Path, *, publisher: str = "fedfusion", marker: Path | None = None) -> Path:
@@ -169,59 +73,55 @@ def train(msg, context):
     return dest
 
 
-def _submit(fed: Federation, name: str, app: Path, run_config: str) -> Started:
-    return fed.procs.start(f"flwr-run-{name}", [
-        executable("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
-        f"{TINY} output-dir='{fed.output_dir}' run-name='{name}' {run_config}"], fed.cli_env, fed.tmp)
-
-
-def _finish(fed: Federation, run: Started, name: str) -> RunFolder:
-    assert fed.procs.wait_exit(run, RUN_TIMEOUT) == 0, fed.procs.report()
-    folder = RunFolder(fed.output_dir / name)
-    assert folder.read_summary() is not None, fed.procs.report()
-    return folder
-
-
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Federation:
-    """SuperLink + 2 registered hospitals (SuperNode + node) over TLS, and run 1 submitted."""
+def federation(tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest) -> LoopbackFederation:
+    """SuperLink + 2 registered hospitals (SuperNode + node) over TLS."""
     tmp = tmp_path_factory.mktemp("deployment")
-    procs = Processes(tmp / "logs")
-    request.addfinalizer(procs.stop_all)  # also when the setup below fails half-way
-    creds = CredentialLayout(tmp / "creds")
-    write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(HOSPITALS))
-    superlink, port = _start_superlink(procs, creds, tmp)
-    cli_env = base_env(tmp / "coordinator-home")
-    _write_coordinator_config(tmp / "coordinator-home", port, creds.ca_cert)
-    for name in HOSPITALS:
-        answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)), CONNECTION,
-                            "--name", name], cli_env, tmp)
-        assert answer.get("success"), f"registering {name}: {answer}\n{procs.report()}"
-    state_dirs, nodes, node_argv = _start_hospitals(procs, creds, tmp, port)
-    procs.wait_until("both SuperNodes online", lambda: len(_online_nodes(cli_env, tmp)) == 2,
-                     START_TIMEOUT, [superlink, *nodes.values()])
-    fed = Federation(procs, tmp, superlink, port, creds, tmp / "outputs", state_dirs, nodes,
-                     node_argv, cli_env)
-    # No federated evaluation in run 1: it is covered in-process and in runs 3 and 4.
-    fed.first_run = _submit(fed, "tampered", tampered_app(tmp / "tampered", marker=tmp / MARKER),
-                            "num-server-rounds=2 local-epochs=1 fraction-evaluate=0.0")
+    fed = LoopbackFederation(tmp, ROOT)
+    request.addfinalizer(fed.stop)  # also when the setup below fails half-way
+    manifests = write_demo_hospitals(tmp / "data", len(HOSPITALS), seed=0, size_scale=0.1)
+    # per-run caps: the module runs several runs on the same data
+    policies = {name: f'max-epsilon = {eps}\nbudget-scope = "run"\nmin-eval-records = 5\n'
+                for name, eps in HOSPITALS.items()}
+    fed.start(dict(zip(HOSPITALS, manifests, strict=True)), policies)
     return fed
 
 
-def _assert_federation_unharmed(fed: Federation) -> None:
-    nodes = _nodes(fed.cli_env, fed.tmp)
+@pytest.fixture(scope="module")
+def tampered_run(federation: LoopbackFederation) -> Started:
+    """Run 1, from a tampered copy of the app (the connection tests run while it is under way).
+
+    No federated evaluation in it: that is covered in-process and in runs 3 and 4.
+    """
+    app = tampered_app(federation.root / "tampered", marker=federation.root / MARKER)
+    return _submit(federation, "tampered", app, "num-server-rounds=2 local-epochs=1 "
+                   "fraction-evaluate=0.0")
+
+
+def _submit(fed: LoopbackFederation, name: str, app: Path, run_config: str) -> Started:
+    return fed.submit(name, f"{TINY} {run_config}", app)
+
+
+def _finish(fed: LoopbackFederation, run: Started, name: str) -> RunFolder:
+    return RunFolder(fed.finish(run, name, RUN_TIMEOUT))
+
+
+def _assert_federation_unharmed(fed: LoopbackFederation) -> None:
+    nodes = fed.nodes_listed()
     assert [n.get("status") for n in nodes] == ["online", "online"], \
         f"expected just the 2 registered nodes, online: {nodes}\n{fed.procs.report()}"
     dead = [s.name for s in (fed.superlink, *fed.nodes.values()) if s.proc.poll() is not None]
     assert not dead, f"{dead} exited\n{fed.procs.report()}"
 
 
-def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
+def test_supernode_with_unregistered_key_is_refused(federation: LoopbackFederation,
+                                                    tampered_run: Started) -> None:
     fed = federation
-    rogue = CredentialLayout(fed.tmp / "rogue-creds")
+    rogue = CredentialLayout(fed.root / "rogue-creds")
     write_credentials(rogue.root, sans=[], hospitals=["rogue"], server=False)
-    node = _start_supernode(fed.procs, "rogue", fed.tmp, fed.port, [
-        "--root-certificates", str(fed.creds.ca_cert),
+    node = fed.start_supernode("rogue", [
+        "--root-certificates", str(CredentialLayout(fed.creds).ca_cert),
         "--auth-supernode-private-key", str(rogue.node_key("rogue")),
         "--max-retries", "1", "--max-wait-time", "10"])
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
@@ -230,9 +130,10 @@ def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> N
     _assert_federation_unharmed(fed)
 
 
-def test_supernode_without_tls_cannot_connect(federation: Federation) -> None:
+def test_supernode_without_tls_cannot_connect(federation: LoopbackFederation,
+                                              tampered_run: Started) -> None:
     fed = federation
-    node = _start_supernode(fed.procs, "plaintext", fed.tmp, fed.port, [
+    node = fed.start_supernode("plaintext", [
         "--insecure", "--max-retries", "1", "--max-wait-time", "10"])
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
     assert "could not establish a connection to the SuperLink" in node.log.read_text(), \
@@ -240,10 +141,11 @@ def test_supernode_without_tls_cannot_connect(federation: Federation) -> None:
     _assert_federation_unharmed(fed)
 
 
-def test_a_tampered_bundle_never_runs_at_a_hospital(federation: Federation) -> None:
+def test_a_tampered_bundle_never_runs_at_a_hospital(federation: LoopbackFederation,
+                                                   tampered_run: Started) -> None:
     fed = federation
-    folder = _finish(fed, fed.first_run, "tampered")
-    assert not (fed.tmp / MARKER).exists(), (fed.tmp / MARKER).read_text()
+    folder = _finish(fed, tampered_run, "tampered")
+    assert not (fed.root / MARKER).exists(), (fed.root / MARKER).read_text()
     history = folder.read_history()
     assert [h.round for h in history] == [1, 2] and folder.read_summary().status == "completed"
     run_key = folder.read_settings().run_key
@@ -263,10 +165,10 @@ def _log_after(started: Started, offset: int) -> str:
     return started.log.read_text(errors="replace")[offset:]
 
 
-def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: Federation) -> None:
+def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: LoopbackFederation) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
-    app = tampered_app(fed.tmp / "evil", publisher="evilcorp")
+    app = tampered_app(fed.root / "evil", publisher="evilcorp")
     folder = _finish(fed, _submit(fed, "evil", app, "num-server-rounds=1 local-epochs=1"), "evil")
     (line,) = folder.read_history()
     assert set(line.refusals) == set(HOSPITALS) and not line.sites, line
@@ -280,11 +182,11 @@ def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: Fede
         assert "train / " not in log and "feature cache" not in log  # no site data was read
 
 
-def test_the_run_config_cannot_move_a_site_off_its_node_config(federation: Federation) -> None:
+def test_the_run_config_cannot_move_a_site_off_its_node_config(federation: LoopbackFederation) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
     overrides = (f"num-server-rounds=1 local-epochs=1 device='cuda' val-fraction=0.9 "
-                 f"data-root='{fed.tmp / 'nowhere'}' state-root='{fed.tmp / 'elsewhere'}'")
+                 f"data-root='{fed.root / 'nowhere'}' state-root='{fed.root / 'elsewhere'}'")
     folder = _finish(fed, _submit(fed, "overrides", ROOT, overrides), "overrides")
     (line,) = folder.read_history()
     assert line.finished and set(line.sites) == set(HOSPITALS), line
@@ -293,10 +195,10 @@ def test_the_run_config_cannot_move_a_site_off_its_node_config(federation: Feder
         # its own split (val-fraction 0.2, not 0.9), data and state folder; trained on the CPU
         assert line.sites[name].train[R.NUM_EXAMPLES] == first.sites[name].train[R.NUM_EXAMPLES]
         assert "device='cuda' is not used" in _log_after(node, offsets[name]).replace('"', "'")
-    assert not (fed.tmp / "elsewhere").exists() and not (fed.tmp / "nowhere").exists()
+    assert not (fed.root / "elsewhere").exists() and not (fed.root / "nowhere").exists()
 
 
-def test_a_node_killed_mid_round_never_under_counts(federation: Federation) -> None:
+def test_a_node_killed_mid_round_never_under_counts(federation: LoopbackFederation) -> None:
     fed = federation
     name = "hospital-a"
     node = fed.nodes[name]
@@ -309,8 +211,7 @@ def test_a_node_killed_mid_round_never_under_counts(federation: Federation) -> N
                          is not None, RUN_TIMEOUT, [node, run])
     os.kill(node.proc.pid, signal.SIGKILL)  # mid-round: no reply, whatever it had written stays
     node.proc.wait(10)
-    fed.nodes[name] = fed.procs.start(f"{name}-node-restarted", fed.node_argv[name],
-                                      _node_env(fed.tmp, name), ROOT)
+    fed.start_node(name, label="node-restarted")
     folder = _finish(fed, run, "killed")
     history = folder.read_history()
     assert [h.round for h in history] == [1, 2, 3]

@@ -1,0 +1,299 @@
+"""Flower's deployment engine on this machine's loopback: processes with logs, bounded waits, clean
+stops. For the deployment tests and the deployment benchmark (and for trying a deployment
+locally).
+
+Every process starts in its own session (process group) with its output in a log file, and
+`stop_all` ends the group and every descendant, also those Flower detaches into new sessions
+(the SuperExec processes that start ServerApps and ClientApps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tools.certs import CredentialLayout, write_credentials
+
+# The venv's executables (flower-superlink, flwr, ...) sit next to its python: no PATH lookup.
+BIN = Path(sys.executable).parent
+_ACCESS_LOG = re.compile(r'"(GET|POST) /')
+
+
+class LoopbackError(RuntimeError):
+    """A process of the loopback federation did not do what was waited for; the logs say why."""
+
+
+def executable(name: str) -> str:
+    """The path of one of Flower's executables in this interpreter's environment."""
+    path = BIN / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: install FedFusion into this venv (`make install`).")
+    return str(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for one Flower process: its own FLWR_HOME, this venv first, nothing phoned home."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        # Flower starts flower-superexec / flwr-clientapp / flwr-serverapp through PATH
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    """The last lines of a log, without the HTTP access lines that fill it."""
+    if not path.exists():
+        return "(no log)"
+    kept = [ln for ln in path.read_text(errors="replace").splitlines() if not _ACCESS_LOG.search(ln)]
+    return "\n".join(kept[-lines:])
+
+
+@dataclass
+class Started:
+    """One process started by a test, with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Processes:
+    """The processes of one test federation."""
+
+    log_dir: Path
+    started: list[Started] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path) -> Started:
+        """Start `argv` in a new session, stdout and stderr into `<log_dir>/<name>.log`."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    cwd=cwd, start_new_session=True)
+        started = Started(name, proc, log)
+        self.started.append(started)
+        return started
+
+    def report(self) -> str:
+        """Each process' exit status and log tail, for a failure message."""
+        parts = []
+        for s in self.started:
+            status = "running" if s.proc.poll() is None else f"exit code {s.proc.returncode}"
+            parts.append(f"--- {s.name} ({status}), {s.log} ---\n{log_tail(s.log)}")
+        return "\n".join(parts)
+
+    def wait_exit(self, started: Started, timeout: float) -> int:
+        """Wait for one process to end; fail with every log tail after `timeout` seconds."""
+        try:
+            return started.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LoopbackError(
+                f"{started.name} still running after {timeout:.0f} s.\n{self.report()}") from None
+
+    def wait_until(self, what: str, ready: Callable[[], bool], timeout: float,
+                   must_live: Sequence[Started] = ()) -> None:
+        """Poll `ready` until true; fail early if a `must_live` process ends, or after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [s.name for s in must_live if s.proc.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                why = f"{', '.join(dead)} exited" if dead else f"not within {timeout:.0f} s"
+                raise LoopbackError(f"Waiting for {what}: {why}.\n{self.report()}")
+            time.sleep(0.5)
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        """Stop every started process, its process group and all its descendants."""
+        victims: list[psutil.Process] = []
+        for s in self.started:
+            try:
+                victims += psutil.Process(s.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for s in reversed(self.started):  # SuperNodes before the SuperLink
+            if s.proc.poll() is None:
+                _signal_group(s.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for s in self.started:
+            try:
+                s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(s.proc.pid, signal.SIGKILL)
+                s.proc.wait(timeout=5)
+        _, alive = psutil.wait_procs(victims, timeout=max(0.1, deadline - time.monotonic()))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # start_new_session: the group id is the leader's pid
+    except ProcessLookupError:
+        pass
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def flwr_json(argv: Sequence[str], env: dict[str, str], cwd: Path, timeout: float = 60) -> dict:
+    """Run a `flwr ... --format json` command; its JSON answer (fail with its output if none)."""
+    out = subprocess.run([executable("flwr"), *argv, "--format", "json"], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=timeout)
+    start = out.stdout.find("{")
+    try:
+        return json.loads(out.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError as err:
+        raise LoopbackError(f"flwr {' '.join(argv)} printed no JSON ({err}):\n{out.stdout}\n"
+                             f"{out.stderr}") from err
+
+
+# --- a whole federation: a TLS SuperLink and hospitals (SuperNode in process isolation + node) ---
+
+CONNECTION = "fedfusion-loopback"
+START_TIMEOUT = 60.0  # seconds for the SuperLink to listen / the SuperNodes to come online
+
+
+@dataclass
+class LoopbackFederation:
+    """A real federation on loopback: TLS, SuperNode authentication, one node per hospital.
+
+    `root` holds the credentials, logs, state folders and outputs; `app` is the FedFusion
+    checkout whose installed code the nodes run (and that `flwr run` submits by default).
+    """
+
+    root: Path
+    app: Path
+    procs: Processes = field(init=False)
+    superlink: Started | None = None
+    port: int = 0
+    state_dirs: dict[str, Path] = field(default_factory=dict)
+    nodes: dict[str, Started] = field(default_factory=dict)
+    node_argv: dict[str, list[str]] = field(default_factory=dict)
+    cli_env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.procs = Processes(self.root / "logs")
+        self.creds = self.root / "creds"
+        self.output_dir = self.root / "outputs"
+
+    def start(self, manifests: dict[str, Path], policies: dict[str, str]) -> None:
+        """The SuperLink, then per hospital its key, SuperNode and node; wait until all are online."""
+        creds = CredentialLayout(self.creds)
+        write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(manifests))
+        self.port = free_port()
+        self.superlink = self.procs.start("superlink", [
+            executable("flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
+            "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
+            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation"], base_env(self.root / "superlink-home"),
+            self.root)
+        self.procs.wait_until("the SuperLink to listen", lambda: port_open(self.port),
+                              START_TIMEOUT, [self.superlink])
+        home = self.root / "coordinator-home"
+        home.mkdir(parents=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{creds.ca_cert}"\n')
+        self.cli_env = base_env(home)
+        for name, manifest in manifests.items():
+            answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)),
+                                CONNECTION, "--name", name], self.cli_env, self.root)
+            if not answer.get("success"):
+                raise LoopbackError(f"registering {name}: {answer}\n{self.procs.report()}")
+            self._start_hospital(name, manifest, policies.get(name), creds)
+        self.procs.wait_until("every SuperNode online",
+                              lambda: len(self.online_nodes()) == len(manifests), START_TIMEOUT,
+                              [self.superlink, *self.nodes.values()])
+
+    def _start_hospital(self, name: str, manifest: Path, policy_text: str | None,
+                        creds: CredentialLayout) -> None:
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        secret = folder / "superexec.secret"
+        secret.write_bytes(os.urandom(32))
+        self.state_dirs[name] = folder / "state"
+        node_config = (f"manifest='{manifest}' state-dir='{self.state_dirs[name]}' "
+                       f"site-name='{name}' device='cpu'")
+        if policy_text is not None:
+            (folder / "policy.toml").write_text(policy_text)
+            node_config += f" policy='{folder / 'policy.toml'}'"
+        runtime_port = free_port()
+        self.start_supernode(f"{name}-supernode", [
+            "--root-certificates", str(creds.ca_cert),
+            "--auth-supernode-private-key", str(creds.node_key(name)),
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+            "--superexec-auth-secret-file", str(secret)])
+        self.node_argv[name] = [
+            sys.executable, "-m", "tools", "node", "--supernode", f"127.0.0.1:{runtime_port}",
+            "--superexec-auth-secret-file", str(secret), "--node-config", node_config]
+        self.start_node(name)
+
+    def start_supernode(self, name: str, extra: list[str]) -> Started:
+        """A flower-supernode process connecting to this SuperLink."""
+        argv = [executable("flower-supernode"), *extra, "--superlink", f"127.0.0.1:{self.port}"]
+        return self.procs.start(name, argv, base_env(self.root / name / "flwr-home"), self.root)
+
+    def start_node(self, name: str, label: str = "node") -> Started:
+        """(Re)start a hospital's FedFusion node, running the checkout's installed code."""
+        env = {**base_env(self.root / name / "flwr-home"), "PYTHONPATH": str(self.app)}
+        self.nodes[name] = self.procs.start(f"{name}-{label}", self.node_argv[name], env, self.app)
+        return self.nodes[name]
+
+    def nodes_listed(self) -> list[dict]:
+        """The SuperLink's SuperNodes, as `flwr supernode list` reports them."""
+        return flwr_json(["supernode", "list", CONNECTION], self.cli_env, self.root).get("nodes", [])
+
+    def online_nodes(self) -> list[dict]:
+        """The SuperNodes online now."""
+        return [n for n in self.nodes_listed() if n.get("status") == "online"]
+
+    def submit(self, name: str, run_config: str, app: Path | None = None) -> Started:
+        """`flwr run` of `app` (default: the checkout) with run-name `name`, outputs in the root."""
+        return self.procs.start(f"flwr-run-{name}", [
+            executable("flwr"), "run", str(app or self.app), CONNECTION, "--stream", "--run-config",
+            f"output-dir='{self.output_dir}' run-name='{name}' {run_config}"], self.cli_env,
+            self.root)
+
+    def finish(self, run: Started, name: str, timeout: float) -> Path:
+        """Wait for a submitted run; its run folder (which must hold a summary)."""
+        if self.procs.wait_exit(run, timeout) != 0 or not (self.output_dir / name /
+                                                            "summary.json").is_file():
+            raise LoopbackError(f"run {name} did not complete.\n{self.procs.report()}")
+        return self.output_dir / name
+
+    def stop(self) -> None:
+        """Stop every process of the federation."""
+        self.procs.stop_all()
