@@ -92,13 +92,14 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
     Flower's `send_and_receive`, but polling for replies every `POLL_SECONDS`: Flower's
     deployment grid waits 3 s between pulls, which would add seconds to every phase of a round.
     """
-    pending = set(grid.push_messages(list(messages)))
+    pending = dict.fromkeys(grid.push_messages(list(messages)))  # ordered: reproducible runs
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
+        got = list(grid.pull_messages(list(pending)))
         replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
+        for reply in got:
+            pending.pop(reply.metadata.reply_to_message_id, None)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
