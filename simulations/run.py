@@ -55,6 +55,26 @@ def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
     return server, client
 
 
+def ray_cluster_address() -> str | None:
+    """The Ray cluster to run on: `RAY_ADDRESS` (e.g. `10.0.0.5:6379`), or None for a local one."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def backend_config(*, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend settings: one CPU per ClientApp.
+
+    Without `RAY_ADDRESS`, a private Ray instance with this machine's cores (`address="local"`:
+    never a cluster that `ray start` left running here). With it, Flower's backend connects to
+    that cluster (it calls `ray.init()` only when Ray is not initialised, and reads no address
+    key itself), whose nodes bring their own CPUs.
+    """
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                                 "log_to_driver": verbose}
+    if ray_cluster_address() is None:
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
 def hospital_folders(data_root: Path) -> list[Path]:
     """The `hospital-<i>` folders of a data root, in index order; they must be 0..N-1."""
     folders = sorted((p for p in data_root.glob("hospital-*") if p.is_dir()),
@@ -102,14 +122,8 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
     before = set(out_root.iterdir()) if out_root.is_dir() else set()
     started = time.time()
     server, client = make_apps(user_config)
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                      "logging_level": "WARNING", "log_to_driver": verbose},
-    }
     run_simulation(server_app=server, client_app=client, num_supernodes=hospitals,
-                   backend_config=backend, verbose_logging=False)
+                   backend_config=backend_config(verbose=verbose), verbose_logging=False)
     name = run.federation.run_name
     created = sorted(set(out_root.iterdir()) - before) if not name else [out_root / name]
     summary = created[-1] / SUMMARY if created else None
