@@ -1,4 +1,5 @@
-"""A local multi-hospital federation on one machine: Flower's simulation runtime (Ray backend).
+"""A multi-hospital federation on one machine, or on a Ray cluster: Flower's simulation runtime
+(Ray backend; `RAY_ADDRESS` names an existing cluster).
 
 Each simulated hospital is a folder `<data-root>/hospital-<i>/` in the real site format; the
 same ServerApp and ClientApp as in deployment run here, with the run config injected (Flower's
@@ -122,6 +123,8 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
     before = set(out_root.iterdir()) if out_root.is_dir() else set()
     started = time.time()
     server, client = make_apps(user_config)
+    if ray_cluster_address():
+        log.info("running on the Ray cluster at %s (RAY_ADDRESS)", ray_cluster_address())
     run_simulation(server_app=server, client_app=client, num_supernodes=hospitals,
                    backend_config=backend_config(verbose=verbose), verbose_logging=False)
     name = run.federation.run_name
