@@ -63,7 +63,7 @@ def ray_cluster_address() -> str | None:
 
 
 def backend_config(*, verbose: bool) -> dict[str, Any]:
-    """Flower's Ray backend settings for its Python entry point (the benchmarks): one CPU per ClientApp.
+    """Ray backend settings for Flower's Python entry point (benchmarks): one CPU per ClientApp.
 
     Without `RAY_ADDRESS`, a private Ray instance with this machine's cores (`address="local"`:
     never a cluster that `ray start` left running here). With it, Flower's backend connects to
