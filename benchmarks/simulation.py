@@ -9,7 +9,6 @@ worker processes). Backend settings equal `simulations.run.simulate`'s.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ class SimulationTiming:
     wall_s: float
     intervals: list[tuple[float, float]]  # (start, end) of each ClientApp call, seconds from start
     peak_rss_bytes: int  # the driver and all its descendants (Ray's processes), summed
+    peak_largest_rss_bytes: int = 0  # the largest single process among them
 
     @property
     def client_compute_s(self) -> float:
@@ -81,11 +81,12 @@ def _client_app(config: dict[str, Any], log_path: Path) -> Any:
 
 
 class _PeakMemory(threading.Thread):
-    """Samples the summed RSS of this process and its descendants until stopped."""
+    """Samples the RSS of this process and its descendants until stopped: summed, and the largest."""
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
+        self.interval, self.peak, self.largest = interval, 0, 0
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
@@ -93,9 +94,11 @@ class _PeakMemory(threading.Thread):
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    rss = proc.memory_info().rss
                 except psutil.Error:
                     continue  # a process that just ended
+                total += rss
+                self.largest = max(self.largest, rss)
             self.peak = max(self.peak, total)
             self._stop_event.wait(self.interval)
 
@@ -110,16 +113,13 @@ def timed_simulation(user_config: Mapping[str, Any], hospitals: int, work: Path)
     """Run the federation with `hospitals` simulated sites; time it and its clients."""
     from flwr.simulation import run_simulation
 
-    from simulations.run import make_apps
+    from simulations.run import backend_config, make_apps
 
     config = dict(user_config)
     log_path = work / f"client-calls-{time.time_ns()}.jsonl"
     server, _ = make_apps(config)
     client = _client_app(config, log_path)
-    cpus = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                             "logging_level": "WARNING", "log_to_driver": False}}
+    backend = backend_config(verbose=False)
     memory = _PeakMemory()
     memory.start()
     start = time.time()
@@ -130,4 +130,5 @@ def timed_simulation(user_config: Mapping[str, Any], hospitals: int, work: Path)
         wall = time.time() - start
         peak = memory.stop()
     calls = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
-    return SimulationTiming(wall, [(s - start, e - start) for _, s, e in calls], peak)
+    return SimulationTiming(wall, [(s - start, e - start) for _, s, e in calls], peak,
+                            memory.largest)

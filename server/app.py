@@ -59,8 +59,9 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
                                          median_factor=agg.update_norm_factor),
                      weight_factor=agg.max_weight_factor)
     arrays = ArrayRecord(trainable_state(model))
-    if start.arrays is not None:
-        arrays = ArrayRecord({k: Array(v) for k, v in start.arrays.items()})
+    if start.arrays is not None:  # in the model's order, not the checkpoint's (sorted): a site
+        # recognises a round asked again by the digest of the parameters in the order they came
+        arrays = ArrayRecord({k: Array(start.arrays[k]) for k in arrays})
     end = run_rounds(grid, strategy, recorder, plan, first_round=start.finished_round + 1,
                      arrays=arrays)
     status, message = STATUS_COMPLETED, f"All {fed.num_server_rounds} rounds completed."

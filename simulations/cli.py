@@ -85,9 +85,11 @@ def user_config_from_args(args: argparse.Namespace, data_root: Path,
     if args.no_dp:
         cfg["dp"] = False
     cfg["data-root"] = str(data_root.resolve())
-    cfg["output-dir"] = str(Path(cfg["output-dir"]).expanduser().resolve())
     cfg["min-nodes"] = min(args.hospitals, cfg["min-nodes"])  # a smaller federation can still run
     cfg.update(dict(parse_override(item, defaults) for item in args.run_config))
+    for key in ("output-dir", "state-root"):  # the apps do not run in this working directory
+        if cfg[key]:
+            cfg[key] = str(Path(cfg[key]).expanduser().resolve())
     return cfg
 
 
@@ -108,6 +110,11 @@ def format_privacy(summary: Summary) -> str:
                      f"{s.rounds_trained} / {s.rounds_refused} / {s.rounds_failed} / "
                      f"{s.rounds_rejected}")
     return "\n".join(lines)
+
+
+def log_round(line: HistoryLine) -> None:
+    """Log a round's table as soon as its history line is written (the coordinator's view)."""
+    log.info("round %d\n%s", line.round, format_round_table(line))
 
 
 def quiet_flower(*, verbose: bool) -> None:
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = user_config_from_args(args, data_root, defaults)
         if args.data_root is None:
             prepare_demo_data(data_root, args.hospitals, int(cfg["seed"]))
-        folder = simulate(cfg, args.hospitals, verbose=args.verbose)
+        folder = simulate(cfg, args.hospitals, verbose=args.verbose, on_round=log_round)
     except FedFusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

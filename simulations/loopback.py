@@ -152,6 +152,21 @@ class Processes:
         psutil.wait_procs(alive, timeout=5)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every descendant (also in other sessions)."""
+    try:
+        victims = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    _signal_group(pid, signal.SIGKILL)
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)  # start_new_session: the group id is the leader's pid
@@ -203,6 +218,8 @@ class LoopbackFederation:
     nodes: dict[str, Started] = field(default_factory=dict)
     node_argv: dict[str, list[str]] = field(default_factory=dict)
     cli_env: dict[str, str] = field(default_factory=dict, repr=False)
+    database: Path | None = None  # the SuperLink's state file (`--database`); None: in memory
+    superlink_argv: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.procs = Processes(self.root / "logs")
@@ -214,14 +231,13 @@ class LoopbackFederation:
         creds = CredentialLayout(self.creds)
         write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(manifests))
         self.port = free_port()
-        self.superlink = self.procs.start("superlink", [
+        self.superlink_argv = [
             executable("flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
             "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
             "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation"], base_env(self.root / "superlink-home"),
-            self.root)
-        self.procs.wait_until("the SuperLink to listen", lambda: port_open(self.port),
-                              START_TIMEOUT, [self.superlink])
+            "--disable-runtime-dependency-installation",
+            *(["--database", str(self.database)] if self.database else [])]
+        self.start_superlink("superlink")
         home = self.root / "coordinator-home"
         home.mkdir(parents=True)
         (home / "config.toml").write_text(
@@ -237,6 +253,20 @@ class LoopbackFederation:
         self.procs.wait_until("every SuperNode online",
                               lambda: len(self.online_nodes()) == len(manifests), START_TIMEOUT,
                               [self.superlink, *self.nodes.values()])
+
+    def start_superlink(self, label: str) -> Started:
+        """Start the SuperLink (its log: `<label>.log`) and wait until it listens."""
+        self.superlink = self.procs.start(label, self.superlink_argv,
+                                          base_env(self.root / "superlink-home"), self.root)
+        self.procs.wait_until("the SuperLink to listen", lambda: port_open(self.port),
+                              START_TIMEOUT, [self.superlink])
+        return self.superlink
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything it started (the ServerApp): a crash of its host."""
+        assert self.superlink is not None
+        kill_tree(self.superlink.proc.pid)
+        self.superlink.proc.wait(timeout=10)
 
     def _start_hospital(self, name: str, manifest: Path, policy_text: str | None,
                         creds: CredentialLayout) -> None:

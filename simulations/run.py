@@ -1,8 +1,10 @@
-"""A local multi-hospital federation on one machine: Flower's simulation runtime (Ray backend).
+"""A multi-hospital federation on one machine, or on a Ray cluster: Flower's simulation runtime
+(Ray backend; `RAY_ADDRESS` names an existing cluster) behind a local SuperLink (`runtime.py`).
 
 Each simulated hospital is a folder `<data-root>/hospital-<i>/` in the real site format; the
-same ServerApp and ClientApp as in deployment run here, with the run config injected (Flower's
-Python simulation entry point gives apps an empty run config).
+same ServerApp and ClientApp as in deployment run here, with the whole run config given to
+`flwr run`. `make_apps` serves the benchmarks, which time every ClientApp call in-process on
+Flower's Python entry point (`run_simulation`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunConfig
-from common.runfolder import SUMMARY, RunFolder
+from common.runfolder import SUMMARY, HistoryLine, RunFolder
 from simulations.demo_data import write_demo_hospitals
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,26 @@ def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
     return server, client
 
 
+def ray_cluster_address() -> str | None:
+    """The Ray cluster to run on: `RAY_ADDRESS` (e.g. `10.0.0.5:6379`), or None for a local one."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def backend_config(*, verbose: bool) -> dict[str, Any]:
+    """Ray backend settings for Flower's Python entry point (benchmarks): one CPU per ClientApp.
+
+    Without `RAY_ADDRESS`, a private Ray instance with this machine's cores (`address="local"`:
+    never a cluster that `ray start` left running here). With it, Flower's backend connects to
+    that cluster (it calls `ray.init()` only when Ray is not initialised, and reads no address
+    key itself), whose nodes bring their own CPUs.
+    """
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                                 "log_to_driver": verbose}
+    if ray_cluster_address() is None:
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
 def hospital_folders(data_root: Path) -> list[Path]:
     """The `hospital-<i>` folders of a data root, in index order; they must be 0..N-1."""
     folders = sorted((p for p in data_root.glob("hospital-*") if p.is_dir()),
@@ -80,11 +102,16 @@ def prepare_demo_data(data_root: Path, hospitals: int, seed: int) -> None:
     write_demo_hospitals(data_root, hospitals, seed=seed)
 
 
-def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False) -> RunFolder:
-    """Run the federation with `hospitals` simulated sites; return the run folder."""
-    from flwr.simulation import run_simulation
+def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False,
+             on_round: Callable[[HistoryLine], None] | None = None) -> RunFolder:
+    """Run the federation with `hospitals` simulated sites; return the run folder.
 
-    run = RunConfig.from_user_config(user_config)  # fail fast, before Ray starts
+    On Flower's supported path (`simulations.runtime`: `flwr run` against a private local
+    SuperLink in simulation mode); `on_round` sees each round once its history line is written.
+    """
+    from simulations.runtime import run_local
+
+    run = RunConfig.from_user_config(user_config)  # fail fast, before anything starts
     data_root = Path(run.data.data_root)
     if not data_root.is_dir():
         raise ConfigError(f"Data root {data_root} does not exist: it should hold one folder per "
@@ -95,24 +122,20 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
                           f"{hospitals} were asked for.")
     from server.resume import check_run_folder
 
-    finished = check_run_folder(run)  # a run to resume must fit; fail before Ray starts
+    finished = check_run_folder(run)  # a run to resume must fit; fail before anything starts
     if finished:
         log.info("resuming run %s after round %d", run.federation.run_name, finished)
-    out_root = Path(run.federation.output_dir)
-    before = set(out_root.iterdir()) if out_root.is_dir() else set()
+    # the name is chosen here, so that this command knows the folder the ServerApp writes
+    name = run.federation.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    folder = RunFolder(Path(run.federation.output_dir).expanduser().resolve() / name)
     started = time.time()
-    server, client = make_apps(user_config)
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                      "logging_level": "WARNING", "log_to_driver": verbose},
-    }
-    run_simulation(server_app=server, client_app=client, num_supernodes=hospitals,
-                   backend_config=backend, verbose_logging=False)
-    name = run.federation.run_name
-    created = sorted(set(out_root.iterdir()) - before) if not name else [out_root / name]
-    summary = created[-1] / SUMMARY if created else None
-    if summary is None or not summary.is_file() or summary.stat().st_mtime < started:
-        raise RuntimeError("The simulation ended without a run summary: see the log above.")
-    return RunFolder(created[-1])
+    cluster = ray_cluster_address()
+    if cluster:
+        log.info("running on the Ray cluster at %s (RAY_ADDRESS)", cluster)
+    result = run_local({**user_config, "run-name": name}, hospitals, folder,
+                       cluster=cluster is not None, verbose=verbose, on_round=on_round)
+    summary = folder.path / SUMMARY
+    if not summary.is_file() or summary.stat().st_mtime < started:
+        raise RuntimeError(f"The simulation ended without a run summary (flwr run exit code "
+                           f"{result.returncode}). The end of Flower's log:\n{result.log_tail}")
+    return folder

@@ -59,3 +59,20 @@ def test_targets_compare_in_their_direction() -> None:
 def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
     deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1)
     assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
+
+
+def test_sampling_asks_at_most_a_hundred_sites_a_round() -> None:
+    from benchmarks.scale import sampling
+
+    assert sampling(10) == (1.0, 10, 5)
+    assert sampling(1000) == (0.1, 100, 50)
+
+
+@pytest.mark.slow  # a Ray simulation of 4 tiny hospitals
+def test_scale_benchmark_reports_time_per_round_and_both_memory_peaks(tmp_path: Path) -> None:
+    from benchmarks.scale import measure
+
+    (row,) = measure(tmp_path, sizes=(4,), rounds=1)
+    assert row["completed"] and row["sampled_per_round"] == 4 and row["client_calls"] == 8
+    assert 0 < row["peak_largest_process_rss_mib"] < row["peak_rss_mib"]
+    assert 0 < row["per_round_s"] < row["wall_s"]

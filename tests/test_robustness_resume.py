@@ -92,3 +92,40 @@ def test_a_completed_run_is_not_resumed(demo_root: Path, tmp_path: Path) -> None
     with pytest.raises(ResumeError, match="already completed"):
         open_run(tiny_run(demo_root, **federation_process.settings(tmp_path, "done", 1)))
     assert [h.round for h in RunFolder(folder).read_history()] == [1]
+
+
+def test_a_new_flower_run_resuming_a_round_the_sites_trained_charges_them_once(
+        demo_root: Path, tmp_path: Path) -> None:
+    """The coordinator died after the sites trained round 2, before it committed the round.
+
+    As after a SuperLink restart, the resumed run is a new Flower run: the sites recognise round 2
+    (same run key, same global parameters) and send the update they sent, charging nothing.
+    """
+    from client.app import app as client_app
+    from server.app import run_federation
+    from tests.conftest import tiny_user_config
+    from tests.inprocess import InProcessGrid
+
+    settings = {"output-dir": str(tmp_path), "run-name": "r", "state-root": str(tmp_path / "state"),
+                "num-server-rounds": 2, "fraction-evaluate": 0.0, "local-epochs": 1}
+    config = tiny_user_config(demo_root, **settings)
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    first = RunFolder(run_federation(InProcessGrid(client_app, nodes, config),
+                                     tiny_run(demo_root, **settings)))
+    sent_first = {name: site.update_sha256 for name, site in first.read_history()[1].sites.items()}
+    # what the coordinator had on disk when it died: round 1 finished, round 2 not yet recorded
+    first.rewrite_history(first.read_history()[:1])
+    for name in ("round-002.safetensors", "summary.json", "model.safetensors", "model.json"):
+        (first.path / name).unlink(missing_ok=True)
+    epsilon = {n: load_ledger(tmp_path / "state" / n / "state").run(first.read_settings().run_key)
+               for n in sent_first}
+    resumed = RunFolder(run_federation(InProcessGrid(client_app, nodes, config),
+                                       tiny_run(demo_root, **settings)))
+    line = resumed.read_history()[1]
+    assert resumed.read_summary().status == "completed"
+    run_key = resumed.read_settings().run_key
+    for name, sha in sent_first.items():
+        state = tmp_path / "state" / name / "state"
+        assert line.sites[name].update_sha256 == sha  # the same bytes again
+        assert [r.round for r in read_receipts(state) if r.run_id == run_key] == [1, 2]
+        assert load_ledger(state).run(run_key).account == epsilon[name].account  # nothing new spent

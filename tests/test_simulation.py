@@ -1,4 +1,4 @@
-"""End to end on Flower's simulation runtime (Ray): the command a researcher runs."""
+"""End to end on Flower's simulation runtime (a local SuperLink, Ray): the command a researcher runs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -27,7 +30,21 @@ def simulate(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600)
 
 
+def _left_running(since: float) -> list[str]:
+    """Processes started since `since` by a simulation's private SuperLink (its FLWR_HOME)."""
+    home = str(Path(tempfile.gettempdir()) / "fedfusion-sim-")
+    left = []
+    for p in psutil.process_iter(["create_time", "cmdline"]):
+        try:
+            if p.info["create_time"] >= since and p.environ().get("FLWR_HOME", "").startswith(home):
+                left.append(" ".join(p.info["cmdline"] or ()))
+        except psutil.Error:
+            continue
+    return left
+
+
 def test_tiny_federation_with_dp_learns_and_saves_a_reloadable_model(tmp_path: Path) -> None:
+    started = time.time()
     data = tmp_path / "data"
     write_demo_hospitals(data, 2, seed=0)
     proc = simulate("--preset", "tiny", "--hospitals", "2", "--rounds", "2", "--seed", "0",
@@ -35,6 +52,9 @@ def test_tiny_federation_with_dp_learns_and_saves_a_reloadable_model(tmp_path: P
                     "--run-name", "e2e")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hospital-1" in proc.stdout and "epsilon" in proc.stdout  # the printed table
+    assert "round 1\nsite" in proc.stderr and "round 2\nsite" in proc.stderr  # logged per round
+    assert "DEPRECATED" not in proc.stdout + proc.stderr  # Flower's supported path
+    assert not _left_running(started), "processes of the simulation outlived it"
 
     out = tmp_path / "out" / "e2e"
     history = RunFolder(out).read_history()
