@@ -192,7 +192,7 @@ COMMANDS = {
     "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
     "data": (_data, "a site's data: `check <manifest>`, `partition <pooled> <out>`"),
     "certs": (_certs, "create TLS certificates and SuperNode keys for a real deployment"),
-    "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy <file>`"),
+    "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy <file>`, `audit` (membership)"),
     "report": (_report, "write a run's report (HTML or Markdown, plots embedded)"),
     "predict": (_predict, "class probabilities from a run's final model, for one case or a manifest"),
 }
