@@ -59,3 +59,32 @@ def test_targets_compare_in_their_direction() -> None:
 def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
     deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1)
     assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
+
+
+def test_membership_benchmark_audits_both_settings(tmp_path: Path) -> None:
+    from benchmarks import membership
+    from benchmarks.workloads import demo_hospitals
+
+    folder = demo_hospitals(tmp_path / "demo", 3, size_scale=0.15)[2]
+    results = membership.measure(tmp_path, folder, preset="tiny", rounds=1, local_epochs=2,
+                                 references=2, accountant="rdp")
+    assert set(results) == {"nodp", "dp8"}
+    for r in results.values():
+        assert 0.0 <= r["auc_loss"] <= 1.0 and 0.0 <= r["auc_lira"] <= 1.0
+        assert r["auc"] == max(r["auc_loss"], r["auc_lira"]) and r["members"] > r["non_members"]
+        assert 0.0 <= r["tpr_at_1pct_fpr"] <= 1.0
+
+
+def test_medpix_hospital_is_one_region_or_absent(tmp_path: Path) -> None:
+    from benchmarks.membership import medpix_site
+
+    assert medpix_site(tmp_path / "none", source=tmp_path / "missing") is None
+    source = tmp_path / "medpix"
+    (source / "images").mkdir(parents=True)
+    (source / "manifest.csv").write_text(
+        "image,text,label,patient_id,site\nimages/a.png,\"two\nlines\",other,p1,thorax\n"
+        "images/b.png,x,neoplasm,p2,head\n")
+    folder = medpix_site(tmp_path / "site", source=source)
+    text = (folder / "manifest.csv").read_text()
+    assert "a.png" in text and "b.png" not in text and "two\nlines" in text
+    assert "../medpix/images/a.png" in text
