@@ -80,12 +80,16 @@ def audit_site(run: RunConfig, site: SiteState, state: dict, *, references: int,
 
 
 def measure(work: Path, folder: Path, *, preset: str, rounds: int, local_epochs: int,
-            references: int, **overrides: object) -> dict[str, dict[str, float]]:
-    """Train without DP and with DP at epsilon 8 at the hospital in `folder`; audit both."""
+            references: int, settings: tuple[str, ...] = ("nodp", "dp8"),
+            **overrides: object) -> dict[str, dict[str, float]]:
+    """Train without DP (`nodp`) and with DP at epsilon 8 (`dp8`) at the hospital in `folder`;
+    audit each."""
+    work.mkdir(parents=True, exist_ok=True)
     policy = work / "policy.toml"
     policy.write_text("require-dp = false\nmin-eval-records = 1\n")
     results = {}
-    for name, dp in (("nodp", False), ("dp8", True)):
+    for name in settings:
+        dp = name == "dp8"
         run = bench_config(preset, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp,
                            target_epsilon=8.0, **overrides)
         site = SiteState(SiteConfig(site_name=folder.name, manifest=folder, policy=policy,

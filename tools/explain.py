@@ -130,9 +130,13 @@ def modality_probabilities(model: FusionModel, case: dict[str, torch.Tensor]) ->
 
 
 def heatmap_png(image: torch.Tensor, attribution: torch.Tensor, title: str) -> bytes:
-    """The image (3, S, S; normalised) in grey with |attribution| summed over channels on top."""
+    """The image (3, S, S; normalised) in grey with |attribution| summed over channels on top.
+
+    The heat is averaged over 5 x 5 pixels: per-pixel gradients of a ResNet are speckled.
+    """
     gray = image[0].numpy()
-    heat = attribution.abs().sum(0).numpy()
+    heat = torch.nn.functional.avg_pool2d(attribution.abs().sum(0)[None, None], 5, stride=1,
+                                          padding=2, count_include_pad=False)[0, 0].numpy()
     fig = Figure(figsize=(4.0, 4.0), layout="constrained")
     ax = fig.subplots()
     ax.imshow(gray, cmap="gray")
