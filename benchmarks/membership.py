@@ -6,9 +6,9 @@ ledger) for many rounds of many local epochs, long enough that the model overfit
 then the audit (`common.privacy.membership`) attacks the final model with the site's training
 rows as members and its held-out patients' rows as non-members: loss threshold and offline
 likelihood ratio (reference models retrained on the site's frozen features). Two data sets:
-a demo hospital and, when present, a medpix-dev hospital (`../shared/data/medpix-dev`, the
-thorax region: real CT/MR images and reports); without it the benchmark says so and uses the
-demo hospital only.
+a demo hospital and, when present, a medpix-dev hospital (`../shared/data/medpix-dev`: real CT
+and MR images with their case reports, one image per patient so that a record is a patient);
+without it the benchmark says so and uses the demo hospital only.
 """
 
 from __future__ import annotations
@@ -33,17 +33,24 @@ log = logging.getLogger(__name__)
 
 MEDPIX = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "medpix-dev"
 MEDPIX_CLASSES = "other,neoplasm"
-MEDPIX_SITE = "thorax"
 
 
-def medpix_site(folder: Path, source: Path = MEDPIX, region: str = MEDPIX_SITE) -> Path | None:
-    """A hospital of medpix-dev's `region` rows (a manifest beside the data's own), if present."""
+def medpix_site(folder: Path, source: Path = MEDPIX, region: str | None = None,
+                one_per_patient: bool = True) -> Path | None:
+    """A hospital of medpix-dev's rows (a manifest beside the data's own), if the data is present.
+
+    `region`: only that body region's cases (None: all). `one_per_patient`: each case's first
+    image only, so a record is a patient and record-level DP is patient-level DP (a case has up
+    to 16 images with one report: with all of them a patient is protected at about k x epsilon).
+    """
     manifest = source / "manifest.csv"
     if not manifest.is_file():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     with manifest.open(newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("site") == region]
+        rows = [r for r in csv.DictReader(fh) if region is None or r.get("site") == region]
+    if one_per_patient:
+        rows = list({r["patient_id"]: r for r in reversed(rows)}.values())[::-1]
     with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "text", "label", "patient_id"])
@@ -139,7 +146,7 @@ def run(quick: bool, work: Path) -> Outcome:
              "nodp: the same training without DP (long enough to overfit); TPR at 1% FPR beside",
         settings={"preset": "demo", "rounds": rounds, "local_epochs": epochs,
                   "reference_models": references, "datasets": sorted(data), "rows": rows,
-                  "medpix_region": MEDPIX_SITE if medpix else None},
+                  "medpix": "every region, one image per patient" if medpix else None},
         raw=results,
         extra={"mia_auc_nodp": (nodp, ">= 0.5"), "mia_tpr_at_1pct_fpr_dp8": (tpr, "<= 0.03"),
                "mia_tpr_at_1pct_fpr_nodp": (tpr_nodp, ">= 0.0")})

@@ -75,7 +75,7 @@ def test_membership_benchmark_audits_both_settings(tmp_path: Path) -> None:
         assert 0.0 <= r["tpr_at_1pct_fpr"] <= 1.0
 
 
-def test_medpix_hospital_is_one_region_or_absent(tmp_path: Path) -> None:
+def test_medpix_hospital_is_one_image_per_patient_or_absent(tmp_path: Path) -> None:
     from benchmarks.membership import medpix_site
 
     assert medpix_site(tmp_path / "none", source=tmp_path / "missing") is None
@@ -83,8 +83,10 @@ def test_medpix_hospital_is_one_region_or_absent(tmp_path: Path) -> None:
     (source / "images").mkdir(parents=True)
     (source / "manifest.csv").write_text(
         "image,text,label,patient_id,site\nimages/a.png,\"two\nlines\",other,p1,thorax\n"
-        "images/b.png,x,neoplasm,p2,head\n")
-    folder = medpix_site(tmp_path / "site", source=source)
-    text = (folder / "manifest.csv").read_text()
-    assert "a.png" in text and "b.png" not in text and "two\nlines" in text
-    assert "../medpix/images/a.png" in text
+        "images/b.png,x,neoplasm,p2,head\nimages/c.png,y,neoplasm,p2,head\n")
+    text = (medpix_site(tmp_path / "site", source=source) / "manifest.csv").read_text()
+    assert "../medpix/images/a.png" in text and "two\nlines" in text
+    assert "b.png" in text and "c.png" not in text  # the case's first image only
+    thorax = (medpix_site(tmp_path / "t", source=source, region="thorax",
+                          one_per_patient=False) / "manifest.csv").read_text()
+    assert "a.png" in thorax and "b.png" not in thorax

@@ -158,7 +158,8 @@ def test_every_command_explains_every_option_with_its_default(capsys) -> None:
     helps: dict[str, dict[str, str]] = {}
     for name, options in {"report": ["--format", "--out"],
                           "predict": ["--model", "--image", "--text", "--manifest", "--out",
-                                      "--batch-size", "--device"]}.items():
+                                      "--batch-size", "--device", "--explain", "--explain-max",
+                                      "--ig-steps"]}.items():
         with pytest.raises(SystemExit):
             main([name, "--help"])
         entries = helps[name] = _option_help(capsys.readouterr().out)
