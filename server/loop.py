@@ -94,11 +94,12 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
     Flower's `send_and_receive`, but polling for replies every `POLL_SECONDS`: Flower's
     deployment grid waits 3 s between pulls, which would add seconds to every phase of a round.
     """
-    pending = set(grid.push_messages(list(messages)))
+    sent = list(grid.push_messages(list(messages)))  # in push order: replies are read in it
+    pending = set(sent)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
+        got = list(grid.pull_messages([i for i in sent if i in pending]))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.monotonic() >= deadline:
