@@ -29,11 +29,13 @@ BENCHMARKS: dict[str, str] = {
     "framework_overhead": "framework_overhead_fraction",
     "scale": "max_hospitals_simulated",
     "deployment": "deployment_round_ratio",
+    "membership": "mia_auc_dp8",
 }
 # summary.json keys, in order; utility also reports the gain over local-only training
 SUMMARY_KEYS = ("dp_overhead_ratio", "upload_reduction_ratio", "feature_cache_speedup",
                 "framework_overhead_fraction", "auroc_gap_fed_dp8_vs_central", "auroc_gain_fed_vs_local",
-                "max_hospitals_simulated", "aggregation_vs_numpy_ratio", "deployment_round_ratio")
+                "max_hospitals_simulated", "aggregation_vs_numpy_ratio", "deployment_round_ratio",
+                "mia_auc_dp8", "mia_auc_nodp", "mia_tpr_at_1pct_fpr_dp8", "mia_tpr_at_1pct_fpr_nodp")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

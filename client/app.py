@@ -33,13 +33,18 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.rounds import RoundRequest, TrainOutcome, evaluate_round, train_round
+from client.rounds import (
+    RoundRequest,
+    SiteEvaluation,
+    TrainOutcome,
+    evaluate_round,
+    train_round,
+)
 from client.site_config import SiteConfig
 from client.state import SiteState, SiteStates
 from common import protocol as R
 from common.config import RunConfig
 from common.errors import ConfigurationError, FedFusionError, Kind, public_text
-from common.training.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +149,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         run, state = site_state(context)
         site = state.site.site_name
-        metrics = evaluate_round(state, run, round_request(msg, context))
+        evaluation = evaluate_round(state, run, round_request(msg, context))
     except Exception as err:  # noqa: BLE001
         return error_reply(msg, site, err, detailed=_simulated(context))
-    return Message(evaluate_content(metrics, site), reply_to=msg)
+    return Message(evaluate_content(evaluation, site), reply_to=msg)
 
 
 def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
@@ -173,11 +178,18 @@ def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
     })
 
 
-def evaluate_content(m: Metrics, site: str) -> RecordDict:
-    """The evaluate reply: EVAL_METRICS."""
+def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
+    """The evaluate reply: EVAL_METRICS (the ablation's are nan when the site withholds them)."""
+    m, a = evaluation.metrics, evaluation.ablation
+    ablation = {key: float(getattr(getattr(a, keep), metric)) if a else math.nan
+                for key, keep, metric in (
+                    (R.ACCURACY_BOTH, "both", "accuracy"), (R.AUROC_BOTH, "both", "auroc"),
+                    (R.ACCURACY_IMAGE_ONLY, "image", "accuracy"),
+                    (R.AUROC_IMAGE_ONLY, "image", "auroc"),
+                    (R.ACCURACY_TEXT_ONLY, "text", "accuracy"), (R.AUROC_TEXT_ONLY, "text", "auroc"))}
     return RecordDict({
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: m.num_examples, R.LOSS: float(m.loss),
                                  R.ACCURACY: float(m.accuracy), R.AUROC: float(m.auroc),
-                                 R.F1: float(m.f1)}),
+                                 R.F1: float(m.f1), **ablation}),
         R.SITE: ConfigRecord({R.SITE_NAME: site}),
     })

@@ -47,7 +47,8 @@ from common.privacy.receipts import (
 )
 from common.privacy.replay import SENT_FOLDER, SentUpdate, load_sent, save_sent
 from common.protocol import update_digest
-from common.training.loop import TrainResult, evaluate, pick_device, train
+from common.training.ablation import Ablation, evaluate_with_ablation
+from common.training.loop import TrainResult, pick_device, train
 from common.training.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -313,12 +314,22 @@ def _with(values: tuple[int, ...], value: int) -> tuple[int, ...]:
     return values if value in values else (*values, value)
 
 
-def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Metrics:
+@dataclass(frozen=True, kw_only=True)
+class SiteEvaluation:
+    """What a site releases of an evaluation: its metrics and, if its policy allows, the ablation."""
+
+    metrics: Metrics
+    ablation: Ablation | None  # None: withheld (share-ablation = false, or too few rows with both)
+
+
+def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> SiteEvaluation:
     """Evaluate the global model on this site's validation split, as its policy releases it.
 
     Refused when the policy shares no metrics, when the split holds fewer than
     `min-eval-records` records, or when this round of this run was evaluated already (at most
-    one release per planned round); the metrics are rounded to `metric-decimals`.
+    one release per planned round); the metrics are rounded to `metric-decimals`. The modality
+    ablation is released only with `share-ablation` and from at least `min-eval-records` rows
+    with both modalities.
     """
     site = state.site
     policy = site_policy(site, run)
@@ -342,11 +353,19 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> M
             model = _prepare(bundle, request.parameters, device)
             loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
                                 num_workers=run.data.num_workers)
-            metrics = evaluate(model, loader, device, desc=f"{site.site_name} evaluate")
+            metrics, ablation = evaluate_with_ablation(model, loader, device,
+                                                       desc=f"{site.site_name} evaluate")
             save_ledger(site.state_dir, ledger.with_run(request.run_key, replace(
                 entry, evaluated=(*entry.evaluated, request.server_round),
                 flower_runs=_with(entry.flower_runs, request.flower_run_id))))
-    return released(metrics, policy.metric_decimals)
+    decimals = policy.metric_decimals
+    shared = policy.share_ablation and ablation.num_examples >= policy.min_eval_records
+    return SiteEvaluation(metrics=released(metrics, decimals),
+                          ablation=Ablation(num_examples=ablation.num_examples,
+                                            both=released(ablation.both, decimals),
+                                            image=released(ablation.image, decimals),
+                                            text=released(ablation.text, decimals))
+                          if shared else None)
 
 
 def released(metrics: Metrics, decimals: int) -> Metrics:

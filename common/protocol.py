@@ -59,11 +59,20 @@ ACCURACY = "accuracy"
 AUROC = "auroc"
 F1 = "f1"
 
+# Modality ablation: a site scores its validation rows that have both modalities three times,
+# with both, with the image only (the report masked) and with the report only (the image masked).
+# nan when its policy withholds them (share-ablation = false) or too few rows have both.
+ACCURACY_BOTH, AUROC_BOTH = "accuracy-both", "auroc-both"
+ACCURACY_IMAGE_ONLY, AUROC_IMAGE_ONLY = "accuracy-image-only", "auroc-image-only"
+ACCURACY_TEXT_ONLY, AUROC_TEXT_ONLY = "accuracy-text-only", "auroc-text-only"
+ABLATION_METRICS = (ACCURACY_BOTH, AUROC_BOTH, ACCURACY_IMAGE_ONLY, AUROC_IMAGE_ONLY,
+                    ACCURACY_TEXT_ONLY, AUROC_TEXT_ONLY)
+
 TRAIN_METRICS = (
     NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, TRAIN_SECONDS,
     EPSILON_CAP, MAX_GRAD_NORM,
 )
-EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1)
+EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS)
 # Per-site privacy facts: reported per site, never averaged across sites.
 PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, EPSILON_CAP, MAX_GRAD_NORM)
 

@@ -94,6 +94,8 @@ class HistoryLine:
     failures: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # updates the coordinator screened out
     capped: dict[str, str] = field(default_factory=dict)  # sites whose weight was capped
+    # `weighted` fusion: the global model's learned weights {image, text} after the round
+    modality_weights: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,6 +112,8 @@ class HistoryLine:
                     failures=dict(sorted(self.failures.items())),
                     rejected=dict(sorted(self.rejected.items())),
                     capped=dict(sorted(self.capped.items())))
+        if self.modality_weights is not None:
+            line["modality-weights"] = dict(self.modality_weights)
         return line
 
     @classmethod
@@ -119,7 +123,9 @@ class HistoryLine:
                    sites={n: SiteRound.from_json(s) for n, s in d.get("sites", {}).items()},
                    aggregate=d.get("aggregate"), stopped=d.get("stopped"),
                    refusals=dict(d.get("refusals", {})), failures=dict(d.get("failures", {})),
-                   rejected=dict(d.get("rejected", {})), capped=dict(d.get("capped", {})))
+                   rejected=dict(d.get("rejected", {})), capped=dict(d.get("capped", {})),
+                   modality_weights=(dict(d["modality-weights"])
+                                     if d.get("modality-weights") is not None else None))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as R
+from common.model.contributions import modality_weights
 from server.recorder import Recorder, RoundRecord, aggregate_line
 from server.replies import Replies, SiteNames, read_replies
 from server.screening import (
@@ -82,7 +83,8 @@ def run_rounds(grid: Grid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan
         record.add(evaluated, train=False)
         evaluate_metrics = strategy.aggregate_evaluate(server_round,
                                                        [r.message for r in evaluated.ok])
-        recorder.commit(record.line(aggregate=aggregate_line(train_metrics, evaluate_metrics)))
+        recorder.commit(record.line(aggregate=aggregate_line(train_metrics, evaluate_metrics),
+                                    modality_weights=modality_weights(arrays)))
     return LoopEnd(arrays)
 
 

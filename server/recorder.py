@@ -91,13 +91,14 @@ class RoundRecord:
                 named[site] = f"{named[site]}; {e.text}" if site in named else e.text
         return named
 
-    def line(self, *, aggregate: Metrics | None = None, stopped: str | None = None) -> HistoryLine:
-        """The round's history line."""
+    def line(self, *, aggregate: Metrics | None = None, stopped: str | None = None,
+             modality_weights: dict[str, float] | None = None) -> HistoryLine:
+        """The round's history line (`modality_weights`: the weighted fusion's, after the round)."""
         return HistoryLine(round=self.server_round,
                            sites=dict(sorted(self.sites.items())),
                            aggregate=aggregate, stopped=stopped, refusals=self.refusals,
                            failures=self.failures, rejected=dict(self.rejected),
-                           capped=dict(self.capped))
+                           capped=dict(self.capped), modality_weights=modality_weights)
 
 
 def aggregate_line(train: MetricRecord | None, evaluate: MetricRecord | None) -> Metrics:

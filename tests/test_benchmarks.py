@@ -76,3 +76,34 @@ def test_scale_benchmark_reports_time_per_round_and_both_memory_peaks(tmp_path: 
     assert row["completed"] and row["sampled_per_round"] == 4 and row["client_calls"] == 8
     assert 0 < row["peak_largest_process_rss_mib"] < row["peak_rss_mib"]
     assert 0 < row["per_round_s"] < row["wall_s"]
+
+
+def test_membership_benchmark_audits_both_settings(tmp_path: Path) -> None:
+    from benchmarks import membership
+    from benchmarks.workloads import demo_hospitals
+
+    folder = demo_hospitals(tmp_path / "demo", 3, size_scale=0.15)[2]
+    results = membership.measure(tmp_path, folder, preset="tiny", rounds=1, local_epochs=2,
+                                 references=2, accountant="rdp")
+    assert set(results) == {"nodp", "dp8"}
+    for r in results.values():
+        assert 0.0 <= r["auc_loss"] <= 1.0 and 0.0 <= r["auc_lira"] <= 1.0
+        assert r["auc"] == max(r["auc_loss"], r["auc_lira"]) and r["members"] > r["non_members"]
+        assert 0.0 <= r["tpr_at_1pct_fpr"] <= 1.0
+
+
+def test_medpix_hospital_is_one_image_per_patient_or_absent(tmp_path: Path) -> None:
+    from benchmarks.membership import medpix_site
+
+    assert medpix_site(tmp_path / "none", source=tmp_path / "missing") is None
+    source = tmp_path / "medpix"
+    (source / "images").mkdir(parents=True)
+    (source / "manifest.csv").write_text(
+        "image,text,label,patient_id,site\nimages/a.png,\"two\nlines\",other,p1,thorax\n"
+        "images/b.png,x,neoplasm,p2,head\nimages/c.png,y,neoplasm,p2,head\n")
+    text = (medpix_site(tmp_path / "site", source=source) / "manifest.csv").read_text()
+    assert "../medpix/images/a.png" in text and "two\nlines" in text
+    assert "b.png" in text and "c.png" not in text  # the case's first image only
+    thorax = (medpix_site(tmp_path / "t", source=source, region="thorax",
+                          one_per_patient=False) / "manifest.csv").read_text()
+    assert "a.png" in thorax and "b.png" not in thorax

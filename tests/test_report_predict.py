@@ -92,7 +92,7 @@ def test_report_holds_sites_metrics_model_privacy_and_plots(run_dir: Path, fmt: 
     fingerprint = re.search(r'"frozen_fingerprint": "([0-9a-f]{64})"', (run_dir / "model.json").read_text())
     assert fingerprint and fingerprint.group(1) in text
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
-    assert len(images) == 4 and all(base64.b64decode(i)[:8] == PNG for i in images)
+    assert len(images) == 5 and all(base64.b64decode(i)[:8] == PNG for i in images)
 
 
 def test_predict_reproduces_the_final_round_evaluation(run_dir: Path, demo_root: Path,
@@ -158,7 +158,8 @@ def test_every_command_explains_every_option_with_its_default(capsys) -> None:
     helps: dict[str, dict[str, str]] = {}
     for name, options in {"report": ["--format", "--out"],
                           "predict": ["--model", "--image", "--text", "--manifest", "--out",
-                                      "--batch-size", "--device"]}.items():
+                                      "--batch-size", "--device", "--explain", "--explain-max",
+                                      "--ig-steps"]}.items():
         with pytest.raises(SystemExit):
             main([name, "--help"])
         entries = helps[name] = _option_help(capsys.readouterr().out)

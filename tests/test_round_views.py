@@ -68,9 +68,10 @@ def test_epsilon_plot_draws_each_site_and_its_cap() -> None:
     assert AGGREGATE not in lines  # privacy is never aggregated
 
 
-def test_write_plots_writes_four_pngs(tmp_path: Path) -> None:
+def test_write_plots_writes_the_pngs(tmp_path: Path) -> None:
     paths = write_plots(tmp_path, HISTORY)
-    assert sorted(p.name for p in paths) == ["accuracy.png", "auroc.png", "epsilon.png", "loss.png"]
+    assert sorted(p.name for p in paths) == ["accuracy.png", "auroc.png", "epsilon.png", "loss.png",
+                                             "modality-ablation.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 

@@ -65,7 +65,8 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
             assert set(site.evaluate) == set(R.EVAL_METRICS)
             assert len(site.update_sha256) == 64 and site.node_id in (1, 2)
             assert 0 < site.train[R.EPSILON] <= 8.01
-        assert set(h.aggregate) == {R.TRAIN_LOSS, R.LOSS, R.ACCURACY, R.AUROC, R.F1}
+        assert set(h.aggregate) == {R.TRAIN_LOSS, R.LOSS, R.ACCURACY, R.AUROC, R.F1,
+                                   *R.ABLATION_METRICS}
         assert not h.failures and not h.refusals
     assert (history[1].sites["hospital-0"].train[R.EPSILON]
             > history[0].sites["hospital-0"].train[R.EPSILON])

@@ -7,6 +7,7 @@ Each command imports what it needs when it runs, so `fedfusion predict` never lo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -88,7 +89,35 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="cases per forward pass")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available")
+    p.add_argument("--explain", type=Path, default=None, metavar="DIR",
+                   help="also explain the case(s) into DIR: each modality's contribution, the "
+                        "report's most influential tokens (explanations.html) and an image "
+                        "attribution heatmap per case (integrated gradients; needs the `explain` "
+                        "extra: Captum)")
+    p.add_argument("--explain-max", type=int, default=20,
+                   help="with --explain and --manifest: explain at most this many rows")
+    p.add_argument("--ig-steps", type=int, default=64, help="integrated-gradients steps")
     return p
+
+
+def _explain(args: argparse.Namespace, predictor: object) -> None:
+    """`predict --explain`: write the explanations of the case(s) and say where."""
+    from common.data.manifest import read_cases
+    from tools.explain import explain_cases
+    from tools.predict import case_row, cases_dataset
+
+    if args.manifest is None:
+        dataset = cases_dataset(predictor, Path.cwd() / "case", [case_row(args.image, args.text)])
+    else:
+        manifest, rows = read_cases(args.manifest, predictor.class_names)
+        dataset = cases_dataset(predictor, manifest, rows)
+    cases = explain_cases(predictor, dataset, args.explain, steps=args.ig_steps,
+                          max_cases=args.explain_max)
+    for c in cases:
+        m = c.with_modalities
+        print(f"row {c.line}: {c.prediction}: p {m['both']:.3f} with both, {m['image']:.3f} "
+              f"image only, {m['text']:.3f} report only")
+    print(f"{len(cases)} explanation(s) written to {args.explain / 'explanations.html'}")
 
 
 def _predict(argv: list[str]) -> int:
@@ -100,6 +129,10 @@ def _predict(argv: list[str]) -> int:
         p.error("nothing to predict: give --image and/or --text for one case, or --manifest.")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1.")
+    if args.explain_max < 1 or args.ig_steps < 2:
+        p.error("--explain-max must be at least 1 and --ig-steps at least 2.")
+    if args.explain is not None and importlib.util.find_spec("captum") is None:
+        p.error("--explain needs Captum: pip install 'fedfusion[explain]'.")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from tools.predict import (
         load_predictor,
@@ -115,8 +148,12 @@ def _predict(argv: list[str]) -> int:
             for name, prob in probs.items():
                 print(f"{name:<20} {prob:.4f}")
             print(f"prediction: {max(probs, key=probs.__getitem__)}")
+            if args.explain is not None:
+                _explain(args, predictor)
             return 0
         result = predict_manifest(predictor, args.manifest, args.batch_size)
+        if args.explain is not None:
+            _explain(args, predictor)
     # FedFusionError: PredictError, ManifestError, ModelLoadError, a damaged model.json, no GPU;
     # ValueError: a model.json that is not JSON
     except (FedFusionError, FileNotFoundError, ValueError) as err:
@@ -192,7 +229,7 @@ COMMANDS = {
     "demo-data": (_demo_data, "write synthetic demo hospitals in the site data format"),
     "data": (_data, "a site's data: `check <manifest>`, `partition <pooled> <out>`"),
     "certs": (_certs, "create TLS certificates and SuperNode keys for a real deployment"),
-    "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy <file>`"),
+    "privacy": (_privacy, "a site's privacy: `report <state-dir>`, `check-policy`, `audit` (membership)"),
     "report": (_report, "write a run's report (HTML or Markdown, plots embedded)"),
     "predict": (_predict, "class probabilities from a run's final model, for one case or a manifest"),
 }

@@ -1,4 +1,5 @@
-"""The run's curves as PNG files: loss, AUROC and accuracy per site and aggregated, epsilon per site.
+"""The run's curves as PNG files: loss, AUROC and accuracy per site and aggregated, epsilon per site,
+the modality ablation's AUROCs and (`weighted` fusion) the learned modality weights.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global backend
 switch), from history lines, after every round.
@@ -26,6 +27,11 @@ METRIC_PLOTS = {
     "accuracy.png": (R.ACCURACY, "validation accuracy"),
 }
 EPSILON_PLOT = "epsilon.png"
+WEIGHTS_PLOT = "modality-weights.png"  # `weighted` fusion only
+ABLATION_PLOT = "modality-ablation.png"
+# the aggregate's AUROC over the rows with both modalities, per kept modality
+ABLATION_SERIES = {"both": R.AUROC_BOTH, "image only": R.AUROC_IMAGE_ONLY,
+                   "report only": R.AUROC_TEXT_ONLY}
 
 
 @dataclass
@@ -91,6 +97,39 @@ def plot_epsilon(history: list[HistoryLine]) -> Figure:
     return fig
 
 
+def weight_series(history: list[HistoryLine]) -> dict[str, Series]:
+    """The weighted fusion's learned weight per modality against the round (empty otherwise)."""
+    series: dict[str, Series] = {}
+    for line in history:
+        for modality, weight in (line.modality_weights or {}).items():
+            series.setdefault(modality, Series()).add(line.round, weight)
+    return series
+
+
+def plot_modality_weights(history: list[HistoryLine]) -> Figure:
+    """The weighted fusion's weights (image, text) of the global model after each round."""
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for modality, s in weight_series(history).items():
+        ax.plot(s.rounds, s.values, marker="o", label=modality)
+    ax.set_ylim(0, 1)
+    _decorate(ax, "learned fusion weight", history)
+    return fig
+
+
+def plot_ablation(history: list[HistoryLine]) -> Figure:
+    """Aggregated validation AUROC with both modalities, the image only and the report only."""
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for label, key in ABLATION_SERIES.items():
+        s = metric_series(history, key).get(AGGREGATE)
+        if s is not None:
+            ax.plot(s.rounds, s.values, marker="o", label=label)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    _decorate(ax, "AUROC on rows with both modalities", history)
+    return fig
+
+
 def _decorate(ax: Any, label: str, history: list[HistoryLine]) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel(label)
@@ -106,6 +145,9 @@ def write_plots(out_dir: Path, history: list[HistoryLine]) -> list[Path]:
     """Write loss, AUROC, accuracy and epsilon PNGs into `out_dir`; return their paths."""
     figures = {name: plot_metric(history, key, label) for name, (key, label) in METRIC_PLOTS.items()}
     figures[EPSILON_PLOT] = plot_epsilon(history)
+    figures[ABLATION_PLOT] = plot_ablation(history)
+    if weight_series(history):
+        figures[WEIGHTS_PLOT] = plot_modality_weights(history)
     paths = []
     for name, fig in figures.items():
         path = out_dir / name

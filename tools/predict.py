@@ -70,7 +70,8 @@ def load_predictor(run_dir: Path, device: str = "auto") -> Predictor:
     return Predictor(model.to(target), load_tokenizer(model.config.text_encoder), target)
 
 
-def _dataset(predictor: Predictor, manifest: Path, rows: list[Row]) -> ManifestDataset:
+def cases_dataset(predictor: Predictor, manifest: Path, rows: list[Row]) -> ManifestDataset:
+    """The model's inputs for `rows` (paths relative to `manifest`), as in training."""
     cfg = predictor.model.config
     return ManifestDataset(manifest, rows, cfg.class_names, predictor.tokenizer, cfg.image_size,
                            cfg.max_text_length)
@@ -79,7 +80,7 @@ def _dataset(predictor: Predictor, manifest: Path, rows: list[Row]) -> ManifestD
 def predict_rows(predictor: Predictor, manifest: Path, rows: list[Row],
                  batch_size: int = 64) -> Predictions:
     """Probabilities for `rows` (paths relative to `manifest`); metrics over the labelled ones."""
-    loader = DataLoader(_dataset(predictor, manifest, rows), batch_size=batch_size)
+    loader = DataLoader(cases_dataset(predictor, manifest, rows), batch_size=batch_size)
     logits, labels = predict_logits(predictor.model, loader, predictor.device, desc="predict")
     probs = torch.softmax(logits, dim=-1).numpy()
     known = labels >= 0
@@ -93,16 +94,20 @@ def predict_manifest(predictor: Predictor, path: Path, batch_size: int = 64) -> 
     return predict_rows(predictor, manifest, rows, batch_size)
 
 
-def predict_case(predictor: Predictor, image: Path | None, text: str) -> dict[str, float]:
-    """Class name -> probability for one case; either modality may be missing, not both."""
+def case_row(image: Path | None, text: str) -> Row:
+    """One case as a manifest row; either modality may be missing, not both."""
     text = text.strip()
     if image is None and not text:
         raise PredictError("A case needs an image (--image), a report text (--text), or both.")
     if image is not None and not image.is_file():
         raise PredictError(f"Image {image} does not exist; pass the path of a PNG/JPEG/DICOM file.")
-    row = Row(line=0, image=image.resolve() if image else None, text=text, label="",
-              patient_id="case", split=None)
-    result = predict_rows(predictor, Path.cwd() / "case", [row])
+    return Row(line=0, image=image.resolve() if image else None, text=text, label="",
+               patient_id="case", split=None)
+
+
+def predict_case(predictor: Predictor, image: Path | None, text: str) -> dict[str, float]:
+    """Class name -> probability for one case; either modality may be missing, not both."""
+    result = predict_rows(predictor, Path.cwd() / "case", [case_row(image, text)])
     return dict(zip(predictor.class_names, (float(p) for p in result.probs[0]), strict=True))
 
 

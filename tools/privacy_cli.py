@@ -1,4 +1,5 @@
-"""`fedfusion privacy`: a site's privacy, by hand: audit its receipts, check a policy file."""
+"""`fedfusion privacy`: a site's privacy, by hand: audit its receipts, check a policy file, audit a
+model for membership inference on the site's own data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from common.privacy.policy import PolicyError, load_policy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `report` and `check-policy` subcommands."""
+    """The `report`, `check-policy`, `rebuild-ledger` and `audit` subcommands."""
     p = argparse.ArgumentParser(prog="fedfusion privacy",
                                 description="A site's privacy: audit its receipts, check a policy.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -27,12 +28,58 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "to train until its ledger exists")
     rebuild.add_argument("state_dir", type=Path, help="the site's state-dir (node config)")
     rebuild.add_argument("--reason", required=True, help="why (kept in resets.jsonl for the DPO)")
+    mia = sub.add_parser("audit", help="membership-inference audit of a run's final model on this "
+                                       "site's data (loss-threshold and likelihood-ratio attacks)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mia.add_argument("--model", type=Path, required=True,
+                     help="the run folder holding model.safetensors + model.json")
+    mia.add_argument("--manifest", type=Path, required=True, help="the site's manifest")
+    mia.add_argument("--val-fraction", type=float, default=0.2,
+                     help="the site's validation fraction (node config val-fraction)")
+    mia.add_argument("--split-seed", type=int, default=0, help="node config split-seed")
+    mia.add_argument("--state-dir", type=Path, default=None,
+                     help="the site's state-dir: the bound uses the run's epsilon from its ledger")
+    mia.add_argument("--epsilon", type=float, default=None, help="the bound's epsilon, by hand")
+    mia.add_argument("--delta", type=float, default=None, help="the bound's delta, by hand")
+    mia.add_argument("--reference-models", type=int, default=8, help="LiRA reference models")
+    mia.add_argument("--seed", type=int, default=0, help="seed of the references' halves")
+    mia.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    mia.add_argument("--out", type=Path, default=Path("membership-audit.html"),
+                     help="the audit page (.html or .md); it names records: keep it at the site")
     return p
 
 
+def _membership(args: argparse.Namespace) -> int:
+    """`fedfusion privacy audit`: print the table, write the page."""
+    import logging
+
+    from common.errors import FedFusionError
+    from common.privacy.membership import AuditDataError
+    from tools.membership_report import audit_site, format_table, write_page
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.reference_models < 2:
+        print("error: --reference-models must be at least 2.", file=sys.stderr)
+        return 2
+    try:
+        site = audit_site(args.model, args.manifest, val_fraction=args.val_fraction,
+                          split_seed=args.split_seed, state_dir=args.state_dir,
+                          epsilon=args.epsilon, delta=args.delta,
+                          reference_models=args.reference_models, seed=args.seed,
+                          device=args.device)
+    except (FedFusionError, AuditDataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(site))
+    print(f"\npage: {write_page(site, args.out)} (it names records: keep it at the site)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    """Run `fedfusion privacy report|check-policy`; exit 1 on a disagreement, 2 on bad input."""
+    """Run `fedfusion privacy <action>`; exit 1 on a disagreement, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    if args.action == "audit":
+        return _membership(args)
     if args.action == "check-policy":
         try:
             policy = load_policy(args.policy)

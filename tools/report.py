@@ -24,7 +24,15 @@ from common.runfolder import (
     RunSettings,
     Summary,
 )
-from tools.plots import METRIC_PLOTS, figure_png, plot_epsilon, plot_metric
+from common.model.contributions import report_reliance
+from tools.plots import (
+    METRIC_PLOTS,
+    figure_png,
+    plot_ablation,
+    plot_epsilon,
+    plot_metric,
+    plot_modality_weights,
+)
 from tools.report_format import (
     Block,
     Heading,
@@ -203,7 +211,8 @@ def privacy_statement(name: str, facts: SiteFacts, accountant: str) -> str:
 NOT_COVERED = (
     "What the guarantee does not cover. Releases that are not noised: each site's validation "
     "metrics (rounded, and only from a split of at least the policy's min-eval-records; a site "
-    "with share-metrics = false releases none) and training loss; its numbers of training and "
+    "with share-metrics = false releases none), with its modality ablation (share-ablation), "
+    "and training loss; its numbers of training and "
     "validation records; the names of the trainable parameters it did not train (which tell "
     "which modalities its training records have); its training time; the privacy terms "
     "themselves (epsilon, delta, noise, sampling rate, steps: derived from its policy and its "
@@ -244,6 +253,61 @@ def _privacy(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
     return [*blocks, Paragraph(NOT_COVERED), Paragraph(HOW_TO_CHECK)]
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def modality_sentence(aggregate: Metrics) -> str:
+    """"The model relies on the report for X% of its AUROC", from an aggregate's ablation."""
+    both, image, text = (aggregate.get(k) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY,
+                                                    R.AUROC_TEXT_ONLY))
+    reliance = report_reliance(both, image)
+    if reliance is None:
+        return ("No modality ablation to summarise: the sites withheld it (share-ablation = "
+                "false, or too few validation rows with both modalities) or the AUROC with both "
+                "modalities is not above chance.")
+    return (f"The model relies on the report for {_percent(reliance)} of its AUROC: on the "
+            f"validation rows with both modalities its AUROC is {both:.3f} with both, "
+            f"{_fmt(image)} with the image only (report masked) and {_fmt(text)} with the report "
+            "only (image masked); the share is (both - image only) / (both - 0.5), the part of "
+            "the AUROC above chance that masking the report takes away.")
+
+
+def _modalities(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
+    rows = []
+    for name, f in sites.items():
+        e = f.evaluate or {}
+        rows.append([name, _fmt(f.eval_round), *(_fmt(e.get(k)) for k in (
+            R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
+            _percent(report_reliance(e.get(R.AUROC_BOTH), e.get(R.AUROC_IMAGE_ONLY)))])
+    last = next((line for line in reversed(run.history) if line.aggregate is not None), None)
+    if last:
+        a = last.aggregate or {}
+        rows.append([f"weighted mean (round {last.round})", _fmt(last.round),
+                     *(_fmt(a.get(k)) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
+                     _percent(report_reliance(a.get(R.AUROC_BOTH), a.get(R.AUROC_IMAGE_ONLY)))])
+    blocks: list[Block] = [
+        Heading(2, "What the model uses"),
+        Paragraph(modality_sentence(last.aggregate or {}) if last else "No finished round."),
+        Paragraph("Each site scores its validation rows that have both an image and a report three "
+                  "times: with both, with the report masked and with the image masked, exactly as a "
+                  "missing modality is masked in training. A site releases these numbers only if "
+                  "its policy allows (share-ablation) and enough of its rows have both modalities."),
+        Table(["site", "round", "AUROC both", "AUROC image only", "AUROC report only",
+               "relies on the report"], rows)]
+    weights = next((line.modality_weights for line in reversed(run.history)
+                    if line.modality_weights), None)
+    if weights:
+        blocks += [Paragraph("The weighted fusion learns one weight per modality (Z = sum_i w_i * "
+                             "phi(M_i), the weights renormalised over the modalities a case has). "
+                             "After the last round: " + ", ".join(
+                                 f"{m} {w:.3f}" for m, w in weights.items()) + "."),
+                   Image("learned fusion weights per round", figure_png(
+                       plot_modality_weights(run.history)))]
+    return [*blocks, Image("aggregated AUROC with both modalities, the image only, the report only",
+                           figure_png(plot_ablation(run.history)))]
+
+
 def _plots(history: list[HistoryLine]) -> list[Block]:
     images = [Image(label, figure_png(plot_metric(history, key, label)))
               for key, label in METRIC_PLOTS.values()]
@@ -256,7 +320,8 @@ def report_blocks(run: RunRecords) -> list[Block]:
     """The report's content, independent of its format."""
     sites = site_facts(run.history)
     return [Heading(1, f"FedFusion run report: {run.name}"), *_overview(run, sites),
-            *_final_metrics(run, sites), *_model(run), *_privacy(run, sites),
+            *_final_metrics(run, sites), *_modalities(run, sites), *_model(run),
+            *_privacy(run, sites),
             *_plots(run.history)]
 
 

@@ -46,10 +46,18 @@ class FusionModel(nn.Module):
         has_image: torch.Tensor,  # (B,) bool
         has_text: torch.Tensor,  # (B,) bool
     ) -> torch.Tensor:
+        return self.classify(self.encode(images, input_ids, attention_mask, has_image, has_text))
+
+    def encode(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               has_image: torch.Tensor, has_text: torch.Tensor) -> Features:
+        """The encoders' token outputs and the modality masks (the inputs of the fusion)."""
         image_tokens = self.image(images)  # (B, Ni, Di)
         text_tokens = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        features = Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
-        return self.head(self.fusion(features))  # (B, num_classes)
+        return Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+
+    def classify(self, features: Features) -> torch.Tensor:
+        """Fusion + head: encoder outputs -> class logits (B, num_classes)."""
+        return self.head(self.fusion(features))
 
     def train(self, mode: bool = True) -> FusionModel:
         """Train the trainable set; frozen blocks and every BatchNorm stay in eval mode."""

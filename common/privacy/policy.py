@@ -18,6 +18,8 @@ policy file (a simulated hospital without one is played by the researcher: `rese
     max-max-grad-norm = inf
     share-metrics = true         # false: evaluation is refused and train-loss is not reported
                                  # (they are computed on private data without noise)
+    share-ablation = true        # with share-metrics: also release the modality ablation (AUROC
+                                 # and accuracy with the image only, the report only, both)
     accept-bundles = []          # SHA-256 of the run bundles the site's node takes part with;
                                  # empty: the FedFusion app at the installed version (client.bundle)
 """
@@ -54,6 +56,7 @@ class SitePolicy:
     min_max_grad_norm: float = 0.0
     max_max_grad_norm: float = math.inf
     share_metrics: bool = True
+    share_ablation: bool = True  # the modality ablation's metrics (with share-metrics only)
     min_eval_records: int = 20  # fewer validation records: no evaluation metrics are released
     metric_decimals: int = 3  # released metrics are rounded to this many decimals
     accept_bundles: tuple[str, ...] = ()  # SHA-256 of the only run bundles to take part with

@@ -1,0 +1,65 @@
+"""What each modality contributes: the learned fusion weights, and the model with a modality masked.
+
+Two measures, for any fusion mode:
+- `weighted` fusion learns Z = sum_i w_i * phi(M_i); its weights (image, text) when both are
+  present are read from the trainable state (`modality_weights`), so the coordinator records them
+  each round from the aggregate it already holds.
+- A modality ablation masks one modality exactly as a missing one is masked in training and
+  prediction (`has_image` / `has_text` false; see `common.model.fusion`): `masked` keeps only
+  the named modality. `report_reliance` turns the AUROCs with both and with the image only into
+  the share of the model's above-chance AUROC that the report carries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.model.fusion import Features
+
+MODALITIES = ("image", "text")
+KEEP = ("both", "image", "text")
+WEIGHT_LOGITS = "fusion.logits.table.weight"  # WeightedFusion's logits (1, 2) in the model state
+
+
+def masked(features: Features, keep: str) -> Features:
+    """The features with every modality but `keep` masked as missing (`both`: unchanged)."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    if keep == "image":
+        return features._replace(has_text=torch.zeros_like(features.has_text))
+    if keep == "text":
+        return features._replace(has_image=torch.zeros_like(features.has_image))
+    return features
+
+
+def modality_weights(state: Mapping[str, Any]) -> dict[str, float] | None:
+    """The weighted fusion's weights {image, text} from a trainable state; None for other modes."""
+    logits = state.get(WEIGHT_LOGITS)
+    if logits is None:
+        return None
+    values = np.asarray(logits.numpy() if hasattr(logits, "numpy") else logits,
+                        dtype=np.float64).reshape(-1)
+    if values.shape != (2,) or not np.isfinite(values).all():
+        return None
+    weights = np.exp(values - values.max())
+    weights /= weights.sum()
+    return {name: float(w) for name, w in zip(MODALITIES, weights, strict=True)}
+
+
+def report_reliance(auroc_both: float | None, auroc_image_only: float | None) -> float | None:
+    """Share of the above-chance AUROC lost when the report is masked (None when undefined).
+
+    (AUROC_both - AUROC_image_only) / (AUROC_both - 0.5): 1 means the model is at chance
+    without the report, 0 means the report adds nothing; below 0, masking it helps.
+    """
+    if not all(isinstance(v, (int, float)) and math.isfinite(v)
+               for v in (auroc_both, auroc_image_only)):
+        return None
+    if auroc_both <= 0.5:
+        return None  # no above-chance AUROC to share out
+    return (auroc_both - auroc_image_only) / (auroc_both - 0.5)
