@@ -39,7 +39,7 @@ IMAGE_ENCODERS = ("", "resnet10", "resnet18", "resnet34", "resnet50")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # torch device names a site may use
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
               "multikrum")
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -80,7 +80,8 @@ class AggregationConfig:
 
     strategy: str = field(metadata=_choice(*STRATEGIES))
     proximal_mu: float = field(metadata=_range(0.0, 1e3))  # fedprox
-    server_learning_rate: float = field(metadata=_range(0.0, 10.0, lo_open=True))  # fedadam, fedyogi
+    server_learning_rate: float = field(metadata=_range(0.0, 10.0, lo_open=True))  # fedavgm, fedadam, fedyogi
+    server_momentum: float = field(metadata=_range(0.0, 0.99))  # fedavgm
     trim_fraction: float = field(metadata=_range(0.0, 0.5, lo_open=True))  # fedtrimmedavg
     byzantine_sites: int = field(metadata=_range(0, 1_000_000))  # krum, multikrum: sites assumed malicious
     multikrum_select: int = field(metadata=_range(1, 1_000_000))  # multikrum: updates averaged
@@ -147,8 +148,11 @@ class TrainConfig:
     """Local training at a site."""
 
     local_epochs: int = field(metadata=_range(1, 1000))
+    local_steps: int = field(metadata=_range(0, 100_000))  # > 0: optimizer steps per round at every
+    # site, whatever its size (local-epochs is then unused); 0: local-epochs passes
     batch_size: int = field(metadata=_range(1, 100_000))
     learning_rate: float = field(metadata=_range(0.0, 100.0, lo_open=True))
+    momentum: float = field(metadata=_range(0.0, 0.99))  # SGD momentum at the sites
     device: str = field(metadata={"pattern": DEVICE_PATTERN})  # simulated hospitals; a deployed
     # site's device is its node config's
     feature_cache: bool = field(metadata={})  # reuse the frozen encoders' outputs (common/feature_cache.py)

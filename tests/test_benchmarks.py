@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import deployment
+from benchmarks import deployment, utility
 from benchmarks.cli import SUMMARY_KEYS, main
 from benchmarks.record import meets
 from benchmarks.simulation import SimulationTiming
@@ -59,3 +59,14 @@ def test_targets_compare_in_their_direction() -> None:
 def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
     deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1)
     assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
+
+
+def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path) -> None:
+    """A smoke run of the utility benchmark (tiny model, small hospitals, 2 rounds)."""
+    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.15, rounds=2)
+    expected = {"central", "central-dp8", "federated", "federated-dp1", "federated-dp3",
+                "federated-dp8", "local-mean"}
+    assert expected <= set(out.raw)
+    for name in expected:
+        assert 0.0 <= out.raw[name]["auroc"] <= 1.0, name
+    assert out.value == out.raw["central"]["auroc"] - out.raw["federated-dp8"]["auroc"]
