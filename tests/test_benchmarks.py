@@ -77,7 +77,8 @@ def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path)
 @pytest.mark.slow  # 30 federations of the tiny model (1.5 min on 2 busy cores)
 def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_path: Path) -> None:
     out = small_hospitals.run(True, tmp_path, preset="tiny", seeds=2, demo_scale=0.1,
-                              medpix=tmp_path / "absent.csv", overrides={"num_server_rounds": 1})
+                              medpix=tmp_path / "absent.csv",
+                              overrides={"num_server_rounds": 1, "accountant": "rdp"})  # rdp: fast
     assert out.key == "demo_small_auroc_fed_dp8" and "medpix-dev not found" in out.note
     settings = out.raw["demo_small"]["settings"]
     for name in ("central", "federated", "federated-dp1", "federated-dp3", "federated-dp8",
