@@ -26,16 +26,21 @@ BENCHMARKS: dict[str, str] = {
     "dp_overhead": "dp_overhead_ratio",
     "feature_cache": "feature_cache_speedup",
     "utility": "auroc_gap_fed_dp8_vs_central",
+    "small_hospitals": "medpix_auroc_fed_dp8",
     "framework_overhead": "framework_overhead_fraction",
     "scale": "max_hospitals_simulated",
     "deployment": "deployment_round_ratio",
     "membership": "mia_auc_dp8",
 }
-# summary.json keys, in order; utility also reports the gain over local-only training
+# summary.json keys, in order; utility also reports the gain over local-only training,
+# small_hospitals its reference (the linear probe) and the other targets per dataset
+SMALL_HOSPITAL_KEYS = tuple(f"{data}_{key}" for data in ("medpix", "demo_small") for key in (
+    "auroc_fed_dp8", "auroc_probe", "gain_fed_dp8_vs_single_dp8", "gap_central_vs_fed"))
 SUMMARY_KEYS = ("dp_overhead_ratio", "upload_reduction_ratio", "feature_cache_speedup",
                 "framework_overhead_fraction", "auroc_gap_fed_dp8_vs_central", "auroc_gain_fed_vs_local",
                 "max_hospitals_simulated", "aggregation_vs_numpy_ratio", "deployment_round_ratio",
-                "mia_auc_dp8", "mia_auc_nodp", "mia_tpr_at_1pct_fpr_dp8", "mia_tpr_at_1pct_fpr_nodp")
+                "mia_auc_dp8", "mia_auc_nodp", "mia_tpr_at_1pct_fpr_dp8", "mia_tpr_at_1pct_fpr_nodp",
+                *SMALL_HOSPITAL_KEYS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,7 +31,7 @@ def run(quick: bool, work: Path) -> Outcome:
     for preset, cache in _cases(quick):
         folder = seed_root if preset == "seed" else data_root
         # a cached epoch takes tens of milliseconds: time more of them, more often, against noise
-        base = dict(local_epochs=3 if cache else 1, feature_cache=cache)
+        base = dict(local_epochs=3 if cache else 1, local_steps=0, feature_cache=cache)  # passes, not steps
         tries = 3 * repeats if cache else repeats
         plain_run = bench_config(preset, dp=False, **base)
         site = load_site(folder, work / "state")

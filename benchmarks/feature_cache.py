@@ -27,8 +27,8 @@ def run(quick: bool, work: Path) -> Outcome:
     scale = 0.5 if quick else 1.0
     folder = demo_hospitals(work / "data", 1, size_scale=scale)[0]
     repeats = 2 if quick else 3
-    off_run = bench_config("demo", local_epochs=1, feature_cache=False)
-    on_run = bench_config("demo", local_epochs=1, feature_cache=True)
+    off_run = bench_config("demo", local_epochs=1, local_steps=0, feature_cache=False)  # one pass
+    on_run = bench_config("demo", local_epochs=1, local_steps=0, feature_cache=True)
     site = load_site(folder, work / "state")
     data = site.data(on_run)
     off = best_epoch(off_run, site, dp=True, repeats=repeats)

@@ -23,24 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr_datasets.partitioner import DirichletPartitioner
-from torch.utils.data import DataLoader
 
+from benchmarks.federation import federate, initial_state, site_states, test_probabilities
 from benchmarks.record import Outcome
 from benchmarks.workloads import bench_config, demo_hospitals
-from client.rounds import RoundRequest, train_round
-from client.site_config import SiteConfig
 from client.state import SiteState
-from common import protocol as R
 from common.config import RunConfig
 from common.data.manifest import Row, read_manifest
-from common.model.feature_cache import CachedFusion, CacheKey
-from common.model.fusion_model import build_model
-from common.model.trainable import load_trainable_state, trainable_state
-from common.training.loop import evaluate
-from server.screening import Update, complete_partial_updates
+from common.training.metrics import classification_metrics
 
 CLASSES = ("normal", "pneumonia", "effusion")
 HOSPITALS, ALPHA, TEST_FRACTION = 5, 0.5, 0.2
@@ -96,59 +87,35 @@ def prepare(work: Path, scale: float) -> tuple[list[Path], Path, Path, dict[str,
     return folders, central, test_folder, {"train": len(train), "test": len(test), "hospitals": counts}
 
 
-def federate(run: RunConfig, sites: list[SiteState], start: State, run_id: str) -> State:
-    """`num-server-rounds` rounds of FedAvg over `sites` through the site's own round."""
-    state = start
-    for r in range(1, run.federation.num_server_rounds + 1):
-        updates = []
-        for site in sites:
-            fingerprint = site.bundle(run.model).fingerprint
-            out = train_round(site, run, RoundRequest(server_round=r, run_key=run_id,
-                                                      frozen_fingerprint=fingerprint,
-                                                      parameters=state))
-            updates.append(Update(site=site.site.site_name,
-                                  arrays={k: v.numpy() for k, v in out.state.items()},
-                                  untrained=out.untrained, num_examples=out.num_examples))
-        full = complete_partial_updates(updates, {k: v.numpy() for k, v in state.items()})
-        replies = [RecordDict({R.ARRAYS: ArrayRecord({k: Array(v) for k, v in f.items()}),
-                               R.METRICS: MetricRecord({R.NUM_EXAMPLES: u.num_examples})})
-                   for f, u in zip(full, updates, strict=True)]
-        aggregated = aggregate_arrayrecords(replies, R.NUM_EXAMPLES)
-        state = {k: torch.from_numpy(np.asarray(v.numpy(), dtype=np.float32)) for k, v in aggregated.items()}
-    return state
-
-
 def test_metrics(run: RunConfig, test_site: SiteState, state: State) -> dict[str, float]:
     """AUROC and accuracy of `state` on the common test set (its frozen outputs cached)."""
-    bundle, data = test_site.bundle(run.model), test_site.data(run)
-    cfg = run.model
-    load_trainable_state(bundle.model, state)
-    key = CacheKey(dataset_sha256=data.version, split="test", frozen_fingerprint=bundle.fingerprint,
-                   trainable_image_blocks=cfg.trainable_image_blocks,
-                   trainable_text_layers=cfg.trainable_text_layers, image_size=cfg.image_size,
-                   max_text_length=cfg.max_text_length)
-    features = test_site.features.get(key, bundle.model, data.train, torch.device("cpu"))
-    m = evaluate(CachedFusion(bundle.model), DataLoader(features, batch_size=256), torch.device("cpu"))
+    probs, labels = test_probabilities(run, test_site, state)
+    m = classification_metrics(labels, probs, 0.0)
     return {"auroc": m.auroc, "accuracy": m.accuracy}
 
 
 def run(quick: bool, work: Path) -> Outcome:
     """Every setting; keys: fed DP8 vs centralized (gap), fed DP8 vs local-only (gain)."""
     scale, rounds = (0.4, 3) if quick else (1.0, 5)
+    return measure_settings(work, preset="demo", scale=scale, rounds=rounds)
+
+
+def measure_settings(work: Path, *, preset: str, scale: float, rounds: int) -> Outcome:
+    """Every setting on demo hospitals of `scale`, `rounds` rounds of the `preset` model."""
     folders, central, test_folder, split = prepare(work, scale)
-    policy = work / "policy.toml"
-    policy.write_text("require-dp = false\n")  # the no-DP settings need a site that allows them
+    # one warm site per folder for every setting (each its own run and budget): the frozen
+    # features are computed once per site
+    warm = {p: s for p, s in zip([*folders, central, test_folder], site_states(
+        work / "state", [*folders, central, test_folder]), strict=True)}
 
     def sites(name: str, paths: list[Path]) -> list[SiteState]:
-        return [SiteState(SiteConfig(site_name=p.name, manifest=p,
-                                     state_dir=work / "state" / name / p.name, policy=policy))
-                for p in paths]
+        return [warm[p] for p in paths]
 
     def config(dp: bool, eps: float = 8.0) -> RunConfig:
-        return bench_config("demo", num_server_rounds=rounds, dp=dp, target_epsilon=eps)
+        return bench_config(preset, num_server_rounds=rounds, dp=dp, target_epsilon=eps)
 
     # a freshly built model: the process's shared one may have trained in other benchmarks
-    start = trainable_state(build_model(config(False).model))
+    start = initial_state(config(False))
     test_site = sites("test", [test_folder])[0]
     results: dict[str, dict[str, float]] = {}
 
@@ -170,7 +137,8 @@ def run(quick: bool, work: Path) -> Outcome:
         note="test AUROC of centralized training without DP minus federated training with DP at "
              "epsilon 8 per hospital; gain: federated DP8 minus the mean of hospitals trained alone "
              "(without DP: alone, a hospital's data never leaves it)",
-        settings={"preset": "demo", "rounds": rounds, "local_epochs": config(False).train.local_epochs,
+        settings={"preset": preset, "rounds": rounds, "local_epochs": config(False).train.local_epochs,
+                  "local_steps": config(False).train.local_steps,
                   "hospitals": HOSPITALS, "dirichlet_alpha": ALPHA, "data_scale": scale,
                   "partitioner": "flwr_datasets DirichletPartitioner(partition_by='label')",
                   "split": split},

@@ -48,7 +48,7 @@ from common.privacy.receipts import (
 from common.privacy.replay import SENT_FOLDER, SentUpdate, load_sent, save_sent
 from common.protocol import update_digest
 from common.training.ablation import Ablation, evaluate_with_ablation
-from common.training.loop import TrainResult, pick_device, train
+from common.training.loop import FixedSteps, TrainResult, pick_device, train
 from common.training.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
             if terms.dp:
                 account = authorize_round(terms, entry, prior, policy, num_examples=len(data.train),
                                           batch_size=run.train.batch_size,
-                                          epochs=run.train.local_epochs)
+                                          epochs=run.train.local_epochs,
+                                          steps_per_round=run.train.local_steps)
             else:
                 account = None
                 check_round_count(entry, policy)
@@ -243,7 +244,7 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
     model = _prepare(bundle, work.start, device)
     with frozen(model, work.untrained):  # neither the optimizer nor DP noise touches them
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                    lr=run.train.learning_rate, momentum=0.9)
+                                    lr=run.train.learning_rate, momentum=run.train.momentum)
         net, train_set = model, data.train
         if run.train.feature_cache:  # the frozen fronts run once per dataset version and frozen part
             net = CachedFusion(model)
@@ -252,11 +253,13 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
                             num_workers=run.data.num_workers)
         desc = f"{state.site.site_name} round {work.server_round} train"
         mu = run.aggregation.proximal_mu if run.aggregation.strategy == "fedprox" else 0.0
-        epochs = run.train.local_epochs
+        steps = run.train.local_steps  # > 0: this many steps whatever the site's size (one "epoch")
+        epochs = 1 if steps else run.train.local_epochs
         if work.account is None:
             torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible
             # the batch gradient is clipped like DP-SGD's per-sample ones: one learning rate fits both
-            result = train(net, loader, optimizer, torch.nn.CrossEntropyLoss(), epochs=epochs,
+            result = train(net, FixedSteps(loader, steps) if steps else loader, optimizer,
+                           torch.nn.CrossEntropyLoss(), epochs=epochs,
                            device=device, clip_grad_norm=work.max_grad_norm, proximal_mu=mu,
                            desc=desc)
             return LocalResult(result=result, account=None, sent=trainable_state(model))
@@ -265,7 +268,8 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         torch.seed()
         with private_training(net, optimizer, loader, work.account, max_grad_norm=work.max_grad_norm,
                               grad_sample_mode=run.privacy.grad_sample_mode) as session:
-            result = train(net, session.loader, session.optimizer, session.criterion,
+            dp_loader = FixedSteps(session.loader, steps) if steps else session.loader
+            result = train(net, dp_loader, session.optimizer, session.criterion,
                            epochs=epochs, device=device, proximal_mu=mu, desc=desc)
             account = session.spent(work.account)
         return LocalResult(result=result, account=account, sent=trainable_state(model))

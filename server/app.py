@@ -51,7 +51,6 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     log.info("run folder %s; frozen-part fingerprint %s; strategy %s", start.folder.path,
              fingerprint[:16], agg.strategy)
     strategy = build_strategy(fed, agg)
-    load_optimizer_state(strategy, start.optimizer_state)
     recorder = Recorder(start.folder, start.lines)
     plan = RoundPlan(last_round=fed.num_server_rounds, timeout=fed.round_timeout,
                      min_nodes=fed.min_nodes, run_key=start.run_key, fingerprint=fingerprint,
@@ -62,6 +61,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     if start.arrays is not None:  # in the model's order, not the checkpoint's (sorted): a site
         # recognises a round asked again by the digest of the parameters in the order they came
         arrays = ArrayRecord({k: Array(start.arrays[k]) for k in arrays})
+        load_optimizer_state(strategy, start.optimizer_state, arrays)
     end = run_rounds(grid, strategy, recorder, plan, first_round=start.finished_round + 1,
                      arrays=arrays)
     status, message = STATUS_COMPLETED, f"All {fed.num_server_rounds} rounds completed."

@@ -1,6 +1,6 @@
 """Flower's strategies, as Flower ships them, chosen by the run config's `strategy`.
 
-FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum and MultiKrum, built with
+FedAvg, FedAvgM (server momentum), FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum and MultiKrum, built with
 their own settings and one metric aggregation of ours: weighted means that skip non-finite
 values, with the per-site privacy metrics left out (they are recorded per site, never averaged).
 The round loop (`server.loop`) calls their `configure_*` and `aggregate_*` methods; screening,
@@ -13,10 +13,11 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -30,7 +31,7 @@ from common import protocol as R
 from common.config import AggregationConfig, FederationConfig
 
 FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
-    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
     "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum,
 }
 NOT_AVERAGED = (R.NUM_EXAMPLES, R.TRAIN_SECONDS, *R.PRIVACY_METRICS)
@@ -51,6 +52,8 @@ def _options(agg: AggregationConfig) -> dict[str, Any]:
     """The chosen Flower strategy's own settings."""
     return {
         "fedprox": {"proximal_mu": agg.proximal_mu},
+        "fedavgm": {"server_learning_rate": agg.server_learning_rate,
+                    "server_momentum": agg.server_momentum},
         "fedadam": {"eta": agg.server_learning_rate},
         "fedyogi": {"eta": agg.server_learning_rate},
         "fedtrimmedavg": {"beta": agg.trim_fraction},
@@ -73,15 +76,25 @@ def build_strategy(fed: FederationConfig, agg: AggregationConfig) -> FedAvg:
 
 
 def optimizer_state(strategy: FedAvg) -> dict[str, np.ndarray]:
-    """The server optimiser's moments (FedAdam/FedYogi), to checkpoint with each round."""
+    """The server optimiser's moments (FedAdam/FedYogi; FedAvgM's momentum), to checkpoint with each round."""
+    if isinstance(strategy, FedAvgM):
+        current = strategy.current_arrays
+        if strategy.momentum_vector is None or current is None:
+            return {}
+        return {f"momentum/{k}": v for k, v in zip(current.keys(), strategy.momentum_vector, strict=True)}
     if not isinstance(strategy, FedOpt):
         return {}
     return {f"{name}/{k}": v for name in ("m_t", "v_t")
             for k, v in (getattr(strategy, name) or {}).items()}
 
 
-def load_optimizer_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
-    """Restore what `optimizer_state` returned (resume)."""
+def load_optimizer_state(strategy: FedAvg, state: dict[str, np.ndarray],
+                         arrays: ArrayRecord | None = None) -> None:
+    """Restore what `optimizer_state` returned (resume); FedAvgM also needs the global `arrays`."""
+    if isinstance(strategy, FedAvgM) and state and arrays is not None:
+        # FedAvgM keeps its momentum as a list in the order of its current arrays
+        strategy.current_arrays = arrays
+        strategy.momentum_vector = [state[f"momentum/{k}"] for k in arrays]
     if isinstance(strategy, FedOpt) and state:
         for name in ("m_t", "v_t"):
             setattr(strategy, name, {k.split("/", 1)[1]: v for k, v in state.items()

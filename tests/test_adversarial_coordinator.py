@@ -194,7 +194,8 @@ def test_model_paths_in_the_run_config_probe_nothing(demo_root: Path, tmp_path: 
 def test_noise_calibration_cannot_hang_the_site(demo_root: Path, tmp_path: Path) -> None:
     """Attack 8: the most rounds, epochs and smallest batches the run config allows."""
     c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state", accountant="rdp",
-                    num_server_rounds=10_000, local_epochs=1000, batch_size=1)
+                    num_server_rounds=10_000, local_epochs=1000, batch_size=1,
+                    local_steps=0)
     replies: list[Message] = []
     worker = threading.Thread(target=lambda: replies.append(c.send(MessageType.TRAIN, 1)), daemon=True)
     worker.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import deployment
+from benchmarks import deployment, small_hospitals, utility
 from benchmarks.cli import SUMMARY_KEYS, main
 from benchmarks.record import meets
 from benchmarks.simulation import SimulationTiming
@@ -107,3 +108,54 @@ def test_medpix_hospital_is_one_image_per_patient_or_absent(tmp_path: Path) -> N
     thorax = (medpix_site(tmp_path / "t", source=source, region="thorax",
                           one_per_patient=False) / "manifest.csv").read_text()
     assert "a.png" in thorax and "b.png" not in thorax
+
+
+@pytest.mark.slow  # ten federations (2 to 7 min on 2 busy cores)
+def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path) -> None:
+    """A smoke run of the utility benchmark (tiny model, small hospitals, 2 rounds)."""
+    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.15, rounds=2)
+    expected = {"central", "central-dp8", "federated", "federated-dp1", "federated-dp3",
+                "federated-dp8", "local-mean"}
+    assert expected <= set(out.raw)
+    for name in expected:
+        assert 0.0 <= out.raw[name]["auroc"] <= 1.0, name
+    assert out.value == out.raw["central"]["auroc"] - out.raw["federated-dp8"]["auroc"]
+
+
+@pytest.mark.slow  # 30 federations of the tiny model (1.5 min on 2 busy cores)
+def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_path: Path) -> None:
+    out = small_hospitals.run(True, tmp_path, preset="tiny", seeds=2, demo_scale=0.1,
+                              medpix=tmp_path / "absent.csv",
+                              overrides={"num_server_rounds": 1, "accountant": "rdp"})  # rdp: fast
+    assert out.key == "demo_small_auroc_fed_dp8" and "medpix-dev not found" in out.note
+    settings = out.raw["demo_small"]["settings"]
+    for name in ("central", "federated", "federated-dp1", "federated-dp3", "federated-dp8",
+                 "single-hospital", "single-hospital-dp8", "linear-probe"):
+        v = settings[name]
+        assert len(v["values"]) == 2 and v["mean"] == pytest.approx(np.mean(v["values"]))
+        assert v["ci95"][0] <= v["mean"] <= v["ci95"][1]
+    assert out.value == settings["federated-dp8"]["mean"]
+    assert set(out.extra) == {"demo_small_auroc_probe", "demo_small_gain_fed_dp8_vs_single_dp8",
+                              "demo_small_gap_central_vs_fed"}
+    for split in out.raw["demo_small"]["splits"]:  # no test patient trains anywhere
+        assert split["test_rows"] > 0 and len(split["hospital_rows"]) == 5
+
+
+def test_small_hospitals_test_patients_are_held_out_of_every_site(tmp_path: Path) -> None:
+    cases = [small_hospitals.Case(image="", text=f"report {i}", label="normal",
+                                  patient=f"p{i // 2}", hospital=f"h{i % 3}") for i in range(60)]
+    s = small_hospitals.split(cases, tmp_path, seed=1)
+    def patients(folder: Path) -> set[str]:
+        with (folder / "manifest.csv").open() as fh:
+            return {r["patient_id"] for r in csv.DictReader(fh)}
+    test = patients(s.test)
+    assert len(test) == 6  # a fifth of the 30 patients
+    for folder in (*s.hospitals, s.central):
+        assert not patients(folder) & test
+    assert set().union(*(patients(f) for f in s.hospitals)) == patients(s.central)
+
+
+def test_confidence_interval_is_students_t_over_the_seeds() -> None:
+    ci = small_hospitals.ci95([0.8, 0.9, 1.0])
+    assert ci["mean"] == pytest.approx(0.9)
+    assert ci["ci95"] == pytest.approx([0.9 - 4.303 * 0.1 / 3**0.5, 0.9 + 4.303 * 0.1 / 3**0.5], abs=1e-3)

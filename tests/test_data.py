@@ -122,7 +122,7 @@ def test_dataset_items_and_unreadable_image(tmp_path: Path) -> None:
     tok = load_tokenizer("builtin:tiny")
     ds = ManifestDataset(manifest, rows, CLASSES, tok, image_size=16, max_text_length=12)
     item = ds[0]
-    assert item["images"].shape == (3, 16, 16) and item["input_ids"].shape == (12,)
+    assert item["images"].shape == (3, 16, 16) and item["input_ids"].shape[0] <= 12
     assert item["labels"].item() == 2 and item["has_image"] and item["has_text"]
     assert not ds[1]["has_image"] and ds[1]["images"].abs().sum() == 0
     assert ds[1]["has_text"] and not ds[3]["has_text"] and ds[3]["labels"].item() == 1
@@ -175,3 +175,17 @@ def test_demo_data_needs_both_modalities(demo_root: Path) -> None:
     image_only, text_only, both = auroc(image), auroc(words), auroc(np.hstack([image, words]))
     assert image_only > 0.65 and text_only > 0.65
     assert both > max(image_only, text_only) + 0.03
+
+
+def test_reports_are_padded_to_the_longest_and_cut_at_max_text_length(tmp_path: Path) -> None:
+    manifest = write_csv(tmp_path, [
+        {"image": "", "text": "clear", "label": "normal"},
+        {"image": "", "text": "left pleural effusion with basal atelectasis", "label": "effusion"},
+    ])
+    _, rows = read_manifest(manifest, CLASSES)
+    tok = load_tokenizer("builtin:tiny")
+    longest = len(tok(rows[1].text)["input_ids"])  # with [CLS] and [SEP]
+    wide = ManifestDataset(manifest, rows, CLASSES, tok, image_size=16, max_text_length=512)
+    assert wide[0]["input_ids"].shape == (longest,) and wide[0]["attention_mask"].sum() == 3
+    cut = ManifestDataset(manifest, rows, CLASSES, tok, image_size=16, max_text_length=4)
+    assert cut[1]["input_ids"].shape == (4,) and cut[1]["attention_mask"].sum() == 4

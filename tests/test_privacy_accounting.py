@@ -4,6 +4,7 @@ receipts, and the secrecy of DP randomness."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,8 @@ def test_epsilon_each_round_equals_a_fresh_accountant_fed_the_receipts(
     assert epsilons[2] > 7.5  # the planned rounds spend (almost) all of the target
     n = out.num_examples
     assert out.account.steps == 3 * local_steps(num_examples=n, batch_size=run.train.batch_size,
-                                                epochs=run.train.local_epochs)
+                                                epochs=run.train.local_epochs,
+                                                steps_per_round=run.train.local_steps)
 
 
 def test_dp_noise_is_not_derived_from_the_public_seed(demo_root: Path, tmp_path: Path) -> None:
@@ -137,3 +139,25 @@ def test_an_account_never_loses_epsilon_and_equals_opacus_stepping_its_history(
         assert math.isfinite(account.epsilon) and account.epsilon >= last - 1e-9
         assert account.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
         last = account.epsilon
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_local_steps_gives_every_site_the_same_steps_whatever_its_size(
+        demo_root: Path, tmp_path: Path, dp: bool) -> None:
+    """local-steps = K: a site of any size takes K steps a round; DP noise is planned for exactly those."""
+    run = tiny_run(demo_root, num_server_rounds=2, local_steps=7, batch_size=16, dp=dp)
+    sizes = set()
+    for i in (0, 1):
+        # a simulated hospital follows the run's dp (a deployed site's default policy requires it)
+        state = SiteState(replace(hospital(demo_root, tmp_path, i), simulated=True))
+        parameters = trainable_state(state.bundle(run.model).model)
+        for r in (1, 2):
+            out = train_round(state, run, request(state, run, r, parameters, run_key=f"k-{i}"))
+            assert out.result.steps == 7
+            parameters = {**parameters, **out.state}
+        sizes.add(out.num_examples)
+        if dp:
+            assert out.account.steps == 14
+            assert 7.5 < out.account.epsilon <= 8.0 + 1e-6  # the two rounds spend the target
+            assert out.account.sample_rate == sample_rate(num_examples=out.num_examples, batch_size=16)
+    assert len(sizes) == 2  # two sites of different sizes

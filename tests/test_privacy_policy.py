@@ -159,7 +159,8 @@ def test_dataset_scope_composes_runs_and_refuses_when_spent(demo_root: Path, tmp
        server_rounds=st.integers(1, 6), n=st.integers(20, 400), batch=st.sampled_from([8, 32, 64]))
 def test_random_policies_never_decrease_or_exceed_the_cap(cap: float, target: float, max_rounds: int,
                                                           server_rounds: int, n: int, batch: int) -> None:
-    run = tiny_run(accountant="rdp", **{"batch-size": batch, "local-epochs": 1})
+    run = tiny_run(accountant="rdp", **{"batch-size": batch, "local-epochs": 1,
+                                                 "local-steps": 0})
     policy = SitePolicy(max_epsilon=cap, max_rounds=max_rounds)
     terms = negotiate(policy, run, dp=True, target_epsilon=target, target_delta=1e-5, num_examples=n,
                       num_rounds=server_rounds)

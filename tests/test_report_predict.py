@@ -199,3 +199,18 @@ def test_malformed_input_exits_non_zero_naming_the_problem(run_dir: Path, tmp_pa
     (broken / "history.jsonl").write_text('{"round": 1, "sites": {}}\n{oops\n')
     assert main(["report", str(broken)]) == 2
     assert "history.jsonl:2 is not valid JSON" in capsys.readouterr().err
+
+
+def test_report_gives_each_sites_validation_size_and_warns_below_30() -> None:
+    from tools.report import SMALL_VALIDATION, RunRecords, SiteFacts, _final_metrics
+    from tools.report_format import to_markdown
+
+    metrics = {R.LOSS: 0.5, R.ACCURACY: 0.8, R.AUROC: 0.9, R.F1: 0.7}
+    sites = {"big": SiteFacts(evaluate={R.NUM_EXAMPLES: 120, **metrics}, eval_round=1),
+             "small": SiteFacts(evaluate={R.NUM_EXAMPLES: SMALL_VALIDATION - 1, **metrics},
+                                eval_round=1)}
+    run = RunRecords(name="r", history=[], settings=None, model=None, summary=None)
+    text = to_markdown(_final_metrics(run, sites))
+    assert "| big | 1 | 120 |" in text and f"| small | 1 | {SMALL_VALIDATION - 1} |" in text
+    assert f"Warning: small ({SMALL_VALIDATION - 1}) validate on fewer than {SMALL_VALIDATION}" in text
+    assert "big (" not in text  # a site with enough validation records is not named

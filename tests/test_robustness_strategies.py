@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -29,6 +31,7 @@ from tests.test_robustness import run
 
 @pytest.mark.parametrize(("name", "cls", "settings"), [
     ("fedavg", FedAvg, {}),
+    ("fedavgm", FedAvgM, {"server_learning_rate": 0.03, "server_momentum": 0.0}),
     ("fedprox", FedProx, {"proximal_mu": 0.5}),
     ("fedadam", FedAdam, {"eta": 0.03}),
     ("fedyogi", FedYogi, {"eta": 0.03}),
@@ -46,7 +49,7 @@ def test_each_strategy_is_flowers_with_its_settings(name: str, cls: type, settin
     assert type(strategy) is cls and strategy.min_train_nodes == 4
     for attr, value in settings.items():
         assert getattr(strategy, attr) == value
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian",
+    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian",
                                "fedtrimmedavg", "krum", "multikrum"}
 
 
@@ -74,3 +77,18 @@ def test_fedadam_checkpoints_its_moments_and_a_resume_restores_them(demo_root: P
     restored = optimizer_state(fresh)
     for key, value in saved.items():
         np.testing.assert_array_equal(restored[key], value.numpy())
+
+
+def test_fedavgm_gets_its_server_settings_and_a_resume_restores_its_momentum(demo_root: Path) -> None:
+    run_cfg = tiny_run(demo_root, strategy="fedavgm", **{"server-learning-rate": 1.0,
+                                                          "server-momentum": 0.5})
+    strategy = build_strategy(run_cfg.federation, run_cfg.aggregation)
+    assert (strategy.server_learning_rate, strategy.server_momentum) == (1.0, 0.5)
+    arrays = ArrayRecord({"z": Array(np.zeros(2, np.float32)), "a": Array(np.zeros(3, np.float32))})
+    strategy.current_arrays = arrays
+    strategy.momentum_vector = [np.full(2, 1.0, np.float32), np.full(3, 2.0, np.float32)]
+    saved = optimizer_state(strategy)
+    assert set(saved) == {"momentum/z", "momentum/a"}
+    fresh = build_strategy(run_cfg.federation, run_cfg.aggregation)
+    load_optimizer_state(fresh, dict(sorted(saved.items())), arrays)  # a checkpoint sorts its keys
+    assert [v.tolist() for v in fresh.momentum_vector] == [[1.0, 1.0], [2.0, 2.0, 2.0]]

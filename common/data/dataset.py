@@ -26,7 +26,9 @@ class ManifestDataset(Dataset):
         # -1: an unlabelled case (prediction only; training and evaluation rows always have one)
         self.labels = torch.tensor([class_names.index(r.label) if r.label else -1 for r in rows],
                                    dtype=torch.long)
-        enc = tokenizer([r.text for r in rows] or [""], padding="max_length", truncation=True,
+        # padded to the longest report of these rows (at most max_text_length tokens), not to
+        # max_text_length: a long limit costs nothing where the reports are short
+        enc = tokenizer([r.text for r in rows] or [""], padding="longest", truncation=True,
                         max_length=max_text_length, return_tensors="pt")
         self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)

@@ -2,7 +2,9 @@
 
 Image: a torchvision ResNet trunk (no pooling, no fc) built from out-of-place residual blocks so
 that Opacus' backward hooks can train its top stages (opacus issue 828). Weights come from a local
-torchvision state-dict file or a seeded random initialisation (no hub is reachable at a hospital).
+torchvision state-dict file, a torchvision weight name found in the torch hub cache, or a seeded
+random initialisation (logged as a warning); nothing is downloaded (no hub is reachable at a
+hospital).
 
 Text: a Hugging Face BERT-family encoder from a local directory, an installed Python package that
 ships one, a hub name (only if the hub or its cache is reachable), or a config built in code.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +102,15 @@ def build_image_encoder(name: str, weights: str, seed: int) -> ImageEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         resnet = ResNet(block, layers)
+    if not weights and name not in _WARNED_RANDOM:
+        _WARNED_RANDOM.add(name)  # once per process: every site of a simulation builds one
+        log.warning("the image encoder %s is a seeded random initialisation (no image-weights): "
+                    "its features carry little of the images' content, so the model learns almost "
+                    "only from the reports. Set image-weights to a torchvision state dict or a "
+                    "torchvision weight name (e.g. IMAGENET1K_V1) in the torch hub cache.", name)
     if weights:
-        state = _read_state_dict(Path(weights).expanduser())
+        path = hub_weights_file(name, weights) if WEIGHT_NAME.fullmatch(weights) else Path(weights)
+        state = _read_state_dict(path.expanduser())
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = resnet.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
@@ -111,6 +121,33 @@ def build_image_encoder(name: str, weights: str, seed: int) -> ImageEncoder:
                 "architecture the file was saved from."
             )
     return ImageEncoder(resnet)
+
+
+_WARNED_RANDOM: set[str] = set()
+WEIGHT_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # a torchvision weight name, e.g. IMAGENET1K_V2
+
+
+def hub_weights_file(name: str, weights: str) -> Path:
+    """The torch hub cache's file of torchvision's `<name>` weights `weights`; never downloads."""
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(name)
+        url = enum[weights].url
+    except (ValueError, KeyError) as err:
+        raise ModelLoadError(
+            f"image-weights {weights!r} is not a torchvision weight name of {name} (torchvision "
+            f"ships {[w.name for w in get_model_weights(name)] if name != 'resnet10' else 'none'} "
+            "for it); set image-weights to one of those or to a state-dict file.") from err
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise ModelLoadError(
+            f"image-weights {weights!r}: torchvision's {name} weights are not in the torch hub "
+            f"cache ({path}); FedFusion never downloads at run time. On a machine with network "
+            f"access run `python -c \"import torchvision; torchvision.models.{name}(weights="
+            f"'{weights}')\"` and copy {Path(url).name} to {path.parent} (or set TORCH_HOME), or "
+            "point image-weights at the file.")
+    return path
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -29,8 +29,11 @@ class BudgetTooLow(Exception):
     """No noise level lets this run stay within the privacy target."""
 
 
-def local_steps(*, num_examples: int, batch_size: int, epochs: int) -> int:
-    """Optimizer steps per round: Opacus' Poisson loader yields ceil(N / B) batches per epoch."""
+def local_steps(*, num_examples: int, batch_size: int, epochs: int, steps_per_round: int = 0) -> int:
+    """Optimizer steps per round: `steps_per_round` when set (> 0), whatever the site's size;
+    else `epochs` passes of Opacus' Poisson loader, which yields ceil(N / B) batches per epoch."""
+    if steps_per_round > 0:
+        return steps_per_round
     return epochs * math.ceil(num_examples / batch_size)
 
 

@@ -67,11 +67,11 @@ def negotiate(policy: SitePolicy, run: RunConfig, *, dp: bool, target_epsilon: f
 
 
 def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], *, num_examples: int,
-                 batch_size: int, epochs: int) -> Account:
+                 batch_size: int, epochs: int, steps_per_round: int = 0) -> Account:
     """A new run's account: noise calibrated once so that the planned rounds fit every cap."""
     q = sample_rate(num_examples=num_examples, batch_size=batch_size)
     total = terms.planned_rounds * local_steps(num_examples=num_examples, batch_size=batch_size,
-                                               epochs=epochs)
+                                               epochs=epochs, steps_per_round=steps_per_round)
     common = dict(target_delta=terms.delta, sample_rate=q, total_steps=total,
                   accountant=terms.accountant)
     spent = epsilon_from_history(prior, delta=terms.delta, accountant=terms.accountant)
@@ -101,13 +101,15 @@ def check_round_count(entry: RunEntry | None, policy: SitePolicy) -> None:
 
 def authorize_round(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
                     policy: SitePolicy, *, num_examples: int, batch_size: int,
-                    epochs: int) -> Account:
+                    epochs: int, steps_per_round: int = 0) -> Account:
     """The account to train this round with, or a Refusal (nothing is charged)."""
     check_round_count(entry, policy)
     account = entry.account if entry and entry.account else open_account(
-        terms, prior, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
+        terms, prior, num_examples=num_examples, batch_size=batch_size, epochs=epochs,
+        steps_per_round=steps_per_round)
     step = (account.noise_multiplier, account.sample_rate,
-            local_steps(num_examples=num_examples, batch_size=batch_size, epochs=epochs))
+            local_steps(num_examples=num_examples, batch_size=batch_size, epochs=epochs,
+                        steps_per_round=steps_per_round))
     run_after = epsilon_from_history([*account.history, step], delta=account.delta,
                                      accountant=account.accountant)
     scope_after = epsilon_from_history([*prior, *account.history, step], delta=account.delta,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.errors import Failure
+from common.errors import BadData, Failure
 from common.training.metrics import Metrics, classification_metrics
 from common.training.progress import batches, log_line, progress, show_loss
 
@@ -138,3 +138,30 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device,
     log_line(log, "%s: %d examples, loss %.4f, accuracy %.3f, %.1f s", desc, metrics.num_examples,
              metrics.loss, metrics.accuracy, time.perf_counter() - start)
     return metrics
+
+
+class FixedSteps:
+    """Exactly `steps` batches of `loader` per pass, starting it again as often as needed.
+
+    A round of `local-steps` steps: a small site cycles its data several times, a large one sees
+    part of it (each pass of a Poisson loader is a fresh sample at the same rate).
+    """
+
+    def __init__(self, loader: Iterable[Batch], steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        left = self.steps
+        while left > 0:
+            yielded = 0
+            for batch in self.loader:
+                yield batch
+                yielded += 1
+                left -= 1
+                if left == 0:
+                    return
+            if not yielded:
+                raise BadData("the training loader yielded no batch.", reason="no-training-rows")
