@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.data.dataset import ManifestDataset
+from common.data.dataset import ManifestDataset, PaddedText, text_length
 from common.data.manifest import read_manifest
 from common.model.checkpoint import save_model
 from common.model.encoders import load_tokenizer
@@ -120,3 +120,18 @@ def test_privacy_audit_command(demo_root: Path, tmp_path: Path,
     assert main(["audit", "--model", str(tmp_path), "--manifest", str(demo_root / "hospital-2"),
                  "--device", "cpu"]) == 2
     assert "holds no model.json" in capsys.readouterr().err
+
+
+def test_padding_the_reports_further_changes_no_output(demo_root: Path) -> None:
+    """Datasets tokenised apart pad to different lengths; the audit pads them alike, exactly."""
+    members, _, _ = _sets(demo_root)
+    model = build_model(tiny_run().model).eval()
+    length = text_length(members)
+    longer = PaddedText(members, length + 7)
+    assert text_length(longer) == length + 7
+    batch = next(iter(DataLoader(members, batch_size=8)))
+    padded = next(iter(DataLoader(longer, batch_size=8)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**{k: v for k, v in padded.items() if k != "labels"}),
+                                   model(**{k: v for k, v in batch.items() if k != "labels"}),
+                                   rtol=1e-4, atol=1e-5)

@@ -33,7 +33,7 @@ HOSPITALS = ("hospital-a", "hospital-b")
 POLICY = 'max-epsilon = 8.0\nbudget-scope = "run"\n'
 EPOCHS = 3  # uncached epochs: round 2 lasts long enough to kill the SuperLink during it
 RUN = (f"preset='tiny' accountant='rdp' round-timeout=120.0 num-server-rounds=3 "
-       f"local-epochs={EPOCHS} feature-cache=false fraction-evaluate=0.0")
+       f"local-steps=0 local-epochs={EPOCHS} feature-cache=false fraction-evaluate=0.0")
 TIMEOUT = 240.0
 
 

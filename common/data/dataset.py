@@ -62,3 +62,30 @@ class ManifestDataset(Dataset):
         x = torch.from_numpy(np.array(resized, dtype=np.float32))  # (S, S)
         # the grayscale fills the encoder's 3 input channels
         return (x.unsqueeze(0).expand(3, -1, -1) - self._mean) / self._std
+
+
+def text_length(dataset: Dataset) -> int:
+    """How many tokens each case of `dataset` carries (a dataset pads to its longest report)."""
+    return int(dataset[0]["input_ids"].shape[0]) if len(dataset) else 0
+
+
+class PaddedText(Dataset):
+    """Another dataset's cases, their tokens right-padded to `length` so that datasets tokenised
+    apart can be batched together; the padding is masked out, so the model's outputs are the same."""
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        case = dict(self.dataset[i])
+        pad = self.length - case["input_ids"].shape[0]
+        if pad < 0:
+            raise ValueError(f"a case has {case['input_ids'].shape[0]} tokens, more than the "
+                             f"{self.length} to pad to.")
+        if pad:
+            case["input_ids"] = torch.nn.functional.pad(case["input_ids"], (0, pad))  # (length,)
+            case["attention_mask"] = torch.nn.functional.pad(case["attention_mask"], (0, pad))
+        return case

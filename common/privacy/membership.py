@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from common.data.dataset import PaddedText, text_length
 from common.model.feature_cache import CachedFusion, FeatureSet, compute_features
 from common.model.fusion_model import FusionModel, build_model
 from common.model.trainable import load_trainable_state, trainable_state
@@ -224,7 +225,9 @@ def membership_audit(model: FusionModel, members: Dataset, non_members: Dataset,
     model = model.to(device)
     net = CachedFusion(model)
     target_state = trainable_state(model)
-    pool = torch.utils.data.ConcatDataset([members, non_members])
+    length = max(text_length(members), text_length(non_members))  # tokenised apart: pad alike
+    pool = torch.utils.data.ConcatDataset([PaddedText(members, length),
+                                           PaddedText(non_members, length)])
     features = compute_features(net, pool, device)  # (M + N) records, members first
     m = len(members)
     logits, labels = _logits(net, features, device)
