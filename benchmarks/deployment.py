@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 from benchmarks.record import Outcome
 from benchmarks.workloads import demo_hospitals
@@ -42,20 +43,30 @@ def _deployed(work: Path, folders: list[Path], run_config: str, rounds: int) -> 
         fed.stop()
 
 
-def _simulated(work: Path, data_root: Path, rounds: int, preset: str) -> list[float]:
-    config = {**default_user_config(), "preset": preset, "data-root": str(data_root),
+def _simulated(work: Path, data_root: Path, rounds: int, overrides: dict[str, Any]) -> list[float]:
+    config = {**default_user_config(), **overrides, "data-root": str(data_root),
               "state-root": str(work / "sim-state"), "output-dir": str(work / "sim-outputs"),
               "run-name": "simulated", "num-server-rounds": rounds, "min-nodes": HOSPITALS}
     simulate(config, HOSPITALS)
     return round_seconds(RunFolder(work / "sim-outputs" / "simulated"), rounds)
 
 
-def measure(work: Path, *, preset: str, rounds: int, scale: float) -> tuple[list[float], list[float]]:
-    """Seconds per round (rounds 2..N) deployed and simulated, for one run config."""
+def _toml(value: Any) -> str:
+    return f"'{value}'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def measure(work: Path, *, preset: str, rounds: int, scale: float,
+            overrides: dict[str, Any] | None = None) -> tuple[list[float], list[float]]:
+    """Seconds per round (rounds 2..N) deployed and simulated, for one run config.
+
+    `overrides`: further run-config keys (kebab-case) for both runs.
+    """
     folders = demo_hospitals(work / "data", HOSPITALS, size_scale=scale)
-    run_config = f"preset='{preset}' num-server-rounds={rounds} min-nodes={HOSPITALS}"
+    values = {"preset": preset, **(overrides or {})}
+    run_config = " ".join([*(f"{k}={_toml(v)}" for k, v in values.items()),
+                           f"num-server-rounds={rounds}", f"min-nodes={HOSPITALS}"])
     deployed = _deployed(work, folders, run_config, rounds)
-    simulated = _simulated(work, work / "data", rounds, preset)
+    simulated = _simulated(work, work / "data", rounds, values)
     return deployed, simulated
 
 

@@ -115,11 +115,8 @@ def test_probabilities(run: RunConfig, test_site: SiteState, state: State) -> tu
     bundle, data = test_site.bundle(run.model), test_site.data(run)
     model: FusionModel = bundle.model
     load_trainable_state(model, state)
-    m = run.model
-    key = CacheKey(dataset_sha256=data.version, split="test", frozen_fingerprint=bundle.fingerprint,
-                   trainable_image_blocks=m.trainable_image_blocks,
-                   trainable_text_layers=m.trainable_text_layers, image_size=m.image_size,
-                   max_text_length=m.max_text_length)
+    key = CacheKey.for_model(run.model, dataset_sha256=data.version, split="test",
+                             frozen_fingerprint=bundle.fingerprint)
     features = test_site.features.get(key, model, data.train, torch.device("cpu"))
     logits, labels = predict_logits(CachedFusion(model), DataLoader(features, batch_size=256),
                                     torch.device("cpu"))

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord
 from benchmarks.record import Outcome
 from benchmarks.workloads import bench_config
 from common.model.fusion_model import FusionModel, build_model
-from common.model.lora import add_text_lora
+from common.model.encoders import text_layers
 from common.model.trainable import trainable_state
 
 OPTIONS = {
@@ -35,13 +35,11 @@ def payload_bytes(state: dict[str, torch.Tensor], dtype: np.dtype) -> int:
 
 
 def model_for(preset: str, option: dict[str, int]) -> FusionModel:
-    """The preset's model with a trainable-set option applied."""
-    rank = option.get("lora_rank", 0)
-    layers = {k: v for k, v in option.items() if k != "lora_rank"}
-    model = build_model(bench_config(preset, **layers).model)
-    if rank:
-        model = add_text_lora(model, rank=rank, alpha=2 * rank, device=torch.device("cpu"))
-    return model
+    """The preset's model with a trainable-set option applied (LoRA: on every text layer)."""
+    if option.get("lora_rank"):
+        depth = len(text_layers(build_model(bench_config(preset).model).text))
+        option = {**option, "lora_layers": depth}
+    return build_model(bench_config(preset, **option).model)
 
 
 def run(quick: bool, work: Path) -> Outcome:

@@ -19,6 +19,7 @@ import csv
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,8 +101,12 @@ def run(quick: bool, work: Path) -> Outcome:
     return measure_settings(work, preset="demo", scale=scale, rounds=rounds)
 
 
-def measure_settings(work: Path, *, preset: str, scale: float, rounds: int) -> Outcome:
-    """Every setting on demo hospitals of `scale`, `rounds` rounds of the `preset` model."""
+def measure_settings(work: Path, *, preset: str, scale: float, rounds: int,
+                     overrides: dict[str, Any] | None = None) -> Outcome:
+    """Every setting on demo hospitals of `scale`, `rounds` rounds of the `preset` model.
+
+    `overrides`: further run-config keys for every setting (the smoke test's cheaper recipe).
+    """
     folders, central, test_folder, split = prepare(work, scale)
     # one warm site per folder for every setting (each its own run and budget): the frozen
     # features are computed once per site
@@ -112,7 +117,8 @@ def measure_settings(work: Path, *, preset: str, scale: float, rounds: int) -> O
         return [warm[p] for p in paths]
 
     def config(dp: bool, eps: float = 8.0) -> RunConfig:
-        return bench_config(preset, num_server_rounds=rounds, dp=dp, target_epsilon=eps)
+        return bench_config(preset, **(overrides or {}), num_server_rounds=rounds, dp=dp,
+                            target_epsilon=eps)
 
     # a freshly built model: the process's shared one may have trained in other benchmarks
     start = initial_state(config(False))

@@ -277,11 +277,8 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
 
 def _cache_key(run: RunConfig, bundle: ModelBundle, data: SiteData) -> CacheKey:
     """What this site's cached frozen outputs of its training split depend on."""
-    m = run.model
-    return CacheKey(dataset_sha256=data.version, split="train", frozen_fingerprint=bundle.fingerprint,
-                    trainable_image_blocks=m.trainable_image_blocks,
-                    trainable_text_layers=m.trainable_text_layers, image_size=m.image_size,
-                    max_text_length=m.max_text_length)
+    return CacheKey.for_model(run.model, dataset_sha256=data.version, split="train",
+                              frozen_fingerprint=bundle.fingerprint)
 
 
 def charge(site: SiteConfig, ledger: Ledger, *, request: RoundRequest, dataset: str,

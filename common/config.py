@@ -123,6 +123,24 @@ class ModelConfig:
     trainable_text_layers: int = field(metadata=_range(0, 64))
     trainable_image_blocks: int = field(metadata=_range(0, 4))
     seed: int = field(metadata=_range(0, 2**32 - 1))
+    # LoRA adapters (common.model.lora) on the top `lora_layers` text layers; rank 0: none.
+    # Defaults let a model.json written before they existed load unchanged.
+    lora_rank: int = field(default=0, metadata=_range(0, 256))
+    lora_layers: int = field(default=0, metadata=_range(0, 64))
+
+    def __post_init__(self) -> None:
+        if self.lora_rank and not self.lora_layers:
+            raise ConfigError("lora-rank is set but lora-layers is 0: name how many top text layers "
+                              "get adapters (1 to the encoder's depth), or set lora-rank = 0.")
+        if self.lora_rank and self.trainable_text_layers:
+            raise ConfigError("lora-rank and trainable-text-layers are both set: adapters on layers "
+                              "that train in full add nothing. Choose one trainable set: set "
+                              "trainable-text-layers = 0 or lora-rank = 0.")
+
+    @property
+    def trained_text_layers(self) -> int:
+        """Top text layers that train, in full or through adapters (the feature cache runs them)."""
+        return self.lora_layers if self.lora_rank else self.trainable_text_layers
 
     def resolved(self) -> ModelConfig:
         """The values left to the preset ("" or 0) replaced by the preset's."""

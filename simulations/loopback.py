@@ -143,13 +143,18 @@ class Processes:
             except subprocess.TimeoutExpired:
                 _signal_group(s.proc.pid, signal.SIGKILL)
                 s.proc.wait(timeout=5)
-        _, alive = psutil.wait_procs(victims, timeout=max(0.1, deadline - time.monotonic()))
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        kill_survivors(victims, grace=max(0.1, deadline - time.monotonic()))
+
+
+def kill_survivors(victims: list[psutil.Process], *, grace: float) -> None:
+    """Wait up to `grace` seconds for `victims` to exit, then SIGKILL those still alive."""
+    _, alive = psutil.wait_procs(victims, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def kill_tree(pid: int) -> None:
@@ -159,12 +164,7 @@ def kill_tree(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     _signal_group(pid, signal.SIGKILL)
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=10)
+    kill_survivors(victims, grace=0.0)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

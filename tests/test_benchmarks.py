@@ -56,9 +56,13 @@ def test_targets_compare_in_their_direction() -> None:
     assert meets(50, ">= 50") and not meets(49.9, ">= 50")
 
 
+# the smoke tests' recipe: a few steps, the fast accountant (they check the plumbing, not utility)
+SMOKE = {"local-steps": 2, "accountant": "rdp"}
+
+
 @pytest.mark.slow  # a real loopback federation and a simulation, 2 rounds of `tiny`
 def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
-    deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1)
+    deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1, overrides=SMOKE)
     assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
 
 
@@ -110,10 +114,10 @@ def test_medpix_hospital_is_one_image_per_patient_or_absent(tmp_path: Path) -> N
     assert "a.png" in thorax and "b.png" not in thorax
 
 
-@pytest.mark.slow  # ten federations (2 to 7 min on 2 busy cores)
+@pytest.mark.slow  # ten federations
 def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path) -> None:
     """A smoke run of the utility benchmark (tiny model, small hospitals, 2 rounds)."""
-    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.15, rounds=2)
+    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.1, rounds=2, overrides=SMOKE)
     expected = {"central", "central-dp8", "federated", "federated-dp1", "federated-dp3",
                 "federated-dp8", "local-mean"}
     assert expected <= set(out.raw)
@@ -122,11 +126,11 @@ def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path)
     assert out.value == out.raw["central"]["auroc"] - out.raw["federated-dp8"]["auroc"]
 
 
-@pytest.mark.slow  # 30 federations of the tiny model (1.5 min on 2 busy cores)
+@pytest.mark.slow  # 30 federations of the tiny model
 def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_path: Path) -> None:
     out = small_hospitals.run(True, tmp_path, preset="tiny", seeds=2, demo_scale=0.1,
                               medpix=tmp_path / "absent.csv",
-                              overrides={"num_server_rounds": 1, "accountant": "rdp"})  # rdp: fast
+                              overrides={**SMOKE, "num-server-rounds": 1})
     assert out.key == "demo_small_auroc_fed_dp8" and "medpix-dev not found" in out.note
     settings = out.raw["demo_small"]["settings"]
     for name in ("central", "federated", "federated-dp1", "federated-dp3", "federated-dp8",

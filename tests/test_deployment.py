@@ -204,10 +204,10 @@ def test_a_node_killed_mid_round_never_under_counts(federation: LoopbackFederati
     node = fed.nodes[name]
     offset = node.log.stat().st_size
     # uncached epochs, so a round lasts long enough to be interrupted
-    run = _submit(fed, "killed", ROOT, "num-server-rounds=3 local-epochs=40 local-steps=0 min-nodes=1 "
+    run = _submit(fed, "killed", ROOT, "num-server-rounds=3 local-epochs=12 local-steps=0 min-nodes=1 "
                   "fraction-evaluate=0.0 feature-cache=false")
     fed.procs.wait_until(f"{name} training round 2",
-                         lambda: re.search(r"round 2 train epoch \d+/40", _log_after(node, offset))
+                         lambda: re.search(r"round 2 train epoch \d+/12", _log_after(node, offset))
                          is not None, RUN_TIMEOUT, [node, run])
     os.kill(node.proc.pid, signal.SIGKILL)  # mid-round: no reply, whatever it had written stays
     node.proc.wait(10)

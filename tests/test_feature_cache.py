@@ -118,7 +118,7 @@ def test_dp_sgd_on_cached_features_takes_the_same_steps(mode: str, blocks: int, 
 
 def key(**changes: object) -> CacheKey:
     base = dict(dataset_sha256="d1", split="train", frozen_fingerprint="f1", trainable_image_blocks=0,
-                trainable_text_layers=0, image_size=64, max_text_length=32)
+                trained_text_layers=0, image_size=64, max_text_length=32)
     return CacheKey(**{**base, **changes})
 
 
@@ -127,7 +127,7 @@ def test_cache_reuses_a_key_and_recomputes_when_any_field_changes(tmp_path: Path
     cache = FeatureCache()
     first = cache.get(key(), model, data, CPU)
     assert cache.get(key(), model, data, CPU) is first
-    changed = [key(dataset_sha256="d2"), key(frozen_fingerprint="f2"), key(trainable_text_layers=1),
+    changed = [key(dataset_sha256="d2"), key(frozen_fingerprint="f2"), key(trained_text_layers=1),
                key(image_size=32), key(max_text_length=16), key(split="val")]
     assert len({k.digest() for k in changed} | {key().digest()}) == len(changed) + 1
     for k in changed:

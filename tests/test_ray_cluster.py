@@ -23,7 +23,7 @@ import pytest
 
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
-from simulations.loopback import BIN, free_port
+from simulations.loopback import BIN, free_port, kill_survivors
 
 pytestmark = pytest.mark.slow  # about 1.5 min: a Ray cluster of two nodes, a simulation on it
 
@@ -59,13 +59,7 @@ def _stop_cluster(temp_dir: Path) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(victims, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    kill_survivors(victims, grace=15.0)
 
 
 @pytest.fixture

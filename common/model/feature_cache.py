@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from common.config import ModelConfig
 from common.errors import ConfigurationError
 from common.model.encoders import IMAGE_STAGES, text_layers
 from common.model.fusion import Features
@@ -54,9 +55,18 @@ class CacheKey:
     split: str  # "train" or "val"
     frozen_fingerprint: str  # SHA-256 of the frozen weights
     trainable_image_blocks: int
-    trainable_text_layers: int
+    trained_text_layers: int  # trained in full or through LoRA adapters: the front stops below them
     image_size: int
     max_text_length: int
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, *, dataset_sha256: str, split: str,
+                  frozen_fingerprint: str) -> CacheKey:
+        """The key of `split` of a dataset version for a model built from `config`."""
+        return cls(dataset_sha256=dataset_sha256, split=split, frozen_fingerprint=frozen_fingerprint,
+                   trainable_image_blocks=config.trainable_image_blocks,
+                   trained_text_layers=config.trained_text_layers, image_size=config.image_size,
+                   max_text_length=config.max_text_length)
 
     def digest(self) -> str:
         """A short stable name for this key (the on-disk file name)."""
@@ -132,7 +142,7 @@ class CachedFusion(nn.Module):
         self.model = model
         cfg = model.config
         self.image_start = len(IMAGE_STAGES) - cfg.trainable_image_blocks
-        self.text_start = len(text_layers(model.text)) - cfg.trainable_text_layers
+        self.text_start = len(text_layers(model.text)) - cfg.trained_text_layers
         front = [*(getattr(model.image, s) for s in IMAGE_STAGES[:self.image_start]),
                  *text_layers(model.text)[:self.text_start]]
         if any(p.requires_grad for m in front for p in m.parameters()):

@@ -24,6 +24,7 @@ from common.model.encoders import (
     text_layers,
 )
 from common.model.fusion import FUSIONS, Features
+from common.model.lora import add_text_lora
 
 
 class FusionModel(nn.Module):
@@ -78,12 +79,15 @@ def build_model(config: ModelConfig) -> FusionModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = FusionModel(config, image, text)
+    if config.lora_rank:
+        add_text_lora(model.text, rank=config.lora_rank, layers=config.lora_layers, seed=config.seed)
     configure_trainable(model, config.trainable_text_layers, config.trainable_image_blocks)
     return model
 
 
 def configure_trainable(model: FusionModel, text_layers_n: int, image_blocks_n: int) -> None:
-    """Train fusion + head, the top `text_layers_n` text layers and top `image_blocks_n` stages.
+    """Train fusion + head, any LoRA adapters, the top `text_layers_n` text layers and top
+    `image_blocks_n` image stages.
 
     Text embeddings are always frozen (trainable position embeddings break Opacus, issue 841).
     In a trainable image stage the convolutions train and the BatchNorms stay frozen.
@@ -91,6 +95,9 @@ def configure_trainable(model: FusionModel, text_layers_n: int, image_blocks_n: 
     model.requires_grad_(False)
     model.fusion.requires_grad_(True)
     model.head.requires_grad_(True)
+    for name, p in model.text.named_parameters():
+        if ".lora_" in name:  # the adapters (common.model.lora); the layers under them stay frozen
+            p.requires_grad_(True)
     layers = text_layers(model.text)
     if text_layers_n > len(layers):
         raise ModelLoadError(
