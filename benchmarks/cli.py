@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "feature_cache": "feature_cache_speedup",
     "utility": "auroc_gap_fed_dp8_vs_central",
     "small_hospitals": "medpix_auroc_fed_dp8",
+    "trainable_sets": "lora_gain_fed_dp8",
     "framework_overhead": "framework_overhead_fraction",
     "scale": "max_hospitals_simulated",
     "deployment": "deployment_round_ratio",
@@ -40,7 +41,7 @@ SUMMARY_KEYS = ("dp_overhead_ratio", "upload_reduction_ratio", "feature_cache_sp
                 "framework_overhead_fraction", "auroc_gap_fed_dp8_vs_central", "auroc_gain_fed_vs_local",
                 "max_hospitals_simulated", "aggregation_vs_numpy_ratio", "deployment_round_ratio",
                 "mia_auc_dp8", "mia_auc_nodp", "mia_tpr_at_1pct_fpr_dp8", "mia_tpr_at_1pct_fpr_nodp",
-                *SMALL_HOSPITAL_KEYS)
+                *SMALL_HOSPITAL_KEYS, "lora_gain_fed_dp8")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

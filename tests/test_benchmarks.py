@@ -145,6 +145,22 @@ def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_p
         assert split["test_rows"] > 0 and len(split["hospital_rows"]) == 5
 
 
+@pytest.mark.slow  # 6 federations of the tiny model
+def test_trainable_sets_benchmark_compares_lora_with_fusion_and_head(tmp_path: Path) -> None:
+    from benchmarks import trainable_sets
+
+    out = trainable_sets.run(False, tmp_path, medpix=tmp_path / "absent.csv", preset="tiny", seeds=2,
+                             demo_scale=0.1, overrides={**SMOKE, "num-server-rounds": 1})
+    assert out.settings["data"] == "demo_small"
+    assert set(out.raw) == set(trainable_sets.OPTIONS)
+    for r in out.raw.values():
+        assert len(r["values"]) == 2 and 0.0 <= r["mean"] <= 1.0 and r["federation_s"] > 0
+    lora, plain = out.raw["lora-r8-top-layer"], out.raw["fusion+head"]
+    assert out.value == lora["mean"] - plain["mean"]
+    # tiny text layers are 64 wide: rank 8 on query and value of one layer adds 4 x 8 x 64 values
+    assert lora["trainable_parameters"] - plain["trainable_parameters"] == 4 * 8 * 64
+
+
 def test_small_hospitals_test_patients_are_held_out_of_every_site(tmp_path: Path) -> None:
     cases = [small_hospitals.Case(image="", text=f"report {i}", label="normal",
                                   patient=f"p{i // 2}", hospital=f"h{i % 3}") for i in range(60)]

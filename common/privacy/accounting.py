@@ -10,6 +10,7 @@ per round). Pure math on Opacus' accountants; the DP-SGD wiring is `common.priva
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -87,6 +88,13 @@ def epsilon_from_history(history: Sequence[HistoryEntry], *, delta: float, accou
     """Cumulative epsilon of a ledger, recomputed with a fresh Opacus accountant."""
     if not history:
         return 0.0
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    # pure math, and slow (RDP at small rates: ~0.4 s a call): sites of one size calibrate the
+    # same noise, a bisection and every round's account ask the same histories again
     acc = create_accountant(accountant)
     acc.load_state_dict(OrderedDict(history=list(history), mechanism=acc.mechanism()))
     return float(acc.get_epsilon(delta=delta))
