@@ -13,6 +13,7 @@ from client.rounds import LocalWork, train_locally
 from client.state import SiteState
 from common.config import ConfigError
 from common.errors import ConfigurationError
+from common.model.checkpoint import load_model, save_model
 from common.model.feature_cache import CachedFusion, compute_features
 from common.model.fusion_model import build_model
 from common.model.lora import adapter_names
@@ -105,3 +106,17 @@ def test_inconsistent_lora_settings_are_rejected(overrides: dict[str, int], mess
 def test_more_adapted_layers_than_the_encoder_has_is_an_error() -> None:
     with pytest.raises(ConfigurationError, match="lora-layers is 3 but the text encoder has 2"):
         build_model(tiny_run(lora_rank=4, lora_layers=3).model)
+
+
+def test_a_saved_model_with_adapters_reloads_with_them(tmp_path: Path) -> None:
+    """model.json keeps the LoRA settings: `fedfusion predict` rebuilds the same model."""
+    model = build_model(tiny_run(lora_rank=4, lora_layers=2).model)
+    with torch.no_grad():  # trained adapters (B no longer zero)
+        for name, p in model.named_parameters():
+            if ".lora_B" in name:
+                p.normal_()
+    save_model(tmp_path, model)
+    loaded = load_model(tmp_path)
+    assert adapter_names(loaded) == adapter_names(model)
+    for name, value in trainable_state(model).items():
+        assert torch.equal(trainable_state(loaded)[name], value), name
