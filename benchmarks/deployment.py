@@ -52,7 +52,10 @@ def _simulated(work: Path, data_root: Path, rounds: int, overrides: dict[str, An
 
 
 def _toml(value: Any) -> str:
-    return f"'{value}'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    """A run-config value as `flwr run --run-config` reads it."""
+    if isinstance(value, str):
+        return f"'{value}'"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def measure(work: Path, *, preset: str, rounds: int, scale: float,
