@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "max_hospitals_simulated",
     "deployment": "deployment_round_ratio",
     "membership": "mia_auc_dp8",
+    "side_channels": "side_channel_advantage",
 }
 # summary.json keys, in order; utility also reports the gain over local-only training,
 # small_hospitals its reference (the linear probe) and the issue's other targets per dataset
@@ -41,7 +42,8 @@ SUMMARY_KEYS = ("dp_overhead_ratio", "upload_reduction_ratio", "feature_cache_sp
                 "framework_overhead_fraction", "auroc_gap_fed_dp8_vs_central", "auroc_gain_fed_vs_local",
                 "max_hospitals_simulated", "aggregation_vs_numpy_ratio", "deployment_round_ratio",
                 "mia_auc_dp8", "mia_auc_nodp", "mia_tpr_at_1pct_fpr_dp8", "mia_tpr_at_1pct_fpr_nodp",
-                *SMALL_HOSPITAL_KEYS, "lora_gain_fed_dp8")
+                *SMALL_HOSPITAL_KEYS, "lora_gain_fed_dp8", "side_channel_advantage",
+                "eval_attack_advantage", "dp_eval_auroc_mae")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,15 +14,13 @@ per-round facts only (`RoundRequest`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -43,23 +41,13 @@ from client.rounds import (
 from client.site_config import SiteConfig
 from client.state import SiteState, SiteStates
 from common import protocol as R
-from common.config import RunConfig
+from common.config import RunConfig, parse_run_config
 from common.errors import ConfigurationError, FedFusionError, Kind, public_text
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 SITES = SiteStates()  # this process' warm site states (a simulation worker serves several)
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_run_config(items: tuple[tuple[str, object], ...]) -> RunConfig:
-    return RunConfig.from_user_config(dict(items))
-
-
-def parse_run_config(user_config: Mapping[str, Any]) -> RunConfig:
-    """The run config, parsed once per distinct config (every message carries it)."""
-    return _parse_run_config(tuple(sorted(user_config.items())))
 
 
 def site_state(context: Context) -> tuple[RunConfig, SiteState]:
@@ -92,6 +80,11 @@ def round_request(msg: Message, context: Context) -> RoundRequest:
     bad = [n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()]
     if bad:
         raise _malformed(f"parameter(s) {bad[:3]} are not finite float32 values.")
+    # a model crafted to overflow on one record would make that record's presence visible
+    huge = [n for n, t in parameters.items() if t.numel() and float(t.abs().max()) > R.MAX_PARAMETER_ABS]
+    if huge:
+        raise _malformed(f"parameter(s) {huge[:3]} exceed {R.MAX_PARAMETER_ABS:g} in magnitude, "
+                         "beyond any model trained honestly.")
     return RoundRequest(server_round=server_round, run_key=run_key, frozen_fingerprint=fingerprint,
                         parameters=parameters, flower_run_id=int(context.run_id))
 
@@ -163,8 +156,7 @@ def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
         R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
         R.METRICS: MetricRecord({
             R.NUM_EXAMPLES: outcome.num_examples,
-            R.TRAIN_LOSS: (round(float(outcome.result.loss), outcome.policy.metric_decimals)
-                           if outcome.policy.share_metrics else math.nan),
+            R.TRAIN_LOSS: _rounded(outcome.train_loss, outcome.policy.metric_decimals),
             R.EPSILON: float(outcome.receipt.epsilon) if account else math.inf,
             R.DELTA: float(account.delta) if account else 0.0,
             R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,
@@ -178,8 +170,13 @@ def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
     })
 
 
+def _rounded(value: float, decimals: int) -> float:
+    return round(float(value), decimals) if math.isfinite(value) else math.nan
+
+
 def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
-    """The evaluate reply: EVAL_METRICS (the ablation's are nan when the site withholds them)."""
+    """The evaluate reply: EVAL_METRICS (the ablation's are nan when the site withholds them)
+    and the released score counts they were computed from (R.COUNTS)."""
     m, a = evaluation.metrics, evaluation.ablation
     ablation = {key: float(getattr(getattr(a, keep), metric)) if a else math.nan
                 for key, keep, metric in (
@@ -187,9 +184,13 @@ def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
                     (R.ACCURACY_IMAGE_ONLY, "image", "accuracy"),
                     (R.AUROC_IMAGE_ONLY, "image", "auroc"),
                     (R.ACCURACY_TEXT_ONLY, "text", "accuracy"), (R.AUROC_TEXT_ONLY, "text", "auroc"))}
+    counts = {f"{view}/{name}": Array(array) for view, c in evaluation.counts.views.items()
+              for name, array in c.arrays().items()}
     return RecordDict({
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: m.num_examples, R.LOSS: float(m.loss),
                                  R.ACCURACY: float(m.accuracy), R.AUROC: float(m.auroc),
-                                 R.F1: float(m.f1), **ablation}),
+                                 R.F1: float(m.f1), **ablation,
+                                 R.COUNT_NOISE: float(evaluation.counts.noise_std)}),
+        R.COUNTS: ArrayRecord(counts),
         R.SITE: ConfigRecord({R.SITE_NAME: site}),
     })

@@ -6,7 +6,9 @@ read from the bundle's bytes without installing or importing anything: its SHA-2
 publisher, name and version its pyproject.toml declares. The declared names are the submitter's
 word (anyone can write `publisher = "fedfusion"`); the hash is not. The default rule accepts the
 FedFusion app at the version installed at the hospital; a site that wants exactly the bundles
-it has reviewed lists their hashes in its policy (`accept-bundles`).
+it has reviewed lists their hashes in its policy (`accept-bundles`), and may also name the only
+run-config keys a run may set differently from its installed defaults (node config
+`run-config-keys`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ import hashlib
 import io
 import tomllib
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from common.config import default_user_config
 
 APP_PUBLISHER, APP_NAME = "fedfusion", "fedfusion"
+# Run-config keys a run may always set: the coordinator's own (naming, waiting, which nodes) and
+# those inert at a deployed site (its data, state folder, device and split are its node config's).
+FREE_KEYS = frozenset({"run-name", "output-dir", "round-timeout", "min-nodes", "site-nodes",
+                       "data-root", "state-root", "device", "val-fraction"})
 
 
 class BundleUnreadable(Exception):
@@ -67,6 +77,21 @@ class AcceptanceRule:
 
     hashes: frozenset[str] = frozenset()  # non-empty: only these exact bundles
     version: str = ""  # "" = the installed version
+    run_config_keys: frozenset[str] | None = None  # keys a run may set differently from the
+    # defaults installed here (beside `FREE_KEYS`); None: any key
+
+    def changed_keys(self, run_config: Mapping[str, Any]) -> list[str]:
+        """The run-config keys this run sets differently from the installed defaults, and may not.
+
+        A run's config is its bundle's defaults with the submitter's overrides; the bundle's
+        ClientApp never runs here, but that config does. A site that pins bundle hashes pins the
+        defaults it reviewed; `run-config-keys` also bounds what an override may change.
+        """
+        if self.run_config_keys is None:
+            return []
+        allowed, defaults = self.run_config_keys | FREE_KEYS, default_user_config()
+        return sorted(str(k) for k in set(defaults) | set(run_config)
+                      if k not in allowed and run_config.get(k) != defaults.get(k))
 
     def problem(self, bundle: BundleIdentity, *, declared_hash: str, declared_id: str,
                 declared_version: str) -> str | None:

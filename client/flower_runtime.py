@@ -12,16 +12,27 @@ These are private Flower APIs of the pinned minor version (`FLOWER_MINOR`); test
 test_flower_runtime.py drives them against Flower's real SuperNode app and fails loudly when
 they change. Flower's own retry and heartbeat helpers are not used: on a rejected token they
 send SIGINT to their own process, which must not stop a node that serves every run.
+
+A message is untrusted input, and its arrays travel as separate objects (chunks of at most 5 MB,
+identical chunks sent once), so no transport limit bounds what unpacking it costs. The node pulls
+a message in two steps (`Task.pull_message`): the object tree and the small objects above the
+chunks first, whose Array heads declare every array's dtype and shape; only if the declared sizes
+fit the site's `max-message-mb` are the chunks pulled, each streamed against a byte budget, and
+the chunks each array would inflate to are counted again before anything is inflated.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import flwr
+import numpy as np
 from flwr.app import Context, Message
 from flwr.app.message import remove_content_from_message
 from flwr.common.constant import SubStatus
@@ -29,8 +40,14 @@ from flwr.common.serde import (
     context_from_proto,
     context_to_proto,
     fab_from_proto,
+    message_from_proto,
     message_to_proto,
     run_from_proto,
+)
+from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
+    ObjectTree,
+    PullObjectRequest,
+    PullObjectResponse,
 )
 from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
 from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
@@ -46,7 +63,9 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
+    get_object_head_values_from_object_content,
     get_object_tree,
+    iterate_object_tree,
     no_object_id_recompute,
 )
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (
@@ -55,7 +74,8 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_push_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_utils import (
-    pull_and_inflate_object_from_tree,
+    inflate_object_from_contents,
+    pull_objects,
     push_objects,
 )
 from flwr.supercore.interceptors import (
@@ -63,6 +83,8 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
+from flwr.supercore.protobuf.client import ProtobufRequestContext
+from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 
@@ -72,7 +94,14 @@ FLOWER_MINOR = "1.42"  # the Flower version these internals are written for
 COMPONENT = "fedfusion-node"
 HEARTBEAT_SECONDS = 20.0  # a claimed task's token lives 60 s after each heartbeat
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+PULL_OBJECT = ("/v1/runtime/pull-object", "/flwr.proto.Runtime/PullObject")  # path, RPC method
 COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
+MAX_OBJECTS = 100_000  # objects in one message (a trainable BERT-base: ~1,000)
+HEAD_BYTES = 512  # per object, beside the arrays' bytes: heads, names, a chunk's npy header
+
+
+class MessageTooLarge(Exception):
+    """A task's message is larger than the node unpacks; its arrays were not (all) pulled."""
 
 
 def check_flower_version() -> None:
@@ -111,12 +140,14 @@ def acquire(client: RuntimeHttpClient) -> str | None:
 
 @dataclass(frozen=True)
 class TaskInput:
-    """What a task brings: the run's context (its state), the run, its bundle, the message."""
+    """What a task brings: the run's context (its state), the run, its bundle, and its message's
+    metadata and object tree (its content is pulled by `Task.pull_message`)."""
 
     context: Context
     run: Run
     fab: Fab
-    message: Message
+    message: Message  # metadata only (empty content): enough to reply to
+    tree: ObjectTree
 
 
 class Task:
@@ -145,22 +176,37 @@ class Task:
                 log.warning("heartbeat to the SuperNode failed: %s", err)
 
     def pull_input(self) -> TaskInput:
-        """The task's context, run, bundle and message (the task is then running)."""
+        """The task's context, run, bundle and message header (the task is then running)."""
         res = self.client.PullTaskInput(PullTaskInputRequest())
         context = context_from_proto(res.context)
         pulled = self.client.PullMessages(PullAppMessagesRequest())
         if not pulled.messages_list:
             raise RuntimeError("the SuperNode holds no message for this task")
-        node, run_id = Node(node_id=context.node_id), context.run_id
         tree = pulled.message_object_trees[0]
-        message = pull_and_inflate_object_from_tree(
-            tree, make_pull_object_fn_protobuf(self.client.PullObject, node, run_id),
-            make_confirm_message_received_fn_protobuf(self.client.ConfirmMessageReceived, node,
-                                                      run_id),
-            return_type=Message)
-        message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
+        header = message_from_proto(pulled.messages_list[0])
+        header.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
         return TaskInput(context=context, run=run_from_proto(res.run), fab=fab_from_proto(res.fab),
-                         message=message)
+                         message=header, tree=tree)
+
+    def pull_message(self, given: TaskInput, *, max_bytes: int) -> Message:
+        """The task's message, if it fits in `max_bytes` (else MessageTooLarge, chunks unpulled).
+
+        Only a message pulled whole is confirmed as received (the SuperNode then drops its
+        objects): the SuperNode may still be receiving a refused one from the SuperLink, and
+        deleting its objects under it would lose the refusal.
+        """
+        node, run_id = Node(node_id=given.context.node_id), given.context.run_id
+        objects = sum(1 for _ in iterate_object_tree(given.tree))
+        budget = _ByteBudget(max_bytes + 2**20 + HEAD_BYTES * min(objects, MAX_OBJECTS))
+        pull = make_pull_object_fn_protobuf(_bounded_pull(self.client, budget), node, run_id)
+        contents = _pull_within(given.tree, pull, max_bytes)
+        make_confirm_message_received_fn_protobuf(self.client.ConfirmMessageReceived, node,
+                                                  run_id)(given.tree.object_id)
+        message = inflate_object_from_contents(given.tree.object_id, contents)
+        if not isinstance(message, Message):
+            raise TypeError(f"the task's message is a {type(message).__name__}")
+        message.metadata.__dict__["_message_id"] = given.tree.object_id
+        return message
 
     def push_reply(self, reply: Message, context: Context) -> None:
         """Send the reply message (before `finish`, which revokes the token)."""
@@ -181,3 +227,94 @@ class Task:
         self.client.PushTaskOutput(PushTaskOutputRequest(
             context=context_to_proto(context) if context is not None else None,
             sub_status=COMPLETED if completed else FAILED, details=details))
+
+
+def _pull_within(tree: ObjectTree, pull: Callable[[str], bytes], max_bytes: int) -> dict[str, bytes]:
+    """A message's objects: the heads, then (if their arrays fit `max_bytes`) the chunks.
+
+    Before anything is inflated, every Array must join its chunks into no more bytes than its
+    head declares (chunks may repeat: a 1 GB array of zeros travels as one 5 MB chunk).
+    """
+    nodes = list(iterate_object_tree(tree))
+    if len(nodes) > MAX_OBJECTS:
+        raise MessageTooLarge(f"the message has {len(nodes):,} objects (at most {MAX_OBJECTS:,}).")
+    heads = list(dict.fromkeys(t.object_id for t in nodes if t.children))
+    leaves = list(dict.fromkeys(t.object_id for t in nodes if not t.children))
+    contents = pull_objects(heads, pull)
+    declared = sum(_array_size(c).declared for c in contents.values())
+    if declared > max_bytes:
+        raise MessageTooLarge(f"its arrays declare {declared / 2**20:,.1f} MB, above the node's "
+                              f"max-message-mb ({max_bytes / 2**20:g} MB); none was pulled.")
+    contents.update(pull_objects([i for i in leaves if i not in contents], pull))
+    sizes = [_array_size(c, contents) for c in contents.values()]  # a head sent as a leaf too
+    if any(s.joined > s.declared + HEAD_BYTES * (1 + s.chunks) for s in sizes):
+        raise MessageTooLarge("an array would join its chunks into more bytes than it declares; "
+                              "nothing was inflated.")
+    if sum(s.declared for s in sizes) > max_bytes:
+        raise MessageTooLarge("its arrays declare more than the node's max-message-mb.")
+    return contents
+
+
+@dataclass(frozen=True)
+class _ArraySize:
+    """What an Array head declares, and what its chunks would join into (0 for other objects)."""
+
+    declared: int = 0  # bytes of dtype x shape
+    joined: int = 0  # bytes of its chunks, each as often as the head lists it (0: not pulled)
+    chunks: int = 0  # chunk references in the head
+
+
+def _array_size(content: bytes, contents: dict[str, bytes] | None = None) -> _ArraySize:
+    """The sizes of an Array object from its head (and its pulled chunks, when given)."""
+    kind, children, body_len = get_object_head_values_from_object_content(content)
+    if kind != "Array":
+        return _ArraySize()
+    meta = json.loads(content[len(content) - body_len:])
+    shape, refs = meta.get("shape"), meta.get("arraychunk_ids")
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(refs, list)):
+        raise ValueError(f"an Array head with shape {str(shape)[:40]}")
+    declared = math.prod(shape) * np.dtype(str(meta.get("dtype"))).itemsize
+    joined = sum(len(contents[children[int(i)]]) for i in refs) if contents is not None else 0
+    return _ArraySize(declared=declared, joined=joined, chunks=len(refs))
+
+
+class _ByteBudget:
+    """Bytes the node may still receive for one message (shared by the pulling threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left, self.lock = limit, threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            self.left -= n
+            if self.left < 0:
+                raise MessageTooLarge("its objects are larger than they declare, above the "
+                                      "node's max-message-mb; the pull was stopped.")
+
+
+def _bounded_pull(client: RuntimeHttpClient,
+                  budget: _ByteBudget) -> Callable[[PullObjectRequest], PullObjectResponse]:
+    """PullObject, streamed: the response is read against `budget`, never whole at once."""
+    path, method = PULL_OBJECT
+
+    def pull(request: PullObjectRequest) -> PullObjectResponse:
+        http = client._client.build_request(  # noqa: SLF001  (ProtobufClient._unary_unary, streamed)
+            method="POST", url=f"{client._base_url}{path}",  # noqa: SLF001
+            content=request.SerializeToString(deterministic=True),
+            headers={"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE})
+        response = client._send(ProtobufRequestContext(rpc_method=method, message=request,  # noqa: SLF001
+                                                       request=http), stream=True)
+        body = bytearray()
+        try:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                budget.take(len(chunk))
+                body.extend(chunk)
+        finally:
+            response.close()
+        result = PullObjectResponse()
+        result.ParseFromString(bytes(body))
+        return result
+
+    return pull

@@ -32,7 +32,7 @@ from client.app import app as installed_app
 from client.app import error_reply
 from client.bundle import AcceptanceRule, BundleIdentity, BundleUnreadable
 from client.site_config import SiteConfig
-from common.errors import FedFusionError, Refusal
+from common.errors import ConfigurationError, FedFusionError, Refusal
 from common.privacy.policy import SitePolicy, load_policy
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def setup(*, supernode: str, node_config: dict[str, Any], secret_file: Path | No
     site = SiteConfig.deployed(node_config)
     policy = load_policy(site.policy) if site.policy else SitePolicy()
     return Node(supernode=supernode, node_config=dict(node_config), site=site,
-                rule=AcceptanceRule(hashes=frozenset(policy.accept_bundles)),
+                rule=AcceptanceRule(hashes=frozenset(policy.accept_bundles),
+                                    run_config_keys=site.run_config_keys),
                 secret=runtime.read_secret(secret_file))
 
 
@@ -98,18 +99,19 @@ def run_task(node: Node, token: str) -> None:
             log.error("could not pull the task's input from the SuperNode: %s", err)
             task.finish(context=None, completed=False, details="input unavailable")
             return
-        problem = _acceptance_problem(node, given)
-        if problem:
+        refusal = _acceptance_problem(node, given)
+        if refusal is None:
+            message, refusal = _pulled(node, task, given)
+        if refusal is not None:  # refused before any site data is read
             log.warning("site %s: refusing run %d: %s (no site data is read)",
-                        node.site.site_name, given.run.run_id, problem)
-            refusal = Refusal(problem, reason="bundle-not-accepted")
+                        node.site.site_name, given.run.run_id, refusal.detail)
             task.push_reply(error_reply(given.message, node.site.site_name, refusal), given.context)
-            task.finish(context=None, completed=False, details="bundle not accepted")
+            task.finish(context=None, completed=False, details=refusal.reason)
             return
         context = Context(run_id=given.context.run_id, node_id=given.context.node_id,
                           node_config=dict(node.node_config), state=given.context.state,
                           run_config=given.context.run_config)
-        reply = _call(node, given.message, context)
+        reply = _call(node, message, context)
         task.push_reply(reply, given.context)
         kept = Context(run_id=given.context.run_id, node_id=given.context.node_id,
                        node_config=given.context.node_config, state=context.state,
@@ -120,14 +122,35 @@ def run_task(node: Node, token: str) -> None:
              " (error reply)" if reply.has_error() else "")
 
 
-def _acceptance_problem(node: Node, given: runtime.TaskInput) -> str | None:
+def _acceptance_problem(node: Node, given: runtime.TaskInput) -> FedFusionError | None:
+    """Why the site takes no part in this task's run (its bundle, its run config), or None."""
     try:
         bundle = BundleIdentity.of(given.fab.content)
     except BundleUnreadable as err:
-        return f"the run's bundle is {err}"
+        return Refusal(f"the run's bundle is {err}", reason="bundle-not-accepted")
     log.info("site %s: run %d ships bundle %s", node.site.site_name, given.run.run_id, bundle.label)
-    return node.rule.problem(bundle, declared_hash=given.run.fab_hash,
-                             declared_id=given.run.fab_id, declared_version=given.run.fab_version)
+    problem = node.rule.problem(bundle, declared_hash=given.run.fab_hash,
+                                declared_id=given.run.fab_id,
+                                declared_version=given.run.fab_version)
+    if problem:
+        return Refusal(problem, reason="bundle-not-accepted")
+    changed = node.rule.changed_keys(given.context.run_config)
+    if changed:
+        return Refusal(f"the run config changes {changed}, which this site's run-config-keys "
+                       "(node config) does not let a run change.", reason="run-config-not-accepted")
+    return None
+
+
+def _pulled(node: Node, task: runtime.Task,
+            given: runtime.TaskInput) -> tuple[Message | None, FedFusionError | None]:
+    """The task's message, or why the site refuses it (too large, malformed) unpacked."""
+    try:
+        return task.pull_message(given, max_bytes=node.site.limits.max_message_bytes), None
+    except runtime.MessageTooLarge as err:
+        return None, Refusal(f"the round message is too large: {err}", reason="message-too-large")
+    except Exception as err:  # noqa: BLE001  a message that does not unpack is malformed input
+        return None, ConfigurationError(f"the round message does not unpack ({type(err).__name__}:"
+                                        f" {err})", reason="message")
 
 
 def _call(node: Node, message: Message, context: Context) -> Message:

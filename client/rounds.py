@@ -1,23 +1,28 @@
 """One round at a hospital: check its privacy terms, train locally (DP-SGD), charge its ledger and
-write a receipt before anything is sent; or evaluate the global model on its validation split.
+write a receipt before anything is sent; or evaluate the global model on its validation split
+and release noisy score counts, charged the same way.
 
 Plain functions (no Flower) called by the ClientApp handlers, on the site's warm state
 (`client.state.SiteState`). Every round first loads the received global trainable parameters
 into the site's own model, so nothing carries over from one round to the next but the ledger.
+Nothing computed on private rows leaves without noise charged to the site's account, unless the
+site's policy releases it exactly (`exact-metrics`, a simulated hospital played by the researcher).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from client.site_config import SiteConfig
 from client.state import ModelBundle, SiteData, SiteState
 from common.config import RunConfig
-from common.errors import ConfigurationError, Refusal
+from common.errors import ConfigurationError, Failure, Refusal
 from common.model.feature_cache import CachedFusion, CacheKey
 from common.model.fusion_model import FusionModel
 from common.model.modalities import frozen, untrained_parameters
@@ -25,7 +30,9 @@ from common.model.trainable import load_trainable_state, trainable_state
 from common.privacy.accounting import Account, HistoryEntry, epsilon_from_history
 from common.privacy.dpsgd import private_training
 from common.privacy.enforcement import (
+    LocalPlan,
     PrivacyTerms,
+    authorize_release,
     authorize_round,
     check_round_count,
     negotiate,
@@ -38,18 +45,35 @@ from common.privacy.ledger import (
     load_ledger,
     save_ledger,
 )
+from common.privacy.lineage import related, remember
 from common.privacy.policy import SitePolicy, load_policy
 from common.privacy.receipts import (
+    EVALUATE,
     RECEIPTS_FILE,
+    TRAIN,
+    TRAIN_LOSS,
     Receipt,
     append_receipt,
     read_receipts,
 )
+from common.privacy.release import (
+    CountsRelease,
+    release_counts,
+    release_entry,
+    release_mean_loss,
+)
 from common.privacy.replay import SENT_FOLDER, SentUpdate, load_sent, save_sent
 from common.protocol import update_digest
-from common.training.ablation import Ablation, evaluate_with_ablation
-from common.training.loop import FixedSteps, TrainResult, pick_device, train
+from common.training.ablation import (
+    Ablation,
+    ablation_scores,
+    exact_metrics,
+    log_ablation,
+    view_counts,
+)
+from common.training.loop import FixedSteps, TrainResult, pick_device, predict_logits, train
 from common.training.metrics import Metrics
+from common.training.score_counts import metrics_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +101,9 @@ class TrainOutcome:
     num_examples: int
     account: Account | None  # None when the round trained without DP
     receipt: Receipt
-    policy: SitePolicy  # what the site releases of its training (share-metrics, decimals)
+    policy: SitePolicy  # what the site releases of its training (decimals)
     terms: PrivacyTerms  # what the site trained under (cap, clipping norm)
+    train_loss: float = math.nan  # as released: noisy, exact (exact-metrics) or nan (withheld)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,10 +146,38 @@ def check_fingerprint(bundle: ModelBundle, fingerprint: str) -> None:
             "encoders, weights and seed.", reason="model-mismatch")
 
 
+def check_labels(policy: SitePolicy, run: RunConfig) -> None:
+    """A run must name every label the site publishes (decided before any row is read).
+
+    Whether the site holds rows of a label is then never visible: a run that leaves out a
+    published label is refused the same way whatever the site holds.
+    """
+    missing = [label for label in policy.labels if label not in run.model.class_names]
+    if missing:
+        raise Refusal(f"the run's class-names {list(run.model.class_names)} leave out the "
+                      f"label(s) {missing} that this site's policy publishes (labels = "
+                      f"{list(policy.labels)}).", reason="labels-not-covered")
+
+
 def _prepare(bundle: ModelBundle, parameters: Parameters, device: torch.device) -> FusionModel:
     model = bundle.model.to(device)
     load_trainable_state(model, parameters)
     return model
+
+
+def local_plan(run: RunConfig, data: SiteData) -> LocalPlan:
+    """How this site trains each round of the run (what its account is planned for)."""
+    return LocalPlan(num_examples=len(data.train), batch_size=run.train.batch_size,
+                     epochs=run.train.local_epochs, steps_per_round=run.train.local_steps)
+
+
+def prior_spend(site: SiteConfig, ledger: Ledger, terms: PrivacyTerms, data: SiteData,
+                run_key: str) -> list[HistoryEntry]:
+    """What earlier runs spent on records this run uses (`budget-scope = "dataset"`), else nothing."""
+    if terms.budget_scope != "dataset":
+        return []
+    versions = related(site.state_dir, data.version, data.record_keys, ledger.datasets())
+    return ledger.prior_history(versions, run_key)
 
 
 def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> TrainOutcome:
@@ -136,8 +189,10 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
     site = state.site
     policy = site_policy(site, run)
     check_round_number(run, request)
+    check_labels(policy, run)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
+        site.limits.check_round(run, num_examples=len(data.train))  # the node's max-steps
         check_fingerprint(bundle, request.frozen_fingerprint)  # before any privacy work
         terms = negotiate(policy, run, dp=run.privacy.dp, target_epsilon=run.privacy.target_epsilon,
                           target_delta=run.privacy.target_delta,
@@ -154,13 +209,9 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                     return TrainOutcome(state=sent.state, untrained=not_sent, result=sent.result,
                                         num_examples=len(data.train), account=entry.account,
                                         receipt=receipt, policy=policy, terms=terms)
-            prior = (ledger.prior_history(data.version, request.run_key)
-                     if terms.budget_scope == "dataset" else [])
+            prior = prior_spend(site, ledger, terms, data, request.run_key)
             if terms.dp:
-                account = authorize_round(terms, entry, prior, policy, num_examples=len(data.train),
-                                          batch_size=run.train.batch_size,
-                                          epochs=run.train.local_epochs,
-                                          steps_per_round=run.train.local_steps)
+                account = authorize_round(terms, entry, prior, policy, local_plan(run, data))
             else:
                 account = None
                 check_round_count(entry, policy)
@@ -168,14 +219,16 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                              untrained=tuple(untrained_parameters(bundle.model, data.train_combos)),
                              account=account, max_grad_norm=terms.max_grad_norm)
             local = train_locally(state, run, work)
+            remember(site.state_dir, data.version, data.record_keys)
             receipt = charge(site, ledger, request=request, dataset=data.version, local=local,
                              prior=prior, budget_scope=terms.budget_scope)
+            train_loss = _released_train_loss(state, run, request, policy, terms, prior, local)
             save_sent(site.state_dir, request.run_key,
                       SentUpdate(server_round=request.server_round, global_sha256=global_sha256,
                                  state=local.sent, result=local.result))
     return TrainOutcome(state=local.sent, untrained=work.untrained, result=local.result,
                         num_examples=len(data.train), account=local.account, receipt=receipt,
-                        policy=policy, terms=terms)
+                        policy=policy, terms=terms, train_loss=train_loss)
 
 
 def check_round_number(run: RunConfig, request: RoundRequest) -> None:
@@ -211,7 +264,7 @@ def admitted(ledger: Ledger, request: RoundRequest, data: SiteData) -> RunEntry 
                       f"{bound!r}; a second run key ({request.run_key!r}) in the same run would "
                       "start a second budget.", reason="run-key-conflict")
     entry = ledger.run(request.run_key)
-    if entry and entry.dataset != data.version and entry.rounds:
+    if entry and entry.dataset != data.version and (entry.rounds or entry.evaluated):
         raise Refusal(f"the site's data ({data.manifest}) changed during this run; its privacy "
                       "plan no longer holds. Restore the data or start a new run.",
                       reason="data-changed")
@@ -229,7 +282,8 @@ def _send_again(site: SiteConfig, request: RoundRequest,
             or sent.global_sha256 != global_sha256):
         return None
     receipts = [r for r in read_receipts(site.state_dir)
-                if r.run_id == request.run_key and r.round == request.server_round]
+                if r.run_id == request.run_key and r.round == request.server_round
+                and r.kind == TRAIN]
     if not receipts or receipts[-1].update_sha256 != update_digest(sent.state):
         return None
     log.info("site %s: round %d asked again from the same global parameters; sending the update "
@@ -239,16 +293,14 @@ def _send_again(site: SiteConfig, request: RoundRequest,
 
 def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalResult:
     """Local epochs from `work.start` with `work.untrained` frozen: DP-SGD when it has an account."""
+    deadline = state.site.limits.deadline()  # the node's max-round-seconds: past it, none is sent
     bundle, data = state.bundle(run.model), state.data(run)
     device = pick_device(state.site.device)
     model = _prepare(bundle, work.start, device)
     with frozen(model, work.untrained):  # neither the optimizer nor DP noise touches them
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                     lr=run.train.learning_rate, momentum=run.train.momentum)
-        net, train_set = model, data.train
-        if run.train.feature_cache:  # the frozen fronts run once per dataset version and frozen part
-            net = CachedFusion(model)
-            train_set = state.features.get(_cache_key(run, bundle, data), model, data.train, device)
+        net, train_set = _training_net(state, run, bundle, data, model, device)
         loader = DataLoader(train_set, batch_size=run.train.batch_size, shuffle=True,
                             num_workers=run.data.num_workers)
         desc = f"{state.site.site_name} round {work.server_round} train"
@@ -258,7 +310,8 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         if work.account is None:
             torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible
             # the batch gradient is clipped like DP-SGD's per-sample ones: one learning rate fits both
-            result = train(net, FixedSteps(loader, steps) if steps else loader, optimizer,
+            timed = deadline.bound(FixedSteps(loader, steps) if steps else loader)
+            result = train(net, timed, optimizer,
                            torch.nn.CrossEntropyLoss(), epochs=epochs,
                            device=device, clip_grad_norm=work.max_grad_norm, proximal_mu=mu,
                            desc=desc)
@@ -268,11 +321,27 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         torch.seed()
         with private_training(net, optimizer, loader, work.account, max_grad_norm=work.max_grad_norm,
                               grad_sample_mode=run.privacy.grad_sample_mode) as session:
-            dp_loader = FixedSteps(session.loader, steps) if steps else session.loader
+            dp_loader = deadline.bound(FixedSteps(session.loader, steps) if steps
+                                       else session.loader)
             result = train(net, dp_loader, session.optimizer, session.criterion,
                            epochs=epochs, device=device, proximal_mu=mu, desc=desc)
             account = session.spent(work.account)
-        return LocalResult(result=result, account=account, sent=trainable_state(model))
+        sent = trainable_state(model)
+        if not all(torch.isfinite(t).all() for t in sent.values()):
+            # unreachable with every record's contribution bounded (common.privacy.dpsgd); never sent
+            raise Failure("local training produced non-finite parameters; nothing is sent.",
+                          reason="interrupted")
+        return LocalResult(result=result, account=account, sent=sent)
+
+
+def _training_net(state: SiteState, run: RunConfig, bundle: ModelBundle, data: SiteData,
+                  model: FusionModel, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """What trains and on what: the cached frozen features when the run caches them."""
+    if not run.train.feature_cache:
+        return model, data.train
+    # the frozen fronts run once per dataset version and frozen part
+    return CachedFusion(model), state.features.get(_cache_key(run, bundle, data), model,
+                                                   data.train, device)
 
 
 def _cache_key(run: RunConfig, bundle: ModelBundle, data: SiteData) -> CacheKey:
@@ -297,18 +366,25 @@ def charge(site: SiteConfig, ledger: Ledger, *, request: RoundRequest, dataset: 
     dp = local.account
     last = dp.history[-1] if dp else (0.0, 0.0, 0)
     before = entry.account.steps if entry.account else 0
-    scope_epsilon = dp.epsilon if dp else None
-    if dp and prior:
-        scope_epsilon = epsilon_from_history([*prior, *dp.history], delta=dp.delta,
-                                             accountant=dp.accountant)
     receipt = Receipt(
         run_id=request.run_key, round=request.server_round, noise_multiplier=last[0],
         sample_rate=last[1], steps=(dp.steps - before) if dp else 0,
         accountant=dp.accountant if dp else "none", epsilon=dp.epsilon if dp else None,
-        delta=dp.delta if dp else None, scope_epsilon=scope_epsilon, budget_scope=budget_scope,
-        update_sha256=update_digest(local.sent), dataset_sha256=dataset, time=Receipt.now())
+        delta=dp.delta if dp else None, scope_epsilon=_scope_epsilon(dp, prior),
+        budget_scope=budget_scope, update_sha256=update_digest(local.sent),
+        dataset_sha256=dataset, time=Receipt.now(), kind=TRAIN)
     append_receipt(site.state_dir, receipt)
     return receipt
+
+
+def _scope_epsilon(account: Account | None, prior: list[HistoryEntry]) -> float | None:
+    """The epsilon over the budget scope: the run's, composed with the earlier runs' spend."""
+    if account is None:
+        return None
+    if not prior:
+        return account.epsilon
+    return epsilon_from_history([*prior, *account.history], delta=account.delta,
+                                accountant=account.accountant)
 
 
 def _with(values: tuple[int, ...], value: int) -> tuple[int, ...]:
@@ -316,21 +392,88 @@ def _with(values: tuple[int, ...], value: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SiteEvaluation:
-    """What a site releases of an evaluation: its metrics and, if its policy allows, the ablation."""
+class Release:
+    """One charged release of a round (an evaluation, a training loss), for the ledger and receipt."""
 
-    metrics: Metrics
-    ablation: Ablation | None  # None: withheld (share-ablation = false, or too few rows with both)
+    request: RoundRequest
+    kind: str  # common.privacy.receipts.KINDS
+    account: Account  # before the release
+    sha256: str  # of exactly what is released
+
+
+def charge_release(site: SiteConfig, ledger: Ledger, release: Release, *, dataset: str,
+                   prior: list[HistoryEntry], budget_scope: str) -> Account:
+    """Persist one release's spend (ledger, then receipt) before it is sent; the account after it."""
+    request = release.request
+    account = release.account.after([*release.account.history,
+                                     release_entry(release.account.release_noise_multiplier)])
+    entry = ledger.run(request.run_key) or RunEntry(dataset=dataset, account=None)
+    evaluated = entry.evaluated + ((request.server_round,) if release.kind == EVALUATE else ())
+    save_ledger(site.state_dir, ledger.with_run(request.run_key, replace(
+        entry, dataset=dataset, account=account, evaluated=evaluated,
+        flower_runs=_with(entry.flower_runs, request.flower_run_id))))
+    append_receipt(site.state_dir, Receipt(
+        run_id=request.run_key, round=request.server_round,
+        noise_multiplier=account.release_noise_multiplier, sample_rate=1.0, steps=1,
+        accountant=account.accountant, epsilon=account.epsilon, delta=account.delta,
+        scope_epsilon=_scope_epsilon(account, prior), budget_scope=budget_scope,
+        update_sha256=release.sha256, dataset_sha256=dataset, time=Receipt.now(),
+        kind=release.kind))
+    return account
+
+
+def _released_train_loss(state: SiteState, run: RunConfig, request: RoundRequest,
+                         policy: SitePolicy, terms: PrivacyTerms, prior: list[HistoryEntry],
+                         local: LocalResult) -> float:
+    """The training loss as the site releases it: withheld (nan) unless its policy shares it,
+    then exact (exact-metrics, or a round without DP) or noisy and charged.
+
+    Called under the state folder's lock, after the round's own charge.
+    """
+    if not (policy.share_metrics and policy.share_train_loss):
+        return math.nan
+    if not terms.private_releases or local.account is None:
+        return round(float(local.result.loss), policy.metric_decimals)
+    site, data = state.site, state.data(run)
+    ledger = load_ledger(site.state_dir)
+    account = authorize_release(terms, ledger.run(request.run_key), prior, local_plan(run, data))
+    losses = _row_losses(state, run, {**request.parameters, **local.sent})
+    loss = release_mean_loss(losses, noise_multiplier=account.release_noise_multiplier)
+    charge_release(site, ledger, Release(request=request, kind=TRAIN_LOSS, account=account,
+                                         sha256=update_digest({"train-loss": np.array([loss])})),
+                   dataset=data.version, prior=prior, budget_scope=terms.budget_scope)
+    return loss
+
+
+def _row_losses(state: SiteState, run: RunConfig, parameters: Parameters) -> np.ndarray:
+    """Each training row's loss (N,) under `parameters` (the model the site just trained)."""
+    bundle, data = state.bundle(run.model), state.data(run)
+    device = pick_device(state.site.device)
+    model = _prepare(bundle, parameters, device)
+    net, rows = _training_net(state, run, bundle, data, model, device)
+    logits, labels = predict_logits(net, DataLoader(rows, batch_size=max(run.train.batch_size, 64)),
+                                    device, desc=f"{state.site.site_name} training loss")
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteEvaluation:
+    """What a site releases of an evaluation: its metrics, the ablation, and the score counts."""
+
+    metrics: Metrics  # from the released counts (or exact, with exact-metrics)
+    ablation: Ablation | None  # None: withheld (share-ablation = false, or not this round)
+    counts: CountsRelease  # the score counts per view, as released (noisy unless exact)
 
 
 def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> SiteEvaluation:
     """Evaluate the global model on this site's validation split, as its policy releases it.
 
     Refused when the policy shares no metrics, when the split holds fewer than
-    `min-eval-records` records, or when this round of this run was evaluated already (at most
-    one release per planned round); the metrics are rounded to `metric-decimals`. The modality
-    ablation is released only with `share-ablation` and from at least `min-eval-records` rows
-    with both modalities.
+    `min-eval-records` records, when this round of this run was evaluated already (at most one
+    release per planned round), or when the release would exceed the site's cap. What leaves
+    are score counts with Gaussian noise, charged to the run's account like a training step
+    (`common.privacy.release`), and the metrics computed from them; the exact metrics go to the
+    site's log. The modality ablation's views are released with the run's last round only.
     """
     site = state.site
     policy = site_policy(site, run)
@@ -338,39 +481,93 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> S
         raise Refusal("this site's policy does not share evaluation metrics (share-metrics = false).",
                       reason="metrics-withheld")
     check_round_number(run, request)
+    check_labels(policy, run)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
         check_fingerprint(bundle, request.frozen_fingerprint)
         if len(data.val) < policy.min_eval_records:
             raise Refusal(f"the site validates on {len(data.val)} records, fewer than its policy's "
                           f"min-eval-records = {policy.min_eval_records}.", reason="too-few-records")
+        terms = negotiate(policy, run, dp=run.privacy.dp, target_epsilon=run.privacy.target_epsilon,
+                          target_delta=run.privacy.target_delta,
+                          num_rounds=run.federation.num_server_rounds, num_examples=len(data.train))
         with exclusive(site.state_dir):
             ledger = site_ledger(site)
             entry = admitted(ledger, request, data) or RunEntry(dataset=data.version, account=None)
             if request.server_round in entry.evaluated:
                 raise Refusal(f"round {request.server_round} of this run was evaluated already.",
                               reason="evaluation-limit")
-            device = pick_device(site.device)
-            model = _prepare(bundle, request.parameters, device)
-            loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
-                                num_workers=run.data.num_workers)
-            metrics, ablation = evaluate_with_ablation(model, loader, device,
-                                                       desc=f"{site.site_name} evaluate")
-            save_ledger(site.state_dir, ledger.with_run(request.run_key, replace(
-                entry, evaluated=(*entry.evaluated, request.server_round),
-                flower_runs=_with(entry.flower_runs, request.flower_run_id))))
+            prior = prior_spend(site, ledger, terms, data, request.run_key)
+            account = (authorize_release(terms, entry, prior, local_plan(run, data))
+                       if terms.private_releases else None)
+            evaluation = _evaluate(state, run, request, policy, account)
+            remember(site.state_dir, data.version, data.record_keys)
+            if account is None:
+                save_ledger(site.state_dir, ledger.with_run(request.run_key, replace(
+                    entry, evaluated=(*entry.evaluated, request.server_round),
+                    flower_runs=_with(entry.flower_runs, request.flower_run_id))))
+            else:
+                digest = update_digest({f"{view}/{name}": array
+                                        for view, c in evaluation.counts.views.items()
+                                        for name, array in c.arrays().items()})
+                charge_release(site, ledger, Release(request=request, kind=EVALUATE,
+                                                     account=account, sha256=digest),
+                               dataset=data.version, prior=prior, budget_scope=terms.budget_scope)
+    return evaluation
+
+
+def _evaluate(state: SiteState, run: RunConfig, request: RoundRequest, policy: SitePolicy,
+              account: Account | None) -> SiteEvaluation:
+    """Score the validation split and form the release (noisy with an account, else exact)."""
+    bundle, data, site = state.bundle(run.model), state.data(run), state.site
+    device = pick_device(site.device)
+    model = _prepare(bundle, request.parameters, device)
+    loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
+                        num_workers=run.data.num_workers)
+    scores = ablation_scores(model, loader, device, desc=f"{site.site_name} evaluate")
+    exact, exact_ablation = exact_metrics(scores)
+    log_ablation(f"{site.site_name} evaluate (exact, kept at the site)", exact, exact_ablation, 0.0)
+    last = request.server_round == run.federation.num_server_rounds
+    with_ablation = policy.share_ablation and (last or account is None)
+    views = view_counts(scores, len(run.model.class_names), ablation=with_ablation)
+    counts = release_counts(views, noise_multiplier=account.release_noise_multiplier if account
+                            else 0.0, views_per_row=3 if with_ablation else 1)
+    if account is None:  # exact: the metrics themselves, rounded as the policy says
+        decimals = policy.metric_decimals
+        shared = with_ablation and exact_ablation.num_examples >= policy.min_eval_records
+        ablation = Ablation(num_examples=exact_ablation.num_examples,
+                            both=released(exact_ablation.both, decimals),
+                            image=released(exact_ablation.image, decimals),
+                            text=released(exact_ablation.text, decimals)) if shared else None
+        return SiteEvaluation(metrics=released(exact, decimals), ablation=ablation, counts=counts)
+    ablation = counted_ablation(counts)
     decimals = policy.metric_decimals
-    shared = policy.share_ablation and ablation.num_examples >= policy.min_eval_records
-    return SiteEvaluation(metrics=released(metrics, decimals),
-                          ablation=Ablation(num_examples=ablation.num_examples,
-                                            both=released(ablation.both, decimals),
-                                            image=released(ablation.image, decimals),
-                                            text=released(ablation.text, decimals))
-                          if shared else None)
+    return SiteEvaluation(metrics=released(counted_metrics(counts, len(data.val)), decimals),
+                          ablation=replace(ablation, **{keep: released(getattr(ablation, keep),
+                                                                       decimals)
+                                                        for keep in ("both", "image", "text")})
+                          if ablation else None, counts=counts)
+
+
+def counted_metrics(counts: CountsRelease, num_examples: int) -> Metrics:
+    """The metrics over every validation row, from released counts."""
+    views = counts.views
+    return metrics_from_counts(views["lacking"] + views["both"], num_examples=num_examples)
+
+
+def counted_ablation(counts: CountsRelease) -> Ablation | None:
+    """The ablation from released counts (None when they hold no ablation views)."""
+    views = counts.views
+    if "image" not in views:
+        return None
+    rows = max(int(round(float(views["both"].scores[0].sum()))), 0)
+    return Ablation(num_examples=rows,
+                    **{keep: metrics_from_counts(views[keep], num_examples=max(rows, 1))
+                       for keep in ("both", "image", "text")})
 
 
 def released(metrics: Metrics, decimals: int) -> Metrics:
-    """The metrics as the site releases them: rounded to `decimals`."""
+    """Metrics as a site releases them: rounded to `decimals`."""
     return replace(metrics, loss=round(metrics.loss, decimals),
                    accuracy=round(metrics.accuracy, decimals), auroc=round(metrics.auroc, decimals),
                    f1=round(metrics.f1, decimals))

@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from common.config import DEVICE_PATTERN, RunConfig
-from common.errors import ConfigurationError
+from common.config import DEVICE_PATTERN, RunConfig, run_config_keys
+from common.errors import ConfigurationError, Refusal
+from common.privacy.accounting import local_steps
 
 log = logging.getLogger(__name__)
 
 NODE_KEYS_FLOWER = ("partition-id", "num-partitions")  # set by Flower's simulation runtime
+LIMIT_KEYS = ("max-message-mb", "max-image-size", "max-steps", "max-round-seconds")
 NODE_KEYS = ("manifest", "site-name", "state-dir", "policy", "device", "val-fraction",
-             "split-seed", "image-weights", "text-encoder")
+             "split-seed", "image-weights", "text-encoder", "run-config-keys", *LIMIT_KEYS)
 POLICY_FILE = "policy.toml"  # a simulated hospital's policy, when its folder has one
 STATE_FOLDER = "state"
 # Model sources a deployed site takes from the run config (names, never paths): a builtin
@@ -39,6 +43,105 @@ class NodeConfigError(ConfigurationError):
     """The node's own configuration is incomplete, unknown or out of range."""
 
     default_reason = "node-config"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteLimits:
+    """What one round may ask of the site's machine (node config); past a bound it refuses.
+
+    The defaults fit every preset's honest rounds with room to spare; a site lowers them to its
+    machine. A refusal comes before the work it bounds, so nothing is trained or charged.
+    """
+
+    max_message_mb: float = 256.0  # the largest round message the node unpacks (its arrays'
+    # declared sizes, read from the message's object tree before any array is pulled)
+    max_image_size: int = 512  # image side in pixels: activations grow with its square
+    max_steps: int = 10_000  # optimizer steps in one round (local-steps, or epochs x batches)
+    max_round_seconds: float = 3600.0  # local training in one round; stopped past it, unsent
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteLimits:
+        """The bounds the node config sets (`max-message-mb`, ...), the defaults for the rest."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in node_config:
+                continue
+            value, whole = node_config[key], f.type in ("int", int)
+            if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+                    or not 0 < value < math.inf):
+                raise NodeConfigError(f"node config {key}={value!r}: it must be a positive "
+                                      f"{'whole number' if whole else 'number'}.")
+            values[f.name] = value if whole else float(value)
+        return cls(**values)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """`max-message-mb` in bytes."""
+        return int(self.max_message_mb * 2**20)
+
+    def check_run(self, run: RunConfig) -> None:
+        """Refuse a run config that asks more than these bounds, before anything else runs."""
+        if run.model.image_size > self.max_image_size:
+            raise _beyond(f"image-size {run.model.image_size}", "max-image-size",
+                          self.max_image_size)
+        # each epoch is at least one step: the exact count needs the data (`check_round`)
+        asked = run.train.local_steps or run.train.local_epochs
+        if asked > self.max_steps:
+            raise _beyond(f"{asked} steps a round", "max-steps", self.max_steps)
+
+    def check_round(self, run: RunConfig, *, num_examples: int) -> None:
+        """Refuse a round of more optimizer steps than `max-steps` on this site's data."""
+        steps = local_steps(num_examples=num_examples, batch_size=run.train.batch_size,
+                            epochs=run.train.local_epochs, steps_per_round=run.train.local_steps)
+        if steps > self.max_steps:
+            raise _beyond(f"{steps} steps a round", "max-steps", self.max_steps)
+
+    def deadline(self) -> Deadline:
+        """The end of this round's local training, `max-round-seconds` from now."""
+        return Deadline(at=time.monotonic() + self.max_round_seconds,
+                        seconds=self.max_round_seconds)
+
+
+def _beyond(asked: str, key: str, bound: float) -> Refusal:
+    return Refusal(f"the run asks for {asked}, beyond this site's {key} = {bound:g} (node "
+                   "config); nothing was trained or charged.", reason="resource-limit")
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deadline:
+    """When a round's local training must have ended (`SiteLimits.max_round_seconds`)."""
+
+    at: float  # time.monotonic()
+    seconds: float
+
+    def bound(self, loader: Iterable[T]) -> Bounded[T]:
+        """`loader`, refusing to hand out a batch past the deadline (the round is not sent)."""
+        return Bounded(loader, self)
+
+    def check(self) -> None:
+        """Refuse once the deadline has passed."""
+        if time.monotonic() > self.at:
+            raise _beyond(f"more than {self.seconds:g} s of local training", "max-round-seconds",
+                          self.seconds)
+
+
+class Bounded(Generic[T]):
+    """A loader whose every batch is handed out before a deadline (its length is the loader's)."""
+
+    def __init__(self, loader: Iterable[T], deadline: Deadline) -> None:
+        self.loader, self.deadline = loader, deadline
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[T]:
+        for batch in self.loader:
+            self.deadline.check()
+            yield batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +158,9 @@ class SiteConfig:
     split_seed: int = 0  # the seed of the site's patient-level split
     image_weights: str | None = None  # None: the run config's, if it is a safe name
     text_encoder: str | None = None  # None: the run config's, if it is a safe name
+    limits: SiteLimits = SiteLimits()  # what a round may ask of the site's machine
+    run_config_keys: frozenset[str] | None = None  # keys a run may set differently from the
+    # defaults installed here (`fedfusion node` checks them); None: any key
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -81,7 +187,7 @@ class SiteConfig:
                    state_dir=state_root / name / STATE_FOLDER,
                    policy=Path(str(policy)) if policy else None, simulated=True,
                    device=run.train.device, val_fraction=run.data.val_fraction,
-                   split_seed=run.model.seed)
+                   split_seed=run.model.seed, limits=SiteLimits.from_node_config(node_config))
 
     @classmethod
     def deployed(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -106,7 +212,9 @@ class SiteConfig:
                    val_fraction=node_config.get("val-fraction", 0.2),  # type: ignore[arg-type]
                    split_seed=node_config.get("split-seed", 0),  # type: ignore[arg-type]
                    image_weights=_text(node_config, "image-weights"),
-                   text_encoder=_text(node_config, "text-encoder"))
+                   text_encoder=_text(node_config, "text-encoder"),
+                   limits=SiteLimits.from_node_config(node_config),
+                   run_config_keys=_keys(node_config))
         site._check()
         return site
 
@@ -127,8 +235,10 @@ class SiteConfig:
 
         A deployed site never reads a path from the run config: a model source the node config
         does not set must be a name (`SAFE_TEXT_SOURCE`, `SAFE_IMAGE_WEIGHTS`), else the site
-        refuses before touching the file system.
+        refuses before touching the file system. A run beyond the site's resource bounds
+        (`SiteLimits`) is refused first.
         """
+        self.limits.check_run(run)
         if self.simulated:
             return run
         model = dataclasses.replace(run.model,
@@ -169,6 +279,21 @@ def _check_keys(node_config: Mapping[str, Any]) -> None:
             f"Unknown node config key(s) {unknown}; known: {sorted(NODE_KEYS)}. Example: "
             "fedfusion node --node-config \"manifest='/data/site/manifest.csv' "
             "state-dir='/var/lib/fedfusion' policy='/etc/fedfusion/policy.toml'\".")
+
+
+def _keys(node_config: Mapping[str, Any]) -> frozenset[str] | None:
+    """`run-config-keys` ("key,key,..."): None when the node config does not set it."""
+    value = node_config.get("run-config-keys")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise NodeConfigError(f"node config run-config-keys={value!r}: list run-config keys "
+                              "separated by commas, e.g. 'num-server-rounds,learning-rate'.")
+    keys = frozenset(k.strip() for k in value.split(",") if k.strip())
+    if unknown := sorted(keys - set(run_config_keys())):
+        raise NodeConfigError(f"node config run-config-keys names unknown run-config key(s) "
+                              f"{unknown}; see the README's configuration reference.")
+    return keys
 
 
 def _text(node_config: Mapping[str, Any], key: str) -> str | None:

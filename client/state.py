@@ -22,7 +22,7 @@ from client.site_config import SiteConfig
 from common.config import ModelConfig, RunConfig
 from common.data.dataset import ManifestDataset
 from common.data.manifest import Row, read_manifest, split_by_patient
-from common.data.version import ImageDigests, dataset_version
+from common.data.version import ImageDigests, dataset_version, record_keys
 from common.errors import BadData
 from common.model.encoders import load_tokenizer
 from common.model.feature_cache import FeatureCache
@@ -59,6 +59,7 @@ class SiteData:
 
     manifest: Path  # the manifest file read
     version: str  # the dataset version: a digest of the rows' content (common.data.version)
+    record_keys: frozenset[str]  # what identifies its records across versions (the budget follows them)
     train: ManifestDataset
     val: ManifestDataset
     train_combos: frozenset[Combo]  # the (has_image, has_text) combinations of the training rows
@@ -110,7 +111,8 @@ class SiteState:
 
         log.info("site %s: %d train / %d val rows from %s", self.site.site_name, len(train_rows),
                  len(val_rows), manifest)
-        return SiteData(manifest=manifest, version=version, train=dataset(train_rows),
+        return SiteData(manifest=manifest, version=version,
+                        record_keys=record_keys(rows, self.images), train=dataset(train_rows),
                         val=dataset(val_rows), train_combos=modality_combos(train_rows))
 
 

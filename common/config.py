@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -46,6 +48,8 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian",
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 MAX_TEXT = 1024  # characters of a string value (paths, names): the other side's input is bounded
+SCALARS = (bool, int, float, str)  # the only value types a run-config key takes (never a list)
+MAX_UNKNOWN_NAMED = 5  # unknown keys named (with a suggestion) in an error: the rest are counted
 MAX_CLASSES, MAX_CLASS_NAME = 100, 64
 
 
@@ -53,6 +57,29 @@ class ConfigError(ConfigurationError):
     """A run-config key is unknown, missing, of the wrong type or out of range."""
 
     default_reason = "run-config"
+
+
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a site name in `site-nodes`
+MAX_NODE_ID = 2**64 - 1  # Flower's node ids are unsigned 64-bit
+
+
+def parse_site_nodes(text: str) -> dict[int, str]:
+    """`site-nodes` ("<node-id>=<name>,...") as a map; distinct ids and names, or a ConfigError."""
+    pairs = [p.strip() for p in text.split(",") if p.strip()]
+    site_map: dict[int, str] = {}
+    for pair in pairs:
+        node, _, name = (part.strip() for part in pair.partition("="))
+        if not (node.isdigit() and 0 < int(node) <= MAX_NODE_ID and SITE_NAME.fullmatch(name)):
+            raise ConfigError(
+                f"Run config key 'site-nodes' has {pair[:80]!r}; write <node-id>=<name> pairs "
+                "separated by commas, each node id as `flwr supernode list` shows it and each name "
+                "1 to 64 letters, digits, '.', '_' or '-' (for example \"8351=hospital-a,"
+                "1207=hospital-b\").")
+        site_map[int(node)] = name
+    if len(site_map) != len(pairs) or len(set(site_map.values())) != len(site_map):
+        raise ConfigError("Run config key 'site-nodes' names a node or a site twice; each node id "
+                          "and each name may appear once.")
+    return site_map
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -74,6 +101,17 @@ class FederationConfig:
     round_timeout: float = field(metadata=_range(0.0, 7 * 24 * 3600.0, lo_open=True))
     run_name: str = field(metadata={})  # "" = a time-stamped name
     output_dir: str = field(metadata={})
+    # "<node-id>=<name>,...": the only nodes that take part, and their names (from registration);
+    # "" = every node the grid offers, named by its registration or its own claim
+    site_nodes: str = field(default="", metadata={"max_len": 16_384})
+
+    def __post_init__(self) -> None:
+        self.site_map  # noqa: B018  a malformed map is an error when the config is parsed
+
+    @property
+    def site_map(self) -> dict[int, str]:
+        """`site-nodes` as node id -> site name (empty: not pinned)."""
+        return parse_site_nodes(self.site_nodes)
 
 
 @dataclass(frozen=True)
@@ -90,7 +128,7 @@ class AggregationConfig:
     max_update_norm: float = field(metadata=_range(0.0, 1e12))  # 0 = no fixed bound
     update_norm_factor: float = field(metadata=_range(0.0, 1e6))  # x the round's median; 0 = off
     max_weight_factor: float = field(metadata=_range(0.0, 1e6))  # a site's FedAvg weight: at most
-    # this x the round's (lower) median weight; 0 = off
+    # this x the round's (lower) median weight (2: a liar among 5 holds ~1/3); 0 = off
 
 
 @dataclass(frozen=True)
@@ -213,8 +251,25 @@ def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
     return index
 
 
+def check_scalar(key: str, value: Any) -> None:
+    """A run-config value is one finite bool, int, float or string (a list, a dict or NaN is not)."""
+    if not isinstance(value, SCALARS):
+        raise ConfigError(
+            f"Run config key '{key}' holds a {type(value).__name__}; every key takes a single "
+            "bool, int, float or string. Fix it in [tool.flwr.app.config] or your --run-config "
+            "override.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Run config key '{key}' is {value!r}; every number must be finite.")
+
+
+def run_config_keys() -> tuple[str, ...]:
+    """Every run-config key (kebab-case), in section order."""
+    return tuple(_key_index())
+
+
 def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Cast a run-config value to the field's type, or raise a ConfigError naming the key."""
+    check_scalar(key, value)
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     if kind == "bool":
         if isinstance(value, bool):
@@ -223,10 +278,11 @@ def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # an int too large for a float (10**400) is out of every range, not a crash
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300:
             return float(value)
     elif kind == "str":
-        if isinstance(value, str) and len(value) <= MAX_TEXT:
+        if isinstance(value, str) and len(value) <= f.metadata.get("max_len", MAX_TEXT):
             return value
     elif kind.startswith("tuple"):
         if isinstance(value, str):
@@ -276,14 +332,16 @@ class RunConfig:
     def from_user_config(cls, user_config: Mapping[str, Any]) -> RunConfig:
         """Parse Flower's flat run config; every key must be known and every value valid."""
         index = _key_index()
-        unknown = sorted(set(user_config) - set(index))
+        unknown = sorted(str(k) for k in set(user_config) - set(index))
         if unknown:
             hints = []
-            for key in unknown:
+            for key in unknown[:MAX_UNKNOWN_NAMED]:
                 close = difflib.get_close_matches(key, index, n=1)
-                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+                hints.append(f"'{key[:64]}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            more = len(unknown) - MAX_UNKNOWN_NAMED
             raise ConfigError(
-                f"Unknown run config key(s): {', '.join(hints)}. "
+                f"Unknown run config key(s): {', '.join(hints)}"
+                f"{f' and {more} more' if more > 0 else ''}. "
                 f"Known keys are listed in [tool.flwr.app.config] of pyproject.toml."
             )
         missing = sorted(set(index) - set(user_config))
@@ -300,6 +358,22 @@ class RunConfig:
         sections = {name: _SECTIONS[name](**vals) for name, vals in values.items()}
         sections["model"] = sections["model"].resolved()
         return cls(**sections)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_cached(items: tuple[tuple[str, str, Any], ...]) -> RunConfig:
+    return RunConfig.from_user_config({key: value for key, _, value in items})
+
+
+def parse_run_config(user_config: Mapping[str, Any]) -> RunConfig:
+    """The run config, parsed once per distinct config (every message to a site carries it).
+
+    Every value is checked to be a finite scalar first, so a list is a ConfigError rather than
+    an unhashable cache key; the key of the cache holds each value's type (True is not 1).
+    """
+    for key, value in user_config.items():
+        check_scalar(str(key), value)
+    return _parse_cached(tuple(sorted((str(k), type(v).__name__, v) for k, v in user_config.items())))
 
 
 def default_user_config(pyproject: Path = PYPROJECT) -> dict[str, Any]:

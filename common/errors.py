@@ -40,7 +40,16 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "bundle-not-accepted": "the run's bundle is not accepted at the site",
         "too-few-records": "the site holds too few validation records to release metrics",
         "evaluation-limit": "the site already evaluated this round of this run",
+        "release-not-planned": "the run's privacy plan at the site has no budget for this release",
+        "labels-not-covered": "the run's class names do not cover the site's published labels",
         "state-incomplete": "the site's privacy records are incomplete; its operator must restore them",
+        # the site's own resource bounds (node config): nothing trained, nothing charged
+        "resource-limit": "the round asks for more than the site's resource limits allow",
+        "message-too-large": "the round message is larger than the site unpacks",
+        "accounting-limit": "the run's privacy accounting would exceed the site's bounds on "
+                            "steps, time or memory",
+        "run-config-not-accepted": "the run config changes settings the site does not let a run "
+                                   "change",
     },
     Kind.BAD_DATA: {
         "data-unusable": "the site's data cannot be used as it is",

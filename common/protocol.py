@@ -38,6 +38,14 @@ PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx; sites read mu from the r
 
 # Site ConfigRecord (site -> server).
 SITE_NAME = "site-name"
+# ArrayRecord in evaluate replies: the released score counts, "<view>/scores" and
+# "<view>/confusion" (`common.training.score_counts`; views: `common.training.ablation.VIEWS`)
+COUNTS = "counts"
+
+# The global parameters a site computes on: no honest model comes near this magnitude
+# (pretrained weights are within about 2, DP-trained heads far less), and a bound on the
+# weights keeps every activation and gradient of the shipped architectures finite.
+MAX_PARAMETER_ABS = 100.0
 
 # Metric names. Every train reply carries exactly TRAIN_METRICS, every evaluate reply
 # exactly EVAL_METRICS, whatever the site's settings (Flower aborts on mismatched keys).
@@ -55,6 +63,7 @@ TRAIN_SECONDS = "train-seconds"
 EPSILON_CAP = "epsilon-cap"
 MAX_GRAD_NORM = "max-grad-norm"
 LOSS = "loss"
+COUNT_NOISE = "count-noise"  # standard deviation of the noise on each released count (0: exact)
 ACCURACY = "accuracy"
 AUROC = "auroc"
 F1 = "f1"
@@ -72,9 +81,33 @@ TRAIN_METRICS = (
     NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, TRAIN_SECONDS,
     EPSILON_CAP, MAX_GRAD_NORM,
 )
-EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS)
+EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS, COUNT_NOISE)
 # Per-site privacy facts: reported per site, never averaged across sites.
-PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, EPSILON_CAP, MAX_GRAD_NORM)
+PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, EPSILON_CAP, MAX_GRAD_NORM,
+                   COUNT_NOISE)
+
+# Everything a reply may carry, and what protects it: "dp" (a noisy release charged to the
+# site's account, or the DP-SGD update), "public" (a fact the site publishes: its policy, its
+# settings, the sizes of its splits; documented in README "Privacy"). A test fails when a reply
+# carries a key without a status here. Keys are "<record>" or "<record>/<item>".
+RELEASES: dict[str, str] = {
+    f"{ARRAYS}": "dp",  # the trained parameters (DP-SGD); their names are the model's
+    f"{UPDATE}/{UNTRAINED}": "public",  # which modalities the site's training rows hold
+    f"{METRICS}/{NUM_EXAMPLES}": "public",  # training records (train), validation records (evaluate)
+    f"{METRICS}/{TRAIN_LOSS}": "dp",  # nan unless the policy shares it, then noisy and charged
+    f"{METRICS}/{EPSILON}": "public",
+    f"{METRICS}/{DELTA}": "public",
+    f"{METRICS}/{NOISE_MULTIPLIER}": "public",
+    f"{METRICS}/{SAMPLE_RATE}": "public",
+    f"{METRICS}/{STEPS}": "public",
+    f"{METRICS}/{TRAIN_SECONDS}": "public",  # the coordinator times the reply anyway
+    f"{METRICS}/{EPSILON_CAP}": "public",
+    f"{METRICS}/{MAX_GRAD_NORM}": "public",
+    f"{METRICS}/{COUNT_NOISE}": "public",
+    **{f"{METRICS}/{key}": "dp" for key in (LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS)},
+    f"{COUNTS}": "dp",  # the score counts with Gaussian noise, charged
+    f"{SITE}/{SITE_NAME}": "public",
+}
 
 # --- error replies --------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The coordinator's Flower ServerApp: open (or resume) the run folder, run the rounds, write the model.
 
 It builds the model from the run config (the initial trainable parameters and the frozen part's
-fingerprint), runs the round loop (`server.loop`) over Flower's strategy (`server.strategy`), and
+fingerprint), runs the round loop (`server.loop`) over Flower's strategy (`server.strategy`) on
+the nodes the run binds (`server.sites`: `site-nodes`, else their registered names), and
 leaves the run folder `<output-dir>/<run-name>/` (`common.runfolder`): a checkpoint and a history
 line per round, `summary.json`, and the final full model (`model.safetensors` + `model.json`,
 loadable with `common.model.checkpoint.load_model`). When fewer than `min-nodes` sites send a
@@ -29,6 +30,7 @@ from server.loop import RoundPlan, run_rounds
 from server.recorder import Recorder
 from server.resume import open_run
 from server.screening import UpdateBounds
+from server.sites import SiteGrid
 from server.strategy import build_strategy, load_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,15 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
                      min_nodes=fed.min_nodes, run_key=start.run_key, fingerprint=fingerprint,
                      bounds=UpdateBounds(max_norm=agg.max_update_norm,
                                          median_factor=agg.update_norm_factor),
-                     weight_factor=agg.max_weight_factor)
+                     weight_factor=agg.max_weight_factor,
+                     num_classes=len(run.model.class_names))
     arrays = ArrayRecord(trainable_state(model))
     if start.arrays is not None:  # in the model's order, not the checkpoint's (sorted): a site
         # recognises a round asked again by the digest of the parameters in the order they came
         arrays = ArrayRecord({k: Array(start.arrays[k]) for k in arrays})
         load_optimizer_state(strategy, start.optimizer_state, arrays)
-    end = run_rounds(grid, strategy, recorder, plan, first_round=start.finished_round + 1,
-                     arrays=arrays)
+    end = run_rounds(SiteGrid.bind(grid, fed.site_map), strategy, recorder, plan,
+                     first_round=start.finished_round + 1, arrays=arrays)
     status, message = STATUS_COMPLETED, f"All {fed.num_server_rounds} rounds completed."
     if end.stopped:
         status, message = STATUS_STOPPED, f"The run stopped early. {end.stopped}"

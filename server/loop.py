@@ -15,20 +15,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as R
 from common.model.contributions import modality_weights
+from server.evaluation import SiteCounts, pooled_metrics
 from server.recorder import Recorder, RoundRecord, aggregate_line
-from server.replies import Replies, SiteNames, read_replies
+from server.replies import Replies, read_replies
 from server.screening import (
     UpdateBounds,
     cap_weights,
     complete_partial_updates,
     screen_updates,
 )
+from server.sites import SiteGrid
 from server.strategy import optimizer_state
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class RoundPlan:
     weight_factor: float  # a site's weight: at most this x the round's median (0 = no cap)
     run_key: str
     fingerprint: str
+    num_classes: int = 2  # fixes the shapes of the sites' released score counts
 
     def config(self) -> ConfigRecord:
         """The per-round facts every site is told (Flower's strategy adds the round number)."""
@@ -61,14 +64,18 @@ class LoopEnd:
     stopped: str | None = None  # None: every planned round finished
 
 
-def run_rounds(grid: Grid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan, *,
+def run_rounds(grid: SiteGrid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan, *,
                first_round: int, arrays: ArrayRecord) -> LoopEnd:
     """Rounds `first_round`..`plan.last_round`; a round with too few usable updates ends the run."""
-    names = SiteNames()
+    names = grid.names
     for server_round in range(first_round, plan.last_round + 1):
         record = RoundRecord(server_round, names)
         messages = strategy.configure_train(server_round, arrays, plan.config(), grid)
-        replies = read_replies(exchange(grid, messages, plan.timeout), train=True, names=names)
+        for node in grid.take_outsiders():  # online, but not one of the run's site-nodes
+            record.reject(f"node {node}", "not among the run's site-nodes: sent nothing, "
+                                          "nothing aggregated.")
+        replies = read_replies(exchange(grid, messages, plan.timeout), train=True, names=names,
+                               num_classes=plan.num_classes)
         record.add(replies, train=True)
         usable = screened(replies, arrays, plan, record)
         if len(usable) < plan.min_nodes:
@@ -79,10 +86,12 @@ def run_rounds(grid: Grid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan
         arrays = _like(aggregated, arrays)
         recorder.checkpoint(server_round, arrays, optimizer_state(strategy))
         messages = strategy.configure_evaluate(server_round, arrays, plan.config(), grid)
-        evaluated = read_replies(exchange(grid, messages, plan.timeout), train=False, names=names)
+        evaluated = read_replies(exchange(grid, messages, plan.timeout), train=False, names=names,
+                                 num_classes=plan.num_classes)
         record.add(evaluated, train=False)
-        evaluate_metrics = strategy.aggregate_evaluate(server_round,
-                                                       [r.message for r in evaluated.ok])
+        evaluate_metrics = MetricRecord(pooled_metrics(
+            SiteCounts(records=int(r.metrics[R.NUM_EXAMPLES]), metrics=r.metrics, counts=r.counts)
+            for r in evaluated.ok if r.counts is not None))
         recorder.commit(record.line(aggregate=aggregate_line(train_metrics, evaluate_metrics),
                                     modality_weights=modality_weights(arrays)))
     return LoopEnd(arrays)

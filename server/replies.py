@@ -6,9 +6,9 @@ used, when a record is missing, a metric is missing or not a finite number, or `
 is not a whole number from 1 to `MAX_EXAMPLES`. Nothing here raises on a site's bad reply.
 
 A site's name is what it says it is (a ConfigRecord, or the error reason); the node it came from
-is what Flower authenticated. The first node to use a name keeps it; another node reporting the
-same name is recorded as `<name> (node <id>)` and flagged in the log, so one hospital cannot
-write its numbers under another's name.
+is what Flower authenticated, and `server.sites.SiteNames` decides the name it is recorded under
+(the coordinator's `site-nodes`, else its registration, else its claim); a reply from a node
+outside `site-nodes` is rejected, never used.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from flwr.app import Message, RecordDict
 
 from common import protocol as R
 from common.errors import Kind
+from common.training.score_counts import ScoreCounts
+from server.evaluation import MalformedCounts, read_counts
 from server.screening import Update
+from server.sites import SiteNames
 
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 10**8  # records at one site: a weight beyond this is not believed
-MAX_NAME = 64  # characters of a site name kept
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +41,7 @@ class Reply:
     metrics: dict[str, float]  # exactly the reply kind's metrics, each a finite number or inf/nan
     update: Update | None  # train replies: the parameters sent and those declared untrained
     message: Message
+    counts: dict[str, ScoreCounts] | None = None  # evaluate replies: the released score counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,31 +63,12 @@ class Replies:
     malformed: dict[str, str] = field(default_factory=dict)  # site: why its reply is unusable
 
 
-class SiteNames:
-    """Which node goes by which name in this run (the first node to claim a name keeps it)."""
+def read_replies(messages: Iterable[Message], *, train: bool, names: SiteNames,
+                 num_classes: int = 2) -> Replies:
+    """Sort a phase's replies (train or evaluate) into usable replies, refusals, failures, malformed.
 
-    def __init__(self) -> None:
-        self._by_node: dict[int, str] = {}
-        self._owner: dict[str, int] = {}
-
-    def name(self, node_id: int, claimed: str | None) -> str:
-        """The name recorded for `node_id`, given the name its reply claims (None: none)."""
-        if node_id in self._by_node:
-            return self._by_node[node_id]
-        if not claimed:
-            return f"node-{node_id}"
-        claimed = claimed[:MAX_NAME]
-        owner = self._owner.setdefault(claimed, node_id)
-        if owner != node_id:
-            log.warning("node %d reports the site name %r, which node %d already uses; it is "
-                        "recorded as %r", node_id, claimed, owner, f"{claimed} (node {node_id})")
-            claimed = f"{claimed} (node {node_id})"
-        self._by_node[node_id] = claimed
-        return claimed
-
-
-def read_replies(messages: Iterable[Message], *, train: bool, names: SiteNames) -> Replies:
-    """Sort a phase's replies (train or evaluate) into usable replies, refusals, failures, malformed."""
+    `num_classes`: the run's, which fixes the shapes of an evaluate reply's counts.
+    """
     out = Replies()
     for msg in messages:
         node = msg.metadata.src_node_id
@@ -96,8 +80,11 @@ def read_replies(messages: Iterable[Message], *, train: bool, names: SiteNames) 
                         "refused" if error.kind is Kind.REFUSAL else "failed", error.text)
             continue
         site = names.name(node, _claimed_name(msg))
+        if not names.known(node):
+            out.malformed[site] = "the node is not among the run's site-nodes; its reply is not used."
+            continue
         try:
-            out.ok.append(_read(msg, node, site, train))
+            out.ok.append(_read(msg, node, site, train, num_classes))
         except MalformedReply as err:
             out.malformed[site] = f"malformed reply: {err}"
             log.warning("site %s: malformed reply: %s", site, err)
@@ -115,7 +102,7 @@ def _claimed_name(msg: Message) -> str | None:
     return None
 
 
-def _read(msg: Message, node: int, site: str, train: bool) -> Reply:
+def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> Reply:
     content = msg.content
     keys = R.TRAIN_METRICS if train else R.EVAL_METRICS
     if R.METRICS not in content.metric_records:
@@ -136,8 +123,16 @@ def _read(msg: Message, node: int, site: str, train: bool) -> Reply:
         raise MalformedReply(f"{R.NUM_EXAMPLES} is {n!r}, not a whole number from 1 to "
                              f"{MAX_EXAMPLES}.")
     metrics[R.NUM_EXAMPLES] = int(n)
-    update = _update(content, site, int(n)) if train else None
-    return Reply(node_id=node, site=site, metrics=metrics, update=update, message=msg)
+    if train:
+        return Reply(node_id=node, site=site, metrics=metrics, message=msg,
+                     update=_update(content, site, int(n)))
+    if R.COUNTS not in content.array_records:
+        raise MalformedReply(f"no '{R.COUNTS}' record.")
+    try:
+        counts = read_counts({k: v.numpy() for k, v in content[R.COUNTS].items()}, num_classes)
+    except MalformedCounts as err:
+        raise MalformedReply(f"'{R.COUNTS}': {err}") from err
+    return Reply(node_id=node, site=site, metrics=metrics, update=None, message=msg, counts=counts)
 
 
 def _update(content: RecordDict, site: str, num_examples: int) -> Update:

@@ -6,7 +6,8 @@ restarts). A round is finished when its line is in `history.jsonl`; that line is
 round's checkpoint, and every file is replaced atomically, so a crash at any point leaves the last
 finished round usable. Starting the ServerApp again with the same run name continues after the
 last finished round with its global parameters and history. The settings must be the same; only
-`round-timeout`, `min-nodes` and `output-dir` may change on resume.
+`round-timeout`, `min-nodes`, `output-dir` and `site-nodes` (a hospital registered again has a
+new node id) may change on resume.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed: they do not change what a round computes.
 RESUMABLE_CHANGES = {("federation", "round_timeout"), ("federation", "min_nodes"),
-                     ("federation", "output_dir")}
+                     ("federation", "output_dir"), ("federation", "site_nodes")}
 
 
 class ResumeError(ConfigurationError):

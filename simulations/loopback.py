@@ -220,6 +220,9 @@ class LoopbackFederation:
     cli_env: dict[str, str] = field(default_factory=dict, repr=False)
     database: Path | None = None  # the SuperLink's state file (`--database`); None: in memory
     superlink_argv: list[str] = field(default_factory=list, repr=False)
+    node_options: str = ""  # more of every hospital's node config ("max-message-mb=16 ...")
+    node_ids: dict[str, int] = field(default_factory=dict)  # hospital: the id registration gave
+    supernodes: dict[str, Started] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.procs = Processes(self.root / "logs")
@@ -245,14 +248,36 @@ class LoopbackFederation:
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{creds.ca_cert}"\n')
         self.cli_env = base_env(home)
         for name, manifest in manifests.items():
-            answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)),
-                                CONNECTION, "--name", name], self.cli_env, self.root)
-            if not answer.get("success"):
-                raise LoopbackError(f"registering {name}: {answer}\n{self.procs.report()}")
-            self._start_hospital(name, manifest, policies.get(name), creds)
+            self.join(name, manifest, policies.get(name), wait=False)
         self.procs.wait_until("every SuperNode online",
                               lambda: len(self.online_nodes()) == len(manifests), START_TIMEOUT,
                               [self.superlink, *self.nodes.values()])
+
+    def join(self, name: str, manifest: Path, policy_text: str | None = None, *,
+             registered_as: str | None = None, wait: bool = True) -> int:
+        """A new key pair, registered through the Control API (as anyone reaching its port can,
+        under `registered_as`, default `name`), and its hospital started; its node id."""
+        creds = CredentialLayout(self.creds)
+        if not creds.node_key(name).exists():
+            write_credentials(creds.root, sans=[], hospitals=[name], server=False)
+        answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)),
+                            CONNECTION, "--name", registered_as or name], self.cli_env, self.root)
+        if not answer.get("success"):
+            raise LoopbackError(f"registering {name}: {answer}\n{self.procs.report()}")
+        self.node_ids[name] = int(answer["node-id"])
+        self._start_hospital(name, manifest, policy_text, creds)
+        if wait:
+            self.procs.wait_until(f"{name} online", lambda: self.node_ids[name] in {
+                int(n["node-id"]) for n in self.online_nodes()}, START_TIMEOUT,
+                [self.superlink, self.nodes[name]])
+        return self.node_ids[name]
+
+    def leave(self, name: str) -> None:
+        """Stop a hospital's node and SuperNode, and unregister its key."""
+        for started in (self.nodes.pop(name), self.supernodes.pop(name)):
+            kill_tree(started.proc.pid)
+        flwr_json(["supernode", "unregister", str(self.node_ids.pop(name)), CONNECTION],
+                  self.cli_env, self.root)
 
     def start_superlink(self, label: str) -> Started:
         """Start the SuperLink (its log: `<label>.log`) and wait until it listens."""
@@ -276,12 +301,12 @@ class LoopbackFederation:
         secret.write_bytes(os.urandom(32))
         self.state_dirs[name] = folder / "state"
         node_config = (f"manifest='{manifest}' state-dir='{self.state_dirs[name]}' "
-                       f"site-name='{name}' device='cpu'")
+                       f"site-name='{name}' device='cpu' {self.node_options}").strip()
         if policy_text is not None:
             (folder / "policy.toml").write_text(policy_text)
             node_config += f" policy='{folder / 'policy.toml'}'"
         runtime_port = free_port()
-        self.start_supernode(f"{name}-supernode", [
+        self.supernodes[name] = self.start_supernode(f"{name}-supernode", [
             "--root-certificates", str(creds.ca_cert),
             "--auth-supernode-private-key", str(creds.node_key(name)),
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),

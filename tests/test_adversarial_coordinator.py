@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -44,9 +45,9 @@ class Coordinator:
     """A coordinator at one hospital: it chooses the run config, the messages and their order."""
 
     def __init__(self, site_dir: Path, state_dir: Path, policy: str | None = None,
-                 **run: object) -> None:
+                 node: dict | None = None, **run: object) -> None:
         self.node_config = {"manifest": str(site_dir), "state-dir": str(state_dir),
-                            "site-name": "st-mary", "device": "cpu"}
+                            "site-name": "st-mary", "device": "cpu", **(node or {})}
         if policy is not None:
             (state_dir.parent / "policy.toml").write_text(policy)
             self.node_config["policy"] = str(state_dir.parent / "policy.toml")
@@ -191,19 +192,88 @@ def test_model_paths_in_the_run_config_probe_nothing(demo_root: Path, tmp_path: 
     assert reasons == {"site 'st-mary': " + public_text(Kind.CONFIGURATION, "model-source")}
 
 
-def test_noise_calibration_cannot_hang_the_site(demo_root: Path, tmp_path: Path) -> None:
-    """Attack 8: the most rounds, epochs and smallest batches the run config allows."""
-    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state", accountant="rdp",
-                    num_server_rounds=10_000, local_epochs=1000, batch_size=1,
-                    local_steps=0)
+def _sent_within(c: Coordinator, seconds: float, *sends: dict) -> list[Message]:
+    """The site's replies to `sends` (kind, round, run settings), all within `seconds` (liveness)."""
     replies: list[Message] = []
-    worker = threading.Thread(target=lambda: replies.append(c.send(MessageType.TRAIN, 1)), daemon=True)
+
+    def attack() -> None:
+        for send in sends:
+            replies.append(c.send(**send))
+
+    worker = threading.Thread(target=attack, daemon=True)
     worker.start()
-    worker.join(120)  # liveness, not speed: a hang would hold the state folder's lock forever
-    assert replies, "the site is still calibrating"
-    assert replies[0].error.reason.endswith(public_text(Kind.REFUSAL, "budget-exhausted"))
+    worker.join(seconds)  # liveness, not speed: a hang would hold the state folder's lock forever
+    assert len(replies) == len(sends), f"the site is still working on attack {len(replies) + 1}"
+    return replies
+
+
+def test_noise_calibration_cannot_hang_the_site(demo_root: Path, tmp_path: Path) -> None:
+    """Attack 8: the most rounds, epochs and smallest batches the run config allows, at a site
+    whose own step bound would let them through (so calibration is what stops them)."""
+    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state", node={"max-steps": 10**6},
+                    accountant="rdp", num_server_rounds=10_000, local_epochs=1000, batch_size=1,
+                    local_steps=0)
+    (reply,) = _sent_within(c, 120, {"kind": MessageType.TRAIN, "server_round": 1})
+    assert reply.error.reason.endswith(public_text(Kind.REFUSAL, "accounting-limit"))
     assert not c.send(MessageType.TRAIN, 1, num_server_rounds=1, local_epochs=1,
                       batch_size=64).has_error()  # and the lock was released
+
+
+def test_a_list_or_nan_in_any_run_config_key_is_a_configuration_refusal(
+        demo_root: Path, tmp_path: Path) -> None:
+    """Attack 9: a list for each of the run config's keys, NaN and inf for each float key."""
+    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state")
+    refused = public_text(Kind.CONFIGURATION, "run-config")
+    for key, value in c.run_config.items():
+        wrong: list[object] = [[value, value]] + ([math.nan, math.inf] if isinstance(value, float)
+                                                   else [])
+        for bad in wrong:
+            reply = c.send(MessageType.TRAIN, 1, **{key: bad})
+            assert reply.error.code == R.ERROR_CODES[Kind.CONFIGURATION], (key, bad, reply.error)
+            assert reply.error.reason == f"site 'st-mary': {refused}", (key, bad)
+    assert not c.state_dir.exists()  # refused before anything was read or written
+
+
+def test_a_nan_or_huge_run_is_refused_and_the_next_honest_run_completes(
+        demo_root: Path, tmp_path: Path) -> None:
+    """Attack 10: NaN settings, a 100,000-step round, 10^7 planned steps, each its own Flower run;
+    then an honest run. (A NaN target once hung the noise search, and the site with it.) The PRV
+    accountant's own bound: tests/test_privacy_accounting.py."""
+    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state", num_server_rounds=1)
+    train = {"kind": MessageType.TRAIN, "server_round": 1}
+    attacks = [{"target_epsilon": math.nan}, {"target_delta": math.nan},
+               {"learning_rate": math.nan}, {"local_steps": 100_000},
+               {"num_server_rounds": 10_000, "local_steps": 1_000}]
+    replies = _sent_within(c, 120, *({**train, "flower_run": i, "run_key": f"attack-{i}", **a}
+                                     for i, a in enumerate(attacks, 1)))
+    reasons = [r.error.reason.removeprefix("site 'st-mary': ").split(":")[:2] for r in replies]
+    assert reasons == [["configuration", " run-config"]] * 3 + [
+        ["refused", " resource-limit"], ["refused", " accounting-limit"]]
+    honest = c.send(MessageType.TRAIN, 1, flower_run=99, run_key="honest")
+    assert not honest.has_error(), honest.error
+    assert set(load_ledger(c.state_dir).runs) == {"honest"}  # nothing charged to the attacks
+
+
+def test_a_round_beyond_the_sites_resource_bounds_is_refused_uncharged(
+        demo_root: Path, tmp_path: Path) -> None:
+    """Attack 11: valid but abusive settings (image size, steps, epochs x batches, a long round)."""
+    site = _site(demo_root, tmp_path)
+    bounds = {"max-image-size": 128, "max-steps": 50}
+    c = Coordinator(site, tmp_path / "state", node=bounds, num_server_rounds=2)
+    limit = public_text(Kind.REFUSAL, "resource-limit")
+    for kind, attack in ((MessageType.TRAIN, {"image_size": 1024}),
+                         (MessageType.EVALUATE, {"image_size": 1024}),
+                         (MessageType.TRAIN, {"local_steps": 51}),
+                         (MessageType.TRAIN, {"local_steps": 0, "local_epochs": 51}),
+                         (MessageType.TRAIN, {"local_steps": 0, "local_epochs": 30,
+                                              "batch_size": 8})):  # 30 x ceil(N / 8) steps
+        assert c.send(kind, 1, **attack).error.reason.endswith(limit), attack
+    assert not (c.state_dir / LEDGER_FILE).exists()
+    slow = Coordinator(site, tmp_path / "state", node={**bounds, "max-round-seconds": 0.001},
+                       num_server_rounds=2)
+    assert slow.send(MessageType.TRAIN, 1, feature_cache=False).error.reason.endswith(limit)
+    assert not (c.state_dir / LEDGER_FILE).exists() and not read_receipts(c.state_dir)
+    assert not c.send(MessageType.TRAIN, 1).has_error()  # the site serves the next round
 
 
 def test_a_changed_manifest_is_noticed_by_a_long_lived_site(demo_root: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ FORBIDDEN = {
 }
 # the Flower edge: the only modules of client/ and server/ that may import flwr
 FLOWER_EDGE = {"client/app.py", "client/node.py", "client/flower_runtime.py", "server/app.py", "server/loop.py", "server/recorder.py",
-               "server/replies.py", "server/strategy.py"}
+               "server/replies.py", "server/sites.py", "server/strategy.py"}
 # the coordinator draws the operator's views after every round: its one use of tools/
 SERVER_MAY_USE = {"tools.views"}
 

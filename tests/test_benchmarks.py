@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import deployment, small_hospitals, utility
+from benchmarks import deployment, side_channels, small_hospitals, utility
 from benchmarks.cli import SUMMARY_KEYS, main
 from benchmarks.record import meets
 from benchmarks.simulation import SimulationTiming
@@ -179,3 +179,20 @@ def test_confidence_interval_is_students_t_over_the_seeds() -> None:
     ci = small_hospitals.ci95([0.8, 0.9, 1.0])
     assert ci["mean"] == pytest.approx(0.9)
     assert ci["ci95"] == pytest.approx([0.9 - 4.303 * 0.1 / 3**0.5, 0.9 + 4.303 * 0.1 / 3**0.5], abs=1e-3)
+
+
+def test_side_channels_benchmark_measures_each_attack_and_the_cost(tmp_path: Path) -> None:
+    out = side_channels.run(True, tmp_path, trials=20, medpix=tmp_path / "absent.csv",
+                            preset="tiny", demo_scale=0.2)
+    advantages = out.raw["advantages"]
+    assert advantages["train-loss"] == 0.0  # the reply carries no training loss
+    assert advantages["nan-canary"] == 0.0  # every update is finite, member or not
+    assert -0.5 <= advantages["evaluation-run"] <= 0.5
+    assert out.value == max(advantages["train-loss"], advantages["nan-canary"],
+                            advantages["evaluation-run"])
+    shares = out.raw["cost"]["shares"]
+    assert set(shares) == {str(s) for s in side_channels.SHARES}
+    # more of the budget for evaluation: less noise on each count
+    noise = [shares[str(s)]["noise_multiplier"] for s in side_channels.SHARES]
+    assert noise == sorted(noise, reverse=True)
+    assert set(out.extra) == {"eval_attack_advantage", "dp_eval_auroc_mae"}

@@ -97,7 +97,7 @@ def test_without_dp_the_metric_keys_are_the_same(demo_root: Path, tmp_path: Path
 def test_evaluate_reply(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
     reply = app(message(arrays, config, MessageType.EVALUATE), context(demo_root, tmp_path))
-    assert set(reply.content.keys()) == {R.METRICS, R.SITE}
+    assert set(reply.content.keys()) == {R.METRICS, R.COUNTS, R.SITE}
     metrics = reply.content[R.METRICS]
     assert set(metrics.keys()) == set(R.EVAL_METRICS)
     assert metrics[R.NUM_EXAMPLES] > 0 and 0.0 <= metrics[R.AUROC] <= 1.0

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from client.site_config import NodeConfigError, SiteConfig
-from common.config import ConfigError, RunConfig, default_user_config, run_config_with
+from client.site_config import NodeConfigError, SiteConfig, SiteLimits
+from common.config import (
+    ConfigError,
+    RunConfig,
+    default_user_config,
+    parse_run_config,
+    run_config_with,
+)
 
 
 def test_pyproject_defaults_parse_into_typed_sections() -> None:
@@ -50,6 +57,26 @@ def test_bad_values_name_the_key_and_what_is_allowed(key: str, value: object, me
 
 def test_int_is_accepted_for_a_float_key() -> None:
     assert run_config_with({"learning-rate": 1}).train.learning_rate == 1.0
+
+
+def test_a_list_or_a_non_finite_number_in_any_key_is_a_configuration_error() -> None:
+    """Every key: a list, a dict, None; every float key: NaN, +-inf, an int beyond float range."""
+    defaults = default_user_config()
+    floats = [k for k, v in defaults.items() if isinstance(v, float)]
+    assert len(defaults) == 49 and len(floats) == 16
+    for key, value in defaults.items():
+        bad = [[value], {"v": value}, None] + (
+            [math.nan, math.inf, -math.inf, 10**400] if key in floats else [])
+        for wrong in bad:
+            with pytest.raises(ConfigError, match=f"'{key}'") as err:
+                parse_run_config({**defaults, key: wrong})
+            assert err.value.reason == "run-config"
+
+
+def test_the_parsed_config_cache_tells_true_from_one() -> None:
+    assert parse_run_config(default_user_config()).privacy.dp is True
+    with pytest.raises(ConfigError, match="'dp' must be of type bool"):
+        parse_run_config({**default_user_config(), "dp": 1})
 
 
 def test_site_from_deployment_node_config(tmp_path: Path) -> None:
@@ -111,3 +138,21 @@ def test_a_deployed_site_keeps_its_own_split_device_and_model_files(tmp_path: Pa
         SiteConfig.from_node_config({"manifest": "m.csv", "state-dir": "s", "val-fraction": 1.5}, run)
     with pytest.raises(NodeConfigError, match="device"):
         SiteConfig.from_node_config({"manifest": "m.csv", "state-dir": "s", "device": "tpu"}, run)
+
+
+def test_a_sites_resource_bounds_come_from_its_node_config() -> None:
+    node = {"manifest": "m.csv", "state-dir": "s"}
+    site = SiteConfig.deployed({**node, "max-message-mb": 8, "max-image-size": 96,
+                                "max-steps": 40, "max-round-seconds": 600})
+    assert site.limits == SiteLimits(max_message_mb=8.0, max_image_size=96, max_steps=40,
+                                     max_round_seconds=600.0)
+    assert site.limits.max_message_bytes == 8 * 2**20
+    assert SiteConfig.deployed(node).limits == SiteLimits()  # the defaults
+    for key, value in (("max-steps", 1.5), ("max-steps", 0), ("max-image-size", True),
+                       ("max-message-mb", math.nan), ("max-round-seconds", -1), ("max-steps", "9")):
+        with pytest.raises(NodeConfigError, match=f"{key}="):
+            SiteConfig.deployed({**node, key: value})
+    assert SiteConfig.deployed({**node, "run-config-keys": "seed, num-server-rounds"}
+                               ).run_config_keys == {"seed", "num-server-rounds"}
+    with pytest.raises(NodeConfigError, match="unknown run-config key"):
+        SiteConfig.deployed({**node, "run-config-keys": "seed,epochs"})

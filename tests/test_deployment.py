@@ -10,7 +10,11 @@ Runs are submitted with `flwr run`, one after the other:
 2. from a bundle of **another publisher**: every node refuses it, no site data is read;
 3. with a run config that names another **device, split and data root**: the sites keep theirs;
 4. with a **node killed mid-round** and restarted: the round fails cleanly for that site, the run
-   goes on, and the ledger never under-counts what left the site.
+   goes on, and the ledger never under-counts what left the site;
+5. from a copy whose ServerApp adds a **128 MB array** to every round message (a message bomb):
+   every node refuses it from the message's object tree, unpacked, and its peak memory stays put;
+6. with a **rogue node** whose key was registered through the open Control API under a real
+   hospital's name: a run that pins `site-nodes` never sends it anything and records it.
 The negative connection tests (an unregistered key, a SuperNode without TLS) run during run 1.
 Credentials come from `tools.certs`, exactly as `fedfusion certs` writes them.
 """
@@ -34,7 +38,7 @@ from simulations.demo_data import write_demo_hospitals
 from simulations.loopback import LoopbackFederation, Started
 from tools.certs import CredentialLayout, write_credentials
 
-pytestmark = pytest.mark.slow  # about 3 min: real processes, a 60 s task timeout in run 4
+pytestmark = pytest.mark.slow  # about 4 min: real processes, a 60 s task timeout in run 4
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSPITALS = {"hospital-a": 8.0, "hospital-b": 6.0}  # name: the max-epsilon in its own policy
@@ -42,6 +46,8 @@ RUN_TIMEOUT = 240.0  # seconds for one run
 REFUSED_TIMEOUT = 60.0  # seconds for a refused SuperNode to give up and exit
 MARKER = "TAMPERED_CLIENTAPP_RAN"
 TINY = "preset='tiny' accountant='rdp' round-timeout=120.0"
+MAX_MESSAGE_MB = 16  # each hospital's node config: honest tiny-preset messages are ~100 KB
+BOMB_MB = 128  # the array a malicious ServerApp adds to every round message
 
 
 def tampered_app(dest: Path, *, publisher: str = "fedfusion", marker: Path | None = None) -> Path:
@@ -78,7 +84,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory,
                request: pytest.FixtureRequest) -> LoopbackFederation:
     """SuperLink + 2 registered hospitals (SuperNode + node) over TLS."""
     tmp = tmp_path_factory.mktemp("deployment")
-    fed = LoopbackFederation(tmp, ROOT)
+    fed = LoopbackFederation(tmp, ROOT, node_options=f"max-message-mb={MAX_MESSAGE_MB}")
     request.addfinalizer(fed.stop)  # also when the setup below fails half-way
     manifests = write_demo_hospitals(tmp / "data", len(HOSPITALS), seed=0, size_scale=0.1)
     # per-run caps: the module runs several runs on the same data
@@ -108,7 +114,7 @@ def _finish(fed: LoopbackFederation, run: Started, name: str) -> RunFolder:
 
 
 def _assert_federation_unharmed(fed: LoopbackFederation) -> None:
-    nodes = fed.nodes_listed()
+    nodes = [n for n in fed.nodes_listed() if n.get("status") != "unregistered"]
     assert [n.get("status") for n in nodes] == ["online", "online"], \
         f"expected just the 2 registered nodes, online: {nodes}\n{fed.procs.report()}"
     dead = [s.name for s in (fed.superlink, *fed.nodes.values()) if s.proc.poll() is not None]
@@ -222,3 +228,67 @@ def test_a_node_killed_mid_round_never_under_counts(federation: LoopbackFederati
     sent = [h.sites[name].update_sha256 for h in history if name in h.sites]
     assert set(sent) <= receipts  # every update that left the site was charged
     assert audit(fed.state_dirs[name]).ok  # ledger and receipts agree
+
+
+def bomb_app(dest: Path, megabytes: int) -> Path:
+    """A copy of this app whose ServerApp adds a `megabytes` MB array to every round message.
+
+    Its chunks are all alike (Flower sends such a chunk once): cheap for the SuperLink and the
+    SuperNodes, but a node that unpacked the message would join it into the whole array.
+    """
+    app = tampered_app(dest)
+    server_app = app / "server" / "app.py"
+    text = server_app.read_text().replace(
+        "    arrays = ArrayRecord(trainable_state(model))\n",
+        "    arrays = ArrayRecord(trainable_state(model))\n"
+        f"    arrays['bomb'] = Array(__import__('numpy').full({megabytes} * 2**18, 7.0, 'float32'))\n")
+    server_app.write_text(text.replace(  # and it saves its model without the bomb
+        "dict(end.arrays.to_torch_state_dict())",
+        "{k: v for k, v in end.arrays.to_torch_state_dict().items() if k != 'bomb'}"))
+    return app
+
+
+def _peak_rss(started: Started) -> int:
+    """A process' peak resident memory so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{started.proc.pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def test_a_message_bomb_is_refused_unpacked_and_memory_stays_put(federation: LoopbackFederation,
+                                                                tampered_run: Started) -> None:
+    fed = federation
+    fed.finish(tampered_run, "tampered", RUN_TIMEOUT)  # every node has served an honest round
+    offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
+    peaks = {n: _peak_rss(s) for n, s in fed.nodes.items()}
+    app = bomb_app(fed.root / "bomb", BOMB_MB)
+    folder = _finish(fed, _submit(fed, "bomb", app, "num-server-rounds=1 local-epochs=1"), "bomb")
+    (line,) = folder.read_history()
+    assert set(line.refusals) == set(HOSPITALS) and not line.sites, line
+    assert all("message-too-large" in reason for reason in line.refusals.values())
+    run_key = folder.read_settings().run_key
+    for name, node in fed.nodes.items():
+        assert load_ledger(fed.state_dirs[name]).run(run_key) is None  # nothing charged
+        assert "the round message is too large" in _log_after(node, offsets[name])
+        grown = _peak_rss(node) - peaks[name]
+        assert grown < BOMB_MB * 2**20 / 8, f"{name}'s node peaked {grown / 2**20:.0f} MB higher"
+    _assert_federation_unharmed(fed)
+
+
+def test_a_rogue_node_registered_through_the_control_api_takes_no_part(
+        federation: LoopbackFederation) -> None:
+    fed = federation
+    (data,) = write_demo_hospitals(fed.root / "rogue-data", 1, seed=7, size_scale=0.1)
+    # the attack: anyone who reaches the Control API registers a key, here under a real name
+    rogue = fed.join("rogue", data, registered_as="hospital-a")
+    try:
+        pinned = ",".join(f"{fed.node_ids[name]}={name}" for name in HOSPITALS)
+        folder = _finish(fed, _submit(fed, "pinned", ROOT, "num-server-rounds=1 local-epochs=1 "
+                                      f"fraction-evaluate=0.0 site-nodes='{pinned}'"), "pinned")
+        (line,) = folder.read_history()
+        assert line.finished and set(line.sites) == set(HOSPITALS), line
+        assert {s: e.node_id for s, e in line.sites.items()} == {n: fed.node_ids[n] for n in HOSPITALS}
+        assert "not among the run's site-nodes" in line.rejected[f"node {rogue}"]
+        assert "task done" not in fed.nodes["rogue"].log.read_text()  # it was sent nothing
+    finally:
+        fed.leave("rogue")
+    _assert_federation_unharmed(fed)

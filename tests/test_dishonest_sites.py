@@ -13,8 +13,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
 from common import protocol as R
+from common.config import default_user_config
 from common.model.checkpoint import load_tensors
 from common.runfolder import RunFolder
+from server.sites import SiteNames
 from tests.test_robustness import Fault, run, scaled
 
 
@@ -54,7 +56,9 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(demo_root: Path, t
 
 
 def test_a_huge_weight_is_rejected_and_a_large_one_capped(five_hospitals: Path, tmp_path: Path) -> None:
-    """An update scaled by -5 that claims 1e9 (then 1e7) records, screening at its defaults."""
+    """An update scaled by -5 that claims 1e9 (then 1e7) records, screening at its defaults.
+
+    At the old default (20 x the median) the 1e7 claim still held 84% of the weight."""
     poison = scaled(-5.0)
     huge = RunFolder(run(five_hospitals, tmp_path / "huge", 5,
                          {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**9}))}))
@@ -64,8 +68,11 @@ def test_a_huge_weight_is_rejected_and_a_large_one_capped(five_hospitals: Path, 
                           {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**7}))}))
     (line,) = large.read_history()
     weights = sorted(s.train[R.NUM_EXAMPLES] for s in line.sites.values())
-    cap = int(20.0 * weights[(len(weights) - 1) // 2])  # max-weight-factor x the lower median
+    factor = default_user_config()["max-weight-factor"]
+    cap = int(factor * weights[(len(weights) - 1) // 2])  # max-weight-factor x the lower median
     assert f"capped to {cap}" in line.capped["hospital-4"]
+    honest = [s.train[R.NUM_EXAMPLES] for name, s in line.sites.items() if name != "hospital-4"]
+    assert cap / (cap + sum(honest)) < 0.4  # its share of the weight, once capped
     # the aggregate is exactly the one of a site that had claimed the cap: its weight was bounded
     bounded = RunFolder(run(five_hospitals, tmp_path / "bounded", 5,
                             {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: cap}))}))
@@ -75,7 +82,38 @@ def test_a_huge_weight_is_rejected_and_a_large_one_capped(five_hospitals: Path, 
 
 
 def test_a_node_cannot_write_under_another_hospitals_name(demo_root: Path, tmp_path: Path) -> None:
+    """Unpinned (a simulation): the first node to claim a name keeps it."""
     out = RunFolder(run(demo_root, tmp_path, 3, {2: _claim("hospital-0")}))
     (line,) = out.read_history()
     assert set(line.sites) == {"hospital-0", "hospital-1", "hospital-0 (node 3)"}
     assert line.sites["hospital-0"].node_id == 1 and line.sites["hospital-0 (node 3)"].node_id == 3
+
+
+def test_names_are_bound_to_node_ids_and_an_unknown_node_takes_no_part(demo_root: Path,
+                                                                       tmp_path: Path) -> None:
+    """Node 1 answers first claiming hospital-2's name; node 4 is online but not in site-nodes."""
+    replied: list[int] = []
+    pinned = "1=hospital-0,2=hospital-1,3=hospital-2"
+    out = RunFolder(run(demo_root, tmp_path, 4, {0: _claim("hospital-2")},
+                        tap=lambda node, reply: replied.append(node),
+                        **{"site-nodes": pinned, "num-server-rounds": 2}))
+    history = out.read_history()
+    assert [h.round for h in history] == [1, 2] and all(h.finished for h in history)
+    for line in history:
+        assert {s: e.node_id for s, e in line.sites.items()} == {
+            "hospital-0": 1, "hospital-1": 2, "hospital-2": 3}
+        assert "not among the run's site-nodes" in line.rejected["node 4"]
+    assert 4 not in replied  # never sent the model, never aggregated
+
+
+def test_registered_names_bind_nodes_whatever_their_replies_claim() -> None:
+    """Unpinned deployment: the SuperLink's registration names (`--name`) bind the nodes."""
+    names = SiteNames()
+    names.register(5, "hospital-a")
+    names.register(6, "hospital-a")  # a second key registered under the same name
+    assert names.name(5, "hospital-b") == "hospital-a"
+    assert names.name(6, "hospital-a") == "hospital-a (node 6)"
+    assert names.name(7, "hospital-a") == "hospital-a (node 7)"  # unregistered: its claim, second
+    pinned = SiteNames({5: "hospital-a"}, pinned=True)
+    pinned.register(8, "hospital-b")  # registration does not add a node to a pinned run
+    assert not pinned.known(8) and pinned.name(8, "hospital-b") == "node 8"

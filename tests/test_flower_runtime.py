@@ -8,18 +8,27 @@ is driven through Starlette's TestClient, an httpx.Client, swapped into the runt
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import flwr
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import Status, SubStatus
 from flwr.supercore.constant import TASK_TOKEN_HEADER, TaskType
 from flwr.supercore.fab import Fab
-from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+from flwr.proto.message_pb2 import ObjectTree
+from flwr.supercore.inflatable.inflatable_object import (
+    HEAD_BODY_DIVIDER,
+    HEAD_VALUE_DIVIDER,
+    get_object_id,
+    get_object_tree,
+    iterate_object_tree,
+)
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run, RunStatus
@@ -126,20 +135,23 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> dict:
     return holder
 
 
-def _node(demo_root: Path, tmp_path: Path, rule: AcceptanceRule | None = None) -> hospital.Node:
+def _node(demo_root: Path, tmp_path: Path, rule: AcceptanceRule | None = None,
+          **own: object) -> hospital.Node:
     node_config = {"manifest": str(demo_root / "hospital-0"), "state-dir": str(tmp_path / "state"),
-                   "site-name": "st-mary", "device": "cpu"}
+                   "site-name": "st-mary", "device": "cpu", **own}
     node = hospital.setup(supernode="x", node_config=node_config, secret_file=None)
     if rule is not None:
         node = hospital.Node(supernode="x", node_config=node_config, site=node.site, rule=rule)
     return node
 
 
-def _round(run_config: dict, server_round: int) -> RecordDict:
+def _round(run_config: dict, server_round: int, **extra: np.ndarray) -> RecordDict:
     model = build_model(RunConfig.from_user_config(run_config).model)
     config = ConfigRecord({**round_config(frozen_fingerprint(model), "run-key-1"),
                            R.SERVER_ROUND: server_round})
-    return RecordDict({R.ARRAYS: ArrayRecord(trainable_state(model)), R.CONFIG: config})
+    arrays = ArrayRecord({**{k: Array(v.numpy()) for k, v in trainable_state(model).items()},
+                          **{k: Array(v) for k, v in extra.items()}})
+    return RecordDict({R.ARRAYS: arrays, R.CONFIG: config})
 
 
 def test_the_node_runs_the_installed_app_with_its_own_node_config(demo_root: Path, tmp_path: Path,
@@ -187,3 +199,77 @@ def test_an_allow_list_of_bundle_hashes_decides_alone(tmp_path: Path) -> None:
     assert "does not match" in AcceptanceRule().problem(bundle, **{**declared,
                                                                    "declared_hash": "f" * 64})
     assert "is not the FedFusion app" in AcceptanceRule(version="9.9").problem(bundle, **declared)
+
+
+def test_a_message_bomb_is_refused_before_its_arrays_are_pulled(demo_root: Path, tmp_path: Path,
+                                                                wired: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extra 48 MB array in a train message, at a node that unpacks at most 8 MB."""
+    run_config = tiny_user_config(demo_root)
+    wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path), run_config)
+    node = _node(demo_root, tmp_path, AcceptanceRule(version=installed_version()),
+                 **{"max-message-mb": 8})
+    pulled: list[str] = []
+    bounded = runtime._bounded_pull
+
+    def spy(client: RuntimeHttpClient, budget: object):  # noqa: ANN202
+        pull = bounded(client, budget)  # type: ignore[arg-type]
+        return lambda request: (pulled.append(request.object_id), pull(request))[1]
+
+    monkeypatch.setattr(runtime, "_bounded_pull", spy)
+    content = _round(run_config, 1, bomb=np.full(12 * 2**20, 7.0, np.float32))
+    supernode.enqueue(content, "train", 1)
+    chunks = {t.object_id for t in iterate_object_tree(get_object_tree(content)) if not t.children}
+    hospital.run_task(node, runtime.acquire(runtime.connect("x")))
+    reply = supernode.take_reply()
+    assert reply.error.code == R.ERROR_CODES[Kind.REFUSAL]
+    assert reply.error.reason == "site 'st-mary': " + public_text(Kind.REFUSAL, "message-too-large")
+    assert pulled and not chunks & set(pulled)  # the heads only: no chunk of any array
+    assert not (tmp_path / "state").exists()  # nothing read, nothing charged
+    supernode.enqueue(_round(run_config, 1), "train", 1)  # an honest message: served as ever
+    hospital.run_task(node, runtime.acquire(runtime.connect("x")))
+    assert not supernode.take_reply().has_error()
+
+
+def _object(kind: str, children: list[str], body: bytes) -> bytes:
+    """An object's bytes as Flower writes them: `<type> <children> <body length>`, the body."""
+    head = HEAD_VALUE_DIVIDER.join([kind, ",".join(children), str(len(body))]).encode()
+    return head + HEAD_BODY_DIVIDER + body
+
+
+def test_an_array_that_inflates_beyond_what_it_declares_is_refused_unjoined() -> None:
+    """A crafted Array head: 4 floats declared, one 1 KB chunk listed 10,000 times (10 MB)."""
+    chunk = _object("ArrayChunk", [], bytes(1024))
+    chunk_id = get_object_id(chunk)
+    meta = {"dtype": "float32", "shape": [4], "stype": "numpy.ndarray",
+            "arraychunk_ids": [0] * 10_000}
+    array = _object("Array", [chunk_id], json.dumps(meta).encode())
+    contents = {chunk_id: chunk, get_object_id(array): array}
+    tree = ObjectTree(object_id=get_object_id(array), children=[ObjectTree(object_id=chunk_id)])
+    with pytest.raises(runtime.MessageTooLarge, match="more bytes than it declares"):
+        runtime._pull_within(tree, contents.__getitem__, 2**20)
+    meta["shape"] = [2**30]  # 4 GB declared: refused before the chunk is pulled
+    array = _object("Array", [chunk_id], json.dumps(meta).encode())
+    tree = ObjectTree(object_id=get_object_id(array), children=[ObjectTree(object_id=chunk_id)])
+    asked: list[str] = []
+    pull = {get_object_id(array): array}.__getitem__
+    with pytest.raises(runtime.MessageTooLarge, match="none was pulled"):
+        runtime._pull_within(tree, lambda i: (asked.append(i), pull(i))[1], 2**20)
+    assert asked == [get_object_id(array)]
+
+
+def test_a_site_can_bound_which_run_config_keys_a_run_changes(demo_root: Path, tmp_path: Path,
+                                                               wired: dict) -> None:
+    """The bundle's defaults and the submitter's overrides make the run config a site runs."""
+    allowed = {"preset", "accountant", "num-server-rounds"}  # tiny_user_config changes the first two
+    rule = AcceptanceRule(version=installed_version(), run_config_keys=frozenset(allowed))
+    changed = tiny_user_config(demo_root, learning_rate=5.0, num_server_rounds=2)
+    wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path), changed)
+    supernode.enqueue(_round(changed, 1), "train", 1)
+    hospital.run_task(_node(demo_root, tmp_path, rule), runtime.acquire(runtime.connect("x")))
+    reply = supernode.take_reply()
+    assert reply.error.reason == "site 'st-mary': " + public_text(Kind.REFUSAL,
+                                                                   "run-config-not-accepted")
+    assert not (tmp_path / "state").exists()
+    assert rule.changed_keys(changed) == ["learning-rate"]
+    assert rule.changed_keys(tiny_user_config(demo_root, num_server_rounds=2, device="cuda")) == []

@@ -102,22 +102,32 @@ def test_report_reliance_is_the_share_of_above_chance_auroc() -> None:
     assert report_reliance(float("nan"), 0.6) is None
 
 
-def test_policy_withholds_the_ablation(demo_root: Path, tmp_path: Path) -> None:
-    run = tiny_run(demo_root)
+@pytest.mark.parametrize("exact", [True, False])
+def test_policy_withholds_the_ablation(demo_root: Path, tmp_path: Path, exact: bool) -> None:
+    """Exact metrics: every round; noisy counts: with the run's last round only (their noise
+    grows with the views a row is counted in)."""
+    run = tiny_run(demo_root, num_server_rounds=2)
     shared = {}
     for share in (True, False):
         policy = tmp_path / f"policy-{share}.toml"
-        policy.write_text(f"share-ablation = {str(share).lower()}\nmin-eval-records = 1\n")
+        policy.write_text(f"share-ablation = {str(share).lower()}\nmin-eval-records = 1\n"
+                          f"exact-metrics = {str(exact).lower()}\n")
         state = SiteState(hospital(demo_root, tmp_path / f"state-{share}", policy=policy))
-        evaluation = evaluate_round(state, run, request(state, run, 1))
-        metrics = dict(evaluate_content(evaluation, "hospital-0")[R.METRICS])
-        assert set(metrics) == set(R.EVAL_METRICS)
-        shared[share] = metrics
-    assert all(math.isnan(shared[False][k]) for k in R.ABLATION_METRICS)
-    assert all(math.isfinite(shared[True][k]) for k in (R.ACCURACY_BOTH, R.ACCURACY_IMAGE_ONLY,
-                                                        R.ACCURACY_TEXT_ONLY))
-    # the usual metrics are released either way, and the same
-    assert shared[True][R.ACCURACY] == shared[False][R.ACCURACY]
+        for server_round in (1, 2):
+            evaluation = evaluate_round(state, run, request(state, run, server_round))
+            content = evaluate_content(evaluation, "hospital-0")
+            metrics = dict(content[R.METRICS])
+            assert set(metrics) == set(R.EVAL_METRICS)
+            views = {k.split("/")[0] for k in content[R.COUNTS].keys()}
+            shared[share, server_round] = metrics
+            assert views == ({"lacking", "both", "image", "text"}
+                             if share and (exact or server_round == 2) else {"lacking", "both"})
+    assert all(math.isnan(shared[False, r][k]) for k in R.ABLATION_METRICS for r in (1, 2))
+    assert all(math.isfinite(shared[True, 2][k]) for k in (R.ACCURACY_BOTH, R.ACCURACY_IMAGE_ONLY,
+                                                           R.ACCURACY_TEXT_ONLY))
+    assert all(math.isnan(shared[True, 1][k]) for k in R.ABLATION_METRICS) is not exact
+    if exact:  # the usual metrics are released either way, and the same
+        assert shared[True, 1][R.ACCURACY] == shared[False, 1][R.ACCURACY]
 
 
 def test_history_and_report_carry_the_modality_section() -> None:

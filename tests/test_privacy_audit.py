@@ -15,6 +15,7 @@ from flwr.app import Message
 
 from client.app import app as client_app
 from common import protocol as R
+from common.training.score_counts import ScoreCounts
 from common.model.fusion_model import build_model
 from common.model.trainable import trainable_state
 from common.runfolder import RunFolder
@@ -56,7 +57,7 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
             assert msg.error.reason.startswith(f"site '{names[node]}': ")
             continue
         content = msg.content
-        assert set(content.keys()) <= {R.ARRAYS, R.UPDATE, R.METRICS, R.SITE}
+        assert set(content.keys()) <= {R.ARRAYS, R.UPDATE, R.METRICS, R.COUNTS, R.SITE}
         assert dict(content[R.SITE]) == {R.SITE_NAME: names[node]}
         metrics = dict(content[R.METRICS])
         assert all(type(v) in (int, float) for v in metrics.values())  # scalars: no per-sample lists
@@ -73,6 +74,13 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
                 assert value.shape == tuple(expected[name]) and value.dtype == np.float32
         else:
             kinds["evaluate"] += 1
-            assert set(metrics) == set(R.EVAL_METRICS) and not content.array_records
+            assert set(metrics) == set(R.EVAL_METRICS) and set(content.array_records) == {R.COUNTS}
             assert len(content.config_records) == 1
+            # the score counts only: fixed views of fixed shapes, whatever the site holds
+            shapes = ScoreCounts.shapes(3)
+            released = {k: tuple(v.shape) for k, v in content[R.COUNTS].items()}
+            assert released in [{f"{view}/{name}": shape for view in views
+                                 for name, shape in shapes.items()}
+                                for views in (("lacking", "both"),
+                                              ("lacking", "both", "image", "text"))]
     assert kinds == {"train": 3, "evaluate": 4, "error": 1}  # hospital-1 refused round 2

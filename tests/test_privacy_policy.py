@@ -16,7 +16,7 @@ from client.state import SiteState
 from common import protocol as R
 from common.errors import Refusal
 from common.privacy.accounting import epsilon_from_history, local_steps
-from common.privacy.enforcement import authorize_round, negotiate
+from common.privacy.enforcement import LocalPlan, authorize_round, negotiate
 from common.privacy.ledger import RunEntry, load_ledger
 from common.privacy.policy import PolicyError, SitePolicy, load_policy
 from common.privacy.receipts import read_receipts
@@ -92,17 +92,19 @@ def test_a_site_trains_within_its_cap_then_refuses_and_the_others_finish(
     assert trained == [["hospital-0", "hospital-1", "hospital-2"]] * 2 + [["hospital-0", "hospital-2"]]
     assert "max-rounds = 2" in history[2].refusals["hospital-1"]
     assert history[2].sites["hospital-1"].evaluate is not None  # it still evaluates the global model
-    # nothing charged for the refused round
+    # nothing charged for the refused round; each evaluation is charged
     state = tmp_path / "out" / "state" / "hospital-1" / "state"
-    assert [r.round for r in read_receipts(state)] == [1, 2]
+    assert [(r.round, r.kind) for r in read_receipts(state)] == [
+        (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate"), (3, "evaluate")]
     summary = out.read_summary()
     assert summary.status == "completed"
     sites = summary.sites
     assert sites["hospital-1"].rounds_trained == [1, 2] and sites["hospital-1"].rounds_refused == [3]
-    # each site its own epsilon, under its own cap, spent over the rounds it planned
-    assert 3.5 < sites["hospital-1"].epsilon <= 4.0
-    assert 1.8 < sites["hospital-2"].epsilon <= 2.0
-    assert 7.5 < sites["hospital-0"].epsilon <= 8.0
+    # each site its own epsilon, under its own cap, spent over the rounds and evaluations it planned
+    for site, cap in (("hospital-0", 8.0), ("hospital-1", 4.0), ("hospital-2", 2.0)):
+        spent = read_receipts(tmp_path / "out" / "state" / site / "state")[-1].epsilon
+        assert 0.95 * cap < spent <= cap * (1 + 1e-6)
+        assert sites[site].epsilon <= spent  # as of its last training round (no policy: exact metrics, nothing charged)
 
 
 def test_require_dp_refuses_a_run_without_dp_and_the_run_ends_cleanly(demo_root: Path,
@@ -134,7 +136,7 @@ def test_dataset_scope_composes_runs_and_refuses_when_spent(demo_root: Path, tmp
     policy.write_text('max-epsilon = 6.0\nbudget-scope = "dataset"\n')
     # epochs of batch 64 (the older defaults): the two runs spend the cap to within 0.2
     run = tiny_run(demo_root, accountant="rdp", target_epsilon=4.0, num_server_rounds=1,
-                   **{"local-steps": 0, "batch-size": 64})
+                   **{"local-steps": 0, "batch-size": 64, "fraction-evaluate": 0.0})
     state = SiteState(hospital(demo_root, tmp_path / "state", 2, policy))
     where = state.site
 
@@ -169,8 +171,8 @@ def test_random_policies_never_decrease_or_exceed_the_cap(cap: float, target: fl
     entry, epsilons = None, [0.0]
     for r in range(1, server_rounds + 1):
         try:
-            account = authorize_round(terms, entry, [], policy, num_examples=n, batch_size=batch,
-                                      epochs=1)
+            account = authorize_round(terms, entry, [], policy,
+                                      LocalPlan(num_examples=n, batch_size=batch, epochs=1))
         except Refusal:
             assert r > min(max_rounds, server_rounds)
             continue

@@ -71,6 +71,11 @@ def test_check_policy_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     good.write_text("max-epsilon = 4\n")
     bad.write_text("max-epsilon = 0\n")
     assert fedfusion(["privacy", "check-policy", str(good)]) == 0
-    assert "max-epsilon = 4.0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "max-epsilon = 4.0" in out and "evaluation-share = 0.1" in out
+    assert "warning" not in out
+    good.write_text("exact-metrics = true\n")
+    assert fedfusion(["privacy", "check-policy", str(good)]) == 0
+    assert "outside the DP guarantee" in capsys.readouterr().out
     assert fedfusion(["privacy", "check-policy", str(bad)]) == 2
     assert "max-epsilon must be > 0" in capsys.readouterr().err

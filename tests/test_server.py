@@ -22,7 +22,9 @@ from common.model.checkpoint import load_model, load_tensors
 from common.model.trainable import trainable_state
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
+from common.training.score_counts import ScoreCounts, count_scores, metrics_from_counts
 from server.app import run_federation
+from server.evaluation import SiteCounts, pooled_metrics
 from server.resume import ResumeError
 from server.strategy import weighted_means
 from tests.conftest import tiny_run, tiny_user_config
@@ -76,6 +78,10 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
         [s.train[R.TRAIN_LOSS] for s in sites], weights=[s.train[R.NUM_EXAMPLES] for s in sites]))
     assert history[1].aggregate[R.LOSS] == pytest.approx(np.average(
         [s.evaluate[R.LOSS] for s in sites], weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites]))
+    # simulated hospitals release exactly: every metric is the validation-weighted mean
+    for key in (R.ACCURACY, R.AUROC, R.F1):
+        assert history[1].aggregate[key] == pytest.approx(np.average(
+            [s.evaluate[key] for s in sites], weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites]))
     assert all(s.train[R.NUM_EXAMPLES] > s.evaluate[R.NUM_EXAMPLES] for s in sites)
 
     # round 1's checkpoint is the num-examples-weighted mean of round 1's train replies
@@ -142,3 +148,28 @@ def test_a_folder_that_is_not_a_run_is_not_overwritten(demo_root: Path, tmp_path
     with pytest.raises(ResumeError, match="not a FedFusion run"):
         run_federation(grid, run)
     assert (tmp_path / "t" / "history.jsonl").read_text() == "{}\n"
+
+
+def test_noisy_counts_are_pooled_and_exact_metrics_averaged() -> None:
+    """With noisy counts the coordinator's AUROC is over every row; with exact releases, the mean."""
+    rng = np.random.default_rng(0)
+    sites, all_probs, all_labels = [], [], []
+    for n in (40, 80):
+        labels = rng.integers(0, 2, n)
+        p1 = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+        probs = np.stack([1 - p1, p1], axis=1)
+        all_probs.append(probs)
+        all_labels.append(labels)
+        counts = {"lacking": ScoreCounts.empty(2), "both": count_scores(probs, labels, 2)}
+        sites.append((n, counts, metrics_from_counts(counts["both"], num_examples=n)))
+    noisy = pooled_metrics([SiteCounts(records=n, metrics={R.COUNT_NOISE: 1.0, R.LOSS: 0.5},
+                                       counts=c) for n, c, _ in sites])
+    pooled = metrics_from_counts(sites[0][1]["both"] + sites[1][1]["both"], num_examples=120)
+    assert noisy[R.AUROC] == pytest.approx(pooled.auroc) and noisy[R.LOSS] == pytest.approx(0.5)
+    exact = pooled_metrics([SiteCounts(records=n, metrics={R.COUNT_NOISE: 0.0, R.AUROC: m.auroc},
+                                       counts=c) for n, c, m in sites])
+    assert exact[R.AUROC] == pytest.approx((40 * sites[0][2].auroc + 80 * sites[1][2].auroc) / 120)
+    # the counts' AUROC over every row is the exact one at the bins' resolution
+    from sklearn.metrics import roc_auc_score
+    exact_pooled = roc_auc_score(np.concatenate(all_labels), np.concatenate(all_probs)[:, 1])
+    assert noisy[R.AUROC] == pytest.approx(exact_pooled, abs=0.02)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from common.privacy.accounting import epsilon_from_history
-from common.privacy.audit import Audit, audit, rebuild_ledger
+from common.privacy.audit import Audit, audit, rebuild_ledger, related_datasets
 from common.privacy.ledger import LedgerError
 from common.privacy.policy import PolicyError, load_policy
 
@@ -89,6 +89,10 @@ def main(argv: list[str]) -> int:
         print(f"{args.policy}: valid.")
         for key, value in vars(policy).items():
             print(f"  {key.replace('_', '-')} = {value}")
+        if policy.exact_metrics:
+            print("warning: exact-metrics = true releases evaluation metrics (and, with "
+                  "share-train-loss, the training loss) exactly, outside the DP guarantee: meant "
+                  "for a simulation whose researcher plays every party.")
         return 0
     if args.action == "rebuild-ledger":
         try:
@@ -121,24 +125,29 @@ def format_report(state_dir: Path, result: Audit) -> str:
         return "no DP" if v is None else format(v, fmt)
 
     lines = [f"Privacy receipts in {state_dir}", "",
-             f"{'run':<22} {'round':>5} {'sigma':>8} {'q':>7} {'steps':>5} {'epsilon':>9} "
-             f"{'recomputed':>10} {'delta':>7} {'scope':>8} {'scope eps':>9}  update sha256   check"]
+             f"{'run':<22} {'round':>5} {'charge':>10} {'sigma':>8} {'q':>7} {'steps':>5} "
+             f"{'epsilon':>9} {'recomputed':>10} {'delta':>7} {'scope':>8} {'scope eps':>9}  "
+             "sent sha256     check"]
     for row in rows:
         r = row.receipt
         lines.append(
-            f"{r.run_id[:22]:<22} {r.round:>5} {r.noise_multiplier:>8.4f} {r.sample_rate:>7.4f} "
+            f"{r.run_id[:22]:<22} {r.round:>5} {r.kind:>10} {r.noise_multiplier:>8.4f} "
+            f"{r.sample_rate:>7.4f} "
             f"{r.steps:>5} {num(r.epsilon):>9} {num(row.epsilon):>10} "
             f"{'-' if r.delta is None else format(r.delta, '.0e'):>7} {r.budget_scope:>8} "
             f"{num(r.scope_epsilon):>9}  {r.update_sha256[:14]}  {'ok' if row.ok else 'MISMATCH'}")
     lines.append("")
-    for dataset in dict.fromkeys(row.receipt.dataset_sha256 for row in rows):
+    shares = related_datasets(state_dir, [row.receipt for row in rows])
+    for dataset, sharing in shares.items():
         entries = [(row.receipt.noise_multiplier, row.receipt.sample_rate, row.receipt.steps)
-                   for row in rows if row.receipt.dataset_sha256 == dataset and row.epsilon is not None]
+                   for row in rows if row.receipt.dataset_sha256 in sharing and row.epsilon is not None]
         last = [row.receipt for row in rows if row.receipt.dataset_sha256 == dataset][-1]
         total = epsilon_from_history(entries, delta=last.delta or 1e-5,
                                      accountant=last.accountant if entries else "rdp")
-        lines.append(f"dataset {dataset[:12]}: all runs together spend epsilon {total:.4f} at "
-                     f"delta {last.delta if last.delta is not None else '-'}.")
+        others = len(sharing) - 1
+        lines.append(f"dataset {dataset[:12]}: all runs on its records together spend epsilon "
+                     f"{total:.4f} at delta {last.delta if last.delta is not None else '-'}"
+                     + (f" (with {others} other version(s) sharing records)." if others else "."))
     lines += [f"PROBLEM: {p}" for p in problems]
     bad = sum(not row.ok for row in rows) + len(problems)
     lines.append("All receipts agree with the recomputation and the ledger." if not bad

@@ -53,3 +53,16 @@ def dataset_version(rows: Iterable[Row], images: ImageDigests) -> str:
     for row in sorted(row_digest(r, images) for r in rows):
         digest.update(row.encode())
     return digest.hexdigest()
+
+
+def record_keys(rows: Iterable[Row], images: ImageDigests) -> frozenset[str]:
+    """What identifies the rows' records across versions: each image's bytes and each report
+    with its patient (a label, split or id edited in place keeps a row's keys)."""
+    keys: set[str] = set()
+    for row in rows:
+        if row.image is not None:
+            keys.add(hashlib.sha256(f"image:{images.digest(row.image)}".encode()).hexdigest())
+        if row.text:
+            report = f"report:{len(row.patient_id)}:{row.patient_id}:{row.text}"
+            keys.add(hashlib.sha256(report.encode()).hexdigest())
+    return frozenset(keys)

@@ -12,22 +12,58 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from opacus.accountants import PRVAccountant
+from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.registry import create_accountant
+
+from common.errors import Refusal
+
+log = logging.getLogger(__name__)
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this, training is noise: the budget is too low to train
+MIN_NOISE_MULTIPLIER = 0.1  # below this one step spends epsilon > 100 (the largest target) at
+# any usual rate; the search never goes lower (more noise than needed is always safe)
 MAX_TOTAL_STEPS = 10**6  # DP-SGD steps a run may plan at a site
 CALIBRATION_SECONDS = 60.0  # noise calibration never holds the state folder's lock longer
+# PRV's cost is its discretisation, 70 to 180 bytes per point and history entry (measured: 3.6M
+# points, 10^4 steps at q 0.045 and sigma 1: +250 MB, 0.9 s; 21M points: +3.4 GB, 19 s; 10^5 steps
+# at sigma 1: 57M points). At 1M a whole calibration peaked at +0.6 GB and took at most 3.6 s;
+# 10^4 steps at epsilon 8 still get the least noise (sigma 2.80), larger runs more (use "rdp").
+MAX_PRV_POINTS = 1_000_000
 
 
 class BudgetTooLow(Exception):
     """No noise level lets this run stay within the privacy target."""
+
+
+class AccountingLimit(Refusal):
+    """Accounting this history would take more steps, time or memory than a site allows."""
+
+    default_reason = "accounting-limit"
+
+
+class _BoundedPRV(PRVAccountant):
+    """Opacus' PRV accountant that refuses a discretisation larger than `MAX_PRV_POINTS`."""
+
+    def _get_domain(self, prvs: list, num_self_compositions: list[int], eps_error: float,
+                    delta_error: float) -> Domain:
+        domain = super()._get_domain(prvs=prvs, num_self_compositions=num_self_compositions,
+                                     eps_error=eps_error, delta_error=delta_error)
+        if domain.size * len(prvs) > MAX_PRV_POINTS:
+            raise AccountingLimit(
+                f"the PRV accountant would discretise this history on {domain.size * len(prvs):,} "
+                f"points (at most {MAX_PRV_POINTS:,}: its memory and time grow with them). Plan "
+                "fewer rounds or local steps, more noise, or use accountant = \"rdp\".")
+        return domain
 
 
 def local_steps(*, num_examples: int, batch_size: int, epochs: int, steps_per_round: int = 0) -> int:
@@ -50,24 +86,36 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
     """The noise multiplier that spends at most the target over `total_steps` (once per run).
 
     With `prior_history` (earlier runs on the same data), the target bounds the composition
-    of that history and this run. Bisection on sigma (epsilon falls as the noise grows), bounded
-    in steps and in time: it fails closed (BudgetTooLow) rather than run on.
+    of that history and this run. Bisection on sigma (epsilon falls as the noise grows) between
+    `MIN_NOISE_MULTIPLIER` and `MAX_NOISE_MULTIPLIER`, bounded in steps, time and memory: a sigma
+    whose PRV account would exceed `MAX_PRV_POINTS` counts as spending too much (more noise is
+    always safe); past `MAX_TOTAL_STEPS` or the deadline it refuses (AccountingLimit).
     """
     if not 1 <= total_steps <= MAX_TOTAL_STEPS or not 0 < sample_rate <= 1:
-        raise BudgetTooLow(f"Cannot plan {total_steps} steps at sampling rate {sample_rate:g}: "
-                           f"a run plans 1 to {MAX_TOTAL_STEPS} steps at a rate in (0, 1].")
+        raise AccountingLimit(f"Cannot plan {total_steps} steps at sampling rate {sample_rate:g}: "
+                              f"a run plans 1 to {MAX_TOTAL_STEPS} steps at a rate in (0, 1].")
+    if not (0 < target_epsilon < math.inf and 0 < target_delta < 1):  # NaN fails both
+        raise BudgetTooLow(f"The target epsilon={target_epsilon} at delta={target_delta} is not a "
+                           "finite epsilon > 0 and a delta in (0, 1).")
     stop = time.monotonic() + deadline_s
 
     def spent(sigma: float) -> float:
         if time.monotonic() > stop:
-            raise BudgetTooLow(f"Noise calibration took longer than {deadline_s:g} s; nothing was "
-                               "trained. Plan fewer rounds or local steps.")
-        return epsilon_from_history([*prior_history, (sigma, sample_rate, total_steps)],
-                                    delta=target_delta, accountant=accountant)
+            raise AccountingLimit(f"Noise calibration took longer than {deadline_s:g} s; nothing "
+                                  "was trained. Plan fewer rounds or local steps.")
+        try:
+            return epsilon_from_history([*prior_history, (sigma, sample_rate, total_steps)],
+                                        delta=target_delta, accountant=accountant)
+        except AccountingLimit as err:  # too costly to account at this noise: plan with more noise
+            costly[sigma] = err
+            return math.inf
 
-    low, high = 0.0, 1.0
+    costly: dict[float, AccountingLimit] = {}
+    low, high = MIN_NOISE_MULTIPLIER, 1.0
     while spent(high) > target_epsilon:
         low, high = high, high * 2
+        if high > MAX_NOISE_MULTIPLIER and low in costly:
+            raise AccountingLimit(f"{costly[low].detail} (even at noise multiplier {low:g}).")
         if high > MAX_NOISE_MULTIPLIER:
             raise BudgetTooLow(_too_low(target_epsilon, target_delta, total_steps, sample_rate)
                                + (" Earlier runs on this dataset have spent most of the budget."
@@ -75,6 +123,10 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
         low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)
+    if low in costly:  # the bound, not the target, set how little noise this run gets
+        log.warning("the PRV account of less noise than %.4g would exceed %d points: this run is "
+                    "planned with noise multiplier %.4g (accountant = \"rdp\" is not bounded so)",
+                    low, MAX_PRV_POINTS, high)
     return high
 
 
@@ -88,23 +140,34 @@ def epsilon_from_history(history: Sequence[HistoryEntry], *, delta: float, accou
     """Cumulative epsilon of a ledger, recomputed with a fresh Opacus accountant."""
     if not history:
         return 0.0
-    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, accountant)
+    # one entry per mechanism (noise, rate): composition commutes, and each PRV entry costs a
+    # discretisation of its own (a round's projection would otherwise double the run's)
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        steps[(float(s), float(q))] = steps.get((float(s), float(q)), 0) + int(n)
+    return _epsilon(tuple((s, q, n) for (s, q), n in steps.items()), delta, accountant)
 
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
     # pure math, and slow (RDP at small rates: ~0.4 s a call): sites of one size calibrate the
     # same noise, a bisection and every round's account ask the same histories again
-    acc = create_accountant(accountant)
+    acc = _BoundedPRV() if accountant == "prv" else create_accountant(accountant)
     acc.load_state_dict(OrderedDict(history=list(history), mechanism=acc.mechanism()))
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        # PRV at sampling rate 1 (a release: the plain Gaussian mechanism) takes log(1 - q) = -inf
+        # on the way; the result is right (within 2% of the analytic Gaussian mechanism's epsilon)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True, kw_only=True)
 class Account:
     """One run's privacy account at a site: its calibrated noise, its history and what it spent.
 
-    `epsilon` is computed when the history changes (`after`), never on read.
+    The history holds the DP-SGD steps (noise_multiplier, sample_rate, steps) and the releases
+    (evaluation counts, a training loss: `common.privacy.release`) as (release_noise_multiplier,
+    1.0, 1). `epsilon` is computed when the history changes (`after`), never on read.
     """
 
     accountant: str
@@ -113,6 +176,9 @@ class Account:
     sample_rate: float
     history: tuple[HistoryEntry, ...] = field(default=())
     epsilon: float = 0.0  # cumulative over this run
+    # noise of every release of the run, per unit of its sensitivity (0: the account was opened
+    # before releases were accounted, or none was planned: the site releases nothing it would charge)
+    release_noise_multiplier: float = 0.0
 
     @property
     def steps(self) -> int:

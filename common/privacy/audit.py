@@ -1,9 +1,12 @@
 """A site's privacy audit: its spend per run and round, re-derived from its receipts alone.
 
-For every round the site trained: what the receipt says it spent and what a fresh Opacus
-accountant computes from the receipts; both are checked against the ledger
-(`fedfusion privacy report <state-dir>` prints it, `tools.privacy_cli`). And, for an operator
-who lost the ledger, its rebuild from the receipts (`rebuild_ledger`), recorded in the folder.
+For every charge (a round's training, an evaluation's or a training loss's release): what the
+receipt says it spent and what a fresh Opacus accountant computes from the receipts; both are
+checked against the ledger (`fedfusion privacy report <state-dir>` prints it,
+`tools.privacy_cli`). With `budget-scope = "dataset"` a run composes with the earlier runs on
+every version that shares records with its own (`common.privacy.lineage`), as the site did. And,
+for an operator who lost the ledger, its rebuild from the receipts (`rebuild_ledger`), recorded
+in the folder.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from common.privacy.ledger import (
     load_ledger,
     save_ledger,
 )
-from common.privacy.receipts import Receipt, read_receipts
+from common.privacy.lineage import known_keys, related
+from common.privacy.receipts import EVALUATE, TRAIN, Receipt, read_receipts
 
 TOLERANCE = 1e-6
 
@@ -73,9 +77,16 @@ class Audit:
         return all(r.ok for r in self.rows) and not self.problems
 
 
+def related_datasets(state_dir: Path, receipts: list[Receipt]) -> dict[str, set[str]]:
+    """For each dataset version of the receipts, the versions sharing records with it."""
+    versions = list(dict.fromkeys(r.dataset_sha256 for r in receipts))
+    return {v: related(state_dir, v, known_keys(state_dir, v), versions) for v in versions}
+
+
 def audit(state_dir: Path) -> Audit:
     """Re-derive every receipt's epsilon and compare the receipts with the ledger."""
     receipts = read_receipts(state_dir)
+    shares = related_datasets(state_dir, receipts)
     rows, seen = [], []
     for r in receipts:
         seen.append(r)
@@ -86,7 +97,7 @@ def audit(state_dir: Path) -> Audit:
                        if x.run_id == r.run_id and x.epsilon is not None])
         prior = [(x.noise_multiplier, x.sample_rate, x.steps) for x in seen
                  if r.budget_scope == "dataset" and x.run_id != r.run_id
-                 and x.dataset_sha256 == r.dataset_sha256 and x.epsilon is not None]
+                 and x.dataset_sha256 in shares[r.dataset_sha256] and x.epsilon is not None]
         kw = dict(delta=r.delta, accountant=r.accountant)
         rows.append(AuditRow(r, epsilon_from_history(own, **kw),
                              epsilon_from_history([*_merged(prior), *own], **kw)))
@@ -97,9 +108,14 @@ def _ledger_mismatches(ledger: Ledger, receipts: list[Receipt]) -> list[str]:
     problems = []
     for run_id, entry in ledger.runs.items():
         mine = [r for r in receipts if r.run_id == run_id]
-        if [r.round for r in mine] != list(entry.rounds):
+        trained = [r.round for r in mine if r.kind == TRAIN]
+        if trained != list(entry.rounds):
             problems.append(f"run {run_id}: the ledger lists rounds {list(entry.rounds)}, the "
-                            f"receipts {[r.round for r in mine]}.")
+                            f"receipts {trained}.")
+        evaluated = [r.round for r in mine if r.kind == EVALUATE]
+        if not set(evaluated) <= set(entry.evaluated):
+            problems.append(f"run {run_id}: the receipts charge evaluations of rounds {evaluated}, "
+                            f"the ledger lists {list(entry.evaluated)}.")
         if entry.account and sum(r.steps for r in mine) != entry.account.steps:
             problems.append(f"run {run_id}: the ledger holds {entry.account.steps} steps, the "
                             f"receipts {sum(r.steps for r in mine)}.")
@@ -148,13 +164,18 @@ def rebuild_ledger(state_dir: Path, *, reason: str) -> Ledger:
 def _entry_from_receipts(receipts: list[Receipt]) -> RunEntry:
     """One run's ledger entry from its receipts."""
     private = [r for r in receipts if r.epsilon is not None]
+    trained = [r for r in receipts if r.kind == TRAIN]
     account = None
     if private:
-        last = private[-1]
-        account = Account(accountant=last.accountant, delta=float(last.delta or 0.0),
-                          noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate,
+        steps = [r for r in private if r.kind == TRAIN] or private
+        releases = [r for r in private if r.kind != TRAIN]
+        account = Account(accountant=private[-1].accountant, delta=float(private[-1].delta or 0.0),
+                          noise_multiplier=steps[-1].noise_multiplier,
+                          sample_rate=steps[-1].sample_rate,
+                          release_noise_multiplier=releases[-1].noise_multiplier if releases else 0.0,
                           ).after(_merged([(r.noise_multiplier, r.sample_rate, r.steps)
                                            for r in private]))
     return RunEntry(dataset=receipts[-1].dataset_sha256, account=account,
-                    rounds=tuple(r.round for r in receipts),
-                    unprotected_rounds=tuple(r.round for r in receipts if r.epsilon is None))
+                    rounds=tuple(r.round for r in trained),
+                    unprotected_rounds=tuple(r.round for r in trained if r.epsilon is None),
+                    evaluated=tuple(r.round for r in receipts if r.kind == EVALUATE))

@@ -4,16 +4,28 @@ The accountant starts from the run's account (`common.privacy.accounting.Account
 steps compose with every earlier round. The Opacus wrapper never leaks out of this module: the
 model is hooked in place (`wrap_model=False`) and unhooked when the round ends, so parameter
 names never change.
+
+The coordinator chooses the model a site computes on, so a crafted model may overflow on one
+record and not on the others. DP-SGD's guarantee needs every record's contribution bounded, and
+a non-finite one is not (Opacus' clipping factor of a NaN gradient is NaN, and so is the noised
+sum: whether the update is finite would tell whether that record was sampled). Here a record
+whose logits or per-sample gradient are not finite contributes exactly zero, a function of that
+record and the model alone, so the update stays a DP function of the data whatever the model:
+- the loss sees such a row's logits as zeros that depend on no parameter (`FiniteCrossEntropy`);
+- with per-sample gradients (`hooks`), a row with any non-finite entry is zeroed before clipping;
+- with ghost clipping, a row whose gradient norm is not finite gets a clipping factor of zero.
+How many rows were zeroed stays in the site's log.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from opacus import PrivacyEngine
@@ -22,6 +34,30 @@ from torch.utils.data import DataLoader
 
 from common.errors import Failure
 from common.privacy.accounting import Account
+
+log = logging.getLogger(__name__)
+
+
+class FiniteCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy in which a row with a non-finite logit has zero logits that no parameter
+    moves: its loss is log C and its gradient zero (a torch.where, whose other branch gets a
+    zero gradient, so no 0 x inf enters the backward pass)."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return super().forward(finite_rows(input), target)
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, C) with each row that has a non-finite entry replaced by zeros."""
+    ok = torch.isfinite(logits).all(dim=-1, keepdim=True)
+    return torch.where(ok, logits, torch.zeros_like(logits))
+
+
+@dataclass
+class NonFinite:
+    """Rows whose contribution was zeroed this round (the site's log only)."""
+
+    rows: int = 0
 
 
 @dataclass
@@ -32,10 +68,46 @@ class PrivateSession:
     criterion: nn.Module
     loader: DataLoader
     engine: PrivacyEngine
+    non_finite: NonFinite = field(default_factory=NonFinite)
 
     def spent(self, account: Account) -> Account:
         """`account` after the steps taken in this session."""
         return account.after(self.engine.accountant.history)
+
+
+def _zero_non_finite_samples(optimizer: torch.optim.Optimizer, count: NonFinite) -> None:
+    """Before Opacus clips, zero every per-sample gradient row that holds a non-finite value."""
+    clip_and_accumulate: Callable[[], None] = optimizer.clip_and_accumulate  # type: ignore[attr-defined]
+
+    def guarded() -> None:
+        samples = optimizer.grad_samples  # type: ignore[attr-defined]  # (B, ...) per parameter
+        if samples and len(samples[0]):
+            bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for g in samples:
+                bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
+            if bad.any():
+                count.rows += int(bad.sum())
+                for p in optimizer.params:  # type: ignore[attr-defined]
+                    grad_sample = p.grad_sample
+                    for part in grad_sample if isinstance(grad_sample, list) else [grad_sample]:
+                        part[bad.to(part.device)] = 0.0
+        clip_and_accumulate()
+
+    optimizer.clip_and_accumulate = guarded  # type: ignore[attr-defined]
+
+
+def _zero_non_finite_norms(hooks: nn.Module, count: NonFinite) -> None:
+    """Ghost clipping: a row whose gradient norm is not finite gets a clipping factor of zero."""
+    norms = hooks.get_norm_sample  # type: ignore[attr-defined]
+
+    def coefficient() -> torch.Tensor:
+        norm = norms()
+        bad = ~torch.isfinite(norm)
+        count.rows += int(bad.sum())
+        factor = (hooks.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # type: ignore[attr-defined]
+        return torch.where(bad, torch.zeros_like(factor), factor)
+
+    hooks.get_clipping_coef = coefficient  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -49,7 +121,7 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         engine = PrivacyEngine(accountant=account.accountant)
     engine.accountant.load_state_dict(
         OrderedDict(history=list(account.history), mechanism=engine.accountant.mechanism()))
-    criterion = nn.CrossEntropyLoss()
+    criterion = FiniteCrossEntropy()
     model.train()  # Opacus validates the module in training mode
     out = engine.make_private(
         module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
@@ -65,7 +137,15 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
             f"Opacus samples at rate {dp_loader.sample_rate} but the run's account was planned for "
             f"{account.sample_rate}: the site's training set or batch size changed mid-run.",
             reason="interrupted")
+    session = PrivateSession(dp_optimizer, criterion, dp_loader, engine)
+    if grad_sample_mode == "ghost":
+        _zero_non_finite_norms(hooks, session.non_finite)
+    else:
+        _zero_non_finite_samples(dp_optimizer, session.non_finite)
     try:
-        yield PrivateSession(dp_optimizer, criterion, dp_loader, engine)
+        yield session
     finally:
         hooks.cleanup()
+        if session.non_finite.rows:
+            log.warning("%d sampled row(s) had non-finite logits or gradients under the received "
+                        "model and contributed nothing to the update", session.non_finite.rows)

@@ -1,9 +1,13 @@
-"""The site's privacy gate: the terms it trains under, and whether it may train this round.
+"""The site's privacy gate: the terms it works under, and whether it may train or release.
 
-The site trains under the stricter of its policy and the server's proposal. Before training it
-projects its epsilon after this round; if that would exceed its cap, or the server asks for no
-DP while the policy requires it, or the site has trained as many rounds as its policy allows,
-it refuses (`common.errors.Refusal`): no training, nothing charged, and a reason in the reply.
+The site trains under the stricter of its policy and the server's proposal. A run's account is
+planned once, at its first round or release: the releases the run may make (evaluations, a
+training loss: `common.privacy.release`) get `evaluation-share` of the cap, and the training
+noise is calibrated so that every planned step and release together fit the cap. Before each
+round or release the site projects its epsilon after it; if that would exceed its cap, or the
+server asks for no DP while the policy requires it, or the site has trained as many rounds as
+its policy allows, it refuses (`common.errors.Refusal`): nothing done, nothing charged, and a
+reason in the reply.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from common.privacy.accounting import (
 )
 from common.privacy.ledger import RunEntry
 from common.privacy.policy import SitePolicy
+from common.privacy.release import release_entry
 
 TOLERANCE = 1e-6  # relative slack for re-computing an epsilon the calibration already bounded
 EXHAUSTED_BELOW = 0.01  # less than 1% of a dataset budget left: training would be pure noise
@@ -41,6 +46,14 @@ class PrivacyTerms:
     planned_rounds: int
     budget_scope: str
     accountant: str
+    planned_releases: int = 0  # evaluations and training losses the run may release (charged)
+    evaluation_share: float = 0.1  # of the cap, planned for those releases
+    exact_metrics: bool = False  # metrics are released exactly (no account, no charge)
+
+    @property
+    def private_releases(self) -> bool:
+        """Evaluation metrics and a training loss leave only as charged, noisy releases."""
+        return self.dp and not self.exact_metrics
 
     @property
     def epsilon_cap(self) -> float:
@@ -60,15 +73,22 @@ def negotiate(policy: SitePolicy, run: RunConfig, *, dp: bool, target_epsilon: f
     run_cap = target_epsilon if policy.budget_scope == "dataset" else min(target_epsilon,
                                                                           policy.max_epsilon)
     clip = min(max(run.privacy.max_grad_norm, policy.min_max_grad_norm), policy.max_max_grad_norm)
+    planned_rounds = min(num_rounds, policy.max_rounds)
+    evaluations = num_rounds if policy.share_metrics and run.federation.fraction_evaluate > 0 else 0
+    losses = planned_rounds if policy.share_train_loss else 0
     return PrivacyTerms(dp=dp, run_epsilon=run_cap, scope_epsilon=policy.max_epsilon,
                         delta=min(target_delta, policy.delta_for(num_examples)), max_grad_norm=clip,
-                        planned_rounds=min(num_rounds, policy.max_rounds),
-                        budget_scope=policy.budget_scope, accountant=run.privacy.accountant)
+                        planned_rounds=planned_rounds, budget_scope=policy.budget_scope,
+                        accountant=run.privacy.accountant,
+                        planned_releases=0 if policy.exact_metrics else evaluations + losses,
+                        evaluation_share=policy.evaluation_share,
+                        exact_metrics=policy.exact_metrics)
 
 
 def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], *, num_examples: int,
                  batch_size: int, epochs: int, steps_per_round: int = 0) -> Account:
-    """A new run's account: noise calibrated once so that the planned rounds fit every cap."""
+    """A new run's account: noise calibrated once so that the planned rounds and releases fit
+    every cap (the releases alone spend at most `evaluation_share` of what the run may spend)."""
     q = sample_rate(num_examples=num_examples, batch_size=batch_size)
     total = terms.planned_rounds * local_steps(num_examples=num_examples, batch_size=batch_size,
                                                epochs=epochs, steps_per_round=steps_per_round)
@@ -81,14 +101,29 @@ def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], *, num_exam
             f"{spent:.3f} of its cap of {terms.scope_epsilon:g} (budget-scope = dataset).",
             reason="budget-exhausted")
     try:
-        sigma = calibrate_noise(target_epsilon=min(terms.run_epsilon, terms.scope_epsilon), **common)
+        release_sigma = _release_noise(terms, spent)
+        planned = ([(release_sigma, 1.0, terms.planned_releases)] if terms.planned_releases
+                   else [])
+        sigma = calibrate_noise(target_epsilon=min(terms.run_epsilon, terms.scope_epsilon),
+                                prior_history=planned, **common)
         if prior:
             sigma = max(sigma, calibrate_noise(target_epsilon=terms.scope_epsilon,
-                                               prior_history=prior, **common))
+                                               prior_history=[*prior, *planned], **common))
     except BudgetTooLow as err:
         raise Refusal(f"the privacy budget is exhausted: {err}", reason="budget-exhausted") from err
     return Account(accountant=terms.accountant, delta=terms.delta, noise_multiplier=sigma,
-                   sample_rate=q)
+                   sample_rate=q, release_noise_multiplier=release_sigma)
+
+
+def _release_noise(terms: PrivacyTerms, spent: float) -> float:
+    """The noise multiplier of each planned release: together they spend `evaluation_share` of
+    what this run may spend (its cap, or what earlier runs left of the dataset's)."""
+    if not terms.planned_releases:
+        return 0.0
+    left = min(terms.run_epsilon, terms.scope_epsilon - spent)
+    return calibrate_noise(target_epsilon=terms.evaluation_share * left,
+                           target_delta=terms.delta, sample_rate=1.0,
+                           total_steps=terms.planned_releases, accountant=terms.accountant)
 
 
 def check_round_count(entry: RunEntry | None, policy: SitePolicy) -> None:
@@ -99,17 +134,53 @@ def check_round_count(entry: RunEntry | None, policy: SitePolicy) -> None:
                       f"policy allows (max-rounds = {policy.max_rounds}).", reason="max-rounds")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LocalPlan:
+    """How the site trains each round of the run: its size, batch and local work."""
+
+    num_examples: int
+    batch_size: int
+    epochs: int
+    steps_per_round: int = 0
+
+
+def run_account(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
+                plan: LocalPlan) -> Account:
+    """The run's account: the one in the ledger, or a new one planned for the whole run."""
+    if entry and entry.account:
+        return entry.account
+    return open_account(terms, prior, num_examples=plan.num_examples, batch_size=plan.batch_size,
+                        epochs=plan.epochs, steps_per_round=plan.steps_per_round)
+
+
 def authorize_round(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
-                    policy: SitePolicy, *, num_examples: int, batch_size: int,
-                    epochs: int, steps_per_round: int = 0) -> Account:
+                    policy: SitePolicy, plan: LocalPlan) -> Account:
     """The account to train this round with, or a Refusal (nothing is charged)."""
     check_round_count(entry, policy)
-    account = entry.account if entry and entry.account else open_account(
-        terms, prior, num_examples=num_examples, batch_size=batch_size, epochs=epochs,
-        steps_per_round=steps_per_round)
+    account = run_account(terms, entry, prior, plan)
     step = (account.noise_multiplier, account.sample_rate,
-            local_steps(num_examples=num_examples, batch_size=batch_size, epochs=epochs,
-                        steps_per_round=steps_per_round))
+            local_steps(num_examples=plan.num_examples, batch_size=plan.batch_size,
+                        epochs=plan.epochs, steps_per_round=plan.steps_per_round))
+    check_caps(terms, account, prior, step, what="this round")
+    return account
+
+
+def authorize_release(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
+                      plan: LocalPlan) -> Account:
+    """The account to charge one release (an evaluation, a training loss) to, or a Refusal."""
+    account = run_account(terms, entry, prior, plan)
+    if account.release_noise_multiplier <= 0:
+        raise Refusal("this run's privacy plan at the site set no budget aside for releases "
+                      "(the run planned no evaluation, or its account predates accounted "
+                      "evaluation); start a new run to evaluate.", reason="release-not-planned")
+    check_caps(terms, account, prior, release_entry(account.release_noise_multiplier),
+               what="this release")
+    return account
+
+
+def check_caps(terms: PrivacyTerms, account: Account, prior: Sequence[HistoryEntry],
+               step: HistoryEntry, *, what: str) -> None:
+    """Refuse when the run's or the budget scope's epsilon would exceed its cap after `step`."""
     run_after = epsilon_from_history([*account.history, step], delta=account.delta,
                                      accountant=account.accountant)
     scope_after = epsilon_from_history([*prior, *account.history, step], delta=account.delta,
@@ -117,6 +188,5 @@ def authorize_round(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence
     for name, after, cap in (("this run's", run_after, terms.run_epsilon),
                              (f"the {terms.budget_scope} budget's", scope_after, terms.scope_epsilon)):
         if after > cap * (1 + TOLERANCE):
-            raise Refusal(f"{name} epsilon would reach {after:.3f} after this round, above "
-                          f"its cap of {cap:g}; this site stops training.", reason="epsilon-cap")
-    return account
+            raise Refusal(f"{name} epsilon would reach {after:.3f} after {what}, above its cap "
+                          f"of {cap:g}; this site stops.", reason="epsilon-cap")

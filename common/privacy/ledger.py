@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,11 +57,16 @@ class Ledger:
         """This run's entry, if the site has trained in it."""
         return self.runs.get(run_id)
 
-    def prior_history(self, dataset: str, run_id: str) -> list[HistoryEntry]:
-        """Accountant history of every other run on the same dataset version."""
+    def prior_history(self, datasets: Collection[str], run_id: str) -> list[HistoryEntry]:
+        """Accountant history of every other run on one of `datasets` (the versions that share
+        records with the run's: `common.privacy.lineage`)."""
         return [entry for rid, rec in sorted(self.runs.items())
-                if rec.dataset == dataset and rid != run_id and rec.account
+                if rec.dataset in datasets and rid != run_id and rec.account
                 for entry in rec.account.history]
+
+    def datasets(self) -> set[str]:
+        """Every dataset version a run of this ledger used."""
+        return {rec.dataset for rec in self.runs.values()}
 
     def run_key_of(self, flower_run: int) -> str | None:
         """The run key a Flower run trains under at this site, if it trained or evaluated yet."""

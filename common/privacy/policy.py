@@ -16,10 +16,16 @@ policy file (a simulated hospital without one is played by the researcher: `rese
     metric-decimals = 3          # released metrics (loss, accuracy, AUROC, F1) are rounded
     min-max-grad-norm = 0.0      # bounds on the clipping norm the server may set
     max-max-grad-norm = inf
-    share-metrics = true         # false: evaluation is refused and train-loss is not reported
-                                 # (they are computed on private data without noise)
-    share-ablation = true        # with share-metrics: also release the modality ablation (AUROC
-                                 # and accuracy with the image only, the report only, both)
+    share-metrics = true         # false: evaluation is refused
+    evaluation-share = 0.1       # the part of the epsilon cap planned for evaluation releases
+                                 # (noisy score histograms, charged like training)
+    share-ablation = true        # with share-metrics: the last round's evaluation also releases
+                                 # the modality ablation (image only, report only, both)
+    share-train-loss = false     # true: release a noisy mean training loss each round (charged)
+    exact-metrics = false        # true: release evaluation metrics exactly, outside the accountant
+                                 # (the default of a simulated hospital played by the researcher)
+    labels = []                  # the site's public label vocabulary: a run must name every one
+                                 # of them; empty: the labels in the site's data are public
     accept-bundles = []          # SHA-256 of the run bundles the site's node takes part with;
                                  # empty: the FedFusion app at the installed version (client.bundle)
 """
@@ -56,7 +62,11 @@ class SitePolicy:
     min_max_grad_norm: float = 0.0
     max_max_grad_norm: float = math.inf
     share_metrics: bool = True
+    evaluation_share: float = 0.1  # of the epsilon cap, planned for the evaluation releases
     share_ablation: bool = True  # the modality ablation's metrics (with share-metrics only)
+    share_train_loss: bool = False  # a noisy mean training loss each round (charged)
+    exact_metrics: bool = False  # evaluation metrics released exactly, outside the accountant
+    labels: tuple[str, ...] = ()  # the public label vocabulary; empty: the data's labels are public
     min_eval_records: int = 20  # fewer validation records: no evaluation metrics are released
     metric_decimals: int = 3  # released metrics are rounded to this many decimals
     accept_bundles: tuple[str, ...] = ()  # SHA-256 of the only run bundles to take part with
@@ -66,6 +76,9 @@ class SitePolicy:
             (self.max_epsilon > 0, "max-epsilon must be > 0"),
             (self.delta is None or 0 < self.delta <= 1, "delta must be in (0, 1]"),
             (self.min_eval_records >= 1, "min-eval-records must be >= 1"),
+            (0 < self.evaluation_share < 1, "evaluation-share must be in (0, 1)"),
+            (len(set(self.labels)) == len(self.labels) and all(self.labels),
+             "labels must be distinct, non-empty names"),
             (0 <= self.metric_decimals <= 6, "metric-decimals must be from 0 to 6"),
             (self.max_rounds >= 1, "max-rounds must be >= 1"),
             (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
@@ -83,7 +96,8 @@ class SitePolicy:
     def researcher(cls, *, dp: bool) -> SitePolicy:
         """A simulated hospital's policy without a file: the researcher who set `dp` plays it."""
         return cls(max_epsilon=math.inf, delta=1.0, require_dp=dp, budget_scope="run",
-                   min_eval_records=1, metric_decimals=6)
+                   min_eval_records=1, metric_decimals=6, exact_metrics=True,
+                   share_train_loss=True)
 
     def delta_for(self, num_examples: int) -> float:
         """The site's delta for `num_examples` training records."""

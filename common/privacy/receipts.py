@@ -1,8 +1,10 @@
-"""A site's privacy receipts: one line per round it trained, in `receipts.jsonl` of its state folder.
+"""A site's privacy receipts: one line per charge, in `receipts.jsonl` of its state folder.
 
-A receipt says what the round spent and carries the SHA-256 of the exact update that left the
-site (the coordinator's history records the hash of what it received, so both sides can be
-matched). `fedfusion privacy report` re-derives every epsilon from the receipts alone.
+A receipt says what a round's training (`kind` "train") or a release (`kind` "evaluate": the
+noisy evaluation counts; "train-loss": a noisy training loss) spent, and carries the SHA-256 of
+exactly what left the site (the update, or the released values; the coordinator's history
+records the hash of the update it received, so both sides can be matched). `fedfusion privacy
+report` re-derives every epsilon from the receipts alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from common.files import append_line_atomic
 from common.privacy.ledger import guarded_write
 
 RECEIPTS_FILE = "receipts.jsonl"
+TRAIN, EVALUATE, TRAIN_LOSS = "train", "evaluate", "train-loss"
+KINDS = (TRAIN, EVALUATE, TRAIN_LOSS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +39,7 @@ class Receipt:
     update_sha256: str
     dataset_sha256: str
     time: str
+    kind: str = TRAIN  # what was charged: a round's training, or a release (KINDS)
 
     @staticmethod
     def now() -> str:

@@ -14,12 +14,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.model.contributions import KEEP, masked
 from common.model.fusion_model import FusionModel
 from common.training.loop import Batch, metrics_from_logits
 from common.training.metrics import Metrics
+from common.training.score_counts import ScoreCounts, count_scores, finite_probabilities
 from common.training.progress import batches, log_line, progress
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,19 @@ def ablation_logits(model: FusionModel, batch: Batch, device: torch.device,
     return logits, labels.cpu(), both
 
 
+@dataclass(frozen=True, kw_only=True)
+class AblationScores:
+    """The logits of every validation row per kept modality, its label and whether it has both."""
+
+    logits: dict[str, torch.Tensor]  # keep -> (N, C)
+    labels: torch.Tensor  # (N,)
+    both: torch.Tensor  # (N,) bool: the row has an image and a report
+
+
 @torch.no_grad()
-def evaluate_with_ablation(model: FusionModel, loader: Iterable[Batch], device: torch.device,
-                           desc: str = "evaluate") -> tuple[Metrics, Ablation]:
-    """The usual metrics over every row, and the ablation over the rows with both modalities."""
-    start = time.perf_counter()
+def ablation_scores(model: FusionModel, loader: Iterable[Batch], device: torch.device,
+                    desc: str = "evaluate") -> AblationScores:
+    """One pass over `loader`: the logits with both modalities, the image only, the report only."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*KEEP, "labels", "rows")}
     for batch in progress(loader, desc=desc, total=batches(loader)):
@@ -61,16 +71,57 @@ def evaluate_with_ablation(model: FusionModel, loader: Iterable[Batch], device: 
         parts["labels"].append(labels)
         parts["rows"].append(both)
     if not parts["labels"]:
-        empty = metrics_from_logits(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
-        return empty, Ablation(num_examples=0, both=empty, image=empty, text=empty)
+        empty = torch.zeros(0, 0)
+        return AblationScores(logits={k: empty for k in KEEP},
+                              labels=torch.zeros(0, dtype=torch.long),
+                              both=torch.zeros(0, dtype=torch.bool))
     cat = {k: torch.cat(v) for k, v in parts.items()}
-    labels, rows = cat["labels"], cat["rows"]
-    metrics = metrics_from_logits(cat["both"], labels)
-    scored = {keep: metrics_from_logits(cat[keep][rows], labels[rows]) for keep in KEEP}
-    ablation = Ablation(num_examples=int(rows.sum()), both=scored["both"], image=scored["image"],
-                        text=scored["text"])
-    log_line(log, "%s: %d examples, loss %.4f, accuracy %.3f; AUROC on %d rows with both: "
-             "%.3f both, %.3f image only, %.3f report only, %.1f s", desc, metrics.num_examples,
-             metrics.loss, metrics.accuracy, ablation.num_examples, ablation.both.auroc,
-             ablation.image.auroc, ablation.text.auroc, time.perf_counter() - start)
+    return AblationScores(logits={k: cat[k] for k in KEEP}, labels=cat["labels"], both=cat["rows"])
+
+
+def exact_metrics(scores: AblationScores) -> tuple[Metrics, Ablation]:
+    """The usual metrics over every row, and the ablation over the rows with both modalities."""
+    labels, rows = scores.labels, scores.both
+    metrics = metrics_from_logits(scores.logits["both"], labels)
+    if not len(labels):
+        return metrics, Ablation(num_examples=0, both=metrics, image=metrics, text=metrics)
+    scored = {keep: metrics_from_logits(scores.logits[keep][rows], labels[rows]) for keep in KEEP}
+    return metrics, Ablation(num_examples=int(rows.sum()), both=scored["both"],
+                             image=scored["image"], text=scored["text"])
+
+
+@torch.no_grad()
+def evaluate_with_ablation(model: FusionModel, loader: Iterable[Batch], device: torch.device,
+                           desc: str = "evaluate") -> tuple[Metrics, Ablation]:
+    """The usual metrics over every row, and the ablation over the rows with both modalities."""
+    start = time.perf_counter()
+    metrics, ablation = exact_metrics(ablation_scores(model, loader, device, desc))
+    log_ablation(desc, metrics, ablation, time.perf_counter() - start)
     return metrics, ablation
+
+
+def log_ablation(desc: str, metrics: Metrics, ablation: Ablation, seconds: float) -> None:
+    """The exact metrics in the site's log (they stay at the site)."""
+    log_line(log, "%s: %d examples, loss %.4f, accuracy %.3f, AUROC %.3f; AUROC on %d rows with "
+             "both: %.3f both, %.3f image only, %.3f report only, %.1f s", desc,
+             metrics.num_examples, metrics.loss, metrics.accuracy, metrics.auroc,
+             ablation.num_examples, ablation.both.auroc, ablation.image.auroc, ablation.text.auroc,
+             seconds)
+
+
+# The rows of a release's views: every validation row is in "lacking" (it lacks a modality) or
+# "both"; "image" and "text" score the rows with both again with one modality masked.
+VIEWS = ("lacking", "both", "image", "text")
+
+
+def view_counts(scores: AblationScores, num_classes: int, *, ablation: bool) -> dict[str, ScoreCounts]:
+    """The score counts per view (`ablation`: with the image-only and report-only views)."""
+    labels, both = scores.labels.numpy(), scores.both.numpy().astype(bool)
+    probs = {k: finite_probabilities(v.numpy().reshape(len(labels), -1))
+             if len(labels) else np.zeros((0, num_classes)) for k, v in scores.logits.items()}
+    views = {"lacking": count_scores(probs["both"][~both], labels[~both], num_classes),
+             "both": count_scores(probs["both"][both], labels[both], num_classes)}
+    if ablation:
+        views |= {keep: count_scores(probs[keep][both], labels[both], num_classes)
+                  for keep in ("image", "text")}
+    return views
