@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from opacus.accountants import PRVAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.registry import create_accountant
 
@@ -29,6 +29,9 @@ from common.errors import Refusal
 log = logging.getLogger(__name__)
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+# Opacus' RDP orders, extended: its largest (63) floors epsilon near log(1/delta)/62 ~ 0.19, too
+# coarse for a small budget's releases; higher orders only tighten the bound at small epsilons
+RDP_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 256, 8), *range(256, 4097, 128)]
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this, training is noise: the budget is too low to train
 MIN_NOISE_MULTIPLIER = 0.1  # below this one step spends epsilon > 100 (the largest target) at
 # any usual rate; the search never goes lower (more noise than needed is always safe)
@@ -158,6 +161,8 @@ def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -
         # PRV at sampling rate 1 (a release: the plain Gaussian mechanism) takes log(1 - q) = -inf
         # on the way; the result is right (within 2% of the analytic Gaussian mechanism's epsilon)
         warnings.simplefilter("ignore", RuntimeWarning)
+        if accountant == "rdp":
+            return float(acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))
         return float(acc.get_epsilon(delta=delta))
 
 
