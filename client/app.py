@@ -31,13 +31,8 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.rounds import (
-    RoundRequest,
-    SiteEvaluation,
-    TrainOutcome,
-    evaluate_round,
-    train_round,
-)
+from client.evaluation import SiteEvaluation, evaluate_round
+from client.rounds import RoundRequest, TrainOutcome, train_round
 from client.site_config import SiteConfig
 from client.state import SiteState, SiteStates
 from common import protocol as R

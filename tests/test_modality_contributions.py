@@ -5,7 +5,6 @@ report says how much the model relies on the report."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.app import evaluate_content
-from client.rounds import evaluate_round
+from client.evaluation import evaluate_round
 from client.state import SiteState
 from common import protocol as R
 from common.data.dataset import ManifestDataset

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import app as client_app
-from client.rounds import evaluate_round
+from client.evaluation import evaluate_round
 from client.state import SiteState
 from common import protocol as R
 from common.errors import Kind, public_text
