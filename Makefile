@@ -14,12 +14,16 @@ TORCH := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision
 run: $(STAMP)
 	$(BIN)/python -m simulations $(ARGS)
 
+# two xdist workers: the end-to-end tests mostly wait on processes, so two overlap well on 2 cores;
+# a module's shared fixture (a loopback federation) and the Ray runs stay on one worker (xdist_group)
+XDIST ?= -n 2 --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # the inner loop: everything but the end-to-end runs marked `slow` (CI runs `make test`)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --quick $(ARGS)

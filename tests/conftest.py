@@ -3,10 +3,12 @@ and the round requests a coordinator sends them."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord
 
 from client.rounds import RoundRequest
@@ -16,6 +18,11 @@ from common import protocol as R
 from common.config import RunConfig, default_user_config
 from common.model.trainable import trainable_state
 from simulations.demo_data import write_demo_hospitals
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the machine's cores: one torch thread each keeps them from fighting
+    torch.set_num_threads(1)
 
 
 def tiny_user_config(data_root: Path | str = "demo-data", **overrides: object) -> dict[str, object]:

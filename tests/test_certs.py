@@ -19,6 +19,9 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from tools.certs import CredentialError, CredentialLayout, write_credentials
 from tools.cli import main
 
+# its module-scoped fixture is built once: every test of the module on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_certs")
+
 
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory: pytest.TempPathFactory) -> CredentialLayout:

@@ -38,7 +38,7 @@ from simulations.demo_data import write_demo_hospitals
 from simulations.loopback import LoopbackFederation, Started
 from tools.certs import CredentialLayout, write_credentials
 
-pytestmark = pytest.mark.slow  # about 4 min: real processes, a 60 s task timeout in run 4
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]  # about 4 min: real processes, a 60 s task timeout in run 4
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSPITALS = {"hospital-a": 8.0, "hospital-b": 6.0}  # name: the max-epsilon in its own policy

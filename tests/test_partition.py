@@ -15,6 +15,9 @@ from simulations.partition import PartitionError, PartitionPlan, partition_manif
 from tests.conftest import tiny_run
 from tools.cli import main
 
+# its module-scoped fixture is built once: every test of the module on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_partition")
+
 CLASSES = tuple(DEMO_CLASS_NAMES)
 
 

@@ -16,6 +16,9 @@ from common.privacy.receipts import RECEIPTS_FILE, read_receipts
 from tests.conftest import hospital, request, tiny_run
 from tools.cli import main as fedfusion
 
+# its module-scoped fixture is built once: every test of the module on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_privacy_receipts")
+
 
 @pytest.fixture(scope="module")
 def trained_state(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -25,7 +25,7 @@ from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
 from simulations.loopback import BIN, free_port, kill_survivors
 
-pytestmark = pytest.mark.slow  # about 1.5 min: a Ray cluster of two nodes, a simulation on it
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # about 1.5 min: a Ray cluster of two nodes, a simulation on it
 
 ROOT = Path(__file__).resolve().parent.parent
 # Reads the cluster's tables (GCS) from a separate driver: nodes, and where each actor ran.

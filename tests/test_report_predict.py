@@ -25,6 +25,9 @@ from tools.plots import AGGREGATE, plot_epsilon, plot_metric
 from tools.predict import load_predictor, predict_case, predict_manifest
 from tools.report import write_report
 
+# its module-scoped fixture is built once: every test of the module on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_report_predict")
+
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -20,7 +20,7 @@ from common.model.trainable import load_trainable_state, trainable_state
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 ROOT = Path(__file__).resolve().parent.parent
 
 
