@@ -122,8 +122,9 @@ def test_policy_withholds_the_ablation(demo_root: Path, tmp_path: Path, exact: b
             assert views == ({"lacking", "both", "image", "text"}
                              if share and (exact or server_round == 2) else {"lacking", "both"})
     assert all(math.isnan(shared[False, r][k]) for k in R.ABLATION_METRICS for r in (1, 2))
-    assert all(math.isfinite(shared[True, 2][k]) for k in (R.ACCURACY_BOTH, R.ACCURACY_IMAGE_ONLY,
-                                                           R.ACCURACY_TEXT_ONLY))
+    if exact:  # noisy counts of a few rows can sum below one row: their accuracy is then nan
+        assert all(math.isfinite(shared[True, 2][k])
+                   for k in (R.ACCURACY_BOTH, R.ACCURACY_IMAGE_ONLY, R.ACCURACY_TEXT_ONLY))
     assert all(math.isnan(shared[True, 1][k]) for k in R.ABLATION_METRICS) is not exact
     if exact:  # the usual metrics are released either way, and the same
         assert shared[True, 1][R.ACCURACY] == shared[False, 1][R.ACCURACY]

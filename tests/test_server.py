@@ -172,4 +172,4 @@ def test_noisy_counts_are_pooled_and_exact_metrics_averaged() -> None:
     # the counts' AUROC over every row is the exact one at the bins' resolution
     from sklearn.metrics import roc_auc_score
     exact_pooled = roc_auc_score(np.concatenate(all_labels), np.concatenate(all_probs)[:, 1])
-    assert noisy[R.AUROC] == pytest.approx(exact_pooled, abs=0.02)
+    assert noisy[R.AUROC] == pytest.approx(exact_pooled, abs=0.03)  # these scores span 2-3 bins
