@@ -163,8 +163,9 @@ class Books:
             *entry.flower_runs, self.key.flower_run_id)
         self.entry = replace(entry, dataset=self.data.version, flower_runs=flower_runs)
         self.ledger = self.ledger.with_run(self.key.run_key, self.entry)
-        save_ledger(self.state_dir, self.ledger)
+        # the version's record keys first: a spend on the books always finds its records
         remember(self.state_dir, self.data.version, self.data.record_keys)
+        save_ledger(self.state_dir, self.ledger)
 
     def _receipt(self, account: Account | None, *, kind: str, sha256: str, noise: float,
                  sample_rate: float, steps: int) -> Receipt:
