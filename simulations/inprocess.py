@@ -1,7 +1,8 @@
-"""An in-process Flower Grid for tests: the ServerApp talks to ClientApps directly, no Ray.
+"""An in-process Flower Grid: the ServerApp talks to ClientApps directly, no Ray, no transport.
 
 It mirrors what Flower's runtimes do with a message: deliver a copy to the node's ClientApp
-with that node's persistent Context, and turn an exception into an error reply.
+with that node's persistent Context, and turn an exception into an error reply. The tests run
+the real ServerApp and ClientApp through it.
 """
 
 from __future__ import annotations
