@@ -28,7 +28,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import app as client_app
+from client.app import app as installed_client_app
+from client.app import site_state
 from client.state import SiteState
 from common.config import RunConfig
 from server.app import RunEnd, federate
@@ -111,12 +112,12 @@ class InProcessGrid(Grid):
 
 def run_in_process(user_config: Mapping[str, Any], node_configs: list[dict[str, Any]]) -> RunEnd:
     """One whole ServerApp run (`server.app.federate`) over the installed ClientApp at these nodes."""
-    grid = InProcessGrid(client_app.app, node_configs, dict(user_config))
+    grid = InProcessGrid(installed_client_app, node_configs, dict(user_config))
     return federate(grid, RunConfig.from_user_config(user_config))
 
 
 def warm_site(node_config: Mapping[str, Any],
               user_config: Mapping[str, Any]) -> tuple[RunConfig, SiteState]:
     """The run as the node's ClientApp runs it (`SiteConfig.localize`) and the state it keeps warm."""
-    return client_app.site_state(Context(run_id=0, node_id=0, node_config=dict(node_config),
-                                         state=RecordDict(), run_config=dict(user_config)))
+    return site_state(Context(run_id=0, node_id=0, node_config=dict(node_config),
+                              state=RecordDict(), run_config=dict(user_config)))
