@@ -1,104 +1,102 @@
-"""A federation in this process for the utility benchmarks: the project's own rounds, no transport.
+"""How the utility benchmarks train and judge a model: every setting is one run of the product.
 
-Each round runs what a deployed run runs, minus Flower's messaging: the coordinator's strategy
-(`server.strategy.build_strategy`, chosen by the run config: FedAvg, FedAvgM, FedAdam, ...)
-samples the sites and builds the round's message; every sampled site trains through its own
-round (`client.rounds.train_round`: feature cache, DP-SGD, ledger, receipts); partial updates are
-completed as the coordinator completes them (`server.screening.complete_partial_updates`); and
-the strategy aggregates (`aggregate_train`, weighted by training examples). The global state
-passed to the next round is the strategy's aggregate of complete updates, never a site's update.
+A setting is a whole ServerApp run (`server.app.federate`: the round loop
+`server.loop.run_rounds` with its reply checks, update screening, weight cap, each round's
+evaluation and the run folder) on an in-process grid of the installed ClientApp
+(`simulations.inprocess`): no part of a round is re-implemented here. Every site is a deployed
+hospital's node (`Hospitals.node`: its manifest, its own state folder) under `POLICY`: a
+deployed site's default policy with the two changes the comparisons need. Each setting is its
+own run (its own run key and Flower run), and the sites stay warm across settings in the
+ClientApp's registry, so their frozen features are computed once. A model is judged on a
+patient-level test set that no hospital sees (`test_probabilities`).
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterable
-from dataclasses import replace
+import logging
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import DataLoader
 
-from client.rounds import RoundRequest, train_round
 from client.site_config import SiteConfig
 from client.state import SiteState
-from common import protocol as R
 from common.config import RunConfig
+from common.model.checkpoint import MODEL_WEIGHTS
 from common.model.feature_cache import CachedFusion, CacheKey
 from common.model.fusion_model import FusionModel, build_model
 from common.model.trainable import load_trainable_state, trainable_state
 from common.training.loop import predict_logits
-from server.screening import Update, complete_partial_updates
-from server.strategy import build_strategy
+from simulations.inprocess import run_in_process, warm_site
+
+log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 
+# A deployed site's defaults (epsilon cap 8 per run; evaluation released as noisy score counts
+# charged to the run's budget, with evaluation-share 0.1 of it planned for them when the run
+# starts), except two things the benchmarks' comparisons need: a run may train without DP (the
+# settings without DP), and each run has a budget of its own (every setting is a new run on
+# the same data).
+POLICY = """\
+require-dp = false
+budget-scope = "run"
+"""
+POLICY_FILE = "policy.toml"
 
-class LocalNodes:
-    """The node ids Flower's strategies sample from (the only part of a Grid they use here)."""
 
-    def __init__(self, count: int) -> None:
-        self.count = count
+class Hospitals:
+    """A benchmark's sites as deployed nodes: their state folders and run folders under `root`."""
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(range(1, self.count + 1))
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.policy = root / POLICY_FILE
+        root.mkdir(parents=True, exist_ok=True)
+        self.policy.write_text(POLICY)
+
+    def node(self, folder: Path) -> dict[str, Any]:
+        """The node config of the hospital that reads `folder` (named after it)."""
+        return {"site-name": folder.name, "manifest": str(folder),
+                "state-dir": str(self.root / "state" / folder.name), "policy": str(self.policy)}
+
+    def warm(self, folder: Path, user_config: Mapping[str, Any]) -> tuple[RunConfig, SiteState]:
+        """The run as that hospital runs it and the state its ClientApp keeps (to fill its cache)."""
+        return warm_site(self.node(folder), user_config)
+
+    def federate(self, user_config: Mapping[str, Any], folders: list[Path], name: str) -> State:
+        """Setting `name`: one run over the hospitals of `folders`; the final global trainable state.
+
+        A run that stops early (fewer usable updates than min-nodes) raises: its model is not
+        what the setting trains.
+        """
+        runs = self.root / "runs"
+        shutil.rmtree(runs / name, ignore_errors=True)  # a new run, also in a reused --work-dir
+        config = {**user_config, "output-dir": str(runs), "run-name": name,
+                  # a federation of one (centralized, a hospital alone) waits for no second node
+                  "min-nodes": min(int(user_config["min-nodes"]), len(folders))}
+        end = run_in_process(config, [self.node(f) for f in folders])
+        if end.stopped:
+            raise RuntimeError(f"setting {name}: {end.stopped} (history in {end.folder})")
+        # the full model (frozen encoders: 135 MB with the demo preset) of every setting would
+        # fill the disk; the trainable state is returned here and kept per round in the folder
+        (end.folder / MODEL_WEIGHTS).unlink()
+        log.info("setting %s: run folder %s", name, end.folder)
+        return {k: v.clone() for k, v in end.arrays.to_torch_state_dict().items()}
 
 
 def site_states(root: Path, folders: list[Path], policy: Path | None = None) -> list[SiteState]:
-    """One warm site per folder, its state (ledger, receipts) under `root`/<folder name>.
+    """One site state per folder, outside any federation (a test set, a pool of features).
 
-    Without `policy` a site is a simulated hospital that the researcher plays: it trains with or
-    without DP as each run asks, each run under its own budget (`SitePolicy.researcher`).
+    Its state (ledger, receipts) is under `root`/<folder name>; without `policy` it is a
+    simulated hospital that the researcher plays (`SitePolicy.researcher`).
     """
     return [SiteState(SiteConfig(site_name=f.name, manifest=f, state_dir=root / f.name,
                                  policy=policy, simulated=policy is None))
             for f in folders]
-
-
-def federate(run: RunConfig, sites: list[SiteState], start: State, run_key: str) -> State:
-    """`num-server-rounds` rounds of the run config's strategy over `sites`; the final global state.
-
-    Each call is its own Flower run (the sites' ledgers bind one run key to one Flower run), so
-    warm sites (their feature caches) serve many settings, each under its own run key.
-    """
-    flower_run_id = zlib.crc32(run_key.encode()) + 1
-    # the process's task identity, as a ServerApp's runtime sets it (Flower's Message needs one)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = flower_run_id, 0, 1
-    # a federation of one (centralized, a hospital alone) waits for no second node
-    fed = replace(run.federation, min_nodes=min(run.federation.min_nodes, len(sites)))
-    strategy = build_strategy(fed, run.aggregation)
-    nodes = LocalNodes(len(sites))
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in start.items()})
-    for server_round in range(1, run.federation.num_server_rounds + 1):
-        fingerprint = sites[0].bundle(run.model).fingerprint
-        config = ConfigRecord({R.RUN_KEY: run_key, R.FROZEN_FINGERPRINT: fingerprint})
-        messages = list(strategy.configure_train(server_round, arrays, config, nodes))  # type: ignore[arg-type]
-        updates = []
-        for msg in messages:
-            site = sites[msg.metadata.dst_node_id - 1]
-            request = RoundRequest(server_round=server_round, run_key=run_key,
-                                   frozen_fingerprint=fingerprint,
-                                   parameters=msg.content[R.ARRAYS].to_torch_state_dict(),
-                                   flower_run_id=flower_run_id)
-            out = train_round(site, run, request)
-            updates.append(Update(site=site.site.site_name,
-                                  arrays={k: v.numpy() for k, v in out.state.items()},
-                                  untrained=out.untrained, num_examples=out.num_examples))
-        global_arrays = {k: v.numpy() for k, v in arrays.items()}
-        replies = [Message(RecordDict({R.ARRAYS: ArrayRecord({k: Array(v) for k, v in full.items()}),
-                                       R.METRICS: MetricRecord({R.NUM_EXAMPLES: u.num_examples})}),
-                           dst_node_id=0, message_type="train")
-                   for full, u in zip(complete_partial_updates(updates, global_arrays), updates,
-                                      strict=True)]
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        if aggregated is None:
-            raise RuntimeError(f"round {server_round}: the strategy aggregated nothing.")
-        arrays = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=global_arrays[k].dtype))
-                              for k, v in aggregated.items()})
-    return {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
 
 
 def initial_state(run: RunConfig) -> State:

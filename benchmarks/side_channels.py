@@ -40,12 +40,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.federation import (
-    federate,
-    initial_state,
-    site_states,
-    test_probabilities,
-)
+from benchmarks.federation import Hospitals, site_states, test_probabilities
 from benchmarks.record import Outcome
 from benchmarks.small_hospitals import (
     DEMO_CLASSES,
@@ -57,7 +52,7 @@ from benchmarks.small_hospitals import (
     split,
     write_site,
 )
-from benchmarks.workloads import bench_config, demo_hospitals
+from benchmarks.workloads import bench_config, bench_user_config, demo_hospitals
 from client.evaluation import evaluate_round
 from client.rounds import RoundRequest, train_round
 from client.site_config import SiteConfig
@@ -244,19 +239,21 @@ def evaluation_cost(work: Path, *, trials: int, medpix: Path = MEDPIX, preset: s
               "on 5 demo hospitals", flush=True)
     classes = MEDPIX_CLASSES if found else DEMO_CLASSES
     cases = medpix_cases(medpix) if found else demo_cases(work / "demo-data", demo_scale)
-    run = bench_config(preset, class_names=classes, dp=True, target_epsilon=8.0)
+    user_config = bench_user_config(preset, class_names=classes, dp=True, target_epsilon=8.0)
+    run = RunConfig.from_user_config(user_config)
     s = split(cases, work / "split", seed=0)
     pool = site_states(work / "state" / "pool", [write_site(work / "pool", cases)])[0]
     features = PooledFeatures(pool, run)
-    folders = [*s.hospitals, s.test]
-    sites = dict(zip(folders, site_states(work / "state", folders), strict=True))
+    hospitals = Hospitals(work / "federation")
+    test_site = site_states(work / "state", [s.test])[0]
     for p in s.hospitals:
-        features.prime(sites[p], run)
-    features.prime(sites[s.test], run, split_name="test")
-    state = federate(run, [sites[p] for p in s.hospitals], initial_state(run), "cost")
-    probs, labels = test_probabilities(run, sites[s.test], state)
+        site_run, site = hospitals.warm(p, user_config)
+        features.prime(site, site_run)
+    features.prime(test_site, run, split_name="test")
+    state = hospitals.federate(user_config, s.hospitals, "cost")
+    probs, labels = test_probabilities(run, test_site, state)
     hospital_of = {c.key: c.hospital for c in cases}
-    rows = sites[s.test].data(run).train.rows
+    rows = test_site.data(run).train.rows
     by_site: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         by_site[hospital_of[(str(Path(r.image).resolve()) if r.image else "", r.text,

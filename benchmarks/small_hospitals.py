@@ -3,13 +3,14 @@
 For each of `seeds` patient-level splits: a fifth of the patients is held out as the common test
 set (no hospital trains or validates on it); every other patient stays at their hospital
 (medpix-dev: the 5 natural hospitals of its `site` column, 58-217 patients each; demo: 5 demo
-hospitals of 20-100 rows). Settings, all from the same initial model through the site's own
-round in the in-process federation of `benchmarks.federation` (the run config's recipe and
-strategy): centralized without DP (one site holding every training row), federated without DP
-and with DP at epsilon 1, 3, 8 per hospital, each hospital alone (without DP and with DP at
-epsilon 8), and the reference: a linear probe (scikit-learn logistic regression, centralized,
-no DP) on the same frozen features, mean-pooled (the image tokens; the text tokens over the
-report's real tokens), standardised.
+hospitals of 20-100 rows). Settings, all from the same initial model, each one run of the
+ServerApp and the hospitals' ClientApps in this process (`benchmarks.federation`: the run
+config's recipe and strategy, the coordinator's screening, weight cap and evaluation):
+centralized without DP (one site holding every training row), federated without DP and with DP
+at epsilon 1, 3, 8 per hospital, each hospital alone (without DP and with DP at epsilon 8), and
+the reference: a linear probe (scikit-learn logistic regression, centralized, no DP) on the same
+frozen features, mean-pooled (the image tokens; the text tokens over the report's real tokens),
+standardised.
 
 Each value is the mean test AUROC over the seeds with a 95% confidence interval (Student t over
 the seeds). The frozen features of every row are computed once per dataset (a frozen encoder
@@ -37,9 +38,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks.federation import federate, initial_state, site_states, test_probabilities
+from benchmarks.federation import Hospitals, site_states, test_probabilities
 from benchmarks.record import Outcome
-from benchmarks.workloads import bench_config
+from benchmarks.workloads import bench_config, bench_user_config
 from client.rounds import _cache_key
 from client.state import SiteState
 from common.config import RunConfig
@@ -198,28 +199,30 @@ def ci95(values: list[float]) -> dict[str, Any]:
 def measure_dataset(cases: list[Case], work: Path, *, classes: str, seeds: int,
                     overrides: dict[str, Any], preset: str) -> dict[str, Any]:
     """Every setting over `seeds` splits of `cases`; per setting: mean, CI, values."""
-    def config(dp: bool, eps: float = 8.0) -> RunConfig:
-        return bench_config(preset, class_names=classes, dp=dp, target_epsilon=eps, **overrides)
+    def config(dp: bool, eps: float = 8.0) -> dict[str, Any]:
+        return bench_user_config(preset, class_names=classes, dp=dp, target_epsilon=eps, **overrides)
 
-    run0 = config(False)
+    run0 = RunConfig.from_user_config(config(False))
     pool_folder = write_site(work / "pool", cases)
     pool = site_states(work / "state" / "pool", [pool_folder])[0]
     features = PooledFeatures(pool, run0)
-    start = initial_state(run0)
     per: dict[str, list[float]] = defaultdict(list)
     splits = []
     for seed in range(seeds):
         s = split(cases, work / f"seed-{seed}", seed)
         splits.append({"hospital_rows": s.sizes, "test_rows": s.test_rows})
-        folders = [*s.hospitals, s.central, s.test]
-        sites = dict(zip(folders, site_states(work / f"seed-{seed}" / "state", folders), strict=True))
-        test_site = sites[s.test]
+        hospitals = Hospitals(work / f"seed-{seed}" / "federation")
+        test_site = site_states(work / f"seed-{seed}" / "state", [s.test])[0]
 
-        def auroc(name: str, run: RunConfig, paths: list[Path], seed: int = seed) -> float:
+        def auroc(name: str, user_config: dict[str, Any], paths: list[Path],
+                  hospitals: Hospitals = hospitals, test_site: SiteState = test_site,
+                  seed: int = seed) -> float:
+            run = RunConfig.from_user_config(user_config)
             for p in paths:  # (a site rebuilds its model, and empties its cache, when the model
-                features.prime(sites[p], run)  # config changes)
+                site_run, site = hospitals.warm(p, user_config)  # config changes)
+                features.prime(site, site_run)
             features.prime(test_site, run, split_name="test")
-            state = federate(run, [sites[p] for p in paths], start, f"{name}-seed{seed}")
+            state = hospitals.federate(user_config, paths, name)
             probs, labels = test_probabilities(run, test_site, state)
             value = classification_metrics(labels, probs, 0.0).auroc
             log.info("seed %d %s: test AUROC %.3f", seed, name, value)
@@ -236,7 +239,7 @@ def measure_dataset(cases: list[Case], work: Path, *, classes: str, seeds: int,
         for p, a, b in zip(s.hospitals, alone, alone_dp, strict=True):
             per[f"alone-{p.name}"].append(a)
             per[f"alone-dp8-{p.name}"].append(b)
-        x_tr, y_tr = features.pooled(sites[s.central], run0)
+        x_tr, y_tr = features.pooled(hospitals.warm(s.central, config(False))[1], run0)
         x_te, y_te = features.pooled(test_site, run0)
         per["linear-probe"].append(probe_auroc(x_tr, y_tr, x_te, y_te))
     return {"settings": {k: ci95(v) for k, v in per.items()}, "splits": splits}

@@ -2,8 +2,10 @@
 
 medpix-dev's 5 natural hospitals (small demo hospitals when it is absent), the patient-level splits of `benchmarks.small_hospitals` (a
 fifth of the patients held out as the common test set), federated DP-SGD at epsilon 8 per
-hospital with the run config's recipe; for each trainable set the mean test AUROC over the
-seeds with its 95% interval, the bytes a site sends a round and the seconds a federation takes.
+hospital with the run config's recipe, each federation one run of the ServerApp and the
+hospitals' ClientApps in this process (`benchmarks.federation`); for each trainable set the mean
+test AUROC over the seeds with its 95% interval, the bytes a site sends a round and the seconds
+a federation takes (the whole run: the coordinator's model, checkpoints, evaluation requests).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.federation import federate, initial_state, site_states, test_probabilities
+from benchmarks.federation import Hospitals, initial_state, site_states, test_probabilities
 from benchmarks.record import Outcome
 from benchmarks.small_hospitals import (
     DEMO_CLASSES,
@@ -30,7 +32,8 @@ from benchmarks.small_hospitals import (
     write_site,
 )
 from benchmarks.traffic import payload_bytes
-from benchmarks.workloads import bench_config
+from benchmarks.workloads import bench_user_config
+from common.config import RunConfig
 from common.training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -51,23 +54,24 @@ def measure(work: Path, cases: list[Case], *, classes: str, preset: str = "demo"
     splits = {seed: split(cases, work / f"seed-{seed}", seed) for seed in range(first_seed, first_seed + seeds)}
     results: dict[str, Any] = {}
     for name, option in options.items():
-        run = bench_config(preset, class_names=classes, dp=True, target_epsilon=8.0,
-                           **{**(overrides or {}), **option})
+        user_config = bench_user_config(preset, class_names=classes, dp=True, target_epsilon=8.0,
+                                        **{**(overrides or {}), **option})
+        run = RunConfig.from_user_config(user_config)
         pool = site_states(work / "state" / name / "pool", [pool_folder])[0]
         features = PooledFeatures(pool, run)  # the frozen front below this option's trainable part
         start = initial_state(run)
         values, seconds = [], []
         for seed, s in splits.items():
-            folders = [*s.hospitals, s.test]
-            sites = dict(zip(folders, site_states(work / "state" / name / f"seed-{seed}", folders),
-                             strict=True))
+            hospitals = Hospitals(work / "federation" / name / f"seed-{seed}")
+            test_site = site_states(work / "state" / name / f"seed-{seed}", [s.test])[0]
             for p in s.hospitals:
-                features.prime(sites[p], run)
-            features.prime(sites[s.test], run, split_name="test")
+                site_run, site = hospitals.warm(p, user_config)
+                features.prime(site, site_run)
+            features.prime(test_site, run, split_name="test")
             begin = time.perf_counter()
-            state = federate(run, [sites[p] for p in s.hospitals], start, f"{name}-seed{seed}")
+            state = hospitals.federate(user_config, s.hospitals, f"{name}-seed{seed}")
             seconds.append(time.perf_counter() - begin)
-            probs, labels = test_probabilities(run, sites[s.test], state)
+            probs, labels = test_probabilities(run, test_site, state)
             values.append(classification_metrics(labels, probs, 0.0).auroc)
             log.info("%s seed %d: test AUROC %.3f in %.0f s", name, seed, values[-1], seconds[-1])
         results[name] = {**ci95(values), "update_bytes": payload_bytes(start, np.dtype("float32")),

@@ -4,13 +4,12 @@ hospital alone (mean over hospitals), on non-IID demo hospitals.
 
 Data: demo hospitals are pooled; a fifth of the patients is held out as the common test set; the
 rest is split into hospitals with Flower Datasets' DirichletPartitioner over the label (alpha
-0.5: label skew and, through it, size skew). Every setting trains through the site's own round
-(`client.rounds.train_round`: feature cache, DP-SGD, ledger) for the same rounds and local epochs,
-from the same initial model; federated rounds complete partial updates as the coordinator does
-(`server.screening.complete_partial_updates`) and average them with Flower's
-`aggregate_arrayrecords` (FedAvg, weighted by training examples). Centralized training is one
-site holding all training data. The federated rounds run in this process, not under Ray (the
-framework's cost is the framework benchmark's subject, not this one's).
+0.5: label skew and, through it, size skew). Every setting is one run of the ServerApp and the
+hospitals' ClientApps (`benchmarks.federation`: the coordinator's round loop with its update
+screening, weight cap and each round's evaluation; the site's own round with its feature cache,
+DP-SGD and ledger) for the same rounds and local steps, from the same initial model.
+Centralized training is one site holding all training data. The runs are in this process, not
+under Ray (the framework's cost is the framework benchmark's subject, not this one's).
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import torch
 from datasets import Dataset as HFDataset
 from flwr_datasets.partitioner import DirichletPartitioner
 
-from benchmarks.federation import federate, initial_state, site_states, test_probabilities
+from benchmarks.federation import Hospitals, site_states, test_probabilities
 from benchmarks.record import Outcome
-from benchmarks.workloads import bench_config, demo_hospitals
+from benchmarks.workloads import bench_user_config, demo_hospitals
 from client.state import SiteState
 from common.config import RunConfig
 from common.data.manifest import Row, read_manifest
@@ -108,25 +107,20 @@ def measure_settings(work: Path, *, preset: str, scale: float, rounds: int,
     `overrides`: further run-config keys for every setting (the smoke test's cheaper recipe).
     """
     folders, central, test_folder, split = prepare(work, scale)
-    # one warm site per folder for every setting (each its own run and budget): the frozen
-    # features are computed once per site
-    warm = {p: s for p, s in zip([*folders, central, test_folder], site_states(
-        work / "state", [*folders, central, test_folder]), strict=True)}
+    # the hospitals and the centralized site stay warm across settings (each its own run and
+    # budget): their frozen features are computed once
+    hospitals = Hospitals(work / "federation")
+    test_site = site_states(work / "state", [test_folder])[0]
 
-    def sites(name: str, paths: list[Path]) -> list[SiteState]:
-        return [warm[p] for p in paths]
+    def config(dp: bool, eps: float = 8.0) -> dict[str, Any]:
+        return bench_user_config(preset, **(overrides or {}), num_server_rounds=rounds, dp=dp,
+                                 target_epsilon=eps)
 
-    def config(dp: bool, eps: float = 8.0) -> RunConfig:
-        return bench_config(preset, **(overrides or {}), num_server_rounds=rounds, dp=dp,
-                            target_epsilon=eps)
-
-    # a freshly built model: the process's shared one may have trained in other benchmarks
-    start = initial_state(config(False))
-    test_site = sites("test", [test_folder])[0]
     results: dict[str, dict[str, float]] = {}
 
-    def measure(name: str, run_: RunConfig, paths: list[Path]) -> dict[str, float]:
-        return test_metrics(run_, test_site, federate(run_, sites(name, paths), start, name))
+    def measure(name: str, user_config: dict[str, Any], paths: list[Path]) -> dict[str, float]:
+        state = hospitals.federate(user_config, paths, name)
+        return test_metrics(RunConfig.from_user_config(user_config), test_site, state)
 
     results["central"] = measure("central", config(False), [central])
     results["central-dp8"] = measure("central-dp8", config(True), [central])
@@ -143,8 +137,8 @@ def measure_settings(work: Path, *, preset: str, scale: float, rounds: int,
         note="test AUROC of centralized training without DP minus federated training with DP at "
              "epsilon 8 per hospital; gain: federated DP8 minus the mean of hospitals trained alone "
              "(without DP: alone, a hospital's data never leaves it)",
-        settings={"preset": preset, "rounds": rounds, "local_epochs": config(False).train.local_epochs,
-                  "local_steps": config(False).train.local_steps,
+        settings={"preset": preset, "rounds": rounds, "local_epochs": config(False)["local-epochs"],
+                  "local_steps": config(False)["local-steps"],
                   "hospitals": HOSPITALS, "dirichlet_alpha": ALPHA, "data_scale": scale,
                   "partitioner": "flwr_datasets DirichletPartitioner(partition_by='label')",
                   "split": split},

@@ -15,7 +15,7 @@ from typing import Any
 from client.rounds import LocalWork, train_locally
 from client.site_config import SiteConfig
 from client.state import SiteState, SiteStates
-from common.config import RunConfig, run_config_with
+from common.config import RunConfig, default_user_config
 from common.model.trainable import trainable_state
 from common.privacy.accounting import Account, sample_rate
 from simulations.demo_data import write_demo_hospitals
@@ -25,13 +25,18 @@ SITES = SiteStates(max_sites=32)  # warm sites of this process, as a hospital ke
 SEED_TEXT = "builtin:bert-base"  # the seed preset's shape with random weights (no download)
 
 
-def bench_config(preset: str, **overrides: Any) -> RunConfig:
-    """The default run config for `preset` (seed: random-init BERT-base), with kebab-case overrides."""
+def bench_user_config(preset: str, **overrides: Any) -> dict[str, Any]:
+    """The default run config for `preset` with kebab-case overrides: every key, as apps get it."""
     values: dict[str, Any] = {"preset": preset}
     if preset == "seed":
         values["text-encoder"] = SEED_TEXT
     values.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return run_config_with(values)
+    return {**default_user_config(), **values}
+
+
+def bench_config(preset: str, **overrides: Any) -> RunConfig:
+    """`bench_user_config`, parsed."""
+    return RunConfig.from_user_config(bench_user_config(preset, **overrides))
 
 
 def demo_hospitals(root: Path, n: int, size_scale: float = 1.0, seed: int = 0) -> list[Path]:

@@ -12,6 +12,7 @@ usable update in a round, the run ends cleanly there with the last global model.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, Context
@@ -44,8 +45,22 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunConfig.from_user_config(context.run_config))
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunEnd:
+    """How a run ended: its folder, the final global trainable parameters, why it stopped early."""
+
+    folder: Path
+    arrays: ArrayRecord
+    stopped: str | None = None  # None: every planned round finished
+
+
 def run_federation(grid: Grid, run: RunConfig) -> Path:
     """Run (or resume) all rounds and write the outputs; return the run folder."""
+    return federate(grid, run).folder
+
+
+def federate(grid: Grid, run: RunConfig) -> RunEnd:
+    """The ServerApp's run on `grid`: open (or resume) the run folder, run the rounds, write the model."""
     model = build_model(run.model)  # first: a bad encoder path fails before anything is written
     fingerprint = frozen_fingerprint(model)
     start = open_run(run)
@@ -54,12 +69,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
              fingerprint[:16], agg.strategy)
     strategy = build_strategy(fed, agg)
     recorder = Recorder(start.folder, start.lines)
-    plan = RoundPlan(last_round=fed.num_server_rounds, timeout=fed.round_timeout,
-                     min_nodes=fed.min_nodes, run_key=start.run_key, fingerprint=fingerprint,
-                     bounds=UpdateBounds(max_norm=agg.max_update_norm,
-                                         median_factor=agg.update_norm_factor),
-                     weight_factor=agg.max_weight_factor,
-                     num_classes=len(run.model.class_names))
+    plan = round_plan(run, run_key=start.run_key, fingerprint=fingerprint)
     arrays = ArrayRecord(trainable_state(model))
     if start.arrays is not None:  # in the model's order, not the checkpoint's (sorted): a site
         # recognises a round asked again by the digest of the parameters in the order they came
@@ -75,5 +85,15 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     save_model(start.folder.path, model)
     recorder.finish(status=status, message=message)
     log.info("final model written to %s", start.folder.path)
-    return start.folder.path
+    return RunEnd(folder=start.folder.path, arrays=end.arrays, stopped=end.stopped)
 
+
+def round_plan(run: RunConfig, *, run_key: str, fingerprint: str) -> RoundPlan:
+    """What every round of `run` does: its timeout, min-nodes, update bounds and weight cap."""
+    fed, agg = run.federation, run.aggregation
+    return RoundPlan(last_round=fed.num_server_rounds, timeout=fed.round_timeout,
+                     min_nodes=fed.min_nodes, run_key=run_key, fingerprint=fingerprint,
+                     bounds=UpdateBounds(max_norm=agg.max_update_norm,
+                                         median_factor=agg.update_norm_factor),
+                     weight_factor=agg.max_weight_factor,
+                     num_classes=len(run.model.class_names))

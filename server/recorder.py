@@ -4,7 +4,7 @@ The round loop (`server.loop`) fills a `RoundRecord` as the round goes (each sit
 refusal, failure or rejected update) and hands it to the `Recorder`, which writes the run folder
 (`common.runfolder`): the round's checkpoint first, then its history line, which commits the
 round (a crash before it leaves the round unfinished, and a resumed run does it again). After
-each round the operator's views are redrawn from the whole history (`tools.views`).
+each round the operator's views are redrawn from the whole history (`common.views.round_views`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from common.runfolder import (
     Summary,
     recorded,
 )
+from common.views.round_views import format_round_table, write_round_views
 from server.replies import ErrorReply, Replies, SiteNames
-from tools.views import format_round_table, write_round_views
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 from common.config import FUSION_MODES, PRESET_NAMES, ConfigError, default_user_config
 from common.errors import FedFusionError
 from common.runfolder import STATUS_COMPLETED, HistoryLine, Summary
-from tools.views import format_round_table
+from common.views.round_views import format_round_table
 
 log = logging.getLogger(__name__)
 OUR_PACKAGES = ("common", "client", "server", "simulations")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from tools.certs import CredentialLayout, write_credentials
+from common.certs import CredentialLayout, write_credentials
 
 # The venv's executables (flower-superlink, flwr, ...) sit next to its python: no PATH lookup.
 BIN = Path(sys.executable).parent

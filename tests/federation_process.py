@@ -12,8 +12,8 @@ from pathlib import Path
 
 from client.app import app as client_app
 from server.app import run_federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 
 SITES = 3
 

@@ -12,9 +12,15 @@ import torch
 
 from benchmarks import deployment, side_channels, small_hospitals, utility
 from benchmarks.cli import SUMMARY_KEYS, main
+from benchmarks.federation import Hospitals
 from benchmarks.record import meets
 from benchmarks.simulation import SimulationTiming
 from benchmarks.traffic import payload_bytes
+from benchmarks.workloads import bench_user_config
+from common.model.checkpoint import MODEL_WEIGHTS, load_tensors
+from common.privacy.accounting import calibrate_noise
+from common.privacy.ledger import load_ledger
+from common.runfolder import RunFolder
 
 
 def test_aggregation_benchmark_writes_its_json_and_the_summary(tmp_path: Path, capsys) -> None:  # noqa: ANN001
@@ -58,6 +64,9 @@ def test_targets_compare_in_their_direction() -> None:
 
 # the smoke tests' recipe: a few steps, the fast accountant (they check the plumbing, not utility)
 SMOKE = {"local-steps": 2, "accountant": "rdp"}
+# and for settings at epsilon 1, no evaluation: a site plans a tenth of its budget for the
+# evaluation releases, and RDP (orders up to 63) cannot certify the 0.1 that leaves (PRV can)
+SMOKE_EPSILON_1 = {**SMOKE, "fraction-evaluate": 0.0}
 
 
 @pytest.mark.slow  # a real loopback federation and a simulation, 2 rounds of `tiny`
@@ -114,10 +123,54 @@ def test_medpix_hospital_is_one_image_per_patient_or_absent(tmp_path: Path) -> N
     assert "a.png" in thorax and "b.png" not in thorax
 
 
+def test_a_benchmark_setting_is_a_run_of_the_server_app_on_warm_sites(tmp_path: Path,
+                                                                       demo_root: Path) -> None:
+    """Screening, the weight cap, each round's evaluation, the record and the sites' budgets."""
+    rows = [r for r in utility.pooled_rows(sorted(demo_root.glob("hospital-*"))) if r.image]
+    folders = [utility.write_manifest(tmp_path / "sites" / name, part).parent
+               for name, part in (("small", rows[:10]), ("mid", rows[10:22]), ("big", rows[22:82]))]
+    hospitals = Hospitals(tmp_path / "federation")
+    config = bench_user_config("tiny", **SMOKE, num_server_rounds=2, dp=True, target_epsilon=8.0)
+    states = {f.name: hospitals.warm(f, config)[1] for f in folders}
+    state = hospitals.federate(config, folders, "a")
+    folder = RunFolder(tmp_path / "federation" / "runs" / "a")
+    history = folder.read_history()
+    assert [line.round for line in history] == [1, 2] and folder.read_summary().status == "completed"
+    assert not (folder.path / MODEL_WEIGHTS).exists()  # 1 MB here, 135 MB with the demo preset
+    final = load_tensors(folder.round_checkpoint(2))
+    assert set(final) == set(state) and all(torch.equal(final[k], state[k]) for k in state)
+    for line in history:
+        assert set(line.sites) == {"small", "mid", "big"} and line.rejected == {}
+        # the round's lower median weight is mid's 12 rows: big's 60 count as 2 x 12
+        assert line.capped == {"big": "weight 60 capped to 24 (max-weight-factor 2 x the round's "
+                                      "median weight)"}
+        # every site is asked to evaluate; these hold no validation rows (all are `split=train`)
+        assert set(line.refusals) == {"small", "mid", "big"}
+        assert all("too-few-records" in why for why in line.refusals.values())
+    run_key = folder.read_settings().run_key
+    for f in folders:
+        entry = load_ledger(tmp_path / "federation" / "state" / f.name).run(run_key)
+        assert entry is not None and entry.rounds == (1, 2) and entry.evaluated == ()
+        # a tenth of the site's epsilon 8 is set aside for its 2 evaluation releases, as at a
+        # deployed site (a researcher-played simulated hospital sets none aside)
+        rows_at_site = {"small": 10, "mid": 12, "big": 60}[f.name]
+        assert entry.account.release_noise_multiplier == pytest.approx(calibrate_noise(
+            target_epsilon=0.8, target_delta=min(1e-5, 1 / (10 * rows_at_site)), sample_rate=1.0,
+            total_steps=2, accountant="rdp"))
+    # the sites stayed warm: their frozen features were computed once, in the first run's round 1
+    hospitals.federate(config, folders, "b")
+    for f in folders:
+        warm = hospitals.warm(f, config)[1]
+        assert warm is states[f.name] and (warm.features.misses, warm.features.hits) == (1, 3)
+    with pytest.raises(RuntimeError, match="setting c: Round 1: 0 site"):  # every site refuses
+        hospitals.federate({**config, "class-names": "normal,effusion"}, folders, "c")
+
+
 @pytest.mark.slow  # ten federations
 def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path) -> None:
     """A smoke run of the utility benchmark (tiny model, small hospitals, 2 rounds)."""
-    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.1, rounds=2, overrides=SMOKE)
+    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.1, rounds=2,
+                                   overrides=SMOKE_EPSILON_1)
     expected = {"central", "central-dp8", "federated", "federated-dp1", "federated-dp3",
                 "federated-dp8", "local-mean"}
     assert expected <= set(out.raw)
@@ -130,7 +183,7 @@ def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path)
 def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_path: Path) -> None:
     out = small_hospitals.run(True, tmp_path, preset="tiny", seeds=2, demo_scale=0.1,
                               medpix=tmp_path / "absent.csv",
-                              overrides={**SMOKE, "num-server-rounds": 1})
+                              overrides={**SMOKE_EPSILON_1, "num-server-rounds": 1})
     assert out.key == "demo_small_auroc_fed_dp8" and "medpix-dev not found" in out.note
     settings = out.raw["demo_small"]["settings"]
     for name in ("central", "federated", "federated-dp1", "federated-dp3", "federated-dp8",

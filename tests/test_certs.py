@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from tools.certs import CredentialError, CredentialLayout, write_credentials
+from common.certs import CredentialError, CredentialLayout, write_credentials
 from tools.cli import main
 
 # its module-scoped fixture is built once: every test of the module on one xdist worker

@@ -16,7 +16,7 @@ Runs are submitted with `flwr run`, one after the other:
 6. with a **rogue node** whose key was registered through the open Control API under a real
    hospital's name: a run that pins `site-nodes` never sends it anything and records it.
 The negative connection tests (an unregistered key, a SuperNode without TLS) run during run 1.
-Credentials come from `tools.certs`, exactly as `fedfusion certs` writes them.
+Credentials come from `common.certs`, exactly as `fedfusion certs` writes them.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from pathlib import Path
 import pytest
 
 from common import protocol as R
+from common.certs import CredentialLayout, write_credentials
 from common.privacy.audit import audit
 from common.privacy.ledger import load_ledger
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
 from simulations.loopback import LoopbackFederation, Started
-from tools.certs import CredentialLayout, write_credentials
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]  # about 4 min: real processes, a 60 s task timeout in run 4
 

@@ -1,8 +1,8 @@
 """End to end: a hospital without reports and one without images train together (tiny preset).
 
-Runs the real ServerApp and ClientApp in one process (tests/inprocess.py). Each site sends only
-the parameters its data can train; the server averages each parameter over the sites that
-trained it.
+Runs the real ServerApp and ClientApp in one process (simulations/inprocess.py). Each site
+sends only the parameters its data can train; the server averages each parameter over the sites
+that trained it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from common.model.fusion_model import build_model
 from common.model.trainable import trainable_names
 from common.runfolder import RunFolder
 from server.app import run_federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 
 
 def blank_column(manifest: Path, column: str) -> None:

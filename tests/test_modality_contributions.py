@@ -26,8 +26,8 @@ from common.model.trainable import trainable_state
 from common.runfolder import HistoryLine, SiteRound
 from common.training.ablation import evaluate_with_ablation
 from common.training.loop import metrics_from_logits
+from common.views.plots import plot_ablation, plot_modality_weights, write_plots
 from tests.conftest import hospital, request, tiny_run
-from tools.plots import plot_ablation, plot_modality_weights, write_plots
 from tools.report import RunRecords, modality_sentence, report_blocks
 from tools.report_format import to_markdown
 

@@ -20,8 +20,8 @@ from common.model.fusion_model import build_model
 from common.model.trainable import trainable_state
 from common.runfolder import RunFolder
 from server.app import run_federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 
 
 def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Path,

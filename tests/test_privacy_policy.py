@@ -22,8 +22,8 @@ from common.privacy.policy import PolicyError, SitePolicy, load_policy
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from server.app import run_federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import hospital, request, tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 
 
 def test_policy_file_is_read_and_checked(tmp_path: Path) -> None:

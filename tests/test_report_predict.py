@@ -17,11 +17,11 @@ from client.app import app as client_app
 from common import protocol as R
 from common.data.manifest import read_manifest, split_by_patient
 from common.runfolder import RunFolder
+from common.views.plots import AGGREGATE, plot_epsilon, plot_metric
 from server.app import run_federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 from tools.cli import COMMANDS, main
-from tools.plots import AGGREGATE, plot_epsilon, plot_metric
 from tools.predict import load_predictor, predict_case, predict_manifest
 from tools.report import write_report
 

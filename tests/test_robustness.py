@@ -1,8 +1,8 @@
 """Fault injection: failing, stalling and misbehaving hospitals, screened updates, partial updates.
 
 Faulty hospitals are the real ClientApp with a fault wrapped around its train handler; the
-ServerApp and the ClientApps run in one process (tests/inprocess.py), without DP so that runs are
-deterministic and fast.
+ServerApp and the ClientApps run in one process (simulations/inprocess.py), without DP so that
+runs are deterministic and fast.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from server.screening import (
     complete_partial_updates,
     screen_updates,
 )
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 
 Fault = Callable[[Message, Message], Message]  # (received, honest reply) -> reply sent
 

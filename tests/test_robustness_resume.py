@@ -104,7 +104,7 @@ def test_a_new_flower_run_resuming_a_round_the_sites_trained_charges_them_once(
     from client.app import app as client_app
     from server.app import run_federation
     from tests.conftest import tiny_user_config
-    from tests.inprocess import InProcessGrid
+    from simulations.inprocess import InProcessGrid
 
     settings = {"output-dir": str(tmp_path), "run-name": "r", "state-root": str(tmp_path / "state"),
                 "num-server-rounds": 2, "fraction-evaluate": 0.0, "local-epochs": 1}

@@ -11,9 +11,9 @@ import pytest
 from common import protocol as R
 from common.runfolder import HistoryLine, SiteRound
 from common.training import progress
-from tools.plots import AGGREGATE, metric_series, plot_epsilon, plot_metric, write_plots
-from tools.tensorboard_events import round_scalars, write_round_events
-from tools.views import format_round_table
+from common.views.plots import AGGREGATE, metric_series, plot_epsilon, plot_metric, write_plots
+from common.views.round_views import format_round_table
+from common.views.tensorboard_events import round_scalars, write_round_events
 
 
 def _site(loss: float | None, auroc: float | None, eps: float | None, cap: float | None = 8.0,
@@ -95,7 +95,7 @@ def test_tensorboard_events_read_back(tmp_path: Path) -> None:
 
 
 def test_tensorboard_is_skipped_cleanly_when_absent(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("tools.tensorboard_events.tensorboard_available", lambda: False)
+    monkeypatch.setattr("common.views.tensorboard_events.tensorboard_available", lambda: False)
     assert write_round_events(tmp_path, HISTORY[0]) is None
     assert not (tmp_path / "tensorboard").exists()
 

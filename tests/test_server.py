@@ -27,8 +27,8 @@ from server.app import run_federation
 from server.evaluation import SiteCounts, pooled_metrics
 from server.resume import ResumeError
 from server.strategy import weighted_means
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
-from tests.inprocess import InProcessGrid
 
 
 def test_aggregate_metrics_weights_by_examples_skips_nan_and_privacy() -> None:

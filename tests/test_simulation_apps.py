@@ -9,9 +9,9 @@ from flwr.app import Context, RecordDict
 
 from common import protocol as R
 from common.runfolder import RunFolder
+from simulations.inprocess import InProcessGrid
 from simulations.run import make_apps
 from tests.conftest import tiny_user_config
-from tests.inprocess import InProcessGrid
 
 
 def test_no_dp_applies_to_hospitals_without_a_policy_of_their_own(demo_root: Path,

@@ -1,2 +1,3 @@
-"""Operator tools: the `fedfusion` command, run reports, plots and round tables, predictions,
-deployment credentials. They import the core; the core never imports them."""
+"""Operator tools: the `fedfusion` command, run reports, predictions and their explanations, the
+privacy audit. They import the core (round tables, plots and credentials live there:
+`common.views`, `common.certs`); the core never imports them."""

@@ -178,7 +178,7 @@ class _AppendOverDefault(argparse.Action):
 
 
 def _certs(argv: list[str]) -> int:
-    from tools.certs import DEFAULT_SANS, CredentialError, write_credentials
+    from common.certs import DEFAULT_SANS, CredentialError, write_credentials
 
     p = argparse.ArgumentParser(
         prog="fedfusion certs",

@@ -32,7 +32,7 @@ from common.model.contributions import KEEP, masked, modality_weights
 from common.model.fusion import Features
 from common.model.fusion_model import FusionModel
 from common.model.trainable import trainable_state
-from tools.plots import figure_png
+from common.views.plots import figure_png
 from tools.predict import Predictor
 
 MAX_TOKENS_SHOWN = 10  # the most influential tokens listed per case

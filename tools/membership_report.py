@@ -35,7 +35,7 @@ from common.privacy.membership import (
 )
 from common.runfolder import RunFolder
 from common.training.loop import pick_device
-from tools.plots import figure_png
+from common.views.plots import figure_png
 from tools.report_format import Block, Heading, Image, Paragraph, Table, to_html, to_markdown
 
 MAX_REFERENCE_EPOCHS = 200

@@ -16,6 +16,7 @@ from typing import Any
 from common import protocol as R
 from common.errors import ConfigurationError
 from common.model.checkpoint import ModelCard, read_model_card
+from common.model.contributions import report_reliance
 from common.runfolder import (
     HISTORY,
     HistoryLine,
@@ -24,8 +25,7 @@ from common.runfolder import (
     RunSettings,
     Summary,
 )
-from common.model.contributions import report_reliance
-from tools.plots import (
+from common.views.plots import (
     METRIC_PLOTS,
     figure_png,
     plot_ablation,

@@ -13,8 +13,8 @@ from typing import Any
 
 from common import protocol as R
 from common.runfolder import HistoryLine, SiteRound
-from tools.plots import write_plots
-from tools.tensorboard_events import write_round_events
+from common.views.plots import write_plots
+from common.views.tensorboard_events import write_round_events
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,17 @@
-"""An in-process Flower Grid for tests: the ServerApp talks to ClientApps directly, no Ray.
+"""An in-process Flower Grid: the ServerApp talks to ClientApps directly, no Ray, no transport.
 
 It mirrors what Flower's runtimes do with a message: deliver a copy to the node's ClientApp
-with that node's persistent Context, and turn an exception into an error reply.
+with that node's persistent Context, and turn an exception into an error reply. The tests run
+the real ServerApp and ClientApp through it, and the utility benchmarks run every setting as a
+whole ServerApp run on it (`run_in_process`).
+
+Warm sites across runs: the ClientApp keeps each site's state (`client.state.SiteState`: its
+model, data and frozen-feature cache) in its process' registry `client.app.SITES`, keyed by the
+site's own config, which the node config decides (for a deployed node: its manifest, state
+folder, name and policy; not the run). A later grid whose nodes have the same node configs
+therefore finds its sites warm, as a hospital's long-lived node serves run after run
+(`client/node.py`); `warm_site` hands out that same state (to fill its feature cache, say). The
+registry keeps the `client.state.MAX_WARM_SITES` sites used last.
 """
 
 from __future__ import annotations
@@ -9,7 +19,7 @@ from __future__ import annotations
 import copy
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -17,6 +27,12 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as installed_client_app
+from client.app import site_state
+from client.state import SiteState
+from common.config import RunConfig
+from server.app import RunEnd, federate
 
 Tap = Callable[[int, Message], None]
 
@@ -92,3 +108,16 @@ class InProcessGrid(Grid):
         except Exception as err:  # what Flower's runtime does with a raising ClientApp
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                  reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+
+
+def run_in_process(user_config: Mapping[str, Any], node_configs: list[dict[str, Any]]) -> RunEnd:
+    """One whole ServerApp run (`server.app.federate`) over the installed ClientApp at these nodes."""
+    grid = InProcessGrid(installed_client_app, node_configs, dict(user_config))
+    return federate(grid, RunConfig.from_user_config(user_config))
+
+
+def warm_site(node_config: Mapping[str, Any],
+              user_config: Mapping[str, Any]) -> tuple[RunConfig, SiteState]:
+    """The run as the node's ClientApp runs it (`SiteConfig.localize`) and the state it keeps warm."""
+    return site_state(Context(run_id=0, node_id=0, node_config=dict(node_config),
+                              state=RecordDict(), run_config=dict(user_config)))
