@@ -11,6 +11,7 @@ aggregation, so an interval holds one evaluation and one training phase); round 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ RUN_TIMEOUT = 1800.0
 def round_seconds(folder: RunFolder, rounds: int) -> list[float]:
     """Seconds between consecutive round checkpoints, rounds 2..`rounds`."""
     times = [folder.round_checkpoint(r).stat().st_mtime for r in range(1, rounds + 1)]
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def _deployed(work: Path, folders: list[Path], run_config: str, rounds: int) -> list[float]:
@@ -44,9 +45,16 @@ def _deployed(work: Path, folders: list[Path], run_config: str, rounds: int) -> 
 
 
 def _simulated(work: Path, data_root: Path, rounds: int, overrides: dict[str, Any]) -> list[float]:
-    config = {**default_user_config(), **overrides, "data-root": str(data_root),
-              "state-root": str(work / "sim-state"), "output-dir": str(work / "sim-outputs"),
-              "run-name": "simulated", "num-server-rounds": rounds, "min-nodes": HOSPITALS}
+    config = {
+        **default_user_config(),
+        **overrides,
+        "data-root": str(data_root),
+        "state-root": str(work / "sim-state"),
+        "output-dir": str(work / "sim-outputs"),
+        "run-name": "simulated",
+        "num-server-rounds": rounds,
+        "min-nodes": HOSPITALS,
+    }
     simulate(config, HOSPITALS)
     return round_seconds(RunFolder(work / "sim-outputs" / "simulated"), rounds)
 
@@ -58,16 +66,22 @@ def _toml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def measure(work: Path, *, preset: str, rounds: int, scale: float,
-            overrides: dict[str, Any] | None = None) -> tuple[list[float], list[float]]:
+def measure(
+    work: Path, *, preset: str, rounds: int, scale: float, overrides: dict[str, Any] | None = None
+) -> tuple[list[float], list[float]]:
     """Seconds per round (rounds 2..N) deployed and simulated, for one run config.
 
     `overrides`: further run-config keys (kebab-case) for both runs.
     """
     folders = demo_hospitals(work / "data", HOSPITALS, size_scale=scale)
     values = {"preset": preset, **(overrides or {})}
-    run_config = " ".join([*(f"{k}={_toml(v)}" for k, v in values.items()),
-                           f"num-server-rounds={rounds}", f"min-nodes={HOSPITALS}"])
+    run_config = " ".join(
+        [
+            *(f"{k}={_toml(v)}" for k, v in values.items()),
+            f"num-server-rounds={rounds}",
+            f"min-nodes={HOSPITALS}",
+        ]
+    )
     deployed = _deployed(work, folders, run_config, rounds)
     simulated = _simulated(work, work / "data", rounds, values)
     return deployed, simulated
@@ -79,9 +93,12 @@ def run(quick: bool, work: Path) -> Outcome:
     deployed, simulated = measure(work, preset="demo", rounds=rounds, scale=scale)
     ratio = statistics.mean(deployed) / statistics.mean(simulated)
     return Outcome(
-        key="deployment_round_ratio", value=ratio, target="<= 1.5",
+        key="deployment_round_ratio",
+        value=ratio,
+        target="<= 1.5",
         note="mean seconds per round (rounds 2..N, train + evaluate) of a real loopback "
-             "federation (TLS SuperLink, per hospital a SuperNode in process isolation + its "
-             "FedFusion node) over the same run's in the simulation; demo preset, DP",
+        "federation (TLS SuperLink, per hospital a SuperNode in process isolation + its "
+        "FedFusion node) over the same run's in the simulation; demo preset, DP",
         settings={"preset": "demo", "hospitals": HOSPITALS, "rounds": rounds, "data_scale": scale},
-        raw={"deployed_round_s": deployed, "simulated_round_s": simulated})
+        raw={"deployed_round_s": deployed, "simulated_round_s": simulated},
+    )

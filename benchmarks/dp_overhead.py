@@ -31,7 +31,9 @@ def run(quick: bool, work: Path) -> Outcome:
     for preset, cache in _cases(quick):
         folder = seed_root if preset == "seed" else data_root
         # a cached epoch takes tens of milliseconds: time more of them, more often, against noise
-        base = dict(local_epochs=3 if cache else 1, local_steps=0, feature_cache=cache)  # passes, not steps
+        base = dict(
+            local_epochs=3 if cache else 1, local_steps=0, feature_cache=cache
+        )  # passes, not steps
         tries = 3 * repeats if cache else repeats
         plain_run = bench_config(preset, dp=False, **base)
         site = load_site(folder, work / "state")
@@ -40,17 +42,34 @@ def run(quick: bool, work: Path) -> Outcome:
         for mode in MODES:
             dp_run = bench_config(preset, grad_sample_mode=mode, **base)
             private = best_epoch(dp_run, site, dp=True, repeats=tries)
-            rows.append({"preset": preset, "feature_cache": cache, "mode": mode,
-                         "examples": len(data.train), "batch_size": dp_run.train.batch_size,
-                         "non_dp_samples_per_s": plain.samples_per_s,
-                         "dp_samples_per_s": private.samples_per_s,
-                         "ratio": plain.samples_per_s / private.samples_per_s})
-    key = next(r for r in rows if (r["preset"], r["feature_cache"], r["mode"]) == ("demo", True, "hooks"))
+            rows.append(
+                {
+                    "preset": preset,
+                    "feature_cache": cache,
+                    "mode": mode,
+                    "examples": len(data.train),
+                    "batch_size": dp_run.train.batch_size,
+                    "non_dp_samples_per_s": plain.samples_per_s,
+                    "dp_samples_per_s": private.samples_per_s,
+                    "ratio": plain.samples_per_s / private.samples_per_s,
+                }
+            )
+    key = next(
+        r for r in rows if (r["preset"], r["feature_cache"], r["mode"]) == ("demo", True, "hooks")
+    )
     return Outcome(
-        key="dp_overhead_ratio", value=key["ratio"], target="<= 1.2",
+        key="dp_overhead_ratio",
+        value=key["ratio"],
+        target="<= 1.2",
         note="non-DP samples/s over DP-SGD samples/s of local training (best of repeats; with the "
-             "cache 3 epochs per call, 3x the repeats), demo "
-             "preset, default trainable set (fusion + head), feature cache on, Opacus hooks",
-        settings={"presets": sorted({r["preset"] for r in rows}), "modes": list(MODES),
-                  "repeats": repeats, "data_scale": scale, "local_epochs": "1 (cache off), 3 (cache on)"},
-        raw={"cases": rows})
+        "cache 3 epochs per call, 3x the repeats), demo "
+        "preset, default trainable set (fusion + head), feature cache on, Opacus hooks",
+        settings={
+            "presets": sorted({r["preset"] for r in rows}),
+            "modes": list(MODES),
+            "repeats": repeats,
+            "data_scale": scale,
+            "local_epochs": "1 (cache off), 3 (cache on)",
+        },
+        raw={"cases": rows},
+    )

@@ -47,18 +47,33 @@ def run(quick: bool, work: Path) -> Outcome:
     run_off = ROUNDS * EPOCHS * off.seconds / off.examples
     run_on = (fill + ROUNDS * EPOCHS * warm.seconds) / warm.examples
     return Outcome(
-        key="feature_cache_speedup", value=off.seconds / off.examples / (warm.seconds / warm.examples),
+        key="feature_cache_speedup",
+        value=off.seconds / off.examples / (warm.seconds / warm.examples),
         target=">= 3",
         note="seconds per example of one DP-SGD local epoch without the cache over the same with a "
-             "warm cache (demo preset, default trainable set; best of repeats). The cache's one-off "
-             "fill and a whole default run are in raw.",
-        settings={"preset": "demo", "examples": len(data.train), "data_scale": scale,
-                  "repeats": repeats, "dp": True, "grad_sample_mode": "hooks"},
-        raw={"epoch_without_cache_s": off.seconds, "epoch_with_cache_s": warm.seconds,
-             "examples_without": off.examples, "examples_with": warm.examples,
-             "cache_fill_s": fill, "fill_per_example_ms": 1000 * fill / len(data.train),
-             f"run_speedup_{ROUNDS}_rounds_x_{EPOCHS}_epochs_incl_fill": run_off / run_on,
-             "cache_bytes": features.nbytes, "cache_bytes_per_example": features.nbytes / len(features),
-             "bytes_per_example_by_tensor": per_example,
-             "disk_write_s": saved, "disk_read_s": loaded,
-             "disk_file_bytes": (work / "features.safetensors").stat().st_size})
+        "warm cache (demo preset, default trainable set; best of repeats). The cache's one-off "
+        "fill and a whole default run are in raw.",
+        settings={
+            "preset": "demo",
+            "examples": len(data.train),
+            "data_scale": scale,
+            "repeats": repeats,
+            "dp": True,
+            "grad_sample_mode": "hooks",
+        },
+        raw={
+            "epoch_without_cache_s": off.seconds,
+            "epoch_with_cache_s": warm.seconds,
+            "examples_without": off.examples,
+            "examples_with": warm.examples,
+            "cache_fill_s": fill,
+            "fill_per_example_ms": 1000 * fill / len(data.train),
+            f"run_speedup_{ROUNDS}_rounds_x_{EPOCHS}_epochs_incl_fill": run_off / run_on,
+            "cache_bytes": features.nbytes,
+            "cache_bytes_per_example": features.nbytes / len(features),
+            "bytes_per_example_by_tensor": per_example,
+            "disk_write_s": saved,
+            "disk_read_s": loaded,
+            "disk_file_bytes": (work / "features.safetensors").stat().st_size,
+        },
+    )

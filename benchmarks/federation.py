@@ -60,8 +60,12 @@ class Hospitals:
 
     def node(self, folder: Path) -> dict[str, Any]:
         """The node config of the hospital that reads `folder` (named after it)."""
-        return {"site-name": folder.name, "manifest": str(folder),
-                "state-dir": str(self.root / "state" / folder.name), "policy": str(self.policy)}
+        return {
+            "site-name": folder.name,
+            "manifest": str(folder),
+            "state-dir": str(self.root / "state" / folder.name),
+            "policy": str(self.policy),
+        }
 
     def warm(self, folder: Path, user_config: Mapping[str, Any]) -> tuple[RunConfig, SiteState]:
         """The run as that hospital runs it and the state its ClientApp keeps (to fill its cache)."""
@@ -75,9 +79,13 @@ class Hospitals:
         """
         runs = self.root / "runs"
         shutil.rmtree(runs / name, ignore_errors=True)  # a new run, also in a reused --work-dir
-        config = {**user_config, "output-dir": str(runs), "run-name": name,
-                  # a federation of one (centralized, a hospital alone) waits for no second node
-                  "min-nodes": min(int(user_config["min-nodes"]), len(folders))}
+        config = {
+            **user_config,
+            "output-dir": str(runs),
+            "run-name": name,
+            # a federation of one (centralized, a hospital alone) waits for no second node
+            "min-nodes": min(int(user_config["min-nodes"]), len(folders)),
+        }
         end = run_in_process(config, [self.node(f) for f in folders])
         if end.stopped:
             raise RuntimeError(f"setting {name}: {end.stopped} (history in {end.folder})")
@@ -94,9 +102,18 @@ def site_states(root: Path, folders: list[Path], policy: Path | None = None) -> 
     Its state (ledger, receipts) is under `root`/<folder name>; without `policy` it is a
     simulated hospital that the researcher plays (`SitePolicy.researcher`).
     """
-    return [SiteState(SiteConfig(site_name=f.name, manifest=f, state_dir=root / f.name,
-                                 policy=policy, simulated=policy is None))
-            for f in folders]
+    return [
+        SiteState(
+            SiteConfig(
+                site_name=f.name,
+                manifest=f,
+                state_dir=root / f.name,
+                policy=policy,
+                simulated=policy is None,
+            )
+        )
+        for f in folders
+    ]
 
 
 def initial_state(run: RunConfig) -> State:
@@ -104,7 +121,9 @@ def initial_state(run: RunConfig) -> State:
     return trainable_state(build_model(run.model))
 
 
-def test_probabilities(run: RunConfig, test_site: SiteState, state: State) -> tuple[np.ndarray, np.ndarray]:
+def test_probabilities(
+    run: RunConfig, test_site: SiteState, state: State
+) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, C) and labels (N,) of `state` on `test_site`'s rows (frozen part cached).
 
     The test site's rows must all be in its training split (a manifest whose rows say `split=train`):
@@ -113,9 +132,11 @@ def test_probabilities(run: RunConfig, test_site: SiteState, state: State) -> tu
     bundle, data = test_site.bundle(run.model), test_site.data(run)
     model: FusionModel = bundle.model
     load_trainable_state(model, state)
-    key = CacheKey.for_model(run.model, dataset_sha256=data.version, split="test",
-                             frozen_fingerprint=bundle.fingerprint)
+    key = CacheKey.for_model(
+        run.model, dataset_sha256=data.version, split="test", frozen_fingerprint=bundle.fingerprint
+    )
     features = test_site.features.get(key, model, data.train, torch.device("cpu"))
-    logits, labels = predict_logits(CachedFusion(model), DataLoader(features, batch_size=256),
-                                    torch.device("cpu"))
+    logits, labels = predict_logits(
+        CachedFusion(model), DataLoader(features, batch_size=256), torch.device("cpu")
+    )
     return torch.softmax(logits, dim=-1).numpy(), labels.numpy()

@@ -35,8 +35,9 @@ MEDPIX = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "me
 MEDPIX_CLASSES = "other,neoplasm"
 
 
-def medpix_site(folder: Path, source: Path = MEDPIX, region: str | None = None,
-                one_per_patient: bool = True) -> Path | None:
+def medpix_site(
+    folder: Path, source: Path = MEDPIX, region: str | None = None, one_per_patient: bool = True
+) -> Path | None:
     """A hospital of medpix-dev's rows (a manifest beside the data's own), if the data is present.
 
     `region`: only that body region's cases (None: all). `one_per_patient`: each case's first
@@ -55,8 +56,14 @@ def medpix_site(folder: Path, source: Path = MEDPIX, region: str | None = None,
         writer = csv.writer(fh)
         writer.writerow(["image", "text", "label", "patient_id"])
         for r in rows:
-            writer.writerow([os.path.relpath(source / r["image"], folder), r["text"], r["label"],
-                             r["patient_id"]])
+            writer.writerow(
+                [
+                    os.path.relpath(source / r["image"], folder),
+                    r["text"],
+                    r["label"],
+                    r["patient_id"],
+                ]
+            )
     return folder
 
 
@@ -65,30 +72,62 @@ def train_site(run: RunConfig, site: SiteState, run_key: str) -> dict:
     bundle = site.bundle(run.model)
     state = trainable_state(bundle.model)
     for r in range(1, run.federation.num_server_rounds + 1):
-        out = train_round(site, run, RoundRequest(server_round=r, run_key=run_key,
-                                                  frozen_fingerprint=bundle.fingerprint,
-                                                  parameters=state))
+        out = train_round(
+            site,
+            run,
+            RoundRequest(
+                server_round=r,
+                run_key=run_key,
+                frozen_fingerprint=bundle.fingerprint,
+                parameters=state,
+            ),
+        )
         state = {**state, **out.state}
     return state
 
 
-def audit_site(run: RunConfig, site: SiteState, state: dict, *, references: int,
-               epsilon: float | None, delta: float | None) -> MembershipAudit:
+def audit_site(
+    run: RunConfig,
+    site: SiteState,
+    state: dict,
+    *,
+    references: int,
+    epsilon: float | None,
+    delta: float | None,
+) -> MembershipAudit:
     """The site's audit of the model with `state`: its training rows against its held-out rows."""
     bundle, data = site.bundle(run.model), site.data(run)
     load_trainable_state(bundle.model, state)
     t = run.train
-    settings = AuditSettings(reference_models=references,
-                             epochs=run.federation.num_server_rounds * t.local_epochs,
-                             learning_rate=t.learning_rate, batch_size=t.batch_size)
-    return membership_audit(bundle.model, data.train, data.val,
-                            member_rows=[r.line for r in data.train.rows], settings=settings,
-                            epsilon=epsilon, delta=delta, device=pick_device("cpu"))
+    settings = AuditSettings(
+        reference_models=references,
+        epochs=run.federation.num_server_rounds * t.local_epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+    )
+    return membership_audit(
+        bundle.model,
+        data.train,
+        data.val,
+        member_rows=[r.line for r in data.train.rows],
+        settings=settings,
+        epsilon=epsilon,
+        delta=delta,
+        device=pick_device("cpu"),
+    )
 
 
-def measure(work: Path, folder: Path, *, preset: str, rounds: int, local_epochs: int,
-            references: int, settings: tuple[str, ...] = ("nodp", "dp8"),
-            **overrides: object) -> dict[str, dict[str, float]]:
+def measure(
+    work: Path,
+    folder: Path,
+    *,
+    preset: str,
+    rounds: int,
+    local_epochs: int,
+    references: int,
+    settings: tuple[str, ...] = ("nodp", "dp8"),
+    **overrides: object,
+) -> dict[str, dict[str, float]]:
     """Train without DP (`nodp`) and with DP at epsilon 8 (`dp8`) at the hospital in `folder`;
     audit each."""
     work.mkdir(parents=True, exist_ok=True)
@@ -97,23 +136,44 @@ def measure(work: Path, folder: Path, *, preset: str, rounds: int, local_epochs:
     results = {}
     for name in settings:
         dp = name == "dp8"
-        run = bench_config(preset, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp,
-                           target_epsilon=8.0, **overrides)
-        site = SiteState(SiteConfig(site_name=folder.name, manifest=folder, policy=policy,
-                                    state_dir=work / "state" / f"{folder.name}-{name}"))
+        run = bench_config(
+            preset,
+            num_server_rounds=rounds,
+            local_epochs=local_epochs,
+            dp=dp,
+            target_epsilon=8.0,
+            **overrides,
+        )
+        site = SiteState(
+            SiteConfig(
+                site_name=folder.name,
+                manifest=folder,
+                policy=policy,
+                state_dir=work / "state" / f"{folder.name}-{name}",
+            )
+        )
         state = train_site(run, site, f"mia-{name}")
         data = site.data(run)
         delta = 1.0 / (10 * len(data.train))  # the default policy's delta for this site
-        audit = audit_site(run, site, state, references=references,
-                           epsilon=8.0 if dp else None, delta=delta if dp else None)
+        audit = audit_site(
+            run,
+            site,
+            state,
+            references=references,
+            epsilon=8.0 if dp else None,
+            delta=delta if dp else None,
+        )
         loss, lira = audit.attack("loss"), audit.attack("lira")
-        results[name] = {"members": audit.members, "non_members": audit.non_members,
-                         "auc_loss": loss.auc, "auc_lira": lira.auc,
-                         "auc": max(loss.auc, lira.auc),
-                         "tpr_at_1pct_fpr": max(loss.tpr_at[0.01], lira.tpr_at[0.01]),
-                         "tpr_at_0.1pct_fpr": max(loss.tpr_at[0.001], lira.tpr_at[0.001]),
-                         "identified_members_at_0.1pct_fpr": sum(
-                             w.above_threshold for w in audit.worst_cases)}
+        results[name] = {
+            "members": audit.members,
+            "non_members": audit.non_members,
+            "auc_loss": loss.auc,
+            "auc_lira": lira.auc,
+            "auc": max(loss.auc, lira.auc),
+            "tpr_at_1pct_fpr": max(loss.tpr_at[0.01], lira.tpr_at[0.01]),
+            "tpr_at_0.1pct_fpr": max(loss.tpr_at[0.001], lira.tpr_at[0.001]),
+            "identified_members_at_0.1pct_fpr": sum(w.above_threshold for w in audit.worst_cases),
+        }
         log.info("%s %s: %s", folder.name, name, results[name])
     return results
 
@@ -128,25 +188,51 @@ def run(quick: bool, work: Path) -> Outcome:
         print(f"membership: {MEDPIX} is absent; measuring the demo hospital only.")
     else:
         data["medpix-dev"] = (medpix, {"class_names": MEDPIX_CLASSES})
-    results = {name: measure(work / name, folder, preset="demo", rounds=rounds,
-                             local_epochs=epochs, references=references, **overrides)
-               for name, (folder, overrides) in data.items()}
+    results = {
+        name: measure(
+            work / name,
+            folder,
+            preset="demo",
+            rounds=rounds,
+            local_epochs=epochs,
+            references=references,
+            **overrides,
+        )
+        for name, (folder, overrides) in data.items()
+    }
     # the headline: the worst (highest) AUC over the data sets, the worst TPR at 1% FPR
     dp8 = max(r["dp8"]["auc"] for r in results.values())
     nodp = max(r["nodp"]["auc"] for r in results.values())
     tpr = max(r["dp8"]["tpr_at_1pct_fpr"] for r in results.values())
     tpr_nodp = max(r["nodp"]["tpr_at_1pct_fpr"] for r in results.values())
-    rows = {name: len(read_manifest(folder, tuple((o.get("class_names") or
-                                                   "normal,pneumonia,effusion").split(",")))[1])
-            for name, (folder, o) in data.items()}
+    rows = {
+        name: len(
+            read_manifest(
+                folder, tuple((o.get("class_names") or "normal,pneumonia,effusion").split(","))
+            )[1]
+        )
+        for name, (folder, o) in data.items()
+    }
     return Outcome(
-        key="mia_auc_dp8", value=dp8, target="<= 0.55",
+        key="mia_auc_dp8",
+        value=dp8,
+        target="<= 0.55",
         note="membership-inference AUC (the stronger of loss threshold and offline LiRA, the "
-             "worse data set) against one hospital's final model trained with DP at epsilon 8; "
-             "nodp: the same training without DP (long enough to overfit); TPR at 1% FPR beside",
-        settings={"preset": "demo", "rounds": rounds, "local_epochs": epochs,
-                  "reference_models": references, "datasets": sorted(data), "rows": rows,
-                  "medpix": "every region, one image per patient" if medpix else None},
+        "worse data set) against one hospital's final model trained with DP at epsilon 8; "
+        "nodp: the same training without DP (long enough to overfit); TPR at 1% FPR beside",
+        settings={
+            "preset": "demo",
+            "rounds": rounds,
+            "local_epochs": epochs,
+            "reference_models": references,
+            "datasets": sorted(data),
+            "rows": rows,
+            "medpix": "every region, one image per patient" if medpix else None,
+        },
         raw=results,
-        extra={"mia_auc_nodp": (nodp, ">= 0.5"), "mia_tpr_at_1pct_fpr_dp8": (tpr, "<= 0.03"),
-               "mia_tpr_at_1pct_fpr_nodp": (tpr_nodp, ">= 0.0")})
+        extra={
+            "mia_auc_nodp": (nodp, ">= 0.5"),
+            "mia_tpr_at_1pct_fpr_dp8": (tpr, "<= 0.03"),
+            "mia_tpr_at_1pct_fpr_nodp": (tpr_nodp, ">= 0.0"),
+        },
+    )

@@ -14,8 +14,17 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LIBRARIES = ("flwr", "torch", "torchvision", "transformers", "opacus", "peft", "numpy", "ray",
-             "flwr-datasets")
+LIBRARIES = (
+    "flwr",
+    "torch",
+    "torchvision",
+    "transformers",
+    "opacus",
+    "peft",
+    "numpy",
+    "ray",
+    "flwr-datasets",
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,9 @@ class Outcome:
     note: str  # how the value was obtained; why a target is missed
     settings: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, tuple[float, str]] = field(default_factory=dict)  # more summary keys: (value, target)
+    extra: dict[str, tuple[float, str]] = field(
+        default_factory=dict
+    )  # more summary keys: (value, target)
 
     @property
     def met(self) -> bool:
@@ -47,18 +58,27 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     memory = None
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         first = meminfo.read_text().splitlines()[0].split()
         memory = round(int(first[1]) / 1024**2, 1)
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "memory_gib": memory, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def versions() -> dict[str, str | None]:
@@ -85,8 +105,15 @@ def _plain(value: Any) -> Any:
 def write_outcome(name: str, outcome: Outcome, seconds: float, quick: bool, out_dir: Path) -> Path:
     """benchmarks/results/<name>.json: value, target, machine, versions, settings, raw numbers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, **asdict(outcome), "met": outcome.met, "quick": quick,
-           "seconds": round(seconds, 1), "machine": machine(), "versions": versions()}
+    doc = {
+        "benchmark": name,
+        **asdict(outcome),
+        "met": outcome.met,
+        "quick": quick,
+        "seconds": round(seconds, 1),
+        "machine": machine(),
+        "versions": versions(),
+    }
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(_plain(doc), indent=2) + "\n")
     return path

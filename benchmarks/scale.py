@@ -41,25 +41,40 @@ def measure(work: Path, sizes: Sequence[int], rounds: int) -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     for n in sizes:
         fraction, sampled, min_nodes = sampling(n)
-        config = {**default_user_config(), "preset": "tiny", "data-root": str(work / "data"),
-                  "state-root": str(work / f"state-{n}"), "output-dir": str(work / "outputs"),
-                  "run-name": f"scale-{n}", "num-server-rounds": rounds, "min-nodes": min_nodes,
-                  "fraction-train": fraction, "fraction-evaluate": fraction}
+        config = {
+            **default_user_config(),
+            "preset": "tiny",
+            "data-root": str(work / "data"),
+            "state-root": str(work / f"state-{n}"),
+            "output-dir": str(work / "outputs"),
+            "run-name": f"scale-{n}",
+            "num-server-rounds": rounds,
+            "min-nodes": min_nodes,
+            "fraction-train": fraction,
+            "fraction-evaluate": fraction,
+        }
         try:
             t = timed_simulation(config, n, work)
-        except Exception as err:  # noqa: BLE001 - recorded and logged: this size is not reached
+        except Exception as err:
             log.warning("simulation of %d hospitals failed: %s", n, err)
             rows.append({"hospitals": n, "error": f"{type(err).__name__}: {err}"})
             break
         summary = work / "outputs" / f"scale-{n}" / "summary.json"
         completed = summary.is_file() and '"completed"' in summary.read_text()
-        rows.append({"hospitals": n, "sampled_per_round": sampled, "rounds": rounds,
-                     "wall_s": t.wall_s, "startup_s": t.first_client_s,
-                     "per_round_s": (t.wall_s - t.first_client_s) / rounds,
-                     "client_calls": len(t.intervals),
-                     "peak_rss_mib": t.peak_rss_bytes / 2**20,
-                     "peak_largest_process_rss_mib": t.peak_largest_rss_bytes / 2**20,
-                     "completed": completed})
+        rows.append(
+            {
+                "hospitals": n,
+                "sampled_per_round": sampled,
+                "rounds": rounds,
+                "wall_s": t.wall_s,
+                "startup_s": t.first_client_s,
+                "per_round_s": (t.wall_s - t.first_client_s) / rounds,
+                "client_calls": len(t.intervals),
+                "peak_rss_mib": t.peak_rss_bytes / 2**20,
+                "peak_largest_process_rss_mib": t.peak_largest_rss_bytes / 2**20,
+                "completed": completed,
+            }
+        )
         log.info("scale: %s", rows[-1])
         if not completed:
             break
@@ -72,9 +87,17 @@ def run(quick: bool, work: Path) -> Outcome:
     rows = measure(work, sizes, rounds)
     done = max((r["hospitals"] for r in rows if r.get("completed")), default=0)
     return Outcome(
-        key="max_hospitals_simulated", value=float(done), target=">= 1000",
+        key="max_hospitals_simulated",
+        value=float(done),
+        target=">= 1000",
         note=f"largest simulated federation (tiny preset, DP, evaluation on, at most {SAMPLED} "
-             "sites sampled per round) that completed",
-        settings={"sizes": list(sizes), "preset": "tiny", "rounds": rounds,
-                  "data_scale": DATA_SCALE, "sampled_per_round_max": SAMPLED},
-        raw={"runs": rows})
+        "sites sampled per round) that completed",
+        settings={
+            "sizes": list(sizes),
+            "preset": "tiny",
+            "rounds": rounds,
+            "data_scale": DATA_SCALE,
+            "sampled_per_round_max": SAMPLED,
+        },
+        raw={"runs": rows},
+    )

@@ -80,30 +80,55 @@ EVAL_TRIALS = 10_000
 DEFAULT_SHARE = SitePolicy().evaluation_share
 
 
-def run(quick: bool, work: Path, *, trials: int = 200, eval_trials: int = EVAL_TRIALS,
-        medpix: Path = MEDPIX, preset: str = "demo", demo_scale: float = 0.5) -> Outcome:
+def run(
+    quick: bool,
+    work: Path,
+    *,
+    trials: int = 200,
+    eval_trials: int = EVAL_TRIALS,
+    medpix: Path = MEDPIX,
+    preset: str = "demo",
+    demo_scale: float = 0.5,
+) -> Outcome:
     """The three attacks and DP evaluation's cost; the headline: the largest advantage."""
     demo = demo_hospitals(work / "demo-data", 2, size_scale=0.3)
-    advantages = {"train-loss": train_loss_attack(demo[0], work / "train-loss"),
-                  "nan-canary": nan_canary_attack(demo[0], work / "nan", trials),
-                  **evaluation_attack(demo[0], work / "evaluation", eval_trials)}
-    cost = evaluation_cost(work / "cost", trials=trials if quick else 4 * trials, medpix=medpix,
-                           preset=preset, demo_scale=demo_scale)
+    advantages = {
+        "train-loss": train_loss_attack(demo[0], work / "train-loss"),
+        "nan-canary": nan_canary_attack(demo[0], work / "nan", trials),
+        **evaluation_attack(demo[0], work / "evaluation", eval_trials),
+    }
+    cost = evaluation_cost(
+        work / "cost",
+        trials=trials if quick else 4 * trials,
+        medpix=medpix,
+        preset=preset,
+        demo_scale=demo_scale,
+    )
     headline = max(advantages["train-loss"], advantages["nan-canary"], advantages["evaluation-run"])
     mae = cost["shares"][str(DEFAULT_SHARE)]["mae"]
     print(table(advantages, cost), flush=True)
     return Outcome(
-        key="side_channel_advantage", value=headline, target="<= 0.05",
+        key="side_channel_advantage",
+        value=headline,
+        target="<= 0.05",
         note=f"accuracy above chance of the best decoder, {trials} balanced trials each "
-             f"({eval_trials} for the evaluation attack), default policy; the evaluation attack over every evaluation of a 3-round run "
-             f"({advantages['evaluation-query']:.3f} for one query). DP evaluation's cost on "
-             f"{cost['data']}: mean |pooled AUROC - exact| {mae:.3f} at evaluation-share "
-             f"{DEFAULT_SHARE} (the default; chosen so the evaluation attack stays at chance + "
-             "0.05 by the Gaussian mechanism's bound, not tuned on this data).",
-        settings={"trials": trials, "eval_trials": eval_trials, "shares": list(SHARES), "default_share": DEFAULT_SHARE},
+        f"({eval_trials} for the evaluation attack), default policy; the evaluation attack over every evaluation of a 3-round run "
+        f"({advantages['evaluation-query']:.3f} for one query). DP evaluation's cost on "
+        f"{cost['data']}: mean |pooled AUROC - exact| {mae:.3f} at evaluation-share "
+        f"{DEFAULT_SHARE} (the default; chosen so the evaluation attack stays at chance + "
+        "0.05 by the Gaussian mechanism's bound, not tuned on this data).",
+        settings={
+            "trials": trials,
+            "eval_trials": eval_trials,
+            "shares": list(SHARES),
+            "default_share": DEFAULT_SHARE,
+        },
         raw={"advantages": advantages, "cost": cost},
-        extra={"eval_attack_advantage": (advantages["evaluation-run"], "<= 0.05"),
-               "dp_eval_auroc_mae": (mae, "<= 0.03")})
+        extra={
+            "eval_attack_advantage": (advantages["evaluation-run"], "<= 0.05"),
+            "dp_eval_auroc_mae": (mae, "<= 0.03"),
+        },
+    )
 
 
 def _site(folder: Path, state: Path) -> SiteState:
@@ -122,8 +147,9 @@ def _without_first_row(folder: Path, to: Path) -> Path:
 
 def train_loss_attack(folder: Path, work: Path) -> float:
     """The issue's train-loss attack on the real replies of the site with and without the target."""
-    run = bench_config("tiny", class_names=DEMO_CLASSES, num_server_rounds=3, local_steps=1,
-                       batch_size=4096)
+    run = bench_config(
+        "tiny", class_names=DEMO_CLASSES, num_server_rounds=3, local_steps=1, batch_size=4096
+    )
     released = {}
     for member, path in ((True, folder), (False, _without_first_row(folder, work / "without"))):
         site = _site(path, work / f"state-{member}")
@@ -131,9 +157,17 @@ def train_loss_attack(folder: Path, work: Path) -> float:
         crafted = trainable_state(bundle.model)
         crafted["head.weight"] = torch.zeros_like(crafted["head.weight"])
         crafted["head.bias"] = torch.tensor([0.0, 3.0, 6.0])
-        out = train_round(site, run, RoundRequest(server_round=1, run_key="attack",
-                                                  frozen_fingerprint=bundle.fingerprint,
-                                                  parameters=crafted, flower_run_id=1))
+        out = train_round(
+            site,
+            run,
+            RoundRequest(
+                server_round=1,
+                run_key="attack",
+                frozen_fingerprint=bundle.fingerprint,
+                parameters=crafted,
+                flower_run_id=1,
+            ),
+        )
         released[member] = out.train_loss
     log.info("train-loss released with and without the target: %s", released)
     if all(math.isnan(v) for v in released.values()):
@@ -156,12 +190,29 @@ def nan_canary_attack(folder: Path, work: Path, trials: int) -> float:
     run = bench_config("tiny", class_names=DEMO_CLASSES, num_server_rounds=3)
     site = _site(folder, work / "state")
     rows = len(site.data(run).train)
-    terms = negotiate(SitePolicy(), run, dp=True, target_epsilon=8.0, target_delta=1e-5,
-                      num_rounds=3, num_examples=rows)
-    plan = LocalPlan(num_examples=rows, batch_size=run.train.batch_size, epochs=1,
-                     steps_per_round=run.train.local_steps)
-    account = open_account(terms, [], num_examples=plan.num_examples, batch_size=plan.batch_size,
-                           epochs=1, steps_per_round=plan.steps_per_round)
+    terms = negotiate(
+        SitePolicy(),
+        run,
+        dp=True,
+        target_epsilon=8.0,
+        target_delta=1e-5,
+        num_rounds=3,
+        num_examples=rows,
+    )
+    plan = LocalPlan(
+        num_examples=rows,
+        batch_size=run.train.batch_size,
+        epochs=1,
+        steps_per_round=run.train.local_steps,
+    )
+    account = open_account(
+        terms,
+        [],
+        num_examples=plan.num_examples,
+        batch_size=plan.batch_size,
+        epochs=1,
+        steps_per_round=plan.steps_per_round,
+    )
     generator = torch.Generator().manual_seed(3)
     others = torch.randn(rows - 1, 8, generator=generator)
     others[:, 0] = 0.0
@@ -172,21 +223,24 @@ def nan_canary_attack(folder: Path, work: Path, trials: int) -> float:
         member = t % 2 == 0
         x = torch.cat([others, target]) if member else others
         y = torch.randint(0, 3, (len(x),), generator=generator)
-        finite = _dp_update_is_finite(x, y, account, batch_size=run.train.batch_size,
-                                      steps=run.train.local_steps)
+        finite = _dp_update_is_finite(
+            x, y, account, batch_size=run.train.batch_size, steps=run.train.local_steps
+        )
         right += (not finite) == member  # the issue's decoder: a NaN update means "sampled"
     return right / trials - 0.5
 
 
-def _dp_update_is_finite(x: torch.Tensor, y: torch.Tensor, account: Account, *, batch_size: int,
-                         steps: int) -> bool:
+def _dp_update_is_finite(
+    x: torch.Tensor, y: torch.Tensor, account: Account, *, batch_size: int, steps: int
+) -> bool:
     net = _net(3e38)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     account = replace(account, sample_rate=1 / len(loader))
     torch.seed()
-    with private_training(net, optimizer, loader, account, max_grad_norm=1.0,
-                          grad_sample_mode="hooks") as session:
+    with private_training(
+        net, optimizer, loader, account, max_grad_norm=1.0, grad_sample_mode="hooks"
+    ) as session:
         for xb, yb in FixedSteps(session.loader, steps):
             session.optimizer.zero_grad()
             session.criterion(net(xb), yb).backward()
@@ -199,15 +253,20 @@ def evaluation_attack(folder: Path, work: Path, trials: int) -> dict[str, float]
     run = bench_config("tiny", class_names=DEMO_CLASSES, num_server_rounds=3)
     site = _site(folder, work / "state")
     bundle, data = site.bundle(run.model), site.data(run)
-    request = RoundRequest(server_round=1, run_key="attack", frozen_fingerprint=bundle.fingerprint,
-                           parameters=trainable_state(bundle.model), flower_run_id=1)
+    request = RoundRequest(
+        server_round=1,
+        run_key="attack",
+        frozen_fingerprint=bundle.fingerprint,
+        parameters=trainable_state(bundle.model),
+        flower_run_id=1,
+    )
     evaluate_round(site, run, request)  # the site plans the run's noise, as for any coordinator
     sigma = load_ledger(site.site.state_dir).run("attack").account.release_noise_multiplier
     scores = ablation_scores(bundle.model, DataLoader(data.val, batch_size=64), torch.device("cpu"))
     present = view_counts(scores, 3, ablation=False)
     row = int(np.flatnonzero(scores.both.numpy())[0])
-    probs = torch.softmax(scores.logits["both"][row:row + 1], dim=-1).numpy()
-    one = count_scores(probs, scores.labels[row:row + 1].numpy(), 3)
+    probs = torch.softmax(scores.logits["both"][row : row + 1], dim=-1).numpy()
+    one = count_scores(probs, scores.labels[row : row + 1].numpy(), 3)
     absent = {**present, "both": present["both"] + ScoreCounts(-one.scores, -one.confusion)}
     delta = _flat(present) - _flat(absent)
     out = {}
@@ -217,8 +276,9 @@ def evaluation_attack(folder: Path, work: Path, trials: int) -> dict[str, float]
             member = t % 2 == 0
             statistic = 0.0
             for _ in range(queries):
-                noisy = release_counts(present if member else absent, noise_multiplier=sigma,
-                                       views_per_row=1)
+                noisy = release_counts(
+                    present if member else absent, noise_multiplier=sigma, views_per_row=1
+                )
                 statistic += float((_flat(noisy.views) - _flat(absent)) @ delta - delta @ delta / 2)
             right += (statistic > 0) == member
         out[name] = right / trials - 0.5
@@ -227,16 +287,22 @@ def evaluation_attack(folder: Path, work: Path, trials: int) -> dict[str, float]
 
 
 def _flat(views: dict[str, ScoreCounts]) -> np.ndarray:
-    return np.concatenate([a.ravel() for _, c in sorted(views.items()) for a in c.arrays().values()])
+    return np.concatenate(
+        [a.ravel() for _, c in sorted(views.items()) for a in c.arrays().values()]
+    )
 
 
-def evaluation_cost(work: Path, *, trials: int, medpix: Path = MEDPIX, preset: str = "demo",
-                    demo_scale: float = 0.5) -> dict[str, Any]:
+def evaluation_cost(
+    work: Path, *, trials: int, medpix: Path = MEDPIX, preset: str = "demo", demo_scale: float = 0.5
+) -> dict[str, Any]:
     """Mean |pooled AUROC from released counts - exact AUROC| at each evaluation share."""
     found = medpix.is_file()
     if not found:
-        print(f"side_channels: medpix-dev not found at {medpix}: DP evaluation's cost is measured "
-              "on 5 demo hospitals", flush=True)
+        print(
+            f"side_channels: medpix-dev not found at {medpix}: DP evaluation's cost is measured "
+            "on 5 demo hospitals",
+            flush=True,
+        )
     classes = MEDPIX_CLASSES if found else DEMO_CLASSES
     cases = medpix_cases(medpix) if found else demo_cases(work / "demo-data", demo_scale)
     user_config = bench_user_config(preset, class_names=classes, dp=True, target_epsilon=8.0)
@@ -256,28 +322,40 @@ def evaluation_cost(work: Path, *, trials: int, medpix: Path = MEDPIX, preset: s
     rows = test_site.data(run).train.rows
     by_site: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        by_site[hospital_of[(str(Path(r.image).resolve()) if r.image else "", r.text,
-                             r.patient_id)]].append(i)
+        by_site[
+            hospital_of[(str(Path(r.image).resolve()) if r.image else "", r.text, r.patient_id)]
+        ].append(i)
     num_classes = len(run.model.class_names)
     exact = _auroc(labels, probs)
     counts = {h: count_scores(probs[i], labels[i], num_classes) for h, i in by_site.items()}
     train_sizes = {key.split(" (", 1)[1][:-1]: rows for key, rows in s.sizes.items()}
-    result: dict[str, Any] = {"data": "medpix-dev" if found else "5 demo hospitals",
-                                "exact_auroc": exact, "validation_rows": {h: len(i) for h, i in
-                                                                          by_site.items()},
-                                "shares": {}}
+    result: dict[str, Any] = {
+        "data": "medpix-dev" if found else "5 demo hospitals",
+        "exact_auroc": exact,
+        "validation_rows": {h: len(i) for h, i in by_site.items()},
+        "shares": {},
+    }
     for share in SHARES:
         sigmas = {h: _planned_noise(run, share, train_sizes[h]) for h in by_site}
         errors = []
         for _ in range(trials):
-            released = [SiteCounts(records=len(by_site[h]), metrics={},
-                                   counts=release_counts(
-                                       {"lacking": ScoreCounts.empty(num_classes), "both": c},
-                                       noise_multiplier=sigmas[h], views_per_row=1).views)
-                        for h, c in counts.items()]
+            released = [
+                SiteCounts(
+                    records=len(by_site[h]),
+                    metrics={},
+                    counts=release_counts(
+                        {"lacking": ScoreCounts.empty(num_classes), "both": c},
+                        noise_multiplier=sigmas[h],
+                        views_per_row=1,
+                    ).views,
+                )
+                for h, c in counts.items()
+            ]
             errors.append(abs(pooled_metrics(released)["auroc"] - exact))
-        result["shares"][str(share)] = {"mae": float(np.mean(errors)),
-                                          "noise_multiplier": float(np.mean(list(sigmas.values())))}
+        result["shares"][str(share)] = {
+            "mae": float(np.mean(errors)),
+            "noise_multiplier": float(np.mean(list(sigmas.values()))),
+        }
         log.info("evaluation-share %g: MAE %.4f", share, np.mean(errors))
     return result
 
@@ -285,13 +363,24 @@ def evaluation_cost(work: Path, *, trials: int, medpix: Path = MEDPIX, preset: s
 def _planned_noise(run: RunConfig, share: float, rows: int) -> float:
     """The release noise a site of `rows` training rows plans at `share` (default policy else)."""
     policy = SitePolicy(evaluation_share=share)
-    terms = negotiate(policy, run, dp=True, target_epsilon=run.privacy.target_epsilon,
-                      target_delta=run.privacy.target_delta,
-                      num_rounds=run.federation.num_server_rounds, num_examples=rows)
+    terms = negotiate(
+        policy,
+        run,
+        dp=True,
+        target_epsilon=run.privacy.target_epsilon,
+        target_delta=run.privacy.target_delta,
+        num_rounds=run.federation.num_server_rounds,
+        num_examples=rows,
+    )
     try:
-        return open_account(terms, [], num_examples=rows, batch_size=run.train.batch_size,
-                            epochs=run.train.local_epochs,
-                            steps_per_round=run.train.local_steps).release_noise_multiplier
+        return open_account(
+            terms,
+            [],
+            num_examples=rows,
+            batch_size=run.train.batch_size,
+            epochs=run.train.local_epochs,
+            steps_per_round=run.train.local_steps,
+        ).release_noise_multiplier
     except FedFusionError as err:
         raise RuntimeError(f"a site of {rows} rows cannot plan its run: {err.detail}") from err
 

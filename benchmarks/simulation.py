@@ -61,9 +61,13 @@ def _client_app(config: dict[str, Any], log_path: Path) -> Any:
         start = time.time()
         try:
             handler = client_app.train if kind == "train" else client_app.evaluate
-            configured = Context(run_id=context.run_id, node_id=context.node_id,  # Flower's Python
-                                 node_config=context.node_config, state=context.state,  # simulation
-                                 run_config=config)  # gives apps no run config
+            configured = Context(
+                run_id=context.run_id,
+                node_id=context.node_id,  # Flower's Python
+                node_config=context.node_config,
+                state=context.state,  # simulation
+                run_config=config,
+            )  # gives apps no run config
             return handler(msg, configured)
         finally:
             with log_path.open("a") as fh:  # one short line per call: appends do not interleave
@@ -109,7 +113,9 @@ class _PeakMemory(threading.Thread):
         return self.peak
 
 
-def timed_simulation(user_config: Mapping[str, Any], hospitals: int, work: Path) -> SimulationTiming:
+def timed_simulation(
+    user_config: Mapping[str, Any], hospitals: int, work: Path
+) -> SimulationTiming:
     """Run the federation with `hospitals` simulated sites; time it and its clients."""
     from flwr.simulation import run_simulation
 
@@ -124,11 +130,21 @@ def timed_simulation(user_config: Mapping[str, Any], hospitals: int, work: Path)
     memory.start()
     start = time.time()
     try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=hospitals,
-                       backend_config=backend, verbose_logging=False)
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=hospitals,
+            backend_config=backend,
+            verbose_logging=False,
+        )
     finally:
         wall = time.time() - start
         peak = memory.stop()
-    calls = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
-    return SimulationTiming(wall, [(s - start, e - start) for _, s, e in calls], peak,
-                            memory.largest)
+    calls = (
+        [json.loads(line) for line in log_path.read_text().splitlines()]
+        if log_path.is_file()
+        else []
+    )
+    return SimulationTiming(
+        wall, [(s - start, e - start) for _, s, e in calls], peak, memory.largest
+    )

@@ -84,9 +84,16 @@ class Case:
 def medpix_cases(manifest: Path) -> list[Case]:
     """medpix-dev's rows; hospital = the `site` column (body region)."""
     with manifest.open(newline="", encoding="utf-8") as fh:
-        return [Case(image=str((manifest.parent / r["image"]).resolve()) if r["image"] else "",
-                     text=r["text"], label=r["label"], patient=r["patient_id"], hospital=r["site"])
-                for r in csv.DictReader(fh)]
+        return [
+            Case(
+                image=str((manifest.parent / r["image"]).resolve()) if r["image"] else "",
+                text=r["text"],
+                label=r["label"],
+                patient=r["patient_id"],
+                hospital=r["site"],
+            )
+            for r in csv.DictReader(fh)
+        ]
 
 
 def demo_cases(root: Path, scale: float) -> list[Case]:
@@ -96,9 +103,16 @@ def demo_cases(root: Path, scale: float) -> list[Case]:
     cases = []
     for folder in sorted(root.glob("hospital-*")):
         with (folder / "manifest.csv").open(newline="", encoding="utf-8") as fh:
-            cases += [Case(image=str((folder / r["image"]).resolve()) if r["image"] else "",
-                           text=r["text"], label=r["label"], patient=f"{folder.name}/{r['patient_id']}",
-                           hospital=folder.name) for r in csv.DictReader(fh)]
+            cases += [
+                Case(
+                    image=str((folder / r["image"]).resolve()) if r["image"] else "",
+                    text=r["text"],
+                    label=r["label"],
+                    patient=f"{folder.name}/{r['patient_id']}",
+                    hospital=folder.name,
+                )
+                for r in csv.DictReader(fh)
+            ]
     return cases
 
 
@@ -109,8 +123,15 @@ def write_site(folder: Path, cases: list[Case]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["image", "text", "label", "patient_id", "split"])
         for c in cases:
-            writer.writerow([os.path.relpath(c.image, folder) if c.image else "", c.text, c.label,
-                             c.patient, "train"])
+            writer.writerow(
+                [
+                    os.path.relpath(c.image, folder) if c.image else "",
+                    c.text,
+                    c.label,
+                    c.patient,
+                    "train",
+                ]
+            )
     return folder
 
 
@@ -129,7 +150,7 @@ def split(cases: list[Case], work: Path, seed: int) -> Split:
     """Hold out a fifth of the patients (seeded); the rest stay at their hospitals."""
     patients = sorted({c.patient for c in cases})
     random.Random(seed).shuffle(patients)
-    held = set(patients[:round(TEST_FRACTION * len(patients))])
+    held = set(patients[: round(TEST_FRACTION * len(patients))])
     test = [c for c in cases if c.patient in held]
     train = [c for c in cases if c.patient not in held]
     by_hospital: dict[str, list[Case]] = defaultdict(list)
@@ -137,9 +158,13 @@ def split(cases: list[Case], work: Path, seed: int) -> Split:
         by_hospital[c.hospital].append(c)
     names = sorted(by_hospital)
     hospitals = [write_site(work / f"hospital-{i}", by_hospital[n]) for i, n in enumerate(names)]
-    return Split(hospitals=hospitals, central=write_site(work / "central", train),
-                 test=write_site(work / "test", test), test_rows=len(test),
-                 sizes={f"hospital-{i} ({n})": len(by_hospital[n]) for i, n in enumerate(names)})
+    return Split(
+        hospitals=hospitals,
+        central=write_site(work / "central", train),
+        test=write_site(work / "test", test),
+        test_rows=len(test),
+        sizes={f"hospital-{i} ({n})": len(by_hospital[n]) for i, n in enumerate(names)},
+    )
 
 
 class PooledFeatures:
@@ -147,8 +172,9 @@ class PooledFeatures:
 
     def __init__(self, pool: SiteState, run: RunConfig) -> None:
         bundle, data = pool.bundle(run.model), pool.data(run)
-        self.features = pool.features.get(_cache_key(run, bundle, data), bundle.model, data.train,
-                                          torch.device("cpu"))
+        self.features = pool.features.get(
+            _cache_key(run, bundle, data), bundle.model, data.train, torch.device("cpu")
+        )
         self.index = {_row_key(r): i for i, r in enumerate(data.train.rows)}
 
     def prime(self, site: SiteState, run: RunConfig, *, split_name: str = "train") -> None:
@@ -157,7 +183,7 @@ class PooledFeatures:
         rows = [self.index[_row_key(r)] for r in data.train.rows]
         subset = FeatureSet({k: self.features.tensors[k][rows] for k in FEATURE_KEYS})
         key = replace(_cache_key(run, bundle, data), split=split_name)
-        site.features._sets[key] = subset  # noqa: SLF001 (a cache fill, exactly what a miss computes)
+        site.features._sets[key] = subset
 
     def pooled(self, site: SiteState, run: RunConfig) -> tuple[np.ndarray, np.ndarray]:
         """Mean-pooled frozen features (N, D_image + D_text) and labels of a site's rows (the probe's)."""
@@ -167,9 +193,13 @@ class PooledFeatures:
         mask = t["attention_mask"][rows]
         bundle.model.eval()
         with torch.no_grad():  # the encoders' outputs as the fusion layer sees them, mean-pooled
-            f = Features(image_rest(net.model, t["image_front"][rows], net.image_start),
-                         text_rest(net.model, t["text_front"][rows], mask, net.text_start),
-                         mask.bool(), t["has_image"][rows], t["has_text"][rows])
+            f = Features(
+                image_rest(net.model, t["image_front"][rows], net.image_start),
+                text_rest(net.model, t["text_front"][rows], mask, net.text_start),
+                mask.bool(),
+                t["has_image"][rows],
+                t["has_text"][rows],
+            )
             image_vec, text_vec = f.pooled()
         return torch.cat([image_vec, text_vec], dim=1).numpy(), t["labels"][rows].numpy()
 
@@ -178,7 +208,9 @@ def _row_key(row: Any) -> Key:
     return (str(Path(row.image).resolve()) if row.image else "", row.text, row.patient_id)
 
 
-def probe_auroc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+def probe_auroc(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> float:
     """Test AUROC of a standardised logistic regression (macro one-vs-rest beyond 2 classes)."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
     probe.fit(x_train, y_train)
@@ -192,15 +224,29 @@ def ci95(values: list[float]) -> dict[str, Any]:
     """Mean and 95% confidence interval (Student t over the seeds)."""
     a = np.asarray(values, dtype=float)
     mean = float(a.mean())
-    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan
+    half = (
+        float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+        if len(a) > 1
+        else math.nan
+    )
     return {"mean": mean, "ci95": [mean - half, mean + half], "values": [float(v) for v in a]}
 
 
-def measure_dataset(cases: list[Case], work: Path, *, classes: str, seeds: int,
-                    overrides: dict[str, Any], preset: str) -> dict[str, Any]:
+def measure_dataset(
+    cases: list[Case],
+    work: Path,
+    *,
+    classes: str,
+    seeds: int,
+    overrides: dict[str, Any],
+    preset: str,
+) -> dict[str, Any]:
     """Every setting over `seeds` splits of `cases`; per setting: mean, CI, values."""
+
     def config(dp: bool, eps: float = 8.0) -> dict[str, Any]:
-        return bench_user_config(preset, class_names=classes, dp=dp, target_epsilon=eps, **overrides)
+        return bench_user_config(
+            preset, class_names=classes, dp=dp, target_epsilon=eps, **overrides
+        )
 
     run0 = RunConfig.from_user_config(config(False))
     pool_folder = write_site(work / "pool", cases)
@@ -214,9 +260,14 @@ def measure_dataset(cases: list[Case], work: Path, *, classes: str, seeds: int,
         hospitals = Hospitals(work / f"seed-{seed}" / "federation")
         test_site = site_states(work / f"seed-{seed}" / "state", [s.test])[0]
 
-        def auroc(name: str, user_config: dict[str, Any], paths: list[Path],
-                  hospitals: Hospitals = hospitals, test_site: SiteState = test_site,
-                  seed: int = seed) -> float:
+        def auroc(
+            name: str,
+            user_config: dict[str, Any],
+            paths: list[Path],
+            hospitals: Hospitals = hospitals,
+            test_site: SiteState = test_site,
+            seed: int = seed,
+        ) -> float:
             run = RunConfig.from_user_config(user_config)
             for p in paths:  # (a site rebuilds its model, and empties its cache, when the model
                 site_run, site = hospitals.warm(p, user_config)  # config changes)
@@ -231,7 +282,9 @@ def measure_dataset(cases: list[Case], work: Path, *, classes: str, seeds: int,
         per["central"].append(auroc("central", config(False), [s.central]))
         per["federated"].append(auroc("federated", config(False), s.hospitals))
         for eps in EPSILONS:
-            per[f"federated-dp{eps:g}"].append(auroc(f"federated-dp{eps:g}", config(True, eps), s.hospitals))
+            per[f"federated-dp{eps:g}"].append(
+                auroc(f"federated-dp{eps:g}", config(True, eps), s.hospitals)
+            )
         alone = [auroc(f"alone-{p.name}", config(False), [p]) for p in s.hospitals]
         alone_dp = [auroc(f"alone-dp8-{p.name}", config(True), [p]) for p in s.hospitals]
         per["single-hospital"].append(float(np.mean(alone)))
@@ -257,45 +310,84 @@ def summary_keys(prefix: str, result: dict[str, Any]) -> dict[str, tuple[float, 
     }
 
 
-def run(quick: bool, work: Path, *, preset: str = "demo", seeds: int = 3,
-        demo_scale: float = 0.12, medpix: Path = MEDPIX, overrides: dict[str, Any] | None = None) -> Outcome:
+def run(
+    quick: bool,
+    work: Path,
+    *,
+    preset: str = "demo",
+    seeds: int = 3,
+    demo_scale: float = 0.12,
+    medpix: Path = MEDPIX,
+    overrides: dict[str, Any] | None = None,
+) -> Outcome:
     """medpix-dev (when present) and small demo hospitals; the headline: medpix fed DP8 AUROC."""
     overrides = dict(overrides or {})
     results: dict[str, Any] = {}
     extra: dict[str, tuple[float, str]] = {}
     notes = []
     if medpix.is_file():
-        results["medpix"] = measure_dataset(medpix_cases(medpix), work / "medpix", classes=MEDPIX_CLASSES,
-                                            seeds=seeds, overrides=overrides, preset=preset)
+        results["medpix"] = measure_dataset(
+            medpix_cases(medpix),
+            work / "medpix",
+            classes=MEDPIX_CLASSES,
+            seeds=seeds,
+            overrides=overrides,
+            preset=preset,
+        )
         extra.update(summary_keys("medpix", results["medpix"]))
     else:
-        notes.append(f"medpix-dev not found at {medpix}: skipped (only the demo hospitals measured)")
+        notes.append(
+            f"medpix-dev not found at {medpix}: skipped (only the demo hospitals measured)"
+        )
         print(f"small_hospitals: {notes[-1]}", flush=True)
-    results["demo_small"] = measure_dataset(demo_cases(work / "demo-data", demo_scale), work / "demo",
-                                            classes=DEMO_CLASSES, seeds=seeds, overrides=overrides,
-                                            preset=preset)
+    results["demo_small"] = measure_dataset(
+        demo_cases(work / "demo-data", demo_scale),
+        work / "demo",
+        classes=DEMO_CLASSES,
+        seeds=seeds,
+        overrides=overrides,
+        preset=preset,
+    )
     extra.update(summary_keys("demo_small", results["demo_small"]))
     head = "medpix_auroc_fed_dp8" if "medpix" in results else "demo_small_auroc_fed_dp8"
     value, target = extra.pop(head)
     print(table(results), flush=True)
     return Outcome(
-        key=head, value=value, target=target,
+        key=head,
+        value=value,
+        target=target,
         note="mean test AUROC over seeds of federated DP-SGD at epsilon 8 per hospital; target: "
-             "the centralized no-DP linear probe on the same frozen features minus 0.05. "
-             + "; ".join(notes),
-        settings={"preset": preset, "seeds": seeds, "test_fraction": TEST_FRACTION,
-                  "demo_scale": demo_scale, "overrides": overrides,
-                  "recipe": _recipe(bench_config(preset, **overrides))},
-        raw=results, extra=extra)
+        "the centralized no-DP linear probe on the same frozen features minus 0.05. "
+        + "; ".join(notes),
+        settings={
+            "preset": preset,
+            "seeds": seeds,
+            "test_fraction": TEST_FRACTION,
+            "demo_scale": demo_scale,
+            "overrides": overrides,
+            "recipe": _recipe(bench_config(preset, **overrides)),
+        },
+        raw=results,
+        extra=extra,
+    )
 
 
 def _recipe(run: RunConfig) -> dict[str, Any]:
     t, a = run.train, run.aggregation
-    return {"rounds": run.federation.num_server_rounds, "local_steps": t.local_steps,
-            "local_epochs": t.local_epochs, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
-            "momentum": t.momentum, "strategy": a.strategy, "server_learning_rate": a.server_learning_rate,
-            "server_momentum": a.server_momentum, "max_text_length": run.model.max_text_length,
-            "fusion_dim": run.model.fusion_dim, "max_grad_norm": run.privacy.max_grad_norm}
+    return {
+        "rounds": run.federation.num_server_rounds,
+        "local_steps": t.local_steps,
+        "local_epochs": t.local_epochs,
+        "batch_size": t.batch_size,
+        "learning_rate": t.learning_rate,
+        "momentum": t.momentum,
+        "strategy": a.strategy,
+        "server_learning_rate": a.server_learning_rate,
+        "server_momentum": a.server_momentum,
+        "max_text_length": run.model.max_text_length,
+        "fusion_dim": run.model.fusion_dim,
+        "max_grad_norm": run.privacy.max_grad_norm,
+    }
 
 
 def table(results: dict[str, Any]) -> str:

@@ -17,8 +17,8 @@ from flwr.app import Array, ArrayRecord
 
 from benchmarks.record import Outcome
 from benchmarks.workloads import bench_config
-from common.model.fusion_model import FusionModel, build_model
 from common.model.encoders import text_layers
+from common.model.fusion_model import FusionModel, build_model
 from common.model.trainable import trainable_state
 
 OPTIONS = {
@@ -54,17 +54,33 @@ def run(quick: bool, work: Path) -> Outcome:
             state = trainable_state(model)
             for dtype in ("float32", "float16"):
                 sent = payload_bytes(state, np.dtype(dtype))
-                rows.append({"preset": preset, "trainable_set": option, "transport": dtype,
-                             "parameters": sum(v.numel() for v in state.values()),
-                             "upload_bytes": sent, "full_model_bytes": full,
-                             "reduction": full / sent})
+                rows.append(
+                    {
+                        "preset": preset,
+                        "trainable_set": option,
+                        "transport": dtype,
+                        "parameters": sum(v.numel() for v in state.values()),
+                        "upload_bytes": sent,
+                        "full_model_bytes": full,
+                        "reduction": full / sent,
+                    }
+                )
             del model
-    key = next(r for r in rows if (r["preset"], r["trainable_set"], r["transport"])
-               == ("seed", "fusion+head", "float32"))
+    key = next(
+        r
+        for r in rows
+        if (r["preset"], r["trainable_set"], r["transport"]) == ("seed", "fusion+head", "float32")
+    )
     return Outcome(
-        key="upload_reduction_ratio", value=key["reduction"], target=">= 50",
+        key="upload_reduction_ratio",
+        value=key["reduction"],
+        target=">= 50",
         note="full fusion-model state bytes (float32) over the serialised update a site uploads, "
-             "seed preset (ResNet-50 + BERT-base shape), default trainable set, float32 transport",
-        settings={"presets": ["tiny", "demo", "seed"], "options": OPTIONS,
-                  "lora": "peft, rank 8, alpha 16, query + value of every text layer"},
-        raw={"cases": rows})
+        "seed preset (ResNet-50 + BERT-base shape), default trainable set, float32 transport",
+        settings={
+            "presets": ["tiny", "demo", "seed"],
+            "options": OPTIONS,
+            "lora": "peft, rank 8, alpha 16, query + value of every text layer",
+        },
+        raw={"cases": rows},
+    )

@@ -46,16 +46,32 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def measure(work: Path, cases: list[Case], *, classes: str, preset: str = "demo", seeds: int = 3,
-            options: dict[str, dict[str, Any]] = OPTIONS, overrides: dict[str, Any] | None = None,
-            first_seed: int = 0) -> dict[str, Any]:
+def measure(
+    work: Path,
+    cases: list[Case],
+    *,
+    classes: str,
+    preset: str = "demo",
+    seeds: int = 3,
+    options: dict[str, dict[str, Any]] = OPTIONS,
+    overrides: dict[str, Any] | None = None,
+    first_seed: int = 0,
+) -> dict[str, Any]:
     """Per option: test AUROC over `seeds` splits (from `first_seed`), update bytes, seconds per federation."""
     pool_folder = write_site(work / "pool", cases)
-    splits = {seed: split(cases, work / f"seed-{seed}", seed) for seed in range(first_seed, first_seed + seeds)}
+    splits = {
+        seed: split(cases, work / f"seed-{seed}", seed)
+        for seed in range(first_seed, first_seed + seeds)
+    }
     results: dict[str, Any] = {}
     for name, option in options.items():
-        user_config = bench_user_config(preset, class_names=classes, dp=True, target_epsilon=8.0,
-                                        **{**(overrides or {}), **option})
+        user_config = bench_user_config(
+            preset,
+            class_names=classes,
+            dp=True,
+            target_epsilon=8.0,
+            **{**(overrides or {}), **option},
+        )
         run = RunConfig.from_user_config(user_config)
         pool = site_states(work / "state" / name / "pool", [pool_folder])[0]
         features = PooledFeatures(pool, run)  # the frozen front below this option's trainable part
@@ -74,9 +90,13 @@ def measure(work: Path, cases: list[Case], *, classes: str, preset: str = "demo"
             probs, labels = test_probabilities(run, test_site, state)
             values.append(classification_metrics(labels, probs, 0.0).auroc)
             log.info("%s seed %d: test AUROC %.3f in %.0f s", name, seed, values[-1], seconds[-1])
-        results[name] = {**ci95(values), "update_bytes": payload_bytes(start, np.dtype("float32")),
-                         "trainable_parameters": sum(v.numel() for v in start.values()),
-                         "federation_s": float(np.mean(seconds)), "overrides": option}
+        results[name] = {
+            **ci95(values),
+            "update_bytes": payload_bytes(start, np.dtype("float32")),
+            "trainable_parameters": sum(v.numel() for v in start.values()),
+            "federation_s": float(np.mean(seconds)),
+            "overrides": option,
+        }
     return results
 
 
@@ -85,32 +105,60 @@ def table(results: dict[str, Any]) -> str:
     lines = ["trainable set        test AUROC [95% CI]     update      s/federation"]
     for name, r in results.items():
         lo, hi = r["ci95"]
-        lines.append(f"{name:<20} {r['mean']:.3f} [{lo:.3f}, {hi:.3f}]  {r['update_bytes'] / 1e3:7.0f} kB"
-                     f"  {r['federation_s']:8.0f}")
+        lines.append(
+            f"{name:<20} {r['mean']:.3f} [{lo:.3f}, {hi:.3f}]  {r['update_bytes'] / 1e3:7.0f} kB"
+            f"  {r['federation_s']:8.0f}"
+        )
     return "\n".join(lines)
 
 
-def run(quick: bool, work: Path, *, medpix: Path = MEDPIX, preset: str = "demo", seeds: int = 3,
-        demo_scale: float = 0.12, overrides: dict[str, Any] | None = None) -> Outcome:
+def run(
+    quick: bool,
+    work: Path,
+    *,
+    medpix: Path = MEDPIX,
+    preset: str = "demo",
+    seeds: int = 3,
+    demo_scale: float = 0.12,
+    overrides: dict[str, Any] | None = None,
+) -> Outcome:
     """medpix-dev (small demo hospitals when absent): LoRA's mean test AUROC minus fusion + head's."""
     if medpix.is_file():
         data, cases, classes = "medpix-dev", medpix_cases(medpix), MEDPIX_CLASSES
     else:
         data, classes = "demo_small", DEMO_CLASSES
         cases = demo_cases(work / "demo-data", demo_scale)
-        print(f"trainable_sets: medpix-dev not found at {medpix}: small demo hospitals instead", flush=True)
+        print(
+            f"trainable_sets: medpix-dev not found at {medpix}: small demo hospitals instead",
+            flush=True,
+        )
     # quick: one seed, and not the top layer in full (a LoRA federation on medpix-dev: ~6 min here)
     seeds = 1 if quick else seeds
     options = {k: v for k, v in OPTIONS.items() if k != "top-text-layer"} if quick else OPTIONS
-    results = measure(work / data, cases, classes=classes, preset=preset, seeds=seeds, options=options,
-                      overrides=overrides)
+    results = measure(
+        work / data,
+        cases,
+        classes=classes,
+        preset=preset,
+        seeds=seeds,
+        options=options,
+        overrides=overrides,
+    )
     print(table(results), flush=True)
     m = {k: v["mean"] for k, v in results.items()}
     return Outcome(
-        key="lora_gain_fed_dp8", value=m["lora-r8-top-layer"] - m["fusion+head"], target=">= 0",
+        key="lora_gain_fed_dp8",
+        value=m["lora-r8-top-layer"] - m["fusion+head"],
+        target=">= 0",
         note=f"{data}: mean test AUROC over {seeds} seeds of federated DP-SGD (epsilon 8 per hospital) "
-             "with LoRA rank 8 on the top text layer minus that of fusion + head alone; the top text "
-             "layer trained in full in raw",
-        settings={"data": data, "preset": preset, "seeds": seeds, "options": options,
-                  "overrides": overrides or {}},
-        raw=results)
+        "with LoRA rank 8 on the top text layer minus that of fusion + head alone; the top text "
+        "layer trained in full in raw",
+        settings={
+            "data": data,
+            "preset": preset,
+            "seeds": seeds,
+            "options": options,
+            "overrides": overrides or {},
+        },
+        raw=results,
+    )

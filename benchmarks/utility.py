@@ -44,7 +44,10 @@ def pooled_rows(folders: list[Path]) -> list[Row]:
     rows = []
     for folder in folders:
         _, found = read_manifest(folder, CLASSES)
-        rows += [Row(r.line, r.image, r.text, r.label, f"{folder.name}/{r.patient_id}", None) for r in found]
+        rows += [
+            Row(r.line, r.image, r.text, r.label, f"{folder.name}/{r.patient_id}", None)
+            for r in found
+        ]
     return rows
 
 
@@ -63,10 +66,17 @@ def write_manifest(folder: Path, rows: list[Row]) -> Path:
 
 def dirichlet_split(rows: list[Row], n: int, seed: int) -> list[list[Row]]:
     """Label-skewed hospitals (Flower Datasets' DirichletPartitioner, alpha = ALPHA)."""
-    partitioner = DirichletPartitioner(num_partitions=n, partition_by="label", alpha=ALPHA,
-                                       min_partition_size=20, self_balancing=False, seed=seed)
-    partitioner.dataset = HFDataset.from_dict({"label": [r.label for r in rows],
-                                               "row": list(range(len(rows)))})
+    partitioner = DirichletPartitioner(
+        num_partitions=n,
+        partition_by="label",
+        alpha=ALPHA,
+        min_partition_size=20,
+        self_balancing=False,
+        seed=seed,
+    )
+    partitioner.dataset = HFDataset.from_dict(
+        {"label": [r.label for r in rows], "row": list(range(len(rows)))}
+    )
     return [[rows[i] for i in partitioner.load_partition(p)["row"]] for p in range(n)]
 
 
@@ -75,16 +85,25 @@ def prepare(work: Path, scale: float) -> tuple[list[Path], Path, Path, dict[str,
     rows = pooled_rows(demo_hospitals(work / "pool", 6, size_scale=scale))
     patients = sorted({r.patient_id for r in rows})
     random.Random(0).shuffle(patients)
-    test_patients = set(patients[:round(TEST_FRACTION * len(patients))])
+    test_patients = set(patients[: round(TEST_FRACTION * len(patients))])
     test = [r for r in rows if r.patient_id in test_patients]
     train = [r for r in rows if r.patient_id not in test_patients]
     parts = dirichlet_split(train, HOSPITALS, seed=0)
-    folders = [write_manifest(work / "sites" / f"hospital-{i}", p).parent for i, p in enumerate(parts)]
+    folders = [
+        write_manifest(work / "sites" / f"hospital-{i}", p).parent for i, p in enumerate(parts)
+    ]
     central = write_manifest(work / "central", train).parent
     test_folder = write_manifest(work / "test", test).parent
-    counts = {f"hospital-{i}": {c: sum(r.label == c for r in p) for c in CLASSES}
-              for i, p in enumerate(parts)}
-    return folders, central, test_folder, {"train": len(train), "test": len(test), "hospitals": counts}
+    counts = {
+        f"hospital-{i}": {c: sum(r.label == c for r in p) for c in CLASSES}
+        for i, p in enumerate(parts)
+    }
+    return (
+        folders,
+        central,
+        test_folder,
+        {"train": len(train), "test": len(test), "hospitals": counts},
+    )
 
 
 def test_metrics(run: RunConfig, test_site: SiteState, state: State) -> dict[str, float]:
@@ -100,8 +119,9 @@ def run(quick: bool, work: Path) -> Outcome:
     return measure_settings(work, preset="demo", scale=scale, rounds=rounds)
 
 
-def measure_settings(work: Path, *, preset: str, scale: float, rounds: int,
-                     overrides: dict[str, Any] | None = None) -> Outcome:
+def measure_settings(
+    work: Path, *, preset: str, scale: float, rounds: int, overrides: dict[str, Any] | None = None
+) -> Outcome:
     """Every setting on demo hospitals of `scale`, `rounds` rounds of the `preset` model.
 
     `overrides`: further run-config keys for every setting (the smoke test's cheaper recipe).
@@ -113,8 +133,9 @@ def measure_settings(work: Path, *, preset: str, scale: float, rounds: int,
     test_site = site_states(work / "state", [test_folder])[0]
 
     def config(dp: bool, eps: float = 8.0) -> dict[str, Any]:
-        return bench_user_config(preset, **(overrides or {}), num_server_rounds=rounds, dp=dp,
-                                 target_epsilon=eps)
+        return bench_user_config(
+            preset, **(overrides or {}), num_server_rounds=rounds, dp=dp, target_epsilon=eps
+        )
 
     results: dict[str, dict[str, float]] = {}
 
@@ -126,21 +147,36 @@ def measure_settings(work: Path, *, preset: str, scale: float, rounds: int,
     results["central-dp8"] = measure("central-dp8", config(True), [central])
     results["federated"] = measure("federated", config(False), folders)
     for eps in EPSILONS:
-        results[f"federated-dp{eps:g}"] = measure(f"federated-dp{eps:g}", config(True, eps), folders)
+        results[f"federated-dp{eps:g}"] = measure(
+            f"federated-dp{eps:g}", config(True, eps), folders
+        )
     local = [measure(f"local-{p.name}", config(False), [p]) for p in folders]
-    results["local-mean"] = {k: float(np.mean([m[k] for m in local])) for k in ("auroc", "accuracy")}
-    results["local-per-hospital"] = {p.name: m["auroc"] for p, m in zip(folders, local, strict=True)}
+    results["local-mean"] = {
+        k: float(np.mean([m[k] for m in local])) for k in ("auroc", "accuracy")
+    }
+    results["local-per-hospital"] = {
+        p.name: m["auroc"] for p, m in zip(folders, local, strict=True)
+    }
     gap = results["central"]["auroc"] - results["federated-dp8"]["auroc"]
     gain = results["federated-dp8"]["auroc"] - results["local-mean"]["auroc"]
     return Outcome(
-        key="auroc_gap_fed_dp8_vs_central", value=gap, target="<= 0.02",
+        key="auroc_gap_fed_dp8_vs_central",
+        value=gap,
+        target="<= 0.02",
         note="test AUROC of centralized training without DP minus federated training with DP at "
-             "epsilon 8 per hospital; gain: federated DP8 minus the mean of hospitals trained alone "
-             "(without DP: alone, a hospital's data never leaves it)",
-        settings={"preset": preset, "rounds": rounds, "local_epochs": config(False)["local-epochs"],
-                  "local_steps": config(False)["local-steps"],
-                  "hospitals": HOSPITALS, "dirichlet_alpha": ALPHA, "data_scale": scale,
-                  "partitioner": "flwr_datasets DirichletPartitioner(partition_by='label')",
-                  "split": split},
+        "epsilon 8 per hospital; gain: federated DP8 minus the mean of hospitals trained alone "
+        "(without DP: alone, a hospital's data never leaves it)",
+        settings={
+            "preset": preset,
+            "rounds": rounds,
+            "local_epochs": config(False)["local-epochs"],
+            "local_steps": config(False)["local-steps"],
+            "hospitals": HOSPITALS,
+            "dirichlet_alpha": ALPHA,
+            "data_scale": scale,
+            "partitioner": "flwr_datasets DirichletPartitioner(partition_by='label')",
+            "split": split,
+        },
         raw=results,
-        extra={"auroc_gain_fed_vs_local": (gain, ">= 0.05")})
+        extra={"auroc_gain_fed_vs_local": (gain, ">= 0.05")},
+    )

@@ -72,10 +72,19 @@ def local_epoch(run: RunConfig, state: SiteState, *, dp: bool, round_: int = 1) 
     account = None
     if dp:
         q = sample_rate(num_examples=len(data.train), batch_size=run.train.batch_size)
-        account = Account(accountant=run.privacy.accountant, delta=run.privacy.target_delta,
-                          noise_multiplier=1.0, sample_rate=q)
-    work = LocalWork(server_round=round_, start=trainable_state(bundle.model), untrained=(),
-                     account=account, max_grad_norm=run.privacy.max_grad_norm)
+        account = Account(
+            accountant=run.privacy.accountant,
+            delta=run.privacy.target_delta,
+            noise_multiplier=1.0,
+            sample_rate=q,
+        )
+    work = LocalWork(
+        server_round=round_,
+        start=trainable_state(bundle.model),
+        untrained=(),
+        account=account,
+        max_grad_norm=run.privacy.max_grad_norm,
+    )
     start = time.perf_counter()
     result = train_locally(state, run, work).result
     wall = time.perf_counter() - start

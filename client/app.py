@@ -59,9 +59,14 @@ FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 def round_request(msg: Message, context: Context) -> RoundRequest:
     """Unpack and check the round message: the global parameters and the per-round facts."""
     content = msg.content
-    if (len(content.array_records) != 1 or R.ARRAYS not in content.array_records
-            or R.CONFIG not in content.config_records):
-        raise _malformed(f"the round message needs exactly its '{R.ARRAYS}' and '{R.CONFIG}' records.")
+    if (
+        len(content.array_records) != 1
+        or R.ARRAYS not in content.array_records
+        or R.CONFIG not in content.config_records
+    ):
+        raise _malformed(
+            f"the round message needs exactly its '{R.ARRAYS}' and '{R.CONFIG}' records."
+        )
     config = content[R.CONFIG]
     server_round, run_key = config.get(R.SERVER_ROUND), config.get(R.RUN_KEY)
     fingerprint = config.get(R.FROZEN_FINGERPRINT)
@@ -72,16 +77,27 @@ def round_request(msg: Message, context: Context) -> RoundRequest:
     if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
         raise _malformed(f"its {R.FROZEN_FINGERPRINT} is not a SHA-256 (64 hex digits).")
     parameters = content[R.ARRAYS].to_torch_state_dict()
-    bad = [n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()]
+    bad = [
+        n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()
+    ]
     if bad:
         raise _malformed(f"parameter(s) {bad[:3]} are not finite float32 values.")
     # a model crafted to overflow on one record would make that record's presence visible
-    huge = [n for n, t in parameters.items() if t.numel() and float(t.abs().max()) > R.MAX_PARAMETER_ABS]
+    huge = [
+        n for n, t in parameters.items() if t.numel() and float(t.abs().max()) > R.MAX_PARAMETER_ABS
+    ]
     if huge:
-        raise _malformed(f"parameter(s) {huge[:3]} exceed {R.MAX_PARAMETER_ABS:g} in magnitude, "
-                         "beyond any model trained honestly.")
-    return RoundRequest(server_round=server_round, run_key=run_key, frozen_fingerprint=fingerprint,
-                        parameters=parameters, flower_run_id=int(context.run_id))
+        raise _malformed(
+            f"parameter(s) {huge[:3]} exceed {R.MAX_PARAMETER_ABS:g} in magnitude, "
+            "beyond any model trained honestly."
+        )
+    return RoundRequest(
+        server_round=server_round,
+        run_key=run_key,
+        frozen_fingerprint=fingerprint,
+        parameters=parameters,
+        flower_run_id=int(context.run_id),
+    )
 
 
 def _malformed(why: str) -> ConfigurationError:
@@ -90,9 +106,14 @@ def _malformed(why: str) -> ConfigurationError:
 
 def _site_name(context: Context) -> str:
     """The site's name for an error reply, even when its configuration cannot be read."""
-    return str(context.node_config.get("site-name") or
-               (f"hospital-{context.node_config['partition-id']}"
-                if "partition-id" in context.node_config else f"node-{context.node_id}"))
+    return str(
+        context.node_config.get("site-name")
+        or (
+            f"hospital-{context.node_config['partition-id']}"
+            if "partition-id" in context.node_config
+            else f"node-{context.node_id}"
+        )
+    )
 
 
 def _simulated(context: Context) -> bool:
@@ -125,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
         run, state = site_state(context)
         site = state.site.site_name
         outcome = train_round(state, run, round_request(msg, context))
-    except Exception as err:  # noqa: BLE001  every failure becomes a reply, none a crash
+    except Exception as err:
         return error_reply(msg, site, err, detailed=_simulated(context))
     return Message(train_content(outcome, site), reply_to=msg)
 
@@ -138,7 +159,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         run, state = site_state(context)
         site = state.site.site_name
         evaluation = evaluate_round(state, run, round_request(msg, context))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return error_reply(msg, site, err, detailed=_simulated(context))
     return Message(evaluate_content(evaluation, site), reply_to=msg)
 
@@ -146,23 +167,27 @@ def evaluate(msg: Message, context: Context) -> Message:
 def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
     """The train reply: the parameters trained (R.ARRAYS), those not trained (R.UPDATE), metrics."""
     account = outcome.account
-    return RecordDict({
-        R.ARRAYS: ArrayRecord(outcome.state),  # only the parameters trained this round
-        R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
-        R.METRICS: MetricRecord({
-            R.NUM_EXAMPLES: outcome.num_examples,
-            R.TRAIN_LOSS: _rounded(outcome.train_loss, outcome.policy.metric_decimals),
-            R.EPSILON: float(outcome.receipt.epsilon) if account else math.inf,
-            R.DELTA: float(account.delta) if account else 0.0,
-            R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,
-            R.SAMPLE_RATE: float(account.sample_rate) if account else 0.0,
-            R.STEPS: int(account.steps) if account else int(outcome.result.steps),
-            R.TRAIN_SECONDS: float(outcome.result.seconds),
-            R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if account else math.inf,
-            R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
-        }),
-        R.SITE: ConfigRecord({R.SITE_NAME: site}),
-    })
+    return RecordDict(
+        {
+            R.ARRAYS: ArrayRecord(outcome.state),  # only the parameters trained this round
+            R.UPDATE: ConfigRecord({R.UNTRAINED: list(outcome.untrained)}),
+            R.METRICS: MetricRecord(
+                {
+                    R.NUM_EXAMPLES: outcome.num_examples,
+                    R.TRAIN_LOSS: _rounded(outcome.train_loss, outcome.policy.metric_decimals),
+                    R.EPSILON: float(outcome.receipt.epsilon) if account else math.inf,
+                    R.DELTA: float(account.delta) if account else 0.0,
+                    R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,
+                    R.SAMPLE_RATE: float(account.sample_rate) if account else 0.0,
+                    R.STEPS: int(account.steps) if account else int(outcome.result.steps),
+                    R.TRAIN_SECONDS: float(outcome.result.seconds),
+                    R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if account else math.inf,
+                    R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
+                }
+            ),
+            R.SITE: ConfigRecord({R.SITE_NAME: site}),
+        }
+    )
 
 
 def _rounded(value: float, decimals: int) -> float:
@@ -173,19 +198,36 @@ def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
     """The evaluate reply: EVAL_METRICS (the ablation's are nan when the site withholds them)
     and the released score counts they were computed from (R.COUNTS)."""
     m, a = evaluation.metrics, evaluation.ablation
-    ablation = {key: float(getattr(getattr(a, keep), metric)) if a else math.nan
-                for key, keep, metric in (
-                    (R.ACCURACY_BOTH, "both", "accuracy"), (R.AUROC_BOTH, "both", "auroc"),
-                    (R.ACCURACY_IMAGE_ONLY, "image", "accuracy"),
-                    (R.AUROC_IMAGE_ONLY, "image", "auroc"),
-                    (R.ACCURACY_TEXT_ONLY, "text", "accuracy"), (R.AUROC_TEXT_ONLY, "text", "auroc"))}
-    counts = {f"{view}/{name}": Array(array) for view, c in evaluation.counts.views.items()
-              for name, array in c.arrays().items()}
-    return RecordDict({
-        R.METRICS: MetricRecord({R.NUM_EXAMPLES: m.num_examples, R.LOSS: float(m.loss),
-                                 R.ACCURACY: float(m.accuracy), R.AUROC: float(m.auroc),
-                                 R.F1: float(m.f1), **ablation,
-                                 R.COUNT_NOISE: float(evaluation.counts.noise_std)}),
-        R.COUNTS: ArrayRecord(counts),
-        R.SITE: ConfigRecord({R.SITE_NAME: site}),
-    })
+    ablation = {
+        key: float(getattr(getattr(a, keep), metric)) if a else math.nan
+        for key, keep, metric in (
+            (R.ACCURACY_BOTH, "both", "accuracy"),
+            (R.AUROC_BOTH, "both", "auroc"),
+            (R.ACCURACY_IMAGE_ONLY, "image", "accuracy"),
+            (R.AUROC_IMAGE_ONLY, "image", "auroc"),
+            (R.ACCURACY_TEXT_ONLY, "text", "accuracy"),
+            (R.AUROC_TEXT_ONLY, "text", "auroc"),
+        )
+    }
+    counts = {
+        f"{view}/{name}": Array(array)
+        for view, c in evaluation.counts.views.items()
+        for name, array in c.arrays().items()
+    }
+    return RecordDict(
+        {
+            R.METRICS: MetricRecord(
+                {
+                    R.NUM_EXAMPLES: m.num_examples,
+                    R.LOSS: float(m.loss),
+                    R.ACCURACY: float(m.accuracy),
+                    R.AUROC: float(m.auroc),
+                    R.F1: float(m.f1),
+                    **ablation,
+                    R.COUNT_NOISE: float(evaluation.counts.noise_std),
+                }
+            ),
+            R.COUNTS: ArrayRecord(counts),
+            R.SITE: ConfigRecord({R.SITE_NAME: site}),
+        }
+    )

@@ -27,8 +27,19 @@ from common.config import default_user_config
 APP_PUBLISHER, APP_NAME = "fedfusion", "fedfusion"
 # Run-config keys a run may always set: the coordinator's own (naming, waiting, which nodes) and
 # those inert at a deployed site (its data, state folder, device and split are its node config's).
-FREE_KEYS = frozenset({"run-name", "output-dir", "round-timeout", "min-nodes", "site-nodes",
-                       "data-root", "state-root", "device", "val-fraction"})
+FREE_KEYS = frozenset(
+    {
+        "run-name",
+        "output-dir",
+        "round-timeout",
+        "min-nodes",
+        "site-nodes",
+        "data-root",
+        "state-root",
+        "device",
+        "val-fraction",
+    }
+)
 
 
 class BundleUnreadable(Exception):
@@ -56,9 +67,12 @@ class BundleIdentity:
             with zipfile.ZipFile(io.BytesIO(content)) as bundle:
                 project = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
             app = project["tool"]["flwr"]["app"]
-            return cls(sha256=hashlib.sha256(content).hexdigest(), publisher=str(app["publisher"]),
-                       name=str(project["project"]["name"]),
-                       version=str(project["project"]["version"]))
+            return cls(
+                sha256=hashlib.sha256(content).hexdigest(),
+                publisher=str(app["publisher"]),
+                name=str(project["project"]["name"]),
+                version=str(project["project"]["version"]),
+            )
         except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
             raise BundleUnreadable(f"not a Flower app bundle ({type(err).__name__})") from err
 
@@ -90,11 +104,15 @@ class AcceptanceRule:
         if self.run_config_keys is None:
             return []
         allowed, defaults = self.run_config_keys | FREE_KEYS, default_user_config()
-        return sorted(str(k) for k in set(defaults) | set(run_config)
-                      if k not in allowed and run_config.get(k) != defaults.get(k))
+        return sorted(
+            str(k)
+            for k in set(defaults) | set(run_config)
+            if k not in allowed and run_config.get(k) != defaults.get(k)
+        )
 
-    def problem(self, bundle: BundleIdentity, *, declared_hash: str, declared_id: str,
-                declared_version: str) -> str | None:
+    def problem(
+        self, bundle: BundleIdentity, *, declared_hash: str, declared_id: str, declared_version: str
+    ) -> str | None:
         """Why this site does not take part in a run with `bundle`, or None when it does.
 
         `declared_*` are what the run says about its bundle (Flower's Run record); they must
@@ -105,10 +123,15 @@ class AcceptanceRule:
         if declared_id != f"{bundle.publisher}/{bundle.name}" or declared_version != bundle.version:
             return "the run's app id or version does not match the bundle's pyproject.toml"
         if self.hashes:
-            return None if bundle.sha256 in self.hashes else (
-                f"bundle {bundle.label} is not in this site's accept-bundles list")
+            return (
+                None
+                if bundle.sha256 in self.hashes
+                else (f"bundle {bundle.label} is not in this site's accept-bundles list")
+            )
         wanted = self.version or installed_version()
         if (bundle.publisher, bundle.name, bundle.version) != (APP_PUBLISHER, APP_NAME, wanted):
-            return (f"bundle {bundle.label} is not the FedFusion app at this site's installed "
-                    f"version ({APP_PUBLISHER}/{APP_NAME}=={wanted})")
+            return (
+                f"bundle {bundle.label} is not the FedFusion app at this site's installed "
+                f"version ({APP_PUBLISHER}/{APP_NAME}=={wanted})"
+            )
         return None

@@ -66,63 +66,101 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> S
     site = state.site
     policy = site_policy(site, run)
     if not policy.share_metrics:
-        raise Refusal("this site's policy does not share evaluation metrics (share-metrics = false).",
-                      reason="metrics-withheld")
+        raise Refusal(
+            "this site's policy does not share evaluation metrics (share-metrics = false).",
+            reason="metrics-withheld",
+        )
     check_request(policy, run, request)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
         check_fingerprint(bundle, request.frozen_fingerprint)
         if len(data.val) < policy.min_eval_records:
-            raise Refusal(f"the site validates on {len(data.val)} records, fewer than its policy's "
-                          f"min-eval-records = {policy.min_eval_records}.", reason="too-few-records")
+            raise Refusal(
+                f"the site validates on {len(data.val)} records, fewer than its policy's "
+                f"min-eval-records = {policy.min_eval_records}.",
+                reason="too-few-records",
+            )
         terms = site_terms(policy, run, data)
         with exclusive(site.state_dir):
             books = open_books(site, request, data, terms)
             if books.evaluated:
-                raise Refusal(f"round {request.server_round} of this run was evaluated already.",
-                              reason="evaluation-limit")
+                raise Refusal(
+                    f"round {request.server_round} of this run was evaluated already.",
+                    reason="evaluation-limit",
+                )
             account = books.authorize_release(local_plan(run, data))
             evaluation = _evaluate(state, run, request, policy, account)
             if account is None:
                 books.record_exact_evaluation()
             else:
-                books.charge_release(account, kind=EVALUATE, sha256=update_digest(
-                    {f"{view}/{name}": array for view, c in evaluation.counts.views.items()
-                     for name, array in c.arrays().items()}))
+                books.charge_release(
+                    account,
+                    kind=EVALUATE,
+                    sha256=update_digest(
+                        {
+                            f"{view}/{name}": array
+                            for view, c in evaluation.counts.views.items()
+                            for name, array in c.arrays().items()
+                        }
+                    ),
+                )
     return evaluation
 
 
-def _evaluate(state: SiteState, run: RunConfig, request: RoundRequest, policy: SitePolicy,
-              account: Account | None) -> SiteEvaluation:
+def _evaluate(
+    state: SiteState,
+    run: RunConfig,
+    request: RoundRequest,
+    policy: SitePolicy,
+    account: Account | None,
+) -> SiteEvaluation:
     """Score the validation split and form the release (noisy with an account, else exact)."""
     bundle, data, site = state.bundle(run.model), state.data(run), state.site
     device = pick_device(site.device)
     model = load_global(bundle, request.parameters, device)
-    loader = DataLoader(data.val, batch_size=max(run.train.batch_size, 64),
-                        num_workers=run.data.num_workers)
+    loader = DataLoader(
+        data.val, batch_size=max(run.train.batch_size, 64), num_workers=run.data.num_workers
+    )
     scores = ablation_scores(model, loader, device, desc=f"{site.site_name} evaluate")
     exact, exact_ablation = exact_metrics(scores)
     log_ablation(f"{site.site_name} evaluate (exact, kept at the site)", exact, exact_ablation, 0.0)
     last = request.server_round == run.federation.num_server_rounds
     with_ablation = policy.share_ablation and (last or account is None)
     views = view_counts(scores, len(run.model.class_names), ablation=with_ablation)
-    counts = release_counts(views, noise_multiplier=account.release_noise_multiplier if account
-                            else 0.0, views_per_row=3 if with_ablation else 1)
+    counts = release_counts(
+        views,
+        noise_multiplier=account.release_noise_multiplier if account else 0.0,
+        views_per_row=3 if with_ablation else 1,
+    )
     if account is None:  # exact: the metrics themselves, rounded as the policy says
         decimals = policy.metric_decimals
         shared = with_ablation and exact_ablation.num_examples >= policy.min_eval_records
-        ablation = Ablation(num_examples=exact_ablation.num_examples,
-                            both=released(exact_ablation.both, decimals),
-                            image=released(exact_ablation.image, decimals),
-                            text=released(exact_ablation.text, decimals)) if shared else None
+        ablation = (
+            Ablation(
+                num_examples=exact_ablation.num_examples,
+                both=released(exact_ablation.both, decimals),
+                image=released(exact_ablation.image, decimals),
+                text=released(exact_ablation.text, decimals),
+            )
+            if shared
+            else None
+        )
         return SiteEvaluation(metrics=released(exact, decimals), ablation=ablation, counts=counts)
     ablation = counted_ablation(counts)
     decimals = policy.metric_decimals
-    return SiteEvaluation(metrics=released(counted_metrics(counts, len(data.val)), decimals),
-                          ablation=replace(ablation, **{keep: released(getattr(ablation, keep),
-                                                                       decimals)
-                                                        for keep in ("both", "image", "text")})
-                          if ablation else None, counts=counts)
+    return SiteEvaluation(
+        metrics=released(counted_metrics(counts, len(data.val)), decimals),
+        ablation=replace(
+            ablation,
+            **{
+                keep: released(getattr(ablation, keep), decimals)
+                for keep in ("both", "image", "text")
+            },
+        )
+        if ablation
+        else None,
+        counts=counts,
+    )
 
 
 def counted_metrics(counts: CountsRelease, num_examples: int) -> Metrics:
@@ -136,14 +174,22 @@ def counted_ablation(counts: CountsRelease) -> Ablation | None:
     views = counts.views
     if "image" not in views:
         return None
-    rows = max(int(round(float(views["both"].scores[0].sum()))), 0)
-    return Ablation(num_examples=rows,
-                    **{keep: metrics_from_counts(views[keep], num_examples=max(rows, 1))
-                       for keep in ("both", "image", "text")})
+    rows = max(round(float(views["both"].scores[0].sum())), 0)
+    return Ablation(
+        num_examples=rows,
+        **{
+            keep: metrics_from_counts(views[keep], num_examples=max(rows, 1))
+            for keep in ("both", "image", "text")
+        },
+    )
 
 
 def released(metrics: Metrics, decimals: int) -> Metrics:
     """Metrics as a site releases them: rounded to `decimals`."""
-    return replace(metrics, loss=round(metrics.loss, decimals),
-                   accuracy=round(metrics.accuracy, decimals), auroc=round(metrics.auroc, decimals),
-                   f1=round(metrics.f1, decimals))
+    return replace(
+        metrics,
+        loss=round(metrics.loss, decimals),
+        accuracy=round(metrics.accuracy, decimals),
+        auroc=round(metrics.auroc, decimals),
+        f1=round(metrics.f1, decimals),
+    )

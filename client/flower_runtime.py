@@ -110,7 +110,8 @@ def check_flower_version() -> None:
         raise RuntimeError(
             f"FedFusion's node speaks the SuperNode Runtime API of Flower {FLOWER_MINOR}; this "
             f"environment has Flower {flwr.__version__}. Install flwr=={FLOWER_MINOR}.* (as "
-            "pyproject.toml pins it).")
+            "pyproject.toml pins it)."
+        )
 
 
 def read_secret(path: Path | None) -> bytes | None:
@@ -118,18 +119,24 @@ def read_secret(path: Path | None) -> bytes | None:
     return load_superexec_auth_secret(str(path)) if path is not None else None
 
 
-def connect(address: str, *, secret: bytes | None = None, token: str | None = None) -> RuntimeHttpClient:
+def connect(
+    address: str, *, secret: bytes | None = None, token: str | None = None
+) -> RuntimeHttpClient:
     """A client of the SuperNode's Runtime API at `address` (loopback: plain HTTP)."""
     interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
     if secret:  # signs AcquireTask, so no other local process can take the hospital's tasks
-        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
-                                                         protected_methods={ACQUIRE_METHOD}))
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_METHOD})
+        )
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True,
-                                                 root_certificates=None,
-                                                 interceptors=interceptors,  # type: ignore[arg-type]
-                                                 retry_invoker=None)
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,  # type: ignore[arg-type]
+        retry_invoker=None,
+    )
 
 
 def acquire(client: RuntimeHttpClient) -> str | None:
@@ -172,7 +179,7 @@ class Task:
                 if not self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
                     log.warning("the SuperNode no longer holds this task (its token expired)")
                     return
-            except Exception as err:  # noqa: BLE001  a missed beat is retried; the TTL is 60 s
+            except Exception as err:
                 log.warning("heartbeat to the SuperNode failed: %s", err)
 
     def pull_input(self) -> TaskInput:
@@ -185,8 +192,13 @@ class Task:
         tree = pulled.message_object_trees[0]
         header = message_from_proto(pulled.messages_list[0])
         header.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
-        return TaskInput(context=context, run=run_from_proto(res.run), fab=fab_from_proto(res.fab),
-                         message=header, tree=tree)
+        return TaskInput(
+            context=context,
+            run=run_from_proto(res.run),
+            fab=fab_from_proto(res.fab),
+            message=header,
+            tree=tree,
+        )
 
     def pull_message(self, given: TaskInput, *, max_bytes: int) -> Message:
         """The task's message, if it fits in `max_bytes` (else MessageTooLarge, chunks unpulled).
@@ -200,8 +212,9 @@ class Task:
         budget = _ByteBudget(max_bytes + 2**20 + HEAD_BYTES * min(objects, MAX_OBJECTS))
         pull = make_pull_object_fn_protobuf(_bounded_pull(self.client, budget), node, run_id)
         contents = _pull_within(given.tree, pull, max_bytes)
-        make_confirm_message_received_fn_protobuf(self.client.ConfirmMessageReceived, node,
-                                                  run_id)(given.tree.object_id)
+        make_confirm_message_received_fn_protobuf(self.client.ConfirmMessageReceived, node, run_id)(
+            given.tree.object_id
+        )
         message = inflate_object_from_contents(given.tree.object_id, contents)
         if not isinstance(message, Message):
             raise TypeError(f"the task's message is a {type(message).__name__}")
@@ -213,23 +226,36 @@ class Task:
         reply.metadata.__dict__["_message_id"] = reply.object_id
         proto = message_to_proto(remove_content_from_message(reply))
         with no_object_id_recompute():
-            res = self.client.PushMessages(PushAppMessagesRequest(
-                messages_list=[proto], message_object_trees=[get_object_tree(reply)]))
-            push_objects(get_all_nested_objects(reply),
-                         make_push_object_fn_protobuf(self.client.PushObject,
-                                                      Node(node_id=context.node_id),
-                                                      run_id=context.run_id,
-                                                      session_id=res.session_id),
-                         object_ids_to_push=set(res.objects_to_push))
+            res = self.client.PushMessages(
+                PushAppMessagesRequest(
+                    messages_list=[proto], message_object_trees=[get_object_tree(reply)]
+                )
+            )
+            push_objects(
+                get_all_nested_objects(reply),
+                make_push_object_fn_protobuf(
+                    self.client.PushObject,
+                    Node(node_id=context.node_id),
+                    run_id=context.run_id,
+                    session_id=res.session_id,
+                ),
+                object_ids_to_push=set(res.objects_to_push),
+            )
 
     def finish(self, *, context: Context | None, completed: bool, details: str = "") -> None:
         """End the task; `context` (its state) is kept for the run's next task when given."""
-        self.client.PushTaskOutput(PushTaskOutputRequest(
-            context=context_to_proto(context) if context is not None else None,
-            sub_status=COMPLETED if completed else FAILED, details=details))
+        self.client.PushTaskOutput(
+            PushTaskOutputRequest(
+                context=context_to_proto(context) if context is not None else None,
+                sub_status=COMPLETED if completed else FAILED,
+                details=details,
+            )
+        )
 
 
-def _pull_within(tree: ObjectTree, pull: Callable[[str], bytes], max_bytes: int) -> dict[str, bytes]:
+def _pull_within(
+    tree: ObjectTree, pull: Callable[[str], bytes], max_bytes: int
+) -> dict[str, bytes]:
     """A message's objects: the heads, then (if their arrays fit `max_bytes`) the chunks.
 
     Before anything is inflated, every Array must join its chunks into no more bytes than its
@@ -243,13 +269,16 @@ def _pull_within(tree: ObjectTree, pull: Callable[[str], bytes], max_bytes: int)
     contents = pull_objects(heads, pull)
     declared = sum(_array_size(c).declared for c in contents.values())
     if declared > max_bytes:
-        raise MessageTooLarge(f"its arrays declare {declared / 2**20:,.1f} MB, above the node's "
-                              f"max-message-mb ({max_bytes / 2**20:g} MB); none was pulled.")
+        raise MessageTooLarge(
+            f"its arrays declare {declared / 2**20:,.1f} MB, above the node's "
+            f"max-message-mb ({max_bytes / 2**20:g} MB); none was pulled."
+        )
     contents.update(pull_objects([i for i in leaves if i not in contents], pull))
     sizes = [_array_size(c, contents) for c in contents.values()]  # a head sent as a leaf too
     if any(s.joined > s.declared + HEAD_BYTES * (1 + s.chunks) for s in sizes):
-        raise MessageTooLarge("an array would join its chunks into more bytes than it declares; "
-                              "nothing was inflated.")
+        raise MessageTooLarge(
+            "an array would join its chunks into more bytes than it declares; nothing was inflated."
+        )
     if sum(s.declared for s in sizes) > max_bytes:
         raise MessageTooLarge("its arrays declare more than the node's max-message-mb.")
     return contents
@@ -269,10 +298,13 @@ def _array_size(content: bytes, contents: dict[str, bytes] | None = None) -> _Ar
     kind, children, body_len = get_object_head_values_from_object_content(content)
     if kind != "Array":
         return _ArraySize()
-    meta = json.loads(content[len(content) - body_len:])
+    meta = json.loads(content[len(content) - body_len :])
     shape, refs = meta.get("shape"), meta.get("arraychunk_ids")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-            or not isinstance(refs, list)):
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not isinstance(refs, list)
+    ):
         raise ValueError(f"an Array head with shape {str(shape)[:40]}")
     declared = math.prod(shape) * np.dtype(str(meta.get("dtype"))).itemsize
     joined = sum(len(contents[children[int(i)]]) for i in refs) if contents is not None else 0
@@ -289,22 +321,33 @@ class _ByteBudget:
         with self.lock:
             self.left -= n
             if self.left < 0:
-                raise MessageTooLarge("its objects are larger than they declare, above the "
-                                      "node's max-message-mb; the pull was stopped.")
+                raise MessageTooLarge(
+                    "its objects are larger than they declare, above the "
+                    "node's max-message-mb; the pull was stopped."
+                )
 
 
-def _bounded_pull(client: RuntimeHttpClient,
-                  budget: _ByteBudget) -> Callable[[PullObjectRequest], PullObjectResponse]:
+def _bounded_pull(
+    client: RuntimeHttpClient, budget: _ByteBudget
+) -> Callable[[PullObjectRequest], PullObjectResponse]:
     """PullObject, streamed: the response is read against `budget`, never whole at once."""
     path, method = PULL_OBJECT
 
     def pull(request: PullObjectRequest) -> PullObjectResponse:
-        http = client._client.build_request(  # noqa: SLF001  (ProtobufClient._unary_unary, streamed)
-            method="POST", url=f"{client._base_url}{path}",  # noqa: SLF001
+        http = client._client.build_request(
+            method="POST",
+            url=f"{client._base_url}{path}",
             content=request.SerializeToString(deterministic=True),
-            headers={"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE})
-        response = client._send(ProtobufRequestContext(rpc_method=method, message=request,  # noqa: SLF001
-                                                       request=http), stream=True)
+            headers={"content-type": PROTOBUF_MEDIA_TYPE, "accept": PROTOBUF_MEDIA_TYPE},
+        )
+        response = client._send(
+            ProtobufRequestContext(
+                rpc_method=method,
+                message=request,
+                request=http,
+            ),
+            stream=True,
+        )
         body = bytearray()
         try:
             response.raise_for_status()

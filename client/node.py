@@ -58,10 +58,15 @@ def setup(*, supernode: str, node_config: dict[str, Any], secret_file: Path | No
     runtime.check_flower_version()
     site = SiteConfig.deployed(node_config)
     policy = load_policy(site.policy) if site.policy else SitePolicy()
-    return Node(supernode=supernode, node_config=dict(node_config), site=site,
-                rule=AcceptanceRule(hashes=frozenset(policy.accept_bundles),
-                                    run_config_keys=site.run_config_keys),
-                secret=runtime.read_secret(secret_file))
+    return Node(
+        supernode=supernode,
+        node_config=dict(node_config),
+        site=site,
+        rule=AcceptanceRule(
+            hashes=frozenset(policy.accept_bundles), run_config_keys=site.run_config_keys
+        ),
+        secret=runtime.read_secret(secret_file),
+    )
 
 
 def serve(node: Node, stop: threading.Event) -> None:
@@ -72,10 +77,14 @@ def serve(node: Node, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             token = runtime.acquire(poller)
-        except Exception as err:  # noqa: BLE001  the SuperNode restarts, or is not up yet
+        except Exception as err:
             if not unreachable:
-                log.warning("the SuperNode at %s is not reachable (%s); retrying every %.0f s",
-                            node.supernode, err, RETRY_SECONDS)
+                log.warning(
+                    "the SuperNode at %s is not reachable (%s); retrying every %.0f s",
+                    node.supernode,
+                    err,
+                    RETRY_SECONDS,
+                )
             unreachable = True
             stop.wait(RETRY_SECONDS)
             continue
@@ -95,7 +104,7 @@ def run_task(node: Node, token: str) -> None:
     with runtime.Task(node.supernode, token, secret=node.secret) as task:
         try:
             given = task.pull_input()
-        except Exception as err:  # noqa: BLE001  nothing was received: nothing to answer
+        except Exception as err:
             log.error("could not pull the task's input from the SuperNode: %s", err)
             task.finish(context=None, completed=False, details="input unavailable")
             return
@@ -103,23 +112,40 @@ def run_task(node: Node, token: str) -> None:
         if refusal is None:
             message, refusal = _pulled(node, task, given)
         if refusal is not None:  # refused before any site data is read
-            log.warning("site %s: refusing run %d: %s (no site data is read)",
-                        node.site.site_name, given.run.run_id, refusal.detail)
+            log.warning(
+                "site %s: refusing run %d: %s (no site data is read)",
+                node.site.site_name,
+                given.run.run_id,
+                refusal.detail,
+            )
             task.push_reply(error_reply(given.message, node.site.site_name, refusal), given.context)
             task.finish(context=None, completed=False, details=refusal.reason)
             return
-        context = Context(run_id=given.context.run_id, node_id=given.context.node_id,
-                          node_config=dict(node.node_config), state=given.context.state,
-                          run_config=given.context.run_config)
+        context = Context(
+            run_id=given.context.run_id,
+            node_id=given.context.node_id,
+            node_config=dict(node.node_config),
+            state=given.context.state,
+            run_config=given.context.run_config,
+        )
         reply = _call(node, message, context)
         task.push_reply(reply, given.context)
-        kept = Context(run_id=given.context.run_id, node_id=given.context.node_id,
-                       node_config=given.context.node_config, state=context.state,
-                       run_config=given.context.run_config)
+        kept = Context(
+            run_id=given.context.run_id,
+            node_id=given.context.node_id,
+            node_config=given.context.node_config,
+            state=context.state,
+            run_config=given.context.run_config,
+        )
         task.finish(context=kept, completed=not reply.has_error())
-    log.info("site %s: run %d, %s task done in %.1f s%s", node.site.site_name, given.run.run_id,
-             given.message.metadata.message_type, time.perf_counter() - start,
-             " (error reply)" if reply.has_error() else "")
+    log.info(
+        "site %s: run %d, %s task done in %.1f s%s",
+        node.site.site_name,
+        given.run.run_id,
+        given.message.metadata.message_type,
+        time.perf_counter() - start,
+        " (error reply)" if reply.has_error() else "",
+    )
 
 
 def _acceptance_problem(node: Node, given: runtime.TaskInput) -> FedFusionError | None:
@@ -129,35 +155,43 @@ def _acceptance_problem(node: Node, given: runtime.TaskInput) -> FedFusionError 
     except BundleUnreadable as err:
         return Refusal(f"the run's bundle is {err}", reason="bundle-not-accepted")
     log.info("site %s: run %d ships bundle %s", node.site.site_name, given.run.run_id, bundle.label)
-    problem = node.rule.problem(bundle, declared_hash=given.run.fab_hash,
-                                declared_id=given.run.fab_id,
-                                declared_version=given.run.fab_version)
+    problem = node.rule.problem(
+        bundle,
+        declared_hash=given.run.fab_hash,
+        declared_id=given.run.fab_id,
+        declared_version=given.run.fab_version,
+    )
     if problem:
         return Refusal(problem, reason="bundle-not-accepted")
     changed = node.rule.changed_keys(given.context.run_config)
     if changed:
-        return Refusal(f"the run config changes {changed}, which this site's run-config-keys "
-                       "(node config) does not let a run change.", reason="run-config-not-accepted")
+        return Refusal(
+            f"the run config changes {changed}, which this site's run-config-keys "
+            "(node config) does not let a run change.",
+            reason="run-config-not-accepted",
+        )
     return None
 
 
-def _pulled(node: Node, task: runtime.Task,
-            given: runtime.TaskInput) -> tuple[Message | None, FedFusionError | None]:
+def _pulled(
+    node: Node, task: runtime.Task, given: runtime.TaskInput
+) -> tuple[Message | None, FedFusionError | None]:
     """The task's message, or why the site refuses it (too large, malformed) unpacked."""
     try:
         return task.pull_message(given, max_bytes=node.site.limits.max_message_bytes), None
     except runtime.MessageTooLarge as err:
         return None, Refusal(f"the round message is too large: {err}", reason="message-too-large")
-    except Exception as err:  # noqa: BLE001  a message that does not unpack is malformed input
-        return None, ConfigurationError(f"the round message does not unpack ({type(err).__name__}:"
-                                        f" {err})", reason="message")
+    except Exception as err:
+        return None, ConfigurationError(
+            f"the round message does not unpack ({type(err).__name__}: {err})", reason="message"
+        )
 
 
 def _call(node: Node, message: Message, context: Context) -> Message:
     """The installed ClientApp's reply; a message it cannot handle is an error reply, not a crash."""
     try:
         return installed_app(message, context)
-    except Exception as err:  # noqa: BLE001  e.g. a message type FedFusion does not serve
+    except Exception as err:
         return error_reply(message, node.site.site_name, err)
 
 
@@ -166,19 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedfusion node",
         description="The hospital's FedFusion node: serves every task of its SuperNode (started "
-                    "with --isolation process) with the FedFusion installed here, never code the "
-                    "coordinator ships.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--supernode", default=DEFAULT_SUPERNODE,
-                   help="the SuperNode's local Runtime API (its --host:--port)")
-    p.add_argument("--node-config", required=True, default=argparse.SUPPRESS,
-                   help="(required) the site's own settings, as flower-supernode takes them: "
-                        "\"manifest='/data/manifest.csv' state-dir='/var/lib/fedfusion' "
-                        "policy='/etc/fedfusion/policy.toml' site-name='st-mary' device='cpu'\", "
-                        "or a .toml file")
-    p.add_argument("--superexec-auth-secret-file", type=Path, default=None,
-                   help="the secret file the SuperNode was started with "
-                        "(--superexec-auth-secret-file), so no other local process can take its "
-                        "tasks; None: the SuperNode has no secret")
+        "with --isolation process) with the FedFusion installed here, never code the "
+        "coordinator ships.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--supernode",
+        default=DEFAULT_SUPERNODE,
+        help="the SuperNode's local Runtime API (its --host:--port)",
+    )
+    p.add_argument(
+        "--node-config",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="(required) the site's own settings, as flower-supernode takes them: "
+        "\"manifest='/data/manifest.csv' state-dir='/var/lib/fedfusion' "
+        "policy='/etc/fedfusion/policy.toml' site-name='st-mary' device='cpu'\", "
+        "or a .toml file",
+    )
+    p.add_argument(
+        "--superexec-auth-secret-file",
+        type=Path,
+        default=None,
+        help="the secret file the SuperNode was started with "
+        "(--superexec-auth-secret-file), so no other local process can take its "
+        "tasks; None: the SuperNode has no secret",
+    )
     p.add_argument("--verbose", action="store_true", help="log at DEBUG level")
     return p
 
@@ -186,12 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Run the node until SIGTERM or SIGINT; exit 2 on a bad configuration."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the SuperNode
     try:
-        node = setup(supernode=args.supernode, node_config=parse_config_args([args.node_config]),
-                     secret_file=args.superexec_auth_secret_file)
+        node = setup(
+            supernode=args.supernode,
+            node_config=parse_config_args([args.node_config]),
+            secret_file=args.superexec_auth_secret_file,
+        )
     except (FedFusionError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -81,7 +81,9 @@ class LocalWork:
 
     server_round: int
     start: Parameters
-    untrained: tuple[str, ...]  # frozen for the round: neither the optimizer nor DP noise moves them
+    untrained: tuple[
+        str, ...
+    ]  # frozen for the round: neither the optimizer nor DP noise moves them
     account: Account | None  # None: plain SGD without DP
     max_grad_norm: float
 
@@ -112,7 +114,9 @@ def check_fingerprint(bundle: ModelBundle, fingerprint: str) -> None:
         raise ConfigurationError(
             f"the frozen part of this site's model (fingerprint {bundle.fingerprint[:12]}) differs "
             f"from the server's ({fingerprint[:12]}). Server and sites must use the same preset, "
-            "encoders, weights and seed.", reason="model-mismatch")
+            "encoders, weights and seed.",
+            reason="model-mismatch",
+        )
 
 
 def check_labels(policy: SitePolicy, run: RunConfig) -> None:
@@ -123,9 +127,12 @@ def check_labels(policy: SitePolicy, run: RunConfig) -> None:
     """
     missing = [label for label in policy.labels if label not in run.model.class_names]
     if missing:
-        raise Refusal(f"the run's class-names {list(run.model.class_names)} leave out the "
-                      f"label(s) {missing} that this site's policy publishes (labels = "
-                      f"{list(policy.labels)}).", reason="labels-not-covered")
+        raise Refusal(
+            f"the run's class-names {list(run.model.class_names)} leave out the "
+            f"label(s) {missing} that this site's policy publishes (labels = "
+            f"{list(policy.labels)}).",
+            reason="labels-not-covered",
+        )
 
 
 def load_global(bundle: ModelBundle, parameters: Parameters, device: torch.device) -> FusionModel:
@@ -137,8 +144,12 @@ def load_global(bundle: ModelBundle, parameters: Parameters, device: torch.devic
 
 def local_plan(run: RunConfig, data: SiteData) -> LocalPlan:
     """How this site trains each round of the run (what its account is planned for)."""
-    return LocalPlan(num_examples=len(data.train), batch_size=run.train.batch_size,
-                     epochs=run.train.local_epochs, steps_per_round=run.train.local_steps)
+    return LocalPlan(
+        num_examples=len(data.train),
+        batch_size=run.train.batch_size,
+        epochs=run.train.local_epochs,
+        steps_per_round=run.train.local_steps,
+    )
 
 
 def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> TrainOutcome:
@@ -156,24 +167,43 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
         check_fingerprint(bundle, request.frozen_fingerprint)  # before any privacy work
         terms = site_terms(policy, run, data)
         global_sha256 = update_digest(request.parameters)
-        with exclusive(site.state_dir):  # from reading the ledger to writing it: one round at a time
+        with exclusive(
+            site.state_dir
+        ):  # from reading the ledger to writing it: one round at a time
             books = open_books(site, request, data, terms)
             again = books.resend(global_sha256) if books.trained else None
             if again:
                 return _again(again, request, data, policy, terms, books)
             account = books.authorize_training(policy, local_plan(run, data))  # plan
-            work = LocalWork(server_round=request.server_round, start=request.parameters,
-                             untrained=tuple(untrained_parameters(bundle.model, data.train_combos)),
-                             account=account, max_grad_norm=terms.max_grad_norm)
+            work = LocalWork(
+                server_round=request.server_round,
+                start=request.parameters,
+                untrained=tuple(untrained_parameters(bundle.model, data.train_combos)),
+                account=account,
+                max_grad_norm=terms.max_grad_norm,
+            )
             local = train_locally(state, run, work)  # train
             receipt = books.charge_training(local.account, sent_sha256=update_digest(local.sent))
             train_loss = _released_train_loss(state, run, request, policy, books, local)
-            books.keep_sent(SentUpdate(server_round=request.server_round,
-                                       global_sha256=global_sha256, state=local.sent,
-                                       result=local.result))
-    return TrainOutcome(state=local.sent, untrained=work.untrained, result=local.result,
-                        num_examples=len(data.train), account=local.account, receipt=receipt,
-                        policy=policy, terms=terms, train_loss=train_loss)
+            books.keep_sent(
+                SentUpdate(
+                    server_round=request.server_round,
+                    global_sha256=global_sha256,
+                    state=local.sent,
+                    result=local.result,
+                )
+            )
+    return TrainOutcome(
+        state=local.sent,
+        untrained=work.untrained,
+        result=local.result,
+        num_examples=len(data.train),
+        account=local.account,
+        receipt=receipt,
+        policy=policy,
+        terms=terms,
+        train_loss=train_loss,
+    )
 
 
 def check_request(policy: SitePolicy, run: RunConfig, request: RoundRequest) -> None:
@@ -184,35 +214,64 @@ def check_request(policy: SitePolicy, run: RunConfig, request: RoundRequest) -> 
 
 def site_terms(policy: SitePolicy, run: RunConfig, data: SiteData) -> PrivacyTerms:
     """What the site trains and releases under in this run (its policy against the run's asks)."""
-    return negotiate(policy, run, dp=run.privacy.dp, target_epsilon=run.privacy.target_epsilon,
-                     target_delta=run.privacy.target_delta,
-                     num_rounds=run.federation.num_server_rounds, num_examples=len(data.train))
+    return negotiate(
+        policy,
+        run,
+        dp=run.privacy.dp,
+        target_epsilon=run.privacy.target_epsilon,
+        target_delta=run.privacy.target_delta,
+        num_rounds=run.federation.num_server_rounds,
+        num_examples=len(data.train),
+    )
 
 
-def open_books(site: SiteConfig, request: RoundRequest, data: SiteData,
-               terms: PrivacyTerms) -> Books:
+def open_books(
+    site: SiteConfig, request: RoundRequest, data: SiteData, terms: PrivacyTerms
+) -> Books:
     """The site's privacy books, open for this round (under the state folder's lock)."""
-    return Books(site.state_dir, RoundKey(run_key=request.run_key, server_round=request.server_round,
-                                          flower_run_id=request.flower_run_id),
-                 DataVersion(version=data.version, record_keys=data.record_keys), terms)
+    return Books(
+        site.state_dir,
+        RoundKey(
+            run_key=request.run_key,
+            server_round=request.server_round,
+            flower_run_id=request.flower_run_id,
+        ),
+        DataVersion(version=data.version, record_keys=data.record_keys),
+        terms,
+    )
 
 
-def _again(again: tuple[SentUpdate, Receipt], request: RoundRequest, data: SiteData,
-           policy: SitePolicy, terms: PrivacyTerms, books: Books) -> TrainOutcome:
+def _again(
+    again: tuple[SentUpdate, Receipt],
+    request: RoundRequest,
+    data: SiteData,
+    policy: SitePolicy,
+    terms: PrivacyTerms,
+    books: Books,
+) -> TrainOutcome:
     """The round asked again from the same global parameters: what was sent, for no new spend."""
     sent, receipt = again
     not_sent = tuple(n for n in request.parameters if n not in sent.state)
-    return TrainOutcome(state=sent.state, untrained=not_sent, result=sent.result,
-                        num_examples=len(data.train),
-                        account=books.entry.account if books.entry else None,
-                        receipt=receipt, policy=policy, terms=terms)
+    return TrainOutcome(
+        state=sent.state,
+        untrained=not_sent,
+        result=sent.result,
+        num_examples=len(data.train),
+        account=books.entry.account if books.entry else None,
+        receipt=receipt,
+        policy=policy,
+        terms=terms,
+    )
 
 
 def check_round_number(run: RunConfig, request: RoundRequest) -> None:
     """A round number beyond the run's planned rounds is not a round of this run."""
     if not 1 <= request.server_round <= run.federation.num_server_rounds:
-        raise ConfigurationError(f"round {request.server_round} is not among the run's "
-                                 f"{run.federation.num_server_rounds} rounds.", reason="message")
+        raise ConfigurationError(
+            f"round {request.server_round} is not among the run's "
+            f"{run.federation.num_server_rounds} rounds.",
+            reason="message",
+        )
 
 
 def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalResult:
@@ -222,11 +281,18 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
     device = pick_device(state.site.device)
     model = load_global(bundle, work.start, device)
     with frozen(model, work.untrained):  # neither the optimizer nor DP noise touches them
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                    lr=run.train.learning_rate, momentum=run.train.momentum)
+        optimizer = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=run.train.learning_rate,
+            momentum=run.train.momentum,
+        )
         net, train_set = _training_net(state, run, bundle, data, model, device)
-        loader = DataLoader(train_set, batch_size=run.train.batch_size, shuffle=True,
-                            num_workers=run.data.num_workers)
+        loader = DataLoader(
+            train_set,
+            batch_size=run.train.batch_size,
+            shuffle=True,
+            num_workers=run.data.num_workers,
+        )
         desc = f"{state.site.site_name} round {work.server_round} train"
         mu = run.aggregation.proximal_mu if run.aggregation.strategy == "fedprox" else 0.0
         steps = run.train.local_steps  # > 0: this many steps whatever the site's size (one "epoch")
@@ -235,47 +301,85 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
             torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible
             # the batch gradient is clipped like DP-SGD's per-sample ones: one learning rate fits both
             timed = deadline.bound(FixedSteps(loader, steps) if steps else loader)
-            result = train(net, timed, optimizer,
-                           torch.nn.CrossEntropyLoss(), epochs=epochs,
-                           device=device, clip_grad_norm=work.max_grad_norm, proximal_mu=mu,
-                           desc=desc)
+            result = train(
+                net,
+                timed,
+                optimizer,
+                torch.nn.CrossEntropyLoss(),
+                epochs=epochs,
+                device=device,
+                clip_grad_norm=work.max_grad_norm,
+                proximal_mu=mu,
+                desc=desc,
+            )
             return LocalResult(result=result, account=None, sent=trainable_state(model))
         # DP's randomness (Poisson sampling, noise) must be secret: a server that knew the seed
         # could regenerate the noise and subtract it. Reseed from the operating system's entropy.
         torch.seed()
-        with private_training(net, optimizer, loader, work.account, max_grad_norm=work.max_grad_norm,
-                              grad_sample_mode=run.privacy.grad_sample_mode) as session:
-            dp_loader = deadline.bound(FixedSteps(session.loader, steps) if steps
-                                       else session.loader)
-            result = train(net, dp_loader, session.optimizer, session.criterion,
-                           epochs=epochs, device=device, proximal_mu=mu, desc=desc)
+        with private_training(
+            net,
+            optimizer,
+            loader,
+            work.account,
+            max_grad_norm=work.max_grad_norm,
+            grad_sample_mode=run.privacy.grad_sample_mode,
+        ) as session:
+            dp_loader = deadline.bound(
+                FixedSteps(session.loader, steps) if steps else session.loader
+            )
+            result = train(
+                net,
+                dp_loader,
+                session.optimizer,
+                session.criterion,
+                epochs=epochs,
+                device=device,
+                proximal_mu=mu,
+                desc=desc,
+            )
             account = session.spent(work.account)
         sent = trainable_state(model)
         if not all(torch.isfinite(t).all() for t in sent.values()):
             # unreachable with every record's contribution bounded (common.privacy.dpsgd); never sent
-            raise Failure("local training produced non-finite parameters; nothing is sent.",
-                          reason="interrupted")
+            raise Failure(
+                "local training produced non-finite parameters; nothing is sent.",
+                reason="interrupted",
+            )
         return LocalResult(result=result, account=account, sent=sent)
 
 
-def _training_net(state: SiteState, run: RunConfig, bundle: ModelBundle, data: SiteData,
-                  model: FusionModel, device: torch.device) -> tuple[torch.nn.Module, object]:
+def _training_net(
+    state: SiteState,
+    run: RunConfig,
+    bundle: ModelBundle,
+    data: SiteData,
+    model: FusionModel,
+    device: torch.device,
+) -> tuple[torch.nn.Module, object]:
     """What trains and on what: the cached frozen features when the run caches them."""
     if not run.train.feature_cache:
         return model, data.train
     # the frozen fronts run once per dataset version and frozen part
-    return CachedFusion(model), state.features.get(_cache_key(run, bundle, data), model,
-                                                   data.train, device)
+    return CachedFusion(model), state.features.get(
+        _cache_key(run, bundle, data), model, data.train, device
+    )
 
 
 def _cache_key(run: RunConfig, bundle: ModelBundle, data: SiteData) -> CacheKey:
     """What this site's cached frozen outputs of its training split depend on."""
-    return CacheKey.for_model(run.model, dataset_sha256=data.version, split="train",
-                              frozen_fingerprint=bundle.fingerprint)
+    return CacheKey.for_model(
+        run.model, dataset_sha256=data.version, split="train", frozen_fingerprint=bundle.fingerprint
+    )
 
 
-def _released_train_loss(state: SiteState, run: RunConfig, request: RoundRequest,
-                         policy: SitePolicy, books: Books, local: LocalResult) -> float:
+def _released_train_loss(
+    state: SiteState,
+    run: RunConfig,
+    request: RoundRequest,
+    policy: SitePolicy,
+    books: Books,
+    local: LocalResult,
+) -> float:
     """The training loss as the site releases it: withheld (nan) unless its policy shares it,
     then exact (exact-metrics, or a round without DP) or noisy and charged.
 
@@ -289,8 +393,9 @@ def _released_train_loss(state: SiteState, run: RunConfig, request: RoundRequest
     assert account is not None  # private releases: an account
     losses = _row_losses(state, run, {**request.parameters, **local.sent})
     loss = release_mean_loss(losses, noise_multiplier=account.release_noise_multiplier)
-    books.charge_release(account, kind=TRAIN_LOSS,
-                         sha256=update_digest({"train-loss": np.array([loss])}))
+    books.charge_release(
+        account, kind=TRAIN_LOSS, sha256=update_digest({"train-loss": np.array([loss])})
+    )
     return loss
 
 
@@ -300,6 +405,10 @@ def _row_losses(state: SiteState, run: RunConfig, parameters: Parameters) -> np.
     device = pick_device(state.site.device)
     model = load_global(bundle, parameters, device)
     net, rows = _training_net(state, run, bundle, data, model, device)
-    logits, labels = predict_logits(net, DataLoader(rows, batch_size=max(run.train.batch_size, 64)),
-                                    device, desc=f"{state.site.site_name} training loss")
+    logits, labels = predict_logits(
+        net,
+        DataLoader(rows, batch_size=max(run.train.batch_size, 64)),
+        device,
+        desc=f"{state.site.site_name} training loss",
+    )
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()

@@ -29,8 +29,19 @@ log = logging.getLogger(__name__)
 
 NODE_KEYS_FLOWER = ("partition-id", "num-partitions")  # set by Flower's simulation runtime
 LIMIT_KEYS = ("max-message-mb", "max-image-size", "max-steps", "max-round-seconds")
-NODE_KEYS = ("manifest", "site-name", "state-dir", "policy", "device", "val-fraction",
-             "split-seed", "image-weights", "text-encoder", "run-config-keys", *LIMIT_KEYS)
+NODE_KEYS = (
+    "manifest",
+    "site-name",
+    "state-dir",
+    "policy",
+    "device",
+    "val-fraction",
+    "split-seed",
+    "image-weights",
+    "text-encoder",
+    "run-config-keys",
+    *LIMIT_KEYS,
+)
 POLICY_FILE = "policy.toml"  # a simulated hospital's policy, when its folder has one
 STATE_FOLDER = "state"
 # Model sources a deployed site takes from the run config (names, never paths): a builtin
@@ -68,10 +79,15 @@ class SiteLimits:
             if key not in node_config:
                 continue
             value, whole = node_config[key], f.type in ("int", int)
-            if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
-                    or not 0 < value < math.inf):
-                raise NodeConfigError(f"node config {key}={value!r}: it must be a positive "
-                                      f"{'whole number' if whole else 'number'}.")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int if whole else (int, float))
+                or not 0 < value < math.inf
+            ):
+                raise NodeConfigError(
+                    f"node config {key}={value!r}: it must be a positive "
+                    f"{'whole number' if whole else 'number'}."
+                )
             values[f.name] = value if whole else float(value)
         return cls(**values)
 
@@ -83,8 +99,9 @@ class SiteLimits:
     def check_run(self, run: RunConfig) -> None:
         """Refuse a run config that asks more than these bounds, before anything else runs."""
         if run.model.image_size > self.max_image_size:
-            raise _beyond(f"image-size {run.model.image_size}", "max-image-size",
-                          self.max_image_size)
+            raise _beyond(
+                f"image-size {run.model.image_size}", "max-image-size", self.max_image_size
+            )
         # each epoch is at least one step: the exact count needs the data (`check_round`)
         asked = run.train.local_steps or run.train.local_epochs
         if asked > self.max_steps:
@@ -92,20 +109,28 @@ class SiteLimits:
 
     def check_round(self, run: RunConfig, *, num_examples: int) -> None:
         """Refuse a round of more optimizer steps than `max-steps` on this site's data."""
-        steps = local_steps(num_examples=num_examples, batch_size=run.train.batch_size,
-                            epochs=run.train.local_epochs, steps_per_round=run.train.local_steps)
+        steps = local_steps(
+            num_examples=num_examples,
+            batch_size=run.train.batch_size,
+            epochs=run.train.local_epochs,
+            steps_per_round=run.train.local_steps,
+        )
         if steps > self.max_steps:
             raise _beyond(f"{steps} steps a round", "max-steps", self.max_steps)
 
     def deadline(self) -> Deadline:
         """The end of this round's local training, `max-round-seconds` from now."""
-        return Deadline(at=time.monotonic() + self.max_round_seconds,
-                        seconds=self.max_round_seconds)
+        return Deadline(
+            at=time.monotonic() + self.max_round_seconds, seconds=self.max_round_seconds
+        )
 
 
 def _beyond(asked: str, key: str, bound: float) -> Refusal:
-    return Refusal(f"the run asks for {asked}, beyond this site's {key} = {bound:g} (node "
-                   "config); nothing was trained or charged.", reason="resource-limit")
+    return Refusal(
+        f"the run asks for {asked}, beyond this site's {key} = {bound:g} (node "
+        "config); nothing was trained or charged.",
+        reason="resource-limit",
+    )
 
 
 T = TypeVar("T")
@@ -125,8 +150,9 @@ class Deadline:
     def check(self) -> None:
         """Refuse once the deadline has passed."""
         if time.monotonic() > self.at:
-            raise _beyond(f"more than {self.seconds:g} s of local training", "max-round-seconds",
-                          self.seconds)
+            raise _beyond(
+                f"more than {self.seconds:g} s of local training", "max-round-seconds", self.seconds
+            )
 
 
 class Bounded(Generic[T]):
@@ -182,12 +208,19 @@ class SiteConfig:
         folder = Path(run.data.data_root).expanduser() / name
         state_root = Path(run.data.state_root or run.data.data_root).expanduser()
         policy = node_config.get("policy") or (
-            folder / POLICY_FILE if (folder / POLICY_FILE).is_file() else None)
-        return cls(site_name=str(node_config.get("site-name") or name), manifest=folder,
-                   state_dir=state_root / name / STATE_FOLDER,
-                   policy=Path(str(policy)) if policy else None, simulated=True,
-                   device=run.train.device, val_fraction=run.data.val_fraction,
-                   split_seed=run.model.seed, limits=SiteLimits.from_node_config(node_config))
+            folder / POLICY_FILE if (folder / POLICY_FILE).is_file() else None
+        )
+        return cls(
+            site_name=str(node_config.get("site-name") or name),
+            manifest=folder,
+            state_dir=state_root / name / STATE_FOLDER,
+            policy=Path(str(policy)) if policy else None,
+            simulated=True,
+            device=run.train.device,
+            val_fraction=run.data.val_fraction,
+            split_seed=run.model.seed,
+            limits=SiteLimits.from_node_config(node_config),
+        )
 
     @classmethod
     def deployed(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -196,39 +229,52 @@ class SiteConfig:
         if "manifest" not in node_config:
             raise NodeConfigError(
                 "This node has no data: set its manifest with fedfusion node --node-config "
-                "\"manifest='/path/to/manifest.csv' state-dir=...\".")
+                "\"manifest='/path/to/manifest.csv' state-dir=...\"."
+            )
         if "state-dir" not in node_config:
             raise NodeConfigError(
                 "This node has no state-dir: the site keeps its privacy ledger there, so that "
                 "a restart cannot reset what it has spent. Add state-dir='/a/private/folder' "
-                "to --node-config.")
+                "to --node-config."
+            )
         manifest = Path(str(node_config["manifest"])).expanduser()
         folder = manifest if manifest.is_dir() else manifest.parent
         policy = node_config.get("policy")
-        site = cls(site_name=str(node_config.get("site-name") or folder.resolve().name),
-                   manifest=manifest, state_dir=Path(str(node_config["state-dir"])).expanduser(),
-                   policy=Path(str(policy)).expanduser() if policy else None,
-                   device=str(node_config.get("device", "auto")),
-                   val_fraction=node_config.get("val-fraction", 0.2),  # type: ignore[arg-type]
-                   split_seed=node_config.get("split-seed", 0),  # type: ignore[arg-type]
-                   image_weights=_text(node_config, "image-weights"),
-                   text_encoder=_text(node_config, "text-encoder"),
-                   limits=SiteLimits.from_node_config(node_config),
-                   run_config_keys=_keys(node_config))
+        site = cls(
+            site_name=str(node_config.get("site-name") or folder.resolve().name),
+            manifest=manifest,
+            state_dir=Path(str(node_config["state-dir"])).expanduser(),
+            policy=Path(str(policy)).expanduser() if policy else None,
+            device=str(node_config.get("device", "auto")),
+            val_fraction=node_config.get("val-fraction", 0.2),  # type: ignore[arg-type]
+            split_seed=node_config.get("split-seed", 0),  # type: ignore[arg-type]
+            image_weights=_text(node_config, "image-weights"),
+            text_encoder=_text(node_config, "text-encoder"),
+            limits=SiteLimits.from_node_config(node_config),
+            run_config_keys=_keys(node_config),
+        )
         site._check()
         return site
 
     def _check(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise NodeConfigError(f"node config device={self.device!r}: use auto, cpu, cuda or "
-                                  "cuda:N.")
+            raise NodeConfigError(
+                f"node config device={self.device!r}: use auto, cpu, cuda or cuda:N."
+            )
         fraction = self.val_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise NodeConfigError(f"node config val-fraction={fraction!r}: it must be a number "
-                                  "between 0 and 1 (the share of patients held out).")
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction < 1
+        ):
+            raise NodeConfigError(
+                f"node config val-fraction={fraction!r}: it must be a number "
+                "between 0 and 1 (the share of patients held out)."
+            )
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
-            raise NodeConfigError(f"node config split-seed={self.split_seed!r}: it must be an "
-                                  "integer.")
+            raise NodeConfigError(
+                f"node config split-seed={self.split_seed!r}: it must be an integer."
+            )
 
     def localize(self, run: RunConfig) -> RunConfig:
         """The run config as this site runs it: its own split, device and model sources.
@@ -241,34 +287,53 @@ class SiteConfig:
         self.limits.check_run(run)
         if self.simulated:
             return run
-        model = dataclasses.replace(run.model,
-                                    text_encoder=self._source("text-encoder", self.text_encoder,
-                                                              run.model.text_encoder,
-                                                              SAFE_TEXT_SOURCE),
-                                    image_weights=self._source("image-weights", self.image_weights,
-                                                               run.model.image_weights,
-                                                               SAFE_IMAGE_WEIGHTS))
-        for key, asked, own in (("device", run.train.device, self.device),
-                                ("val-fraction", run.data.val_fraction, self.val_fraction)):
+        model = dataclasses.replace(
+            run.model,
+            text_encoder=self._source(
+                "text-encoder", self.text_encoder, run.model.text_encoder, SAFE_TEXT_SOURCE
+            ),
+            image_weights=self._source(
+                "image-weights", self.image_weights, run.model.image_weights, SAFE_IMAGE_WEIGHTS
+            ),
+        )
+        for key, asked, own in (
+            ("device", run.train.device, self.device),
+            ("val-fraction", run.data.val_fraction, self.val_fraction),
+        ):
             if asked != own:
-                log.info("site %s: the run config's %s=%r is not used; this site's node config "
-                         "decides (%s=%r)", self.site_name, key, asked, key, own)
+                log.info(
+                    "site %s: the run config's %s=%r is not used; this site's node config "
+                    "decides (%s=%r)",
+                    self.site_name,
+                    key,
+                    asked,
+                    key,
+                    own,
+                )
         return dataclasses.replace(
-            run, model=model, data=dataclasses.replace(run.data, val_fraction=float(self.val_fraction)),
-            train=dataclasses.replace(run.train, device=self.device))
+            run,
+            model=model,
+            data=dataclasses.replace(run.data, val_fraction=float(self.val_fraction)),
+            train=dataclasses.replace(run.train, device=self.device),
+        )
 
     def _source(self, key: str, own: str | None, asked: str, safe: re.Pattern[str]) -> str:
         if own is not None:
             if asked and asked != own:
-                log.info("site %s: the run config's %s is not used; this site's node config "
-                         "names its own", self.site_name, key)
+                log.info(
+                    "site %s: the run config's %s is not used; this site's node config "
+                    "names its own",
+                    self.site_name,
+                    key,
+                )
             return own
         if asked and not safe.fullmatch(asked):
             raise NodeConfigError(
                 f"the run config sets {key} to a value that is not a model name; this site "
                 f"loads model files only from its own node config. Set {key}=... in the node "
                 "config (the coordinator checks the result through the frozen-part fingerprint).",
-                reason="model-source")
+                reason="model-source",
+            )
         return asked
 
 
@@ -278,7 +343,8 @@ def _check_keys(node_config: Mapping[str, Any]) -> None:
         raise NodeConfigError(
             f"Unknown node config key(s) {unknown}; known: {sorted(NODE_KEYS)}. Example: "
             "fedfusion node --node-config \"manifest='/data/site/manifest.csv' "
-            "state-dir='/var/lib/fedfusion' policy='/etc/fedfusion/policy.toml'\".")
+            "state-dir='/var/lib/fedfusion' policy='/etc/fedfusion/policy.toml'\"."
+        )
 
 
 def _keys(node_config: Mapping[str, Any]) -> frozenset[str] | None:
@@ -287,12 +353,16 @@ def _keys(node_config: Mapping[str, Any]) -> frozenset[str] | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise NodeConfigError(f"node config run-config-keys={value!r}: list run-config keys "
-                              "separated by commas, e.g. 'num-server-rounds,learning-rate'.")
+        raise NodeConfigError(
+            f"node config run-config-keys={value!r}: list run-config keys "
+            "separated by commas, e.g. 'num-server-rounds,learning-rate'."
+        )
     keys = frozenset(k.strip() for k in value.split(",") if k.strip())
     if unknown := sorted(keys - set(run_config_keys())):
-        raise NodeConfigError(f"node config run-config-keys names unknown run-config key(s) "
-                              f"{unknown}; see the README's configuration reference.")
+        raise NodeConfigError(
+            f"node config run-config-keys names unknown run-config key(s) "
+            f"{unknown}; see the README's configuration reference."
+        )
     return keys
 
 

@@ -49,8 +49,12 @@ class ModelBundle:
     def build(cls, config: ModelConfig) -> ModelBundle:
         """Build the model, load its tokenizer, fingerprint its frozen part (seconds)."""
         model = build_model(config)
-        return cls(config=config, model=model, tokenizer=load_tokenizer(config.text_encoder),
-                   fingerprint=frozen_fingerprint(model))
+        return cls(
+            config=config,
+            model=model,
+            tokenizer=load_tokenizer(config.text_encoder),
+            fingerprint=frozen_fingerprint(model),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +63,9 @@ class SiteData:
 
     manifest: Path  # the manifest file read
     version: str  # the dataset version: a digest of the rows' content (common.data.version)
-    record_keys: frozenset[str]  # what identifies its records across versions (the budget follows them)
+    record_keys: frozenset[
+        str
+    ]  # what identifies its records across versions (the budget follows them)
     train: ManifestDataset
     val: ManifestDataset
     train_combos: frozenset[Combo]  # the (has_image, has_text) combinations of the training rows
@@ -68,8 +74,14 @@ class SiteData:
 def _data_key(site: SiteConfig, run: RunConfig) -> tuple[object, ...]:
     """The settings that shape a site's datasets."""
     m = run.model
-    return (m.class_names, m.text_encoder, m.image_size, m.max_text_length,
-            site.val_fraction, site.split_seed)
+    return (
+        m.class_names,
+        m.text_encoder,
+        m.image_size,
+        m.max_text_length,
+        site.val_fraction,
+        site.split_seed,
+    )
 
 
 class SiteState:
@@ -101,19 +113,32 @@ class SiteState:
     def _split(self, run: RunConfig, manifest: Path, rows: list[Row], version: str) -> SiteData:
         train_rows, val_rows = split_by_patient(rows, self.site.val_fraction, self.site.split_seed)
         if not train_rows:
-            raise BadData(f"no training rows left after the validation split of {manifest}.",
-                          reason="no-training-rows")
+            raise BadData(
+                f"no training rows left after the validation split of {manifest}.",
+                reason="no-training-rows",
+            )
         tokenizer, m = self.bundle(run.model).tokenizer, run.model
 
         def dataset(part: list[Row]) -> ManifestDataset:
-            return ManifestDataset(manifest, part, m.class_names, tokenizer, m.image_size,
-                                   m.max_text_length)
+            return ManifestDataset(
+                manifest, part, m.class_names, tokenizer, m.image_size, m.max_text_length
+            )
 
-        log.info("site %s: %d train / %d val rows from %s", self.site.site_name, len(train_rows),
-                 len(val_rows), manifest)
-        return SiteData(manifest=manifest, version=version,
-                        record_keys=record_keys(rows, self.images), train=dataset(train_rows),
-                        val=dataset(val_rows), train_combos=modality_combos(train_rows))
+        log.info(
+            "site %s: %d train / %d val rows from %s",
+            self.site.site_name,
+            len(train_rows),
+            len(val_rows),
+            manifest,
+        )
+        return SiteData(
+            manifest=manifest,
+            version=version,
+            record_keys=record_keys(rows, self.images),
+            train=dataset(train_rows),
+            val=dataset(val_rows),
+            train_combos=modality_combos(train_rows),
+        )
 
 
 class SiteStates:

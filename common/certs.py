@@ -80,7 +80,8 @@ def parse_san(entry: str) -> x509.GeneralName:
     if not _HOSTNAME.match(entry):
         raise CredentialError(
             f"'{entry}' is neither an IP address nor a valid host name. Give each name the "
-            "SuperNodes use to reach the SuperLink, e.g. --san superlink.example.org --san 10.0.0.5.")
+            "SuperNodes use to reach the SuperLink, e.g. --san superlink.example.org --san 10.0.0.5."
+        )
     return x509.DNSName(entry)
 
 
@@ -89,20 +90,26 @@ def check_hospital_name(name: str) -> str:
     if not _HOSPITAL.match(name) or name in (".", ".."):
         raise CredentialError(
             f"Hospital name '{name}' cannot name a key folder: use 1-64 letters, digits, '.', '_' "
-            "or '-', starting with a letter or digit (e.g. hospital-a).")
+            "or '-', starting with a letter or digit (e.g. hospital-a)."
+        )
     return name
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedFusion"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedFusion"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     # backdate a little: a node whose clock runs a few minutes late still accepts the certificate
     return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
-        now + datetime.timedelta(days=days))
+        now + datetime.timedelta(days=days)
+    )
 
 
 def make_ca(*, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -110,19 +117,33 @@ def make_ca(*, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     key = ec.generate_private_key(CURVE())
     subject = _name("FedFusion federation CA")
     builder = _validity(x509.CertificateBuilder(), days).subject_name(subject).issuer_name(subject)
-    cert = (builder.public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = (
+        builder.public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
     return key, cert
 
 
-def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *,
-                     sans: list[str], days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *, sans: list[str], days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A TLS server certificate for the SuperLink, valid for every name in `sans`."""
     if not sans:
         raise CredentialError("The server certificate needs at least one --san (host name or IP).")
@@ -130,31 +151,40 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     key = ec.generate_private_key(CURVE())
     builder = _validity(x509.CertificateBuilder(), days).subject_name(_name(sans[0]))
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (builder.issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                           critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    cert = (
+        builder.issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
     return key, cert
 
 
 def make_node_keys(hospital: str) -> tuple[bytes, bytes]:
     """A SuperNode key pair as (OpenSSH private key, OpenSSH public key line)."""
     key = ec.generate_private_key(CURVE())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     return private, public + f" fedfusion-{hospital}\n".encode()
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
@@ -179,8 +209,15 @@ def planned_files(layout: CredentialLayout, hospitals: list[str], *, server: boo
     return files
 
 
-def write_credentials(root: Path, *, sans: list[str], hospitals: list[str], days: int = 365,
-                      server: bool = True, force: bool = False) -> list[Path]:
+def write_credentials(
+    root: Path,
+    *,
+    sans: list[str],
+    hospitals: list[str],
+    days: int = 365,
+    server: bool = True,
+    force: bool = False,
+) -> list[Path]:
     """Write the CA + server certificate (if `server`) and one key pair per hospital; return the files.
 
     Nothing is written when any target exists and `force` is false.
@@ -189,7 +226,9 @@ def write_credentials(root: Path, *, sans: list[str], hospitals: list[str], days
         raise CredentialError(f"--days must be at least 1 (got {days}).")
     hospitals = [check_hospital_name(h) for h in hospitals]
     if len(set(hospitals)) != len(hospitals):
-        raise CredentialError(f"Hospital names repeat in {hospitals}: each hospital needs its own key.")
+        raise CredentialError(
+            f"Hospital names repeat in {hospitals}: each hospital needs its own key."
+        )
     if not server and not hospitals:
         raise CredentialError("Nothing to write: give --hospital NAME (with --keys-only).")
     layout = CredentialLayout(root)
@@ -199,13 +238,18 @@ def write_credentials(root: Path, *, sans: list[str], hospitals: list[str], days
         raise CredentialError(
             "Refusing to overwrite existing credentials: " + ", ".join(existing) + ". Move them "
             "away, choose another folder, or pass --force (a new CA invalidates every certificate "
-            "and a new key pair must be registered again).")
+            "and a new key pair must be registered again)."
+        )
     contents: list[tuple[bytes, int]] = []
     if server:
         ca_key, ca_cert = make_ca(days=days)
         key, cert = make_server_cert(ca_key, ca_cert, sans=sans, days=days)
-        contents += [(_pem_cert(ca_cert), PUBLIC_MODE), (_pem_key(ca_key), PRIVATE_MODE),
-                     (_pem_cert(cert), PUBLIC_MODE), (_pem_key(key), PRIVATE_MODE)]
+        contents += [
+            (_pem_cert(ca_cert), PUBLIC_MODE),
+            (_pem_key(ca_key), PRIVATE_MODE),
+            (_pem_cert(cert), PUBLIC_MODE),
+            (_pem_key(key), PRIVATE_MODE),
+        ]
     for h in hospitals:
         private, public = make_node_keys(h)
         contents += [(private, PRIVATE_MODE), (public, PUBLIC_MODE)]

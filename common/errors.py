@@ -47,9 +47,9 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "resource-limit": "the round asks for more than the site's resource limits allow",
         "message-too-large": "the round message is larger than the site unpacks",
         "accounting-limit": "the run's privacy accounting would exceed the site's bounds on "
-                            "steps, time or memory",
+        "steps, time or memory",
         "run-config-not-accepted": "the run config changes settings the site does not let a run "
-                                   "change",
+        "change",
     },
     Kind.BAD_DATA: {
         "data-unusable": "the site's data cannot be used as it is",

@@ -74,17 +74,39 @@ F1 = "f1"
 ACCURACY_BOTH, AUROC_BOTH = "accuracy-both", "auroc-both"
 ACCURACY_IMAGE_ONLY, AUROC_IMAGE_ONLY = "accuracy-image-only", "auroc-image-only"
 ACCURACY_TEXT_ONLY, AUROC_TEXT_ONLY = "accuracy-text-only", "auroc-text-only"
-ABLATION_METRICS = (ACCURACY_BOTH, AUROC_BOTH, ACCURACY_IMAGE_ONLY, AUROC_IMAGE_ONLY,
-                    ACCURACY_TEXT_ONLY, AUROC_TEXT_ONLY)
+ABLATION_METRICS = (
+    ACCURACY_BOTH,
+    AUROC_BOTH,
+    ACCURACY_IMAGE_ONLY,
+    AUROC_IMAGE_ONLY,
+    ACCURACY_TEXT_ONLY,
+    AUROC_TEXT_ONLY,
+)
 
 TRAIN_METRICS = (
-    NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, TRAIN_SECONDS,
-    EPSILON_CAP, MAX_GRAD_NORM,
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    EPSILON,
+    DELTA,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    STEPS,
+    TRAIN_SECONDS,
+    EPSILON_CAP,
+    MAX_GRAD_NORM,
 )
 EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS, COUNT_NOISE)
 # Per-site privacy facts: reported per site, never averaged across sites.
-PRIVACY_METRICS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, EPSILON_CAP, MAX_GRAD_NORM,
-                   COUNT_NOISE)
+PRIVACY_METRICS = (
+    EPSILON,
+    DELTA,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    STEPS,
+    EPSILON_CAP,
+    MAX_GRAD_NORM,
+    COUNT_NOISE,
+)
 
 # Everything a reply may carry, and what protects it: "dp" (a noisy release charged to the
 # site's account, or the DP-SGD update), "public" (a fact the site publishes: its policy, its
@@ -112,8 +134,13 @@ RELEASES: dict[str, str] = {
 # --- error replies --------------------------------------------------------------------------
 
 # Flower error codes of a site's error reply, one per kind (Flower's own codes are 0..8).
-ERROR_CODES: dict[Kind, int] = {Kind.REFUSAL: 101, Kind.BAD_DATA: 102, Kind.CONFIGURATION: 103,
-                                Kind.FAILURE: 104, Kind.BUG: 105}
+ERROR_CODES: dict[Kind, int] = {
+    Kind.REFUSAL: 101,
+    Kind.BAD_DATA: 102,
+    Kind.CONFIGURATION: 103,
+    Kind.FAILURE: 104,
+    Kind.BUG: 105,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +162,7 @@ def read_error(code: int, reason: str) -> SiteError:
     kind = next((k for k, c in ERROR_CODES.items() if c == code), Kind.FAILURE)
     site = None
     if reason.startswith("site '") and "': " in reason:
-        site, _, reason = reason[len("site '"):].partition("': ")
+        site, _, reason = reason[len("site '") :].partition("': ")
     return SiteError(kind=kind, site=site, text=reason)
 
 

@@ -60,14 +60,22 @@ class SiteRound:
 
     def to_json(self) -> dict[str, Any]:
         """The site's entry of a history line."""
-        return {"node": self.node_id, "train": self.train, "evaluate": self.evaluate,
-                "update-sha256": self.update_sha256}
+        return {
+            "node": self.node_id,
+            "train": self.train,
+            "evaluate": self.evaluate,
+            "update-sha256": self.update_sha256,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SiteRound:
         """Inverse of `to_json`."""
-        return cls(node_id=d.get("node"), train=d.get("train"), evaluate=d.get("evaluate"),
-                   update_sha256=d.get("update-sha256"))
+        return cls(
+            node_id=d.get("node"),
+            train=d.get("train"),
+            evaluate=d.get("evaluate"),
+            update_sha256=d.get("update-sha256"),
+        )
 
     def metric(self, key: str) -> float | int | None:
         """A metric of the evaluate reply if it has it, else of the train reply."""
@@ -104,14 +112,19 @@ class HistoryLine:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of the line."""
-        line: dict[str, Any] = {"round": self.round,
-                                "sites": {n: s.to_json() for n, s in sorted(self.sites.items())}}
-        line.update({"stopped": self.stopped} if self.stopped is not None
-                    else {"aggregate": self.aggregate})
-        line.update(refusals=dict(sorted(self.refusals.items())),
-                    failures=dict(sorted(self.failures.items())),
-                    rejected=dict(sorted(self.rejected.items())),
-                    capped=dict(sorted(self.capped.items())))
+        line: dict[str, Any] = {
+            "round": self.round,
+            "sites": {n: s.to_json() for n, s in sorted(self.sites.items())},
+        }
+        line.update(
+            {"stopped": self.stopped} if self.stopped is not None else {"aggregate": self.aggregate}
+        )
+        line.update(
+            refusals=dict(sorted(self.refusals.items())),
+            failures=dict(sorted(self.failures.items())),
+            rejected=dict(sorted(self.rejected.items())),
+            capped=dict(sorted(self.capped.items())),
+        )
         if self.modality_weights is not None:
             line["modality-weights"] = dict(self.modality_weights)
         return line
@@ -119,13 +132,19 @@ class HistoryLine:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> HistoryLine:
         """Inverse of `to_json`."""
-        return cls(round=int(d["round"]),
-                   sites={n: SiteRound.from_json(s) for n, s in d.get("sites", {}).items()},
-                   aggregate=d.get("aggregate"), stopped=d.get("stopped"),
-                   refusals=dict(d.get("refusals", {})), failures=dict(d.get("failures", {})),
-                   rejected=dict(d.get("rejected", {})), capped=dict(d.get("capped", {})),
-                   modality_weights=(dict(d["modality-weights"])
-                                     if d.get("modality-weights") is not None else None))
+        return cls(
+            round=int(d["round"]),
+            sites={n: SiteRound.from_json(s) for n, s in d.get("sites", {}).items()},
+            aggregate=d.get("aggregate"),
+            stopped=d.get("stopped"),
+            refusals=dict(d.get("refusals", {})),
+            failures=dict(d.get("failures", {})),
+            rejected=dict(d.get("rejected", {})),
+            capped=dict(d.get("capped", {})),
+            modality_weights=(
+                dict(d["modality-weights"]) if d.get("modality-weights") is not None else None
+            ),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,15 +172,22 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of the file."""
-        return {"status": self.status, "message": self.message,
-                "rounds_completed": self.rounds_completed,
-                "sites": {n: asdict(s) for n, s in sorted(self.sites.items())}}
+        return {
+            "status": self.status,
+            "message": self.message,
+            "rounds_completed": self.rounds_completed,
+            "sites": {n: asdict(s) for n, s in sorted(self.sites.items())},
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Summary:
         """Inverse of `to_json`."""
-        return cls(status=d["status"], message=d["message"], rounds_completed=d["rounds_completed"],
-                   sites={n: SiteSummary(**s) for n, s in d["sites"].items()})
+        return cls(
+            status=d["status"],
+            message=d["message"],
+            rounds_completed=d["rounds_completed"],
+            sites={n: SiteSummary(**s) for n, s in d["sites"].items()},
+        )
 
     @classmethod
     def of_history(cls, lines: list[HistoryLine], *, status: str, message: str) -> Summary:
@@ -169,24 +195,40 @@ class Summary:
         sites: dict[str, dict[str, Any]] = {}
 
         def site(name: str) -> dict[str, Any]:
-            return sites.setdefault(name, {"rounds_trained": [], "rounds_refused": [],
-                                           "rounds_failed": [], "rounds_rejected": []})
+            return sites.setdefault(
+                name,
+                {
+                    "rounds_trained": [],
+                    "rounds_refused": [],
+                    "rounds_failed": [],
+                    "rounds_rejected": [],
+                },
+            )
 
         for line in lines:
             for name, s in line.sites.items():
                 entry = site(name)
                 if s.train is not None:
                     entry["rounds_trained"].append(line.round)
-                    entry.update(epsilon=s.train.get(R.EPSILON), delta=s.train.get(R.DELTA),
-                                 noise_multiplier=s.train.get(R.NOISE_MULTIPLIER),
-                                 steps=int(s.train.get(R.STEPS) or 0))
-            for kind, names in (("rounds_refused", line.refusals), ("rounds_failed", line.failures),
-                                ("rounds_rejected", line.rejected)):
+                    entry.update(
+                        epsilon=s.train.get(R.EPSILON),
+                        delta=s.train.get(R.DELTA),
+                        noise_multiplier=s.train.get(R.NOISE_MULTIPLIER),
+                        steps=int(s.train.get(R.STEPS) or 0),
+                    )
+            for kind, names in (
+                ("rounds_refused", line.refusals),
+                ("rounds_failed", line.failures),
+                ("rounds_rejected", line.rejected),
+            ):
                 for name in names:
                     site(name)[kind].append(line.round)
-        return cls(status=status, message=message,
-                   rounds_completed=sum(line.finished for line in lines),
-                   sites={n: SiteSummary(**s) for n, s in sites.items()})
+        return cls(
+            status=status,
+            message=message,
+            rounds_completed=sum(line.finished for line in lines),
+            sites={n: SiteSummary(**s) for n, s in sites.items()},
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,13 +292,15 @@ class RunFolder:
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError as err:
-                    raise RunFolderError(f"{path}:{i} is not valid JSON ({err.msg}); the history "
-                                         "is damaged.") from err
+                    raise RunFolderError(
+                        f"{path}:{i} is not valid JSON ({err.msg}); the history is damaged."
+                    ) from err
                 try:
                     lines.append(HistoryLine.from_json(data))
                 except (KeyError, TypeError, ValueError, AttributeError) as err:
-                    raise RunFolderError(f"{path}:{i} is not a history line ({err!r}); the run "
-                                         "folder is damaged.") from err
+                    raise RunFolderError(
+                        f"{path}:{i} is not a history line ({err!r}); the run folder is damaged."
+                    ) from err
         return lines
 
     def append_history(self, line: HistoryLine) -> None:
@@ -284,8 +328,9 @@ class RunFolder:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise RunFolderError(f"{path} is not valid JSON ({err}); the run folder is "
-                                 "damaged.") from err
+            raise RunFolderError(
+                f"{path} is not valid JSON ({err}); the run folder is damaged."
+            ) from err
 
     def _write_json(self, name: str, data: Any) -> None:
         atomic_write_bytes(self.path / name, json.dumps(data, indent=2).encode())

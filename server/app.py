@@ -65,8 +65,12 @@ def federate(grid: Grid, run: RunConfig) -> RunEnd:
     fingerprint = frozen_fingerprint(model)
     start = open_run(run)
     fed, agg = run.federation, run.aggregation
-    log.info("run folder %s; frozen-part fingerprint %s; strategy %s", start.folder.path,
-             fingerprint[:16], agg.strategy)
+    log.info(
+        "run folder %s; frozen-part fingerprint %s; strategy %s",
+        start.folder.path,
+        fingerprint[:16],
+        agg.strategy,
+    )
     strategy = build_strategy(fed, agg)
     recorder = Recorder(start.folder, start.lines)
     plan = round_plan(run, run_key=start.run_key, fingerprint=fingerprint)
@@ -75,8 +79,14 @@ def federate(grid: Grid, run: RunConfig) -> RunEnd:
         # recognises a round asked again by the digest of the parameters in the order they came
         arrays = ArrayRecord({k: Array(start.arrays[k]) for k in arrays})
         load_optimizer_state(strategy, start.optimizer_state, arrays)
-    end = run_rounds(SiteGrid.bind(grid, fed.site_map), strategy, recorder, plan,
-                     first_round=start.finished_round + 1, arrays=arrays)
+    end = run_rounds(
+        SiteGrid.bind(grid, fed.site_map),
+        strategy,
+        recorder,
+        plan,
+        first_round=start.finished_round + 1,
+        arrays=arrays,
+    )
     status, message = STATUS_COMPLETED, f"All {fed.num_server_rounds} rounds completed."
     if end.stopped:
         status, message = STATUS_STOPPED, f"The run stopped early. {end.stopped}"
@@ -91,9 +101,13 @@ def federate(grid: Grid, run: RunConfig) -> RunEnd:
 def round_plan(run: RunConfig, *, run_key: str, fingerprint: str) -> RoundPlan:
     """What every round of `run` does: its timeout, min-nodes, update bounds and weight cap."""
     fed, agg = run.federation, run.aggregation
-    return RoundPlan(last_round=fed.num_server_rounds, timeout=fed.round_timeout,
-                     min_nodes=fed.min_nodes, run_key=run_key, fingerprint=fingerprint,
-                     bounds=UpdateBounds(max_norm=agg.max_update_norm,
-                                         median_factor=agg.update_norm_factor),
-                     weight_factor=agg.max_weight_factor,
-                     num_classes=len(run.model.class_names))
+    return RoundPlan(
+        last_round=fed.num_server_rounds,
+        timeout=fed.round_timeout,
+        min_nodes=fed.min_nodes,
+        run_key=run_key,
+        fingerprint=fingerprint,
+        bounds=UpdateBounds(max_norm=agg.max_update_norm, median_factor=agg.update_norm_factor),
+        weight_factor=agg.max_weight_factor,
+        num_classes=len(run.model.class_names),
+    )

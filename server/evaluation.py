@@ -40,8 +40,9 @@ def read_counts(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str,
     views = sorted({name.split("/", 1)[0] for name in arrays})
     allowed = ({*VIEWS}, {*VIEWS, "image", "text"})
     if set(views) not in allowed:
-        raise MalformedCounts(f"views {views} are not {sorted(allowed[0])} (with or without "
-                              "'image' and 'text').")
+        raise MalformedCounts(
+            f"views {views} are not {sorted(allowed[0])} (with or without 'image' and 'text')."
+        )
     expected = {f"{v}/{name}" for v in views for name in shapes}
     if set(arrays) != expected:
         raise MalformedCounts(f"count arrays {sorted(arrays)[:6]} are not {sorted(expected)[:6]}.")
@@ -76,13 +77,19 @@ def pooled_metrics(sites: Iterable[SiteCounts]) -> dict[str, float]:
     if not sites:
         return {}
     if all(s.exact for s in sites):
-        return {key: _weighted_mean(sites, key) for key in (R.LOSS, R.ACCURACY, R.AUROC, R.F1,
-                                                            *R.ABLATION_METRICS)}
+        return {
+            key: _weighted_mean(sites, key)
+            for key in (R.LOSS, R.ACCURACY, R.AUROC, R.F1, *R.ABLATION_METRICS)
+        }
     records = sum(s.records for s in sites)
     total = _sum(s.counts["lacking"] + s.counts["both"] for s in sites)
     metrics = metrics_from_counts(total, num_examples=records)
-    out = {R.LOSS: _weighted_mean(sites, R.LOSS), R.ACCURACY: metrics.accuracy,
-           R.AUROC: metrics.auroc, R.F1: metrics.f1}
+    out = {
+        R.LOSS: _weighted_mean(sites, R.LOSS),
+        R.ACCURACY: metrics.accuracy,
+        R.AUROC: metrics.auroc,
+        R.F1: metrics.f1,
+    }
     with_ablation = [s.counts for s in sites if "image" in s.counts]
     ablation = {keep: _ablation(with_ablation, keep) for keep in ABLATION_VIEWS}
     for keep, key in (("both", "both"), ("image", "image-only"), ("text", "text-only")):
@@ -93,8 +100,11 @@ def pooled_metrics(sites: Iterable[SiteCounts]) -> dict[str, float]:
 
 def _weighted_mean(sites: list[SiteCounts], key: str) -> float:
     """The sites' released values of `key` weighted by validation records (nan values skipped)."""
-    pairs = [(s.metrics[key], s.records) for s in sites
-             if key in s.metrics and math.isfinite(s.metrics[key])]
+    pairs = [
+        (s.metrics[key], s.records)
+        for s in sites
+        if key in s.metrics and math.isfinite(s.metrics[key])
+    ]
     weight = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / weight if weight else math.nan
 
@@ -103,7 +113,7 @@ def _ablation(sites: list[Mapping[str, ScoreCounts]], keep: str) -> Metrics:
     if not sites:
         return Metrics(0, math.nan, math.nan, math.nan, math.nan)
     total = _sum(c[keep] for c in sites)
-    rows = max(int(round(float(total.scores[0].sum()))), 1)
+    rows = max(round(float(total.scores[0].sum())), 1)
     return metrics_from_counts(total, num_examples=rows)
 
 

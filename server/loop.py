@@ -64,18 +64,30 @@ class LoopEnd:
     stopped: str | None = None  # None: every planned round finished
 
 
-def run_rounds(grid: SiteGrid, strategy: FedAvg, recorder: Recorder, plan: RoundPlan, *,
-               first_round: int, arrays: ArrayRecord) -> LoopEnd:
+def run_rounds(
+    grid: SiteGrid,
+    strategy: FedAvg,
+    recorder: Recorder,
+    plan: RoundPlan,
+    *,
+    first_round: int,
+    arrays: ArrayRecord,
+) -> LoopEnd:
     """Rounds `first_round`..`plan.last_round`; a round with too few usable updates ends the run."""
     names = grid.names
     for server_round in range(first_round, plan.last_round + 1):
         record = RoundRecord(server_round, names)
         messages = strategy.configure_train(server_round, arrays, plan.config(), grid)
         for node in grid.take_outsiders():  # online, but not one of the run's site-nodes
-            record.reject(f"node {node}", "not among the run's site-nodes: sent nothing, "
-                                          "nothing aggregated.")
-        replies = read_replies(exchange(grid, messages, plan.timeout), train=True, names=names,
-                               num_classes=plan.num_classes)
+            record.reject(
+                f"node {node}", "not among the run's site-nodes: sent nothing, nothing aggregated."
+            )
+        replies = read_replies(
+            exchange(grid, messages, plan.timeout),
+            train=True,
+            names=names,
+            num_classes=plan.num_classes,
+        )
         record.add(replies, train=True)
         usable = screened(replies, arrays, plan, record)
         if len(usable) < plan.min_nodes:
@@ -86,14 +98,28 @@ def run_rounds(grid: SiteGrid, strategy: FedAvg, recorder: Recorder, plan: Round
         arrays = _like(aggregated, arrays)
         recorder.checkpoint(server_round, arrays, optimizer_state(strategy))
         messages = strategy.configure_evaluate(server_round, arrays, plan.config(), grid)
-        evaluated = read_replies(exchange(grid, messages, plan.timeout), train=False, names=names,
-                                 num_classes=plan.num_classes)
+        evaluated = read_replies(
+            exchange(grid, messages, plan.timeout),
+            train=False,
+            names=names,
+            num_classes=plan.num_classes,
+        )
         record.add(evaluated, train=False)
-        evaluate_metrics = MetricRecord(pooled_metrics(
-            SiteCounts(records=int(r.metrics[R.NUM_EXAMPLES]), metrics=r.metrics, counts=r.counts)
-            for r in evaluated.ok if r.counts is not None))
-        recorder.commit(record.line(aggregate=aggregate_line(train_metrics, evaluate_metrics),
-                                    modality_weights=modality_weights(arrays)))
+        evaluate_metrics = MetricRecord(
+            pooled_metrics(
+                SiteCounts(
+                    records=int(r.metrics[R.NUM_EXAMPLES]), metrics=r.metrics, counts=r.counts
+                )
+                for r in evaluated.ok
+                if r.counts is not None
+            )
+        )
+        recorder.commit(
+            record.line(
+                aggregate=aggregate_line(train_metrics, evaluate_metrics),
+                modality_weights=modality_weights(arrays),
+            )
+        )
     return LoopEnd(arrays)
 
 
@@ -117,8 +143,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
     return replies
 
 
-def screened(replies: Replies, arrays: ArrayRecord, plan: RoundPlan,
-             record: RoundRecord) -> list[Message]:
+def screened(
+    replies: Replies, arrays: ArrayRecord, plan: RoundPlan, record: RoundRecord
+) -> list[Message]:
     """The train replies fit to aggregate: screened, weights capped, partial updates completed."""
     global_arrays = {k: v.numpy() for k, v in arrays.items()}
     updates = {id(r.update): r for r in replies.ok if r.update is not None}
@@ -133,7 +160,8 @@ def screened(replies: Replies, arrays: ArrayRecord, plan: RoundPlan,
     for reply, update, complete in zip(accepted, weighted, full, strict=True):
         if update.untrained:  # only a partial update needs repacking (saves a serialisation)
             reply.message.content[R.ARRAYS] = ArrayRecord(
-                {k: Array(v) for k, v in complete.items()})
+                {k: Array(v) for k, v in complete.items()}
+            )
         reply.message.content[R.METRICS][R.NUM_EXAMPLES] = update.num_examples  # as checked
     return [r.message for r in accepted]
 
@@ -142,18 +170,29 @@ def _like(aggregated: ArrayRecord | None, arrays: ArrayRecord) -> ArrayRecord:
     """The aggregate in the global model's dtypes (FedAdam/FedYogi compute in float64)."""
     if aggregated is None:
         return arrays
-    return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=arrays[k].numpy().dtype))
-                        for k, v in aggregated.items()})
+    return ArrayRecord(
+        {
+            k: Array(np.asarray(v.numpy(), dtype=arrays[k].numpy().dtype))
+            for k, v in aggregated.items()
+        }
+    )
 
 
 def _too_few(server_round: int, usable: int, min_nodes: int, record: RoundRecord) -> str:
     """Why the run stops: every refusal, failure and rejected update, each naming its site."""
-    parts = [f"Refused: {'; '.join(f'{s}: {r}' for s, r in record.refusals.items())}"
-             if record.refusals else "",
-             f"Failed: {'; '.join(f'{s}: {r}' for s, r in record.failures.items())}"
-             if record.failures else "",
-             f"Rejected: {'; '.join(f'{s}: {r}' for s, r in record.rejected.items())}"
-             if record.rejected else ""]
+    parts = [
+        f"Refused: {'; '.join(f'{s}: {r}' for s, r in record.refusals.items())}"
+        if record.refusals
+        else "",
+        f"Failed: {'; '.join(f'{s}: {r}' for s, r in record.failures.items())}"
+        if record.failures
+        else "",
+        f"Rejected: {'; '.join(f'{s}: {r}' for s, r in record.rejected.items())}"
+        if record.rejected
+        else "",
+    ]
     why = " ".join(p for p in parts if p) or "No replies before the round timeout."
-    return (f"Round {server_round}: {usable} site(s) sent a usable update, fewer than "
-            f"min-nodes={min_nodes}. {why}")
+    return (
+        f"Round {server_round}: {usable} site(s) sent a usable update, fewer than "
+        f"min-nodes={min_nodes}. {why}"
+    )

@@ -53,9 +53,11 @@ class RoundRecord:
         for reply in replies.ok:
             entry = self.sites.get(reply.site, SiteRound(node_id=reply.node_id))
             if train:
-                entry = replace(entry, train=recorded(reply.metrics),
-                                update_sha256=R.update_digest(reply.update.arrays)
-                                if reply.update else None)
+                entry = replace(
+                    entry,
+                    train=recorded(reply.metrics),
+                    update_sha256=R.update_digest(reply.update.arrays) if reply.update else None,
+                )
             else:
                 entry = replace(entry, evaluate=recorded(reply.metrics))
             self.sites[reply.site] = entry
@@ -91,14 +93,25 @@ class RoundRecord:
                 named[site] = f"{named[site]}; {e.text}" if site in named else e.text
         return named
 
-    def line(self, *, aggregate: Metrics | None = None, stopped: str | None = None,
-             modality_weights: dict[str, float] | None = None) -> HistoryLine:
+    def line(
+        self,
+        *,
+        aggregate: Metrics | None = None,
+        stopped: str | None = None,
+        modality_weights: dict[str, float] | None = None,
+    ) -> HistoryLine:
         """The round's history line (`modality_weights`: the weighted fusion's, after the round)."""
-        return HistoryLine(round=self.server_round,
-                           sites=dict(sorted(self.sites.items())),
-                           aggregate=aggregate, stopped=stopped, refusals=self.refusals,
-                           failures=self.failures, rejected=dict(self.rejected),
-                           capped=dict(self.capped), modality_weights=modality_weights)
+        return HistoryLine(
+            round=self.server_round,
+            sites=dict(sorted(self.sites.items())),
+            aggregate=aggregate,
+            stopped=stopped,
+            refusals=self.refusals,
+            failures=self.failures,
+            rejected=dict(self.rejected),
+            capped=dict(self.capped),
+            modality_weights=modality_weights,
+        )
 
 
 def aggregate_line(train: MetricRecord | None, evaluate: MetricRecord | None) -> Metrics:
@@ -113,13 +126,15 @@ class Recorder:
         self.folder = folder
         self.lines = list(lines)  # the finished rounds (a resumed run's, then this start's)
 
-    def checkpoint(self, server_round: int, arrays: ArrayRecord,
-                   optimizer_state: Mapping[str, np.ndarray]) -> None:
+    def checkpoint(
+        self, server_round: int, arrays: ArrayRecord, optimizer_state: Mapping[str, np.ndarray]
+    ) -> None:
         """Save the global trainable state after a round (and the server optimiser's)."""
         if optimizer_state:
-            save_tensors(self.folder.optimizer_checkpoint(server_round),
-                         {k: torch.from_numpy(np.ascontiguousarray(v))
-                          for k, v in optimizer_state.items()})
+            save_tensors(
+                self.folder.optimizer_checkpoint(server_round),
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in optimizer_state.items()},
+            )
         save_tensors(self.folder.round_checkpoint(server_round), arrays.to_torch_state_dict())
 
     def commit(self, line: HistoryLine) -> None:

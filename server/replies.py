@@ -63,8 +63,9 @@ class Replies:
     malformed: dict[str, str] = field(default_factory=dict)  # site: why its reply is unusable
 
 
-def read_replies(messages: Iterable[Message], *, train: bool, names: SiteNames,
-                 num_classes: int = 2) -> Replies:
+def read_replies(
+    messages: Iterable[Message], *, train: bool, names: SiteNames, num_classes: int = 2
+) -> Replies:
     """Sort a phase's replies (train or evaluate) into usable replies, refusals, failures, malformed.
 
     `num_classes`: the run's, which fixes the shapes of an evaluate reply's counts.
@@ -74,14 +75,22 @@ def read_replies(messages: Iterable[Message], *, train: bool, names: SiteNames,
         node = msg.metadata.src_node_id
         if msg.has_error():
             error = R.read_error(msg.error.code, msg.error.reason)
-            out.errors.append(ErrorReply(node_id=node, claimed=error.site, kind=error.kind,
-                                         text=error.text))
-            log.warning("node %d (%s) %s: %s", node, error.site or "no name given",
-                        "refused" if error.kind is Kind.REFUSAL else "failed", error.text)
+            out.errors.append(
+                ErrorReply(node_id=node, claimed=error.site, kind=error.kind, text=error.text)
+            )
+            log.warning(
+                "node %d (%s) %s: %s",
+                node,
+                error.site or "no name given",
+                "refused" if error.kind is Kind.REFUSAL else "failed",
+                error.text,
+            )
             continue
         site = names.name(node, _claimed_name(msg))
         if not names.known(node):
-            out.malformed[site] = "the node is not among the run's site-nodes; its reply is not used."
+            out.malformed[site] = (
+                "the node is not among the run's site-nodes; its reply is not used."
+            )
             continue
         try:
             out.ok.append(_read(msg, node, site, train, num_classes))
@@ -119,13 +128,20 @@ def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> 
         metrics[key] = value
     n = metrics[R.NUM_EXAMPLES]
     if not (isinstance(n, int) or (math.isfinite(n) and float(n).is_integer())) or not (
-            1 <= n <= MAX_EXAMPLES):
-        raise MalformedReply(f"{R.NUM_EXAMPLES} is {n!r}, not a whole number from 1 to "
-                             f"{MAX_EXAMPLES}.")
+        1 <= n <= MAX_EXAMPLES
+    ):
+        raise MalformedReply(
+            f"{R.NUM_EXAMPLES} is {n!r}, not a whole number from 1 to {MAX_EXAMPLES}."
+        )
     metrics[R.NUM_EXAMPLES] = int(n)
     if train:
-        return Reply(node_id=node, site=site, metrics=metrics, message=msg,
-                     update=_update(content, site, int(n)))
+        return Reply(
+            node_id=node,
+            site=site,
+            metrics=metrics,
+            message=msg,
+            update=_update(content, site, int(n)),
+        )
     if R.COUNTS not in content.array_records:
         raise MalformedReply(f"no '{R.COUNTS}' record.")
     try:
@@ -145,4 +161,3 @@ def _update(content: RecordDict, site: str, num_examples: int) -> Update:
         raise MalformedReply(f"'{R.UNTRAINED}' is not a list of parameter names.")
     arrays = {k: v.numpy() for k, v in content.array_records[R.ARRAYS].items()}
     return Update(site=site, arrays=arrays, untrained=tuple(declared), num_examples=num_examples)
-

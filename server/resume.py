@@ -30,8 +30,12 @@ from common.runfolder import STATUS_COMPLETED, HistoryLine, RunFolder, RunSettin
 log = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed: they do not change what a round computes.
-RESUMABLE_CHANGES = {("federation", "round_timeout"), ("federation", "min_nodes"),
-                     ("federation", "output_dir"), ("federation", "site_nodes")}
+RESUMABLE_CHANGES = {
+    ("federation", "round_timeout"),
+    ("federation", "min_nodes"),
+    ("federation", "output_dir"),
+    ("federation", "site_nodes"),
+}
 
 
 class ResumeError(ConfigurationError):
@@ -52,9 +56,14 @@ class RunStart:
 
 def settings_of(run: RunConfig) -> dict[str, dict[str, Any]]:
     """The run config as written to run-config.json."""
-    return {"federation": vars(run.federation), "aggregation": vars(run.aggregation),
-            "data": vars(run.data), "model": run.model.to_json_dict(), "train": vars(run.train),
-            "privacy": vars(run.privacy)}
+    return {
+        "federation": vars(run.federation),
+        "aggregation": vars(run.aggregation),
+        "data": vars(run.data),
+        "model": run.model.to_json_dict(),
+        "train": vars(run.train),
+        "privacy": vars(run.privacy),
+    }
 
 
 def run_folder(run: RunConfig) -> RunFolder:
@@ -82,45 +91,65 @@ def open_run(run: RunConfig) -> RunStart:
         return RunStart(folder=folder, run_key=key)
     saved, finished, lines = _inspect(folder, run)
     if len(finished) != len(lines):
-        dropped = [line.round for line in lines[len(finished):]]
-        log.warning("resume: round(s) %s of %s were not finished and will be run again", dropped,
-                    folder.name)
+        dropped = [line.round for line in lines[len(finished) :]]
+        log.warning(
+            "resume: round(s) %s of %s were not finished and will be run again",
+            dropped,
+            folder.name,
+        )
         folder.rewrite_history(finished)
     last = len(finished)
     arrays, optimizer = None, {}
     if last:
         arrays = {k: v.numpy() for k, v in load_tensors(folder.round_checkpoint(last)).items()}
         if folder.optimizer_checkpoint(last).is_file():
-            optimizer = {k: v.numpy()
-                         for k, v in load_tensors(folder.optimizer_checkpoint(last)).items()}
-    log.info("resuming run %s after round %d of %d", folder.name, last,
-             run.federation.num_server_rounds)
-    return RunStart(folder=folder, run_key=saved.run_key, finished_round=last, arrays=arrays,
-                    lines=finished, optimizer_state=optimizer)
+            optimizer = {
+                k: v.numpy() for k, v in load_tensors(folder.optimizer_checkpoint(last)).items()
+            }
+    log.info(
+        "resuming run %s after round %d of %d", folder.name, last, run.federation.num_server_rounds
+    )
+    return RunStart(
+        folder=folder,
+        run_key=saved.run_key,
+        finished_round=last,
+        arrays=arrays,
+        lines=finished,
+        optimizer_state=optimizer,
+    )
 
 
-def _inspect(folder: RunFolder, run: RunConfig) -> tuple[RunSettings, list[HistoryLine],
-                                                        list[HistoryLine]]:
+def _inspect(
+    folder: RunFolder, run: RunConfig
+) -> tuple[RunSettings, list[HistoryLine], list[HistoryLine]]:
     """(saved settings, finished rounds' history lines, all history lines) of a run to resume."""
     saved = folder.read_settings()
     if saved is None:
-        raise ResumeError(f"{folder.path} is not empty and holds no run-config.json, so it is not a "
-                          "FedFusion run. Choose another run-name or output-dir.")
+        raise ResumeError(
+            f"{folder.path} is not empty and holds no run-config.json, so it is not a "
+            "FedFusion run. Choose another run-name or output-dir."
+        )
     differences = _differences(saved.settings, settings_of(run))
     if differences:
         raise ResumeError(
             f"Run folder {folder.path} holds a run with other settings ({'; '.join(differences)}). "
             "To resume it, use its settings (they are in run-config.json); to start a new run, "
-            "choose another run-name.")
+            "choose another run-name."
+        )
     summary = folder.read_summary()
     if summary and summary.status == STATUS_COMPLETED:
-        raise ResumeError(f"Run {folder.name} already completed all its rounds ({folder.path}). "
-                          "Choose another run-name for a new run.")
+        raise ResumeError(
+            f"Run {folder.name} already completed all its rounds ({folder.path}). "
+            "Choose another run-name for a new run."
+        )
     lines = folder.read_history()
     finished: list[HistoryLine] = []
     for line in lines:  # rounds 1..k, each with its checkpoint; anything after is redone
-        if (not line.finished or line.round != len(finished) + 1
-                or not folder.round_checkpoint(line.round).is_file()):
+        if (
+            not line.finished
+            or line.round != len(finished) + 1
+            or not folder.round_checkpoint(line.round).is_file()
+        ):
             break
         finished.append(line)
     return saved, finished, lines

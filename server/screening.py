@@ -88,11 +88,15 @@ def update_norm(update: Update, global_arrays: Arrays) -> float:
     total = 0.0
     for k, a in update.arrays.items():
         d = a.astype(np.float64) - global_arrays[k]  # a fresh array: square it in place
-        total += float(np.multiply(d, d, out=d).sum())  # (no BLAS: its threads thrash on busy cores)
+        total += float(
+            np.multiply(d, d, out=d).sum()
+        )  # (no BLAS: its threads thrash on busy cores)
     return math.sqrt(total)
 
 
-def screen_updates(updates: Sequence[Update], global_arrays: Arrays, bounds: UpdateBounds) -> Screening:
+def screen_updates(
+    updates: Sequence[Update], global_arrays: Arrays, bounds: UpdateBounds
+) -> Screening:
     """Accept or reject each update (see the module docstring); order is kept."""
     result = Screening()
     formed: list[tuple[Update, float]] = []
@@ -106,12 +110,14 @@ def screen_updates(updates: Sequence[Update], global_arrays: Arrays, bounds: Upd
     median = float(np.median([n for _, n in formed])) if len(formed) >= 3 else 0.0
     for u, norm in formed:
         if bounds.max_norm > 0 and norm > bounds.max_norm:
-            result.rejected[u.site] = (f"update norm {norm:.4g} exceeds max-update-norm "
-                                       f"{bounds.max_norm:.4g}.")
+            result.rejected[u.site] = (
+                f"update norm {norm:.4g} exceeds max-update-norm {bounds.max_norm:.4g}."
+            )
         elif bounds.median_factor > 0 and median > 0 and norm > bounds.median_factor * median:
             result.rejected[u.site] = (
                 f"update norm {norm:.4g} exceeds update-norm-factor {bounds.median_factor:g} x the "
-                f"round's median norm {median:.4g}.")
+                f"round's median norm {median:.4g}."
+            )
         else:
             result.accepted.append(u)
     return result
@@ -129,12 +135,18 @@ def cap_weights(updates: Sequence[Update], factor: float) -> tuple[list[Update],
         return list(updates), {}
     weights = sorted(u.num_examples for u in updates)
     cap = max(1, int(factor * weights[(len(weights) - 1) // 2]))
-    capped = {u.site: f"weight {u.num_examples} capped to {cap} (max-weight-factor {factor:g} x "
-                      f"the round's median weight)" for u in updates if u.num_examples > cap}
+    capped = {
+        u.site: f"weight {u.num_examples} capped to {cap} (max-weight-factor {factor:g} x "
+        f"the round's median weight)"
+        for u in updates
+        if u.num_examples > cap
+    }
     return [replace(u, num_examples=min(u.num_examples, cap)) for u in updates], capped
 
 
-def complete_partial_updates(updates: Sequence[Update], global_arrays: Arrays) -> list[dict[str, np.ndarray]]:
+def complete_partial_updates(
+    updates: Sequence[Update], global_arrays: Arrays
+) -> list[dict[str, np.ndarray]]:
     """Each update's full parameter set: a left-out parameter gets the trainers' weighted mean.
 
     Returns one dict per update, keys in the global model's order.
@@ -152,8 +164,12 @@ def complete_partial_updates(updates: Sequence[Update], global_arrays: Arrays) -
         filled[name] = np.asarray(mean, dtype=current.dtype)
     complete = []
     for u in updates:
-        complete.append({name: u.arrays[name] if name in u.arrays
-                         else filled.get(name, global_arrays[name]) for name in global_arrays})
+        complete.append(
+            {
+                name: u.arrays[name] if name in u.arrays else filled.get(name, global_arrays[name])
+                for name in global_arrays
+            }
+        )
     return complete
 
 

@@ -55,8 +55,13 @@ class SiteNames:
         if node_id in self._by_node:
             bound = self._by_node[node_id]
             if node_id in self._bound and claimed and claimed[:MAX_NAME] != bound:
-                log.warning("node %d claims the site name %r but is bound to %r; it is recorded "
-                            "as %r", node_id, claimed[:MAX_NAME], bound, bound)
+                log.warning(
+                    "node %d claims the site name %r but is bound to %r; it is recorded as %r",
+                    node_id,
+                    claimed[:MAX_NAME],
+                    bound,
+                    bound,
+                )
             return bound
         if not self.known(node_id):
             return f"node {node_id}"
@@ -65,8 +70,14 @@ class SiteNames:
         claimed = claimed[:MAX_NAME]
         owner = self._owner.setdefault(claimed, node_id)
         if owner != node_id:
-            log.warning("node %d reports the site name %r, which node %d already uses; it is "
-                        "recorded as %r", node_id, claimed, owner, f"{claimed} (node {node_id})")
+            log.warning(
+                "node %d reports the site name %r, which node %d already uses; it is "
+                "recorded as %r",
+                node_id,
+                claimed,
+                owner,
+                f"{claimed} (node {node_id})",
+            )
             claimed = f"{claimed} (node {node_id})"
         self._by_node[node_id] = claimed
         return claimed
@@ -93,15 +104,21 @@ class SiteGrid(Grid):
         seen, self._outsiders = sorted(self._outsiders), set()
         return seen
 
-    def set_run(self, run: Run) -> None:  # noqa: D102
+    def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
     @property
-    def run(self) -> Run:  # noqa: D102
+    def run(self) -> Run:
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_nodes(self) -> Iterable[NodeInfo]:
@@ -120,11 +137,12 @@ class SiteGrid(Grid):
         """Push the messages to nodes that take part (any other is dropped, and logged)."""
         return self.grid.push_messages(self._to_sites(messages))
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.grid.send_and_receive(self._to_sites(messages), timeout=timeout)
 
     def _to_sites(self, messages: Iterable[Message]) -> list[Message]:
@@ -133,6 +151,8 @@ class SiteGrid(Grid):
             if self.names.known(msg.metadata.dst_node_id):
                 kept.append(msg)
             else:
-                log.warning("a message to node %d, outside site-nodes, was not sent",
-                            msg.metadata.dst_node_id)
+                log.warning(
+                    "a message to node %d, outside site-nodes, was not sent",
+                    msg.metadata.dst_node_id,
+                )
         return kept

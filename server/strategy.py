@@ -31,8 +31,15 @@ from common import protocol as R
 from common.config import AggregationConfig, FederationConfig
 
 FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
-    "fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-    "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum,
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
 NOT_AVERAGED = (R.NUM_EXAMPLES, R.TRAIN_SECONDS, *R.PRIVACY_METRICS)
 
@@ -52,27 +59,36 @@ def _options(agg: AggregationConfig) -> dict[str, Any]:
     """The chosen Flower strategy's own settings."""
     return {
         "fedprox": {"proximal_mu": agg.proximal_mu},
-        "fedavgm": {"server_learning_rate": agg.server_learning_rate,
-                    "server_momentum": agg.server_momentum},
+        "fedavgm": {
+            "server_learning_rate": agg.server_learning_rate,
+            "server_momentum": agg.server_momentum,
+        },
         "fedadam": {"eta": agg.server_learning_rate},
         "fedyogi": {"eta": agg.server_learning_rate},
         "fedtrimmedavg": {"beta": agg.trim_fraction},
         "krum": {"num_malicious_nodes": agg.byzantine_sites},
-        "multikrum": {"num_malicious_nodes": agg.byzantine_sites,
-                      "num_nodes_to_select": agg.multikrum_select},
+        "multikrum": {
+            "num_malicious_nodes": agg.byzantine_sites,
+            "num_nodes_to_select": agg.multikrum_select,
+        },
     }.get(agg.strategy, {})
 
 
 def build_strategy(fed: FederationConfig, agg: AggregationConfig) -> FedAvg:
     """The Flower strategy named by `agg.strategy`, with the federation's sampling settings."""
     return FLOWER_STRATEGIES[agg.strategy](
-        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_nodes,
         min_evaluate_nodes=fed.min_nodes if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=fed.min_nodes, weighted_by_key=R.NUM_EXAMPLES,
-        arrayrecord_key=R.ARRAYS, configrecord_key=R.CONFIG,
-        train_metrics_aggr_fn=weighted_means, evaluate_metrics_aggr_fn=weighted_means,
-        **_options(agg))
+        min_available_nodes=fed.min_nodes,
+        weighted_by_key=R.NUM_EXAMPLES,
+        arrayrecord_key=R.ARRAYS,
+        configrecord_key=R.CONFIG,
+        train_metrics_aggr_fn=weighted_means,
+        evaluate_metrics_aggr_fn=weighted_means,
+        **_options(agg),
+    )
 
 
 def optimizer_state(strategy: FedAvg) -> dict[str, np.ndarray]:
@@ -81,15 +97,22 @@ def optimizer_state(strategy: FedAvg) -> dict[str, np.ndarray]:
         current = strategy.current_arrays
         if strategy.momentum_vector is None or current is None:
             return {}
-        return {f"momentum/{k}": v for k, v in zip(current.keys(), strategy.momentum_vector, strict=True)}
+        return {
+            f"momentum/{k}": v
+            for k, v in zip(current.keys(), strategy.momentum_vector, strict=True)
+        }
     if not isinstance(strategy, FedOpt):
         return {}
-    return {f"{name}/{k}": v for name in ("m_t", "v_t")
-            for k, v in (getattr(strategy, name) or {}).items()}
+    return {
+        f"{name}/{k}": v
+        for name in ("m_t", "v_t")
+        for k, v in (getattr(strategy, name) or {}).items()
+    }
 
 
-def load_optimizer_state(strategy: FedAvg, state: dict[str, np.ndarray],
-                         arrays: ArrayRecord | None = None) -> None:
+def load_optimizer_state(
+    strategy: FedAvg, state: dict[str, np.ndarray], arrays: ArrayRecord | None = None
+) -> None:
     """Restore what `optimizer_state` returned (resume); FedAvgM also needs the global `arrays`."""
     if isinstance(strategy, FedAvgM) and state and arrays is not None:
         # FedAvgM keeps its momentum as a list in the order of its current arrays
@@ -97,5 +120,8 @@ def load_optimizer_state(strategy: FedAvg, state: dict[str, np.ndarray],
         strategy.momentum_vector = [state[f"momentum/{k}"] for k in arrays]
     if isinstance(strategy, FedOpt) and state:
         for name in ("m_t", "v_t"):
-            setattr(strategy, name, {k.split("/", 1)[1]: v for k, v in state.items()
-                                     if k.startswith(f"{name}/")})
+            setattr(
+                strategy,
+                name,
+                {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")},
+            )

@@ -24,32 +24,75 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedfusion simulate",
         description="Run a federation of simulated hospitals on this machine (Flower simulation "
-                    "runtime). Without --data-root, demo hospitals are generated in ./demo-data. "
-                    "Options left out take their run-config defaults from [tool.flwr.app.config].")
-    p.add_argument("--hospitals", type=int, default=3, help="number of simulated hospitals (default: 3)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help=f"federated rounds (num-server-rounds; default {defaults['num-server-rounds']})")
-    p.add_argument("--preset", choices=PRESET_NAMES, default=None,
-                   help=f"model preset (preset; default {defaults['preset']})")
-    p.add_argument("--fusion", choices=FUSION_MODES, default=None,
-                   help=f"fusion mode (fusion; default {defaults['fusion']})")
-    p.add_argument("--no-dp", action="store_true",
-                   help="train without differential privacy (dp = false; hospitals whose "
-                        "policy.toml requires DP still refuse)")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help=f"per-site target epsilon for the run (target-epsilon; default "
-                        f"{defaults['target-epsilon']})")
-    p.add_argument("--seed", type=int, default=None,
-                   help=f"model initialisation and demo-data seed (seed; default {defaults['seed']})")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="folder of hospital-<i>/ sites (default: ./demo-data, generated if absent)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help=f"where run folders go (output-dir; default {defaults['output-dir']})")
-    p.add_argument("--run-name", default=None,
-                   help="run folder name (run-name; default: time-stamped); the name of an "
-                        "interrupted run resumes it after its last finished round")
-    p.add_argument("--run-config", "-c", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other [tool.flwr.app.config] key, e.g. -c local-epochs=2 (repeatable)")
+        "runtime). Without --data-root, demo hospitals are generated in ./demo-data. "
+        "Options left out take their run-config defaults from [tool.flwr.app.config].",
+    )
+    p.add_argument(
+        "--hospitals", type=int, default=3, help="number of simulated hospitals (default: 3)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"federated rounds (num-server-rounds; default {defaults['num-server-rounds']})",
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default=None,
+        help=f"model preset (preset; default {defaults['preset']})",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=FUSION_MODES,
+        default=None,
+        help=f"fusion mode (fusion; default {defaults['fusion']})",
+    )
+    p.add_argument(
+        "--no-dp",
+        action="store_true",
+        help="train without differential privacy (dp = false; hospitals whose "
+        "policy.toml requires DP still refuse)",
+    )
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help=f"per-site target epsilon for the run (target-epsilon; default "
+        f"{defaults['target-epsilon']})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"model initialisation and demo-data seed (seed; default {defaults['seed']})",
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder of hospital-<i>/ sites (default: ./demo-data, generated if absent)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"where run folders go (output-dir; default {defaults['output-dir']})",
+    )
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="run folder name (run-name; default: time-stamped); the name of an "
+        "interrupted run resumes it after its last finished round",
+    )
+    p.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other [tool.flwr.app.config] key, e.g. -c local-epochs=2 (repeatable)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     return p
 
@@ -70,17 +113,26 @@ def parse_override(item: str, defaults: dict[str, Any]) -> tuple[str, Any]:
         if isinstance(default, float):
             return key, float(raw)
     except ValueError as err:
-        raise ConfigError(f"Run config key '{key}' expects a {type(default).__name__}, got {raw!r}.") from err
+        raise ConfigError(
+            f"Run config key '{key}' expects a {type(default).__name__}, got {raw!r}."
+        ) from err
     return key, raw
 
 
-def user_config_from_args(args: argparse.Namespace, data_root: Path,
-                          defaults: dict[str, Any]) -> dict[str, Any]:
+def user_config_from_args(
+    args: argparse.Namespace, data_root: Path, defaults: dict[str, Any]
+) -> dict[str, Any]:
     """The full run config: pyproject's defaults, then the options given, then --run-config."""
     cfg = dict(defaults)
-    given = {"num-server-rounds": args.rounds, "preset": args.preset, "fusion": args.fusion,
-             "target-epsilon": args.epsilon, "seed": args.seed, "run-name": args.run_name,
-             "output-dir": str(args.output_dir.resolve()) if args.output_dir else None}
+    given = {
+        "num-server-rounds": args.rounds,
+        "preset": args.preset,
+        "fusion": args.fusion,
+        "target-epsilon": args.epsilon,
+        "seed": args.seed,
+        "run-name": args.run_name,
+        "output-dir": str(args.output_dir.resolve()) if args.output_dir else None,
+    }
     cfg.update({k: v for k, v in given.items() if v is not None})
     if args.no_dp:
         cfg["dp"] = False
@@ -100,15 +152,19 @@ def format_history(history: list[HistoryLine]) -> str:
 
 def format_privacy(summary: Summary) -> str:
     """Each site's own privacy spend over the run (never averaged across sites)."""
-    lines = [f"{'site':<16} {'epsilon':>8} {'delta':>8} {'sigma':>7} {'steps':>6}  rounds trained"
-             f" / refused / failed / rejected"]
+    lines = [
+        f"{'site':<16} {'epsilon':>8} {'delta':>8} {'sigma':>7} {'steps':>6}  rounds trained"
+        f" / refused / failed / rejected"
+    ]
     for name, s in summary.sites.items():
         eps = "-" if not s.rounds_trained else ("off" if s.epsilon is None else f"{s.epsilon:.3f}")
         delta = "-" if s.delta in (None, 0.0) else f"{s.delta:.0e}"
         sigma = "-" if not s.noise_multiplier else f"{s.noise_multiplier:.3f}"
-        lines.append(f"{name:<16} {eps:>8} {delta:>8} {sigma:>7} {s.steps:>6}  "
-                     f"{s.rounds_trained} / {s.rounds_refused} / {s.rounds_failed} / "
-                     f"{s.rounds_rejected}")
+        lines.append(
+            f"{name:<16} {eps:>8} {delta:>8} {sigma:>7} {s.steps:>6}  "
+            f"{s.rounds_trained} / {s.rounds_refused} / {s.rounds_failed} / "
+            f"{s.rounds_rejected}"
+        )
     return "\n".join(lines)
 
 
@@ -134,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args = build_parser(defaults).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for package in OUR_PACKAGES:
         logging.getLogger(package).setLevel(logging.INFO)
     quiet_flower(verbose=args.verbose)
@@ -163,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("\nPrivacy per site (cumulative over this run):")
     print(format_privacy(summary))
-    print(f"\n{summary.message} Finished in {time.perf_counter() - start:.0f} s. "
-          f"Outputs in {folder.path}/ (history.jsonl, summary.json, plots *.png, "
-          f"round-NNN.safetensors, model.safetensors + model.json). "
-          f"Report: fedfusion report {folder.path}")
+    print(
+        f"\n{summary.message} Finished in {time.perf_counter() - start:.0f} s. "
+        f"Outputs in {folder.path}/ (history.jsonl, summary.json, plots *.png, "
+        f"round-NNN.safetensors, model.safetensors + model.json). "
+        f"Report: fedfusion report {folder.path}"
+    )
     if summary.status != STATUS_COMPLETED:
         print(f"error: {summary.message}", file=sys.stderr)
         return 1

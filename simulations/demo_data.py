@@ -32,28 +32,64 @@ P_TEXT_HEDGED = 0.2
 # Two phrasing styles (hospitals alternate), each with findings per class.
 PHRASES: tuple[dict[str, tuple[str, ...]], ...] = (
     {
-        "normal": ("lungs are clear", "no focal consolidation", "no acute cardiopulmonary process",
-                   "no pleural effusion or pneumothorax"),
-        "pneumonia": ("focal consolidation in the {side} lower lobe", "patchy airspace disease {side} base",
-                      "findings consistent with pneumonia", "infiltrate in the {side} lung"),
-        "effusion": ("{side} pleural effusion", "blunting of the {side} costophrenic angle",
-                     "layering fluid at the {side} base", "moderate effusion on the {side}"),
+        "normal": (
+            "lungs are clear",
+            "no focal consolidation",
+            "no acute cardiopulmonary process",
+            "no pleural effusion or pneumothorax",
+        ),
+        "pneumonia": (
+            "focal consolidation in the {side} lower lobe",
+            "patchy airspace disease {side} base",
+            "findings consistent with pneumonia",
+            "infiltrate in the {side} lung",
+        ),
+        "effusion": (
+            "{side} pleural effusion",
+            "blunting of the {side} costophrenic angle",
+            "layering fluid at the {side} base",
+            "moderate effusion on the {side}",
+        ),
     },
     {
-        "normal": ("clear lung fields", "normal chest radiograph", "heart size normal lungs clear",
-                   "unremarkable study"),
-        "pneumonia": ("airspace opacity {side} lung concerning for infection", "{side} sided pneumonia",
-                      "consolidative opacity {side} lower zone", "bronchopneumonic changes {side}"),
-        "effusion": ("fluid in the {side} pleural space", "{side} effusion with meniscus sign",
-                     "small {side} pleural collection", "effusion {side} hemithorax"),
+        "normal": (
+            "clear lung fields",
+            "normal chest radiograph",
+            "heart size normal lungs clear",
+            "unremarkable study",
+        ),
+        "pneumonia": (
+            "airspace opacity {side} lung concerning for infection",
+            "{side} sided pneumonia",
+            "consolidative opacity {side} lower zone",
+            "bronchopneumonic changes {side}",
+        ),
+        "effusion": (
+            "fluid in the {side} pleural space",
+            "{side} effusion with meniscus sign",
+            "small {side} pleural collection",
+            "effusion {side} hemithorax",
+        ),
     },
 )
-FILLER = ("portable ap view.", "pa and lateral views.", "comparison with prior study.",
-          "patient rotated.", "support lines unchanged.", "")
-NONCOMMITTAL = ("limited study, clinical correlation recommended.", "no significant change from prior.",
-                "please correlate clinically.", "technically limited examination.")
-HEDGED = ("opacity at the {side} base, pneumonia versus effusion.",
-          "{side} basilar density, cannot exclude effusion or consolidation.")
+FILLER = (
+    "portable ap view.",
+    "pa and lateral views.",
+    "comparison with prior study.",
+    "patient rotated.",
+    "support lines unchanged.",
+    "",
+)
+NONCOMMITTAL = (
+    "limited study, clinical correlation recommended.",
+    "no significant change from prior.",
+    "please correlate clinically.",
+    "technically limited examination.",
+)
+HEDGED = (
+    "opacity at the {side} base, pneumonia versus effusion.",
+    "{side} basilar density, cannot exclude effusion or consolidation.",
+)
 
 
 @dataclass(frozen=True)
@@ -75,15 +111,17 @@ def plan_hospitals(num_hospitals: int, seed: int, size_scale: float = 1.0) -> li
     hospitals = []
     for i in range(num_hospitals):
         prevalence = rng.dirichlet([4.0] * len(DEMO_CLASS_NAMES))
-        hospitals.append(Hospital(
-            name=f"hospital-{i}",
-            size=max(12, round(BASE_SIZES[i % len(BASE_SIZES)] * size_scale)),
-            prevalence=tuple(float(p) for p in prevalence),
-            contrast=float(rng.uniform(0.75, 1.25)),
-            brightness=float(rng.uniform(-0.08, 0.08)),
-            noise=float(rng.uniform(0.02, 0.08)),
-            style=i % len(PHRASES),
-        ))
+        hospitals.append(
+            Hospital(
+                name=f"hospital-{i}",
+                size=max(12, round(BASE_SIZES[i % len(BASE_SIZES)] * size_scale)),
+                prevalence=tuple(float(p) for p in prevalence),
+                contrast=float(rng.uniform(0.75, 1.25)),
+                brightness=float(rng.uniform(-0.08, 0.08)),
+                noise=float(rng.uniform(0.02, 0.08)),
+                style=i % len(PHRASES),
+            )
+        )
     return hospitals
 
 
@@ -93,8 +131,9 @@ def _lung_masks(yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return left, right
 
 
-def synth_image(label: str, side: str, strength: float, hospital: Hospital,
-                rng: np.random.Generator) -> np.ndarray:
+def synth_image(
+    label: str, side: str, strength: float, hospital: Hospital, rng: np.random.Generator
+) -> np.ndarray:
     """A (64, 64) uint8 chest-like image showing the finding with the given strength in [0, 1]."""
     n = IMAGE_PIXELS
     yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
@@ -106,8 +145,11 @@ def synth_image(label: str, side: str, strength: float, hospital: Hospital,
     if label == "pneumonia":  # patchy, textured blotches inside one lung
         patches = np.zeros_like(img)
         for _ in range(rng.integers(4, 8)):
-            cy, cx = rng.uniform(0.45, 0.8), (0.32 if side == "left" else 0.68) + rng.uniform(-0.1, 0.1)
-            patches += np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.035 ** 2)))
+            cy, cx = (
+                rng.uniform(0.45, 0.8),
+                (0.32 if side == "left" else 0.68) + rng.uniform(-0.1, 0.1),
+            )
+            patches += np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.035**2)))
         texture = rng.uniform(0.5, 1.0, size=img.shape)
         img = img + strength * 0.55 * np.clip(patches, 0, 1) * texture * lung
     elif label == "effusion":  # smooth bright fluid filling the lung base
@@ -118,8 +160,9 @@ def synth_image(label: str, side: str, strength: float, hospital: Hospital,
     return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def synth_report(label: str, side: str, informative: str, hospital: Hospital,
-                 rng: np.random.Generator) -> str:
+def synth_report(
+    label: str, side: str, informative: str, hospital: Hospital, rng: np.random.Generator
+) -> str:
     """A short radiology report; `informative` is 'yes', 'hedged' or 'no'."""
     filler = str(rng.choice(FILLER))
     if informative == "no":
@@ -144,12 +187,21 @@ def write_hospital(folder: Path, hospital: Hospital, seed: int) -> Path:
         side = str(rng.choice(("left", "right")))
         strength = 0.05 if rng.random() < P_IMAGE_UNINFORMATIVE else float(rng.uniform(0.5, 1.0))
         u = rng.random()
-        informative = "no" if u < P_TEXT_UNINFORMATIVE else (
-            "hedged" if u < P_TEXT_UNINFORMATIVE + P_TEXT_HEDGED else "yes")
+        informative = (
+            "no"
+            if u < P_TEXT_UNINFORMATIVE
+            else ("hedged" if u < P_TEXT_UNINFORMATIVE + P_TEXT_HEDGED else "yes")
+        )
         name = f"images/{hospital.name}-{i:05d}.png"
         Image.fromarray(synth_image(label, side, strength, hospital, rng)).save(folder / name)
-        rows.append({"image": name, "text": synth_report(label, side, informative, hospital, rng),
-                     "label": label, "patient_id": f"{hospital.name}-p{patient:05d}"})
+        rows.append(
+            {
+                "image": name,
+                "text": synth_report(label, side, informative, hospital, rng),
+                "label": label,
+                "patient_id": f"{hospital.name}-p{patient:05d}",
+            }
+        )
     manifest = folder / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["image", "text", "label", "patient_id"])
@@ -158,8 +210,9 @@ def write_hospital(folder: Path, hospital: Hospital, seed: int) -> Path:
     return manifest
 
 
-def write_demo_hospitals(root: Path, num_hospitals: int, seed: int = 0,
-                         size_scale: float = 1.0) -> list[Path]:
+def write_demo_hospitals(
+    root: Path, num_hospitals: int, seed: int = 0, size_scale: float = 1.0
+) -> list[Path]:
     """Write `num_hospitals` folders `<root>/hospital-<i>/`; return their manifest paths."""
     manifests = []
     for i, hospital in enumerate(plan_hospitals(num_hospitals, seed, size_scale)):

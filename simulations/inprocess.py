@@ -40,31 +40,49 @@ Tap = Callable[[int, Message], None]
 class InProcessGrid(Grid):
     """Nodes 1..N, each with its own node config and persistent Context."""
 
-    def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]],
-                 run_config: dict[str, Any], tap: Tap | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: list[dict[str, Any]],
+        run_config: dict[str, Any],
+        tap: Tap | None = None,
+    ) -> None:
         self.run_id = secrets.randbits(62)  # a new run, as Flower's SuperLink would number it
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
         self.client_app, self.tap = client_app, tap
         self._replies: dict[str, Message] = {}
         self.timeout = float(run_config.get("round-timeout", 3600.0))
         self.contexts = {
-            i + 1: Context(run_id=self.run_id, node_id=i + 1, node_config=dict(nc),
-                           state=RecordDict(), run_config=dict(run_config))
+            i + 1: Context(
+                run_id=self.run_id,
+                node_id=i + 1,
+                node_config=dict(nc),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
             for i, nc in enumerate(node_configs)
         }
 
-    def set_run(self, run: Any) -> None:  # noqa: D102
+    def set_run(self, run: Any) -> None:
         self._run = run
 
     @property
-    def run(self) -> Any:  # noqa: D102
+    def run(self) -> Any:
         return getattr(self, "_run", None)
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+    def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -77,13 +95,15 @@ class InProcessGrid(Grid):
         # in node order (Flower's strategies sample nodes in random order): reproducible runs
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             node = msg.metadata.dst_node_id
-            delivered = Message(copy.deepcopy(msg.content), dst_node_id=node,
-                                message_type=msg.metadata.message_type)
+            delivered = Message(
+                copy.deepcopy(msg.content), dst_node_id=node, message_type=msg.metadata.message_type
+            )
             delivered.metadata.__dict__["_message_id"] = delivered.object_id  # as Flower's grids do
             ids.append(delivered.metadata.message_id)
             box: list[Message] = []
             worker = threading.Thread(
-                target=lambda d=delivered, n=node, b=box: b.append(self._handle(d, n)), daemon=True)
+                target=lambda d=delivered, n=node, b=box: b.append(self._handle(d, n)), daemon=True
+            )
             worker.start()
             worker.join(self.timeout)
             if not box:  # still running at the deadline: the reply is lost, as in Flower
@@ -97,8 +117,9 @@ class InProcessGrid(Grid):
         """The replies to `message_ids` that are in (each handed out once)."""
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         """Push, then pull every reply (all are in once push returns)."""
         return list(self.pull_messages(self.push_messages(messages)))
 
@@ -106,8 +127,13 @@ class InProcessGrid(Grid):
         try:
             return self.client_app(delivered, self.contexts[node])
         except Exception as err:  # what Flower's runtime does with a raising ClientApp
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                 reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+            return Message(
+                Error(
+                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                    reason=f"{type(err).__name__}: {err}",
+                ),
+                reply_to=delivered,
+            )
 
 
 def run_in_process(user_config: Mapping[str, Any], node_configs: list[dict[str, Any]]) -> RunEnd:
@@ -116,8 +142,16 @@ def run_in_process(user_config: Mapping[str, Any], node_configs: list[dict[str, 
     return federate(grid, RunConfig.from_user_config(user_config))
 
 
-def warm_site(node_config: Mapping[str, Any],
-              user_config: Mapping[str, Any]) -> tuple[RunConfig, SiteState]:
+def warm_site(
+    node_config: Mapping[str, Any], user_config: Mapping[str, Any]
+) -> tuple[RunConfig, SiteState]:
     """The run as the node's ClientApp runs it (`SiteConfig.localize`) and the state it keeps warm."""
-    return site_state(Context(run_id=0, node_id=0, node_config=dict(node_config),
-                              state=RecordDict(), run_config=dict(user_config)))
+    return site_state(
+        Context(
+            run_id=0,
+            node_id=0,
+            node_config=dict(node_config),
+            state=RecordDict(),
+            run_config=dict(user_config),
+        )
+    )

@@ -9,6 +9,7 @@ Every process starts in its own session (process group) with its output in a log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,7 +39,9 @@ def executable(name: str) -> str:
     """The path of one of Flower's executables in this interpreter's environment."""
     path = BIN / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: install FedFusion into this venv (`make install`).")
+        raise FileNotFoundError(
+            f"{path} is missing: install FedFusion into this venv (`make install`)."
+        )
     return str(path)
 
 
@@ -52,14 +55,16 @@ def free_port() -> int:
 def base_env(flwr_home: Path) -> dict[str, str]:
     """Environment for one Flower process: its own FLWR_HOME, this venv first, nothing phoned home."""
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        # Flower starts flower-superexec / flwr-clientapp / flwr-serverapp through PATH
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            # Flower starts flower-superexec / flwr-clientapp / flwr-serverapp through PATH
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -67,7 +72,9 @@ def log_tail(path: Path, lines: int = 25) -> str:
     """The last lines of a log, without the HTTP access lines that fill it."""
     if not path.exists():
         return "(no log)"
-    kept = [ln for ln in path.read_text(errors="replace").splitlines() if not _ACCESS_LOG.search(ln)]
+    kept = [
+        ln for ln in path.read_text(errors="replace").splitlines() if not _ACCESS_LOG.search(ln)
+    ]
     return "\n".join(kept[-lines:])
 
 
@@ -92,8 +99,14 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         started = Started(name, proc, log)
         self.started.append(started)
         return started
@@ -112,10 +125,16 @@ class Processes:
             return started.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise LoopbackError(
-                f"{started.name} still running after {timeout:.0f} s.\n{self.report()}") from None
+                f"{started.name} still running after {timeout:.0f} s.\n{self.report()}"
+            ) from None
 
-    def wait_until(self, what: str, ready: Callable[[], bool], timeout: float,
-                   must_live: Sequence[Started] = ()) -> None:
+    def wait_until(
+        self,
+        what: str,
+        ready: Callable[[], bool],
+        timeout: float,
+        must_live: Sequence[Started] = (),
+    ) -> None:
         """Poll `ready` until true; fail early if a `must_live` process ends, or after `timeout`."""
         deadline = time.monotonic() + timeout
         while not ready():
@@ -129,10 +148,8 @@ class Processes:
         """Stop every started process, its process group and all its descendants."""
         victims: list[psutil.Process] = []
         for s in self.started:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 victims += psutil.Process(s.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
         for s in reversed(self.started):  # SuperNodes before the SuperLink
             if s.proc.poll() is None:
                 _signal_group(s.proc.pid, signal.SIGTERM)
@@ -150,10 +167,8 @@ def kill_survivors(victims: list[psutil.Process], *, grace: float) -> None:
     """Wait up to `grace` seconds for `victims` to exit, then SIGKILL those still alive."""
     _, alive = psutil.wait_procs(victims, timeout=grace)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=10)
 
 
@@ -185,14 +200,21 @@ def port_open(port: int) -> bool:
 
 def flwr_json(argv: Sequence[str], env: dict[str, str], cwd: Path, timeout: float = 60) -> dict:
     """Run a `flwr ... --format json` command; its JSON answer (fail with its output if none)."""
-    out = subprocess.run([executable("flwr"), *argv, "--format", "json"], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [executable("flwr"), *argv, "--format", "json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     start = out.stdout.find("{")
     try:
         return json.loads(out.stdout[start:]) if start >= 0 else {}
     except json.JSONDecodeError as err:
-        raise LoopbackError(f"flwr {' '.join(argv)} printed no JSON ({err}):\n{out.stdout}\n"
-                             f"{out.stderr}") from err
+        raise LoopbackError(
+            f"flwr {' '.join(argv)} printed no JSON ({err}):\n{out.stdout}\n{out.stderr}"
+        ) from err
 
 
 # --- a whole federation: a TLS SuperLink and hospitals (SuperNode in process isolation + node) ---
@@ -235,56 +257,95 @@ class LoopbackFederation:
         write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(manifests))
         self.port = free_port()
         self.superlink_argv = [
-            executable("flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
-            "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
+            executable("flower-superlink"),
+            "--ssl-ca-certfile",
+            str(creds.ca_cert),
+            "--ssl-certfile",
+            str(creds.server_cert),
+            "--ssl-keyfile",
+            str(creds.server_key),
+            "--enable-supernode-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
             "--disable-runtime-dependency-installation",
-            *(["--database", str(self.database)] if self.database else [])]
+            *(["--database", str(self.database)] if self.database else []),
+        ]
         self.start_superlink("superlink")
         home = self.root / "coordinator-home"
         home.mkdir(parents=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{creds.ca_cert}"\n')
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{creds.ca_cert}"\n'
+        )
         self.cli_env = base_env(home)
         for name, manifest in manifests.items():
             self.join(name, manifest, policies.get(name), wait=False)
-        self.procs.wait_until("every SuperNode online",
-                              lambda: len(self.online_nodes()) == len(manifests), START_TIMEOUT,
-                              [self.superlink, *self.nodes.values()])
+        self.procs.wait_until(
+            "every SuperNode online",
+            lambda: len(self.online_nodes()) == len(manifests),
+            START_TIMEOUT,
+            [self.superlink, *self.nodes.values()],
+        )
 
-    def join(self, name: str, manifest: Path, policy_text: str | None = None, *,
-             registered_as: str | None = None, wait: bool = True) -> int:
+    def join(
+        self,
+        name: str,
+        manifest: Path,
+        policy_text: str | None = None,
+        *,
+        registered_as: str | None = None,
+        wait: bool = True,
+    ) -> int:
         """A new key pair, registered through the Control API (as anyone reaching its port can,
         under `registered_as`, default `name`), and its hospital started; its node id."""
         creds = CredentialLayout(self.creds)
         if not creds.node_key(name).exists():
             write_credentials(creds.root, sans=[], hospitals=[name], server=False)
-        answer = flwr_json(["supernode", "register", str(creds.node_public_key(name)),
-                            CONNECTION, "--name", registered_as or name], self.cli_env, self.root)
+        answer = flwr_json(
+            [
+                "supernode",
+                "register",
+                str(creds.node_public_key(name)),
+                CONNECTION,
+                "--name",
+                registered_as or name,
+            ],
+            self.cli_env,
+            self.root,
+        )
         if not answer.get("success"):
             raise LoopbackError(f"registering {name}: {answer}\n{self.procs.report()}")
         self.node_ids[name] = int(answer["node-id"])
         self._start_hospital(name, manifest, policy_text, creds)
         if wait:
-            self.procs.wait_until(f"{name} online", lambda: self.node_ids[name] in {
-                int(n["node-id"]) for n in self.online_nodes()}, START_TIMEOUT,
-                [self.superlink, self.nodes[name]])
+            self.procs.wait_until(
+                f"{name} online",
+                lambda: self.node_ids[name] in {int(n["node-id"]) for n in self.online_nodes()},
+                START_TIMEOUT,
+                [self.superlink, self.nodes[name]],
+            )
         return self.node_ids[name]
 
     def leave(self, name: str) -> None:
         """Stop a hospital's node and SuperNode, and unregister its key."""
         for started in (self.nodes.pop(name), self.supernodes.pop(name)):
             kill_tree(started.proc.pid)
-        flwr_json(["supernode", "unregister", str(self.node_ids.pop(name)), CONNECTION],
-                  self.cli_env, self.root)
+        flwr_json(
+            ["supernode", "unregister", str(self.node_ids.pop(name)), CONNECTION],
+            self.cli_env,
+            self.root,
+        )
 
     def start_superlink(self, label: str) -> Started:
         """Start the SuperLink (its log: `<label>.log`) and wait until it listens."""
-        self.superlink = self.procs.start(label, self.superlink_argv,
-                                          base_env(self.root / "superlink-home"), self.root)
-        self.procs.wait_until("the SuperLink to listen", lambda: port_open(self.port),
-                              START_TIMEOUT, [self.superlink])
+        self.superlink = self.procs.start(
+            label, self.superlink_argv, base_env(self.root / "superlink-home"), self.root
+        )
+        self.procs.wait_until(
+            "the SuperLink to listen", lambda: port_open(self.port), START_TIMEOUT, [self.superlink]
+        )
         return self.superlink
 
     def kill_superlink(self) -> None:
@@ -293,27 +354,51 @@ class LoopbackFederation:
         kill_tree(self.superlink.proc.pid)
         self.superlink.proc.wait(timeout=10)
 
-    def _start_hospital(self, name: str, manifest: Path, policy_text: str | None,
-                        creds: CredentialLayout) -> None:
+    def _start_hospital(
+        self, name: str, manifest: Path, policy_text: str | None, creds: CredentialLayout
+    ) -> None:
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         secret = folder / "superexec.secret"
         secret.write_bytes(os.urandom(32))
         self.state_dirs[name] = folder / "state"
-        node_config = (f"manifest='{manifest}' state-dir='{self.state_dirs[name]}' "
-                       f"site-name='{name}' device='cpu' {self.node_options}").strip()
+        node_config = (
+            f"manifest='{manifest}' state-dir='{self.state_dirs[name]}' "
+            f"site-name='{name}' device='cpu' {self.node_options}"
+        ).strip()
         if policy_text is not None:
             (folder / "policy.toml").write_text(policy_text)
             node_config += f" policy='{folder / 'policy.toml'}'"
         runtime_port = free_port()
-        self.supernodes[name] = self.start_supernode(f"{name}-supernode", [
-            "--root-certificates", str(creds.ca_cert),
-            "--auth-supernode-private-key", str(creds.node_key(name)),
-            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-            "--superexec-auth-secret-file", str(secret)])
+        self.supernodes[name] = self.start_supernode(
+            f"{name}-supernode",
+            [
+                "--root-certificates",
+                str(creds.ca_cert),
+                "--auth-supernode-private-key",
+                str(creds.node_key(name)),
+                "--isolation",
+                "process",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(runtime_port),
+                "--superexec-auth-secret-file",
+                str(secret),
+            ],
+        )
         self.node_argv[name] = [
-            sys.executable, "-m", "tools", "node", "--supernode", f"127.0.0.1:{runtime_port}",
-            "--superexec-auth-secret-file", str(secret), "--node-config", node_config]
+            sys.executable,
+            "-m",
+            "tools",
+            "node",
+            "--supernode",
+            f"127.0.0.1:{runtime_port}",
+            "--superexec-auth-secret-file",
+            str(secret),
+            "--node-config",
+            node_config,
+        ]
         self.start_node(name)
 
     def start_supernode(self, name: str, extra: list[str]) -> Started:
@@ -329,7 +414,9 @@ class LoopbackFederation:
 
     def nodes_listed(self) -> list[dict]:
         """The SuperLink's SuperNodes, as `flwr supernode list` reports them."""
-        return flwr_json(["supernode", "list", CONNECTION], self.cli_env, self.root).get("nodes", [])
+        return flwr_json(["supernode", "list", CONNECTION], self.cli_env, self.root).get(
+            "nodes", []
+        )
 
     def online_nodes(self) -> list[dict]:
         """The SuperNodes online now."""
@@ -337,15 +424,27 @@ class LoopbackFederation:
 
     def submit(self, name: str, run_config: str, app: Path | None = None) -> Started:
         """`flwr run` of `app` (default: the checkout) with run-name `name`, outputs in the root."""
-        return self.procs.start(f"flwr-run-{name}", [
-            executable("flwr"), "run", str(app or self.app), CONNECTION, "--stream", "--run-config",
-            f"output-dir='{self.output_dir}' run-name='{name}' {run_config}"], self.cli_env,
-            self.root)
+        return self.procs.start(
+            f"flwr-run-{name}",
+            [
+                executable("flwr"),
+                "run",
+                str(app or self.app),
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                f"output-dir='{self.output_dir}' run-name='{name}' {run_config}",
+            ],
+            self.cli_env,
+            self.root,
+        )
 
     def finish(self, run: Started, name: str, timeout: float) -> Path:
         """Wait for a submitted run; its run folder (which must hold a summary)."""
-        if self.procs.wait_exit(run, timeout) != 0 or not (self.output_dir / name /
-                                                            "summary.json").is_file():
+        if (
+            self.procs.wait_exit(run, timeout) != 0
+            or not (self.output_dir / name / "summary.json").is_file()
+        ):
             raise LoopbackError(f"run {name} did not complete.\n{self.procs.report()}")
         return self.output_dir / name
 

@@ -72,14 +72,19 @@ class HospitalSummary:
     origin: str  # natural: the column value; otherwise ""
 
 
-def partition_manifest(source: Path, out: Path, plan: PartitionPlan,
-                       class_names: tuple[str, ...]) -> list[HospitalSummary]:
+def partition_manifest(
+    source: Path, out: Path, plan: PartitionPlan, class_names: tuple[str, ...]
+) -> list[HospitalSummary]:
     """Write `<out>/hospital-<i>/manifest.csv` for each hospital of the plan (same seed, same output)."""
     _check_plan(plan, out)
     if importlib.util.find_spec("flwr_datasets") is None:
-        raise PartitionError("partitioning needs Flower Datasets, which a hospital node does not "
-                             "install: pip install -e \".[partition]\" (or flwr-datasets).")
-    manifest, rows = read_manifest(source, class_names)  # every row valid before anything is written
+        raise PartitionError(
+            "partitioning needs Flower Datasets, which a hospital node does not "
+            'install: pip install -e ".[partition]" (or flwr-datasets).'
+        )
+    manifest, rows = read_manifest(
+        source, class_names
+    )  # every row valid before anything is written
     records = [rec for _, rec in raw_records(manifest)]
     patients, table = _patient_table(manifest, rows, records, plan, class_names)
     groups, origins = _assign(table, plan)
@@ -89,13 +94,26 @@ def partition_manifest(source: Path, out: Path, plan: PartitionPlan,
         folder = out / f"hospital-{i}"
         folder.mkdir(parents=True)
         chosen = [j for p in group for j in patients[p]]
-        written, dropped = _write_hospital(folder, manifest, [records[j] for j in sorted(chosen)],
-                                           fields, drop_text=i in plan.drop_text,
-                                           drop_images=i in plan.drop_images)
-        summaries.append(HospitalSummary(
-            folder.name, len(group), len(written), dict(Counter(r["label"] for r in written)),
-            sum(bool(r["image"]) for r in written), sum(bool(r["text"]) for r in written),
-            dropped, origins[i]))
+        written, dropped = _write_hospital(
+            folder,
+            manifest,
+            [records[j] for j in sorted(chosen)],
+            fields,
+            drop_text=i in plan.drop_text,
+            drop_images=i in plan.drop_images,
+        )
+        summaries.append(
+            HospitalSummary(
+                folder.name,
+                len(group),
+                len(written),
+                dict(Counter(r["label"] for r in written)),
+                sum(bool(r["image"]) for r in written),
+                sum(bool(r["text"]) for r in written),
+                dropped,
+                origins[i],
+            )
+        )
     return summaries
 
 
@@ -108,13 +126,19 @@ def _check_plan(plan: PartitionPlan, out: Path) -> None:
         raise PartitionError(f"--alpha must be positive, got {plan.alpha}.")
     for option, indices in (("--drop-text", plan.drop_text), ("--drop-images", plan.drop_images)):
         if bad := [i for i in indices if not 0 <= i < plan.hospitals]:
-            raise PartitionError(f"{option} names hospital(s) {bad}, but hospitals are numbered "
-                                 f"0..{plan.hospitals - 1}.")
+            raise PartitionError(
+                f"{option} names hospital(s) {bad}, but hospitals are numbered "
+                f"0..{plan.hospitals - 1}."
+            )
     if both := sorted(set(plan.drop_text) & set(plan.drop_images)):
-        raise PartitionError(f"hospital(s) {both} would lose both text and images; drop one modality.")
+        raise PartitionError(
+            f"hospital(s) {both} would lose both text and images; drop one modality."
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PartitionError(f"{out} exists and is not an empty folder; choose a new output folder "
-                             "(a partition never overwrites one).")
+        raise PartitionError(
+            f"{out} exists and is not an empty folder; choose a new output folder "
+            "(a partition never overwrites one)."
+        )
 
 
 def _columns(records: list[dict[str, str]]) -> list[str]:
@@ -122,8 +146,13 @@ def _columns(records: list[dict[str, str]]) -> list[str]:
     return list(dict.fromkeys(k for rec in records for k in rec))
 
 
-def _patient_table(manifest: Path, rows: list[Row], records: list[dict[str, str]], plan: PartitionPlan,
-                   class_names: tuple[str, ...]) -> tuple[dict[str, list[int]], Dataset]:
+def _patient_table(
+    manifest: Path,
+    rows: list[Row],
+    records: list[dict[str, str]],
+    plan: PartitionPlan,
+    class_names: tuple[str, ...],
+) -> tuple[dict[str, list[int]], Dataset]:
     """Row indices per patient, and a `datasets.Dataset` with one row per patient."""
     from datasets import Dataset
 
@@ -143,15 +172,17 @@ def _patient_table(manifest: Path, rows: list[Row], records: list[dict[str, str]
     return patients, Dataset.from_dict(data)
 
 
-def _origin(manifest: Path, rows: list[Row], records: list[dict[str, str]], members: list[int],
-            column: str) -> str:
+def _origin(
+    manifest: Path, rows: list[Row], records: list[dict[str, str]], members: list[int], column: str
+) -> str:
     """The patient's value of the natural column; all their rows must agree."""
     values = {records[j].get(column, "").strip() for j in members}
     if len(values) != 1 or "" in values:
         line = rows[members[0]].line
         raise PartitionError(
             f"{manifest}:{line}: patient {rows[members[0]].patient_id!r} has column {column!r} "
-            f"values {sorted(values)}; --scheme natural needs one non-empty value per patient.")
+            f"values {sorted(values)}; --scheme natural needs one non-empty value per patient."
+        )
     return values.pop()
 
 
@@ -170,12 +201,19 @@ def _assign(table: Dataset, plan: PartitionPlan) -> tuple[list[list[str]], list[
         partitioner.dataset = table
         if partitioner.num_partitions != n:  # (this also builds the id -> value map)
             values = partitioner.partition_id_to_natural_id
-            raise PartitionError(f"column {plan.column!r} has {len(values)} distinct values "
-                                 f"({sorted(values.values())}); pass --hospitals {len(values)}.")
+            raise PartitionError(
+                f"column {plan.column!r} has {len(values)} distinct values "
+                f"({sorted(values.values())}); pass --hospitals {len(values)}."
+            )
         values = partitioner.partition_id_to_natural_id
     elif plan.scheme == "dirichlet":
-        partitioner = DirichletPartitioner(num_partitions=n, partition_by="label", alpha=plan.alpha,
-                                           min_partition_size=MIN_PATIENTS, seed=plan.seed)
+        partitioner = DirichletPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            alpha=plan.alpha,
+            min_partition_size=MIN_PATIENTS,
+            seed=plan.seed,
+        )
         partitioner.dataset = table
     else:
         partitioner = IidPartitioner(n) if plan.scheme == "iid" else ExponentialPartitioner(n)
@@ -183,19 +221,30 @@ def _assign(table: Dataset, plan: PartitionPlan) -> tuple[list[list[str]], list[
     try:
         groups = [list(partitioner.load_partition(i)["patient"]) for i in range(n)]
     except ValueError as err:
-        raise PartitionError(f"Flower Datasets could not make {n} {plan.scheme} hospitals from "
-                             f"{len(table)} patients ({err}). Use fewer hospitals, a larger "
-                             "--alpha, or more data.") from err
+        raise PartitionError(
+            f"Flower Datasets could not make {n} {plan.scheme} hospitals from "
+            f"{len(table)} patients ({err}). Use fewer hospitals, a larger "
+            "--alpha, or more data."
+        ) from err
     if small := [i for i, g in enumerate(groups) if len(g) < MIN_PATIENTS]:
-        raise PartitionError(f"hospital(s) {small} would hold fewer than {MIN_PATIENTS} patients "
-                             f"({[len(g) for g in groups]} patients per hospital). Use fewer "
-                             "hospitals, another scheme, or more data.")
+        raise PartitionError(
+            f"hospital(s) {small} would hold fewer than {MIN_PATIENTS} patients "
+            f"({[len(g) for g in groups]} patients per hospital). Use fewer "
+            "hospitals, another scheme, or more data."
+        )
     origins = [values[i] for i in range(n)] if plan.scheme == "natural" else [""] * n
     return groups, origins
 
 
-def _write_hospital(folder: Path, source: Path, records: list[dict[str, str]], fields: list[str],
-                    *, drop_text: bool, drop_images: bool) -> tuple[list[dict[str, str]], int]:
+def _write_hospital(
+    folder: Path,
+    source: Path,
+    records: list[dict[str, str]],
+    fields: list[str],
+    *,
+    drop_text: bool,
+    drop_images: bool,
+) -> tuple[list[dict[str, str]], int]:
     """One hospital's manifest.csv with image paths relative to it; returns its rows and drops."""
     written, dropped = [], 0
     for rec in records:
@@ -218,18 +267,27 @@ def _write_hospital(folder: Path, source: Path, records: list[dict[str, str]], f
     return written, dropped
 
 
-def format_partition(out: Path, plan: PartitionPlan, summaries: list[HospitalSummary],
-                     class_names: tuple[str, ...]) -> str:
+def format_partition(
+    out: Path, plan: PartitionPlan, summaries: list[HospitalSummary], class_names: tuple[str, ...]
+) -> str:
     """A table of what each hospital received, and the command that simulates them."""
     head = f"{'hospital':<12}{'patients':>9}{'rows':>7}{'image':>7}{'text':>7}  " + "  ".join(
-        f"{c:>10}" for c in class_names)
-    lines = [f"{plan.scheme} partition of {sum(s.patients for s in summaries)} patients "
-             f"into {plan.hospitals} hospitals (seed {plan.seed}):", head]
+        f"{c:>10}" for c in class_names
+    )
+    lines = [
+        f"{plan.scheme} partition of {sum(s.patients for s in summaries)} patients "
+        f"into {plan.hospitals} hospitals (seed {plan.seed}):",
+        head,
+    ]
     for s in summaries:
         labels = "  ".join(f"{s.labels.get(c, 0):>10}" for c in class_names)
         extra = f"  {s.origin}" if s.origin else ""
         extra += f"  ({s.dropped_rows} rows dropped: no modality left)" if s.dropped_rows else ""
-        lines.append(f"{s.name:<12}{s.patients:>9}{s.rows:>7}{s.rows_with_image:>7}"
-                     f"{s.rows_with_text:>7}  {labels}{extra}")
-    lines.append(f"Simulate them: fedfusion simulate --data-root {out} --hospitals {plan.hospitals}")
+        lines.append(
+            f"{s.name:<12}{s.patients:>9}{s.rows:>7}{s.rows_with_image:>7}"
+            f"{s.rows_with_text:>7}  {labels}{extra}"
+        )
+    lines.append(
+        f"Simulate them: fedfusion simulate --data-root {out} --hospitals {plan.hospitals}"
+    )
     return "\n".join(lines)

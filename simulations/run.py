@@ -43,8 +43,13 @@ def make_apps(user_config: Mapping[str, Any]) -> tuple[Any, Any]:
         server_app.run_federation(grid, RunConfig.from_user_config(config))
 
     def configured(context: Context) -> Context:
-        return Context(run_id=context.run_id, node_id=context.node_id,
-                       node_config=context.node_config, state=context.state, run_config=config)
+        return Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=context.node_config,
+            state=context.state,
+            run_config=config,
+        )
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -70,8 +75,11 @@ def backend_config(*, verbose: bool) -> dict[str, Any]:
     that cluster (it calls `ray.init()` only when Ray is not initialised, and reads no address
     key itself), whose nodes bring their own CPUs.
     """
-    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                                 "log_to_driver": verbose}
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "WARNING",
+        "log_to_driver": verbose,
+    }
     if ray_cluster_address() is None:
         init_args.update(address="local", num_cpus=os.cpu_count() or 1)
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
@@ -79,13 +87,16 @@ def backend_config(*, verbose: bool) -> dict[str, Any]:
 
 def hospital_folders(data_root: Path) -> list[Path]:
     """The `hospital-<i>` folders of a data root, in index order; they must be 0..N-1."""
-    folders = sorted((p for p in data_root.glob("hospital-*") if p.is_dir()),
-                     key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    folders = sorted(
+        (p for p in data_root.glob("hospital-*") if p.is_dir()),
+        key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1,
+    )
     expected = [f"hospital-{i}" for i in range(len(folders))]
     if [p.name for p in folders] != expected:
         raise ConfigError(
             f"{data_root} must hold folders hospital-0 .. hospital-{len(folders) - 1}; found "
-            f"{[p.name for p in folders]}.")
+            f"{[p.name for p in folders]}."
+        )
     return folders
 
 
@@ -97,13 +108,19 @@ def prepare_demo_data(data_root: Path, hospitals: int, seed: int) -> None:
     if existing:
         raise ConfigError(
             f"{data_root} holds {len(existing)} hospital folders but {hospitals} were asked for. "
-            "Remove the folder to regenerate the demo data, or ask for fewer hospitals.")
+            "Remove the folder to regenerate the demo data, or ask for fewer hospitals."
+        )
     print(f"Writing demo data for {hospitals} hospitals to {data_root} ...", flush=True)
     write_demo_hospitals(data_root, hospitals, seed=seed)
 
 
-def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = False,
-             on_round: Callable[[HistoryLine], None] | None = None) -> RunFolder:
+def simulate(
+    user_config: Mapping[str, Any],
+    hospitals: int,
+    *,
+    verbose: bool = False,
+    on_round: Callable[[HistoryLine], None] | None = None,
+) -> RunFolder:
     """Run the federation with `hospitals` simulated sites; return the run folder.
 
     On Flower's supported path (`simulations.runtime`: `flwr run` against a private local
@@ -114,12 +131,16 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
     run = RunConfig.from_user_config(user_config)  # fail fast, before anything starts
     data_root = Path(run.data.data_root)
     if not data_root.is_dir():
-        raise ConfigError(f"Data root {data_root} does not exist: it should hold one folder per "
-                          "hospital, hospital-0 .. hospital-<N-1>.")
+        raise ConfigError(
+            f"Data root {data_root} does not exist: it should hold one folder per "
+            "hospital, hospital-0 .. hospital-<N-1>."
+        )
     found = len(hospital_folders(data_root))
     if found < hospitals:
-        raise ConfigError(f"{data_root} holds {found} hospital folder(s) (hospital-<i>); "
-                          f"{hospitals} were asked for.")
+        raise ConfigError(
+            f"{data_root} holds {found} hospital folder(s) (hospital-<i>); "
+            f"{hospitals} were asked for."
+        )
     from server.resume import check_run_folder
 
     finished = check_run_folder(run)  # a run to resume must fit; fail before anything starts
@@ -132,10 +153,18 @@ def simulate(user_config: Mapping[str, Any], hospitals: int, *, verbose: bool = 
     cluster = ray_cluster_address()
     if cluster:
         log.info("running on the Ray cluster at %s (RAY_ADDRESS)", cluster)
-    result = run_local({**user_config, "run-name": name}, hospitals, folder,
-                       cluster=cluster is not None, verbose=verbose, on_round=on_round)
+    result = run_local(
+        {**user_config, "run-name": name},
+        hospitals,
+        folder,
+        cluster=cluster is not None,
+        verbose=verbose,
+        on_round=on_round,
+    )
     summary = folder.path / SUMMARY
     if not summary.is_file() or summary.stat().st_mtime < started:
-        raise RuntimeError(f"The simulation ended without a run summary (flwr run exit code "
-                           f"{result.returncode}). The end of Flower's log:\n{result.log_tail}")
+        raise RuntimeError(
+            f"The simulation ended without a run summary (flwr run exit code "
+            f"{result.returncode}). The end of Flower's log:\n{result.log_tail}"
+        )
     return folder

@@ -12,6 +12,7 @@ started, is stopped before `run_local` returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,9 @@ from simulations.loopback import Processes, base_env, executable, free_port, log
 
 log = logging.getLogger(__name__)
 
-APP_ROOT = Path(__file__).resolve().parent.parent  # the FedFusion checkout: the app `flwr run` ships
+APP_ROOT = (
+    Path(__file__).resolve().parent.parent
+)  # the FedFusion checkout: the app `flwr run` ships
 CONNECTION = "fedfusion-local"
 START_TIMEOUT = 60.0  # seconds for the SuperLink to listen
 TEARDOWN_WAIT = 3.0  # seconds `flwr run` may take to end after the run's summary is written
@@ -57,54 +60,110 @@ def toml_value(value: Any) -> str:
 def federation_config(hospitals: int, *, cluster: bool, verbose: bool) -> str:
     """`--federation-config`: N SuperNodes, one CPU per ClientApp; this machine's cores unless on
     an existing Ray cluster (`RAY_ADDRESS`), whose nodes bring theirs."""
-    parts = [f"num-supernodes={hospitals}", "client-resources-num-cpus=1",
-             "client-resources-num-gpus=0.0", "init-args-logging-level='WARNING'",
-             f"init-args-log-to-driver={'true' if verbose else 'false'}",
-             f"verbose={'true' if verbose else 'false'}"]
+    parts = [
+        f"num-supernodes={hospitals}",
+        "client-resources-num-cpus=1",
+        "client-resources-num-gpus=0.0",
+        "init-args-logging-level='WARNING'",
+        f"init-args-log-to-driver={'true' if verbose else 'false'}",
+        f"verbose={'true' if verbose else 'false'}",
+    ]
     if not cluster:
         parts.append(f"init-args-num-cpus={os.cpu_count() or 1}")
     return " ".join(parts)
 
 
-def run_local(user_config: Mapping[str, Any], hospitals: int, folder: RunFolder, *,
-              cluster: bool, verbose: bool,
-              on_round: Callable[[HistoryLine], None] | None = None) -> LocalRun:
+def run_local(
+    user_config: Mapping[str, Any],
+    hospitals: int,
+    folder: RunFolder,
+    *,
+    cluster: bool,
+    verbose: bool,
+    on_round: Callable[[HistoryLine], None] | None = None,
+) -> LocalRun:
     """Run the federation on a private local SuperLink; report each finished round to `on_round`."""
     if not (APP_ROOT / "pyproject.toml").is_file():
-        raise ConfigError(f"{APP_ROOT} holds no pyproject.toml: `fedfusion simulate` ships "
-                                "the FedFusion checkout as the app; install it from a checkout "
-                                "(`make install`).")
+        raise ConfigError(
+            f"{APP_ROOT} holds no pyproject.toml: `fedfusion simulate` ships "
+            "the FedFusion checkout as the app; install it from a checkout "
+            "(`make install`)."
+        )
     with tempfile.TemporaryDirectory(prefix="fedfusion-sim-") as tmp:
         home = Path(tmp)
         procs = Processes(home / "logs")
         try:
-            return _run(procs, home, user_config, hospitals, folder, cluster=cluster,
-                        verbose=verbose, on_round=on_round)
+            return _run(
+                procs,
+                home,
+                user_config,
+                hospitals,
+                folder,
+                cluster=cluster,
+                verbose=verbose,
+                on_round=on_round,
+            )
         finally:
             log.debug("stopping the local SuperLink and everything it started")
             procs.stop_all(grace=STOP_GRACE)
 
 
-def _run(procs: Processes, home: Path, user_config: Mapping[str, Any], hospitals: int,
-         folder: RunFolder, *, cluster: bool, verbose: bool,
-         on_round: Callable[[HistoryLine], None] | None) -> LocalRun:
+def _run(
+    procs: Processes,
+    home: Path,
+    user_config: Mapping[str, Any],
+    hospitals: int,
+    folder: RunFolder,
+    *,
+    cluster: bool,
+    verbose: bool,
+    on_round: Callable[[HistoryLine], None] | None,
+) -> LocalRun:
     port = free_port()
     env = base_env(home)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                                      f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-                                      "insecure = true\n")  # loopback only, this run only
-    superlink = procs.start("superlink", [
-        executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
-        env, home)
-    procs.wait_until("the local SuperLink to listen", lambda: port_open(port), START_TIMEOUT,
-                     [superlink])
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )  # loopback only, this run only
+    superlink = procs.start(
+        "superlink",
+        [
+            executable("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+        env,
+        home,
+    )
+    procs.wait_until(
+        "the local SuperLink to listen", lambda: port_open(port), START_TIMEOUT, [superlink]
+    )
     run_config = home / "run-config.toml"
     run_config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in user_config.items()))
-    run = procs.start("flwr-run", [
-        executable("flwr"), "run", str(APP_ROOT), CONNECTION, "--stream", "--run-config",
-        str(run_config), "--federation-config",
-        federation_config(hospitals, cluster=cluster, verbose=verbose)], env, home)
+    run = procs.start(
+        "flwr-run",
+        [
+            executable("flwr"),
+            "run",
+            str(APP_ROOT),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            str(run_config),
+            "--federation-config",
+            federation_config(hospitals, cluster=cluster, verbose=verbose),
+        ],
+        env,
+        home,
+    )
     seen, echoed, started = 0, 0, time.time()
     summary = folder.path / SUMMARY
     while True:
@@ -130,10 +189,8 @@ def _run(procs: Processes, home: Path, user_config: Mapping[str, Any], hospitals
 
 def _exited(proc: subprocess.Popen[bytes], wait: float) -> bool:
     """Wait up to `wait` seconds for `proc` to end; True either way (the run's work is done)."""
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        pass
     return True
 
 

@@ -19,7 +19,6 @@ from common.config import RunConfig, default_user_config
 from common.model.trainable import trainable_state
 from simulations.demo_data import write_demo_hospitals
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers share the machine's cores: one torch thread each keeps them from fighting
     torch.set_num_threads(1)
@@ -57,27 +56,42 @@ def five_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def hospital(data_root: Path, state_root: Path, index: int = 0, policy: Path | None = None,
-             **changes: object) -> SiteConfig:
+def hospital(
+    data_root: Path, state_root: Path, index: int = 0, policy: Path | None = None, **changes: object
+) -> SiteConfig:
     """Simulated hospital `index` of `data_root` as a deployed site (its own state folder)."""
     name = f"hospital-{index}"
-    return SiteConfig(**{"site_name": name, "manifest": data_root / name,
-                         "state_dir": state_root / name, "policy": policy, **changes})
+    return SiteConfig(
+        **{
+            "site_name": name,
+            "manifest": data_root / name,
+            "state_dir": state_root / name,
+            "policy": policy,
+            **changes,
+        }
+    )
 
 
-def request(state: SiteState, run: RunConfig, server_round: int, parameters: dict | None = None,
-            run_key: str = "run-1", flower_run_id: int | None = None) -> RoundRequest:
+def request(
+    state: SiteState,
+    run: RunConfig,
+    server_round: int,
+    parameters: dict | None = None,
+    run_key: str = "run-1",
+    flower_run_id: int | None = None,
+) -> RoundRequest:
     """The round request a coordinator would send (the site's own fingerprint and parameters).
 
     Each run key is its own Flower run unless `flower_run_id` says otherwise.
     """
     bundle = state.bundle(run.model)
-    return RoundRequest(server_round=server_round, run_key=run_key,
-                        frozen_fingerprint=bundle.fingerprint,
-                        parameters=parameters if parameters is not None
-                        else trainable_state(bundle.model),
-                        flower_run_id=zlib.crc32(run_key.encode()) if flower_run_id is None
-                        else flower_run_id)
+    return RoundRequest(
+        server_round=server_round,
+        run_key=run_key,
+        frozen_fingerprint=bundle.fingerprint,
+        parameters=parameters if parameters is not None else trainable_state(bundle.model),
+        flower_run_id=zlib.crc32(run_key.encode()) if flower_run_id is None else flower_run_id,
+    )
 
 
 def round_config(fingerprint: str, run_key: str = "run-1") -> ConfigRecord:

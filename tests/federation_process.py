@@ -20,16 +20,23 @@ SITES = 3
 
 def settings(out: Path, run_name: str, rounds: int) -> dict[str, object]:
     """The run config overrides of the crash test's runs."""
-    return {"output-dir": str(out), "run-name": run_name, "state-root": str(out / "state"),
-            "dp": False, "num-server-rounds": rounds}
+    return {
+        "output-dir": str(out),
+        "run-name": run_name,
+        "state-root": str(out / "state"),
+        "dp": False,
+        "num-server-rounds": rounds,
+    }
 
 
 def main(data_root: str, out: str, run_name: str, rounds: int) -> Path:
     """Run the federation; return the run folder."""
     overrides = settings(Path(out), run_name, rounds)
-    grid = InProcessGrid(client_app,
-                         [{"partition-id": i, "num-partitions": SITES} for i in range(SITES)],
-                         tiny_user_config(data_root, **overrides))
+    grid = InProcessGrid(
+        client_app,
+        [{"partition-id": i, "num-partitions": SITES} for i in range(SITES)],
+        tiny_user_config(data_root, **overrides),
+    )
     return run_federation(grid, tiny_run(data_root, **overrides))
 
 

@@ -33,21 +33,32 @@ def main(data_root: str, state_root: str, run_id: int, total: int, rounds: list[
     run = tiny_run(data_root, **overrides)
     model = build_model(run.model)
     arrays = ArrayRecord(trainable_state(model))
-    ctx = Context(run_id=run_id, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                  run_config=tiny_user_config(data_root, **overrides))
+    ctx = Context(
+        run_id=run_id,
+        node_id=1,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config=tiny_user_config(data_root, **overrides),
+    )
     for r in rounds:
-        config = ConfigRecord({**round_config(frozen_fingerprint(model), str(run_id)),
-                               R.SERVER_ROUND: r})
-        msg = Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: config}), dst_node_id=1,
-                      message_type=MessageType.TRAIN)
+        config = ConfigRecord(
+            {**round_config(frozen_fingerprint(model), str(run_id)), R.SERVER_ROUND: r}
+        )
+        msg = Message(
+            RecordDict({R.ARRAYS: arrays, R.CONFIG: config}),
+            dst_node_id=1,
+            message_type=MessageType.TRAIN,
+        )
         reply = app(msg, ctx)
         if reply.has_error():
             print(json.dumps({"round": r, "error": reply.error.reason}), flush=True)
             continue
         sent = reply.content[R.ARRAYS]  # the parameters the site trained; keep the rest
-        arrays = ArrayRecord({k: sent[k] if k in sent else arrays[k] for k in arrays.keys()})
+        arrays = ArrayRecord({k: sent[k] if k in sent else arrays[k] for k in arrays})
         print(json.dumps({"round": r, "epsilon": reply.content[R.METRICS][R.EPSILON]}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), [int(x) for x in sys.argv[5:]])
+    main(
+        sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), [int(x) for x in sys.argv[5:]]
+    )

@@ -12,8 +12,17 @@ PACKAGES = ("common", "client", "server", "simulations", "tools", "benchmarks")
 
 # package -> top-level modules it must never import
 FORBIDDEN = {
-    "common": {"flwr", "flwr_datasets", "datasets", "client", "server", "simulations", "tools",
-               "benchmarks", "tests"},
+    "common": {
+        "flwr",
+        "flwr_datasets",
+        "datasets",
+        "client",
+        "server",
+        "simulations",
+        "tools",
+        "benchmarks",
+        "tests",
+    },
     "client": {"server", "simulations", "tools", "benchmarks", "tests", "flwr_datasets"},
     "server": {"client", "simulations", "tools", "benchmarks", "tests", "flwr_datasets"},
     "tools": {"benchmarks", "tests", "flwr_datasets", "flwr"},
@@ -22,8 +31,17 @@ FORBIDDEN = {
     "benchmarks": {"tests"},
 }
 # the Flower edge: the only modules of client/ and server/ that may import flwr
-FLOWER_EDGE = {"client/app.py", "client/node.py", "client/flower_runtime.py", "server/app.py", "server/loop.py", "server/recorder.py",
-               "server/replies.py", "server/sites.py", "server/strategy.py"}
+FLOWER_EDGE = {
+    "client/app.py",
+    "client/node.py",
+    "client/flower_runtime.py",
+    "server/app.py",
+    "server/loop.py",
+    "server/recorder.py",
+    "server/replies.py",
+    "server/sites.py",
+    "server/strategy.py",
+}
 
 
 def imports(path: Path) -> set[str]:
@@ -44,11 +62,17 @@ def modules() -> list[Path]:
 def violations(rel: str, used: set[str]) -> list[str]:
     """What is wrong with the imports `used` of the module at `rel` (a path under the root)."""
     package = rel.split("/")[0]
-    found = [f"{rel} imports {m}, which its layer ({package}/) must not use"
-             for m in sorted(used) if m.split(".")[0] in FORBIDDEN[package]]
+    found = [
+        f"{rel} imports {m}, which its layer ({package}/) must not use"
+        for m in sorted(used)
+        if m.split(".")[0] in FORBIDDEN[package]
+    ]
     if package in ("client", "server") and rel not in FLOWER_EDGE:
-        found += [f"{rel} imports {m}: Flower stays at the edge ({sorted(FLOWER_EDGE)})"
-                  for m in sorted(used) if m.split(".")[0] == "flwr"]
+        found += [
+            f"{rel} imports {m}: Flower stays at the edge ({sorted(FLOWER_EDGE)})"
+            for m in sorted(used)
+            if m.split(".")[0] == "flwr"
+        ]
     return found
 
 
@@ -58,14 +82,17 @@ def test_a_module_imports_only_what_its_layer_may(path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize(("rel", "module"), [
-    ("server/recorder.py", "tools.views"),  # the coordinator on an operator tool
-    ("server/loop.py", "tools"),
-    ("client/rounds.py", "tools.report"),
-    ("simulations/cli.py", "tools.cli"),  # the command dispatches to simulations, not back
-    ("common/runfolder.py", "server.recorder"),
-    ("server/evaluation.py", "flwr.app"),  # off the Flower edge
-])
+@pytest.mark.parametrize(
+    ("rel", "module"),
+    [
+        ("server/recorder.py", "tools.views"),  # the coordinator on an operator tool
+        ("server/loop.py", "tools"),
+        ("client/rounds.py", "tools.report"),
+        ("simulations/cli.py", "tools.cli"),  # the command dispatches to simulations, not back
+        ("common/runfolder.py", "server.recorder"),
+        ("server/evaluation.py", "flwr.app"),  # off the Flower edge
+    ],
+)
 def test_an_upward_import_is_a_violation(rel: str, module: str) -> None:
     assert violations(rel, {"common.config", module}) != []
     assert violations(rel, {"common.config"}) == []

@@ -23,11 +23,23 @@ from common.privacy.ledger import load_ledger
 from common.runfolder import RunFolder
 
 
-def test_aggregation_benchmark_writes_its_json_and_the_summary(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_aggregation_benchmark_writes_its_json_and_the_summary(tmp_path: Path, capsys) -> None:
     threads = torch.get_num_threads()
     try:
-        assert main(["--only", "aggregation", "--quick", "--out", str(tmp_path), "--work-dir",
-                     str(tmp_path / "work")]) == 0
+        assert (
+            main(
+                [
+                    "--only",
+                    "aggregation",
+                    "--quick",
+                    "--out",
+                    str(tmp_path),
+                    "--work-dir",
+                    str(tmp_path / "work"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)  # the runner sets one thread for the whole process
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -35,8 +47,20 @@ def test_aggregation_benchmark_writes_its_json_and_the_summary(tmp_path: Path, c
     assert summary["aggregation_vs_numpy_ratio"] > 0
     assert all(summary[k] is None for k in SUMMARY_KEYS if k != "aggregation_vs_numpy_ratio")
     doc = json.loads((tmp_path / "aggregation.json").read_text())
-    assert {"benchmark", "key", "value", "target", "met", "note", "settings", "raw", "machine",
-            "versions", "seconds", "quick"} <= set(doc)
+    assert {
+        "benchmark",
+        "key",
+        "value",
+        "target",
+        "met",
+        "note",
+        "settings",
+        "raw",
+        "machine",
+        "versions",
+        "seconds",
+        "quick",
+    } <= set(doc)
     assert doc["versions"]["flwr"] and doc["machine"]["cores"] >= 1
     for k, row in doc["raw"]["per_K"].items():
         assert row["max_abs_difference"] < 1e-5, k  # the server's FedAvg equals np.average
@@ -44,7 +68,9 @@ def test_aggregation_benchmark_writes_its_json_and_the_summary(tmp_path: Path, c
 
 
 def test_busy_time_is_the_union_of_client_calls() -> None:
-    timing = SimulationTiming(wall_s=10.0, intervals=[(1.0, 3.0), (2.0, 4.0), (6.0, 7.0)], peak_rss_bytes=0)
+    timing = SimulationTiming(
+        wall_s=10.0, intervals=[(1.0, 3.0), (2.0, 4.0), (6.0, 7.0)], peak_rss_bytes=0
+    )
     assert timing.busy_s == 4.0  # [1, 4] and [6, 7]
     assert timing.client_compute_s == 5.0
     assert timing.first_client_s == 1.0
@@ -52,7 +78,10 @@ def test_busy_time_is_the_union_of_client_calls() -> None:
 
 def test_payload_counts_serialised_bytes_and_halves_in_float16() -> None:
     state = {"w": torch.zeros(1000), "b": torch.zeros(10)}
-    fp32, fp16 = payload_bytes(state, np.dtype("float32")), payload_bytes(state, np.dtype("float16"))
+    fp32, fp16 = (
+        payload_bytes(state, np.dtype("float32")),
+        payload_bytes(state, np.dtype("float16")),
+    )
     assert 4040 < fp32 < 4040 + 2 * 256  # the values plus one .npy header per array
     assert fp32 - fp16 == 2020
 
@@ -71,7 +100,9 @@ SMOKE_EPSILON_1 = {**SMOKE, "fraction-evaluate": 0.0}
 
 @pytest.mark.slow  # a real loopback federation and a simulation, 2 rounds of `tiny`
 def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
-    deployed, simulated = deployment.measure(tmp_path, preset="tiny", rounds=2, scale=0.1, overrides=SMOKE)
+    deployed, simulated = deployment.measure(
+        tmp_path, preset="tiny", rounds=2, scale=0.1, overrides=SMOKE
+    )
     assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
 
 
@@ -97,8 +128,9 @@ def test_membership_benchmark_audits_both_settings(tmp_path: Path) -> None:
     from benchmarks.workloads import demo_hospitals
 
     folder = demo_hospitals(tmp_path / "demo", 3, size_scale=0.15)[2]
-    results = membership.measure(tmp_path, folder, preset="tiny", rounds=1, local_epochs=2,
-                                 references=2, accountant="rdp")
+    results = membership.measure(
+        tmp_path, folder, preset="tiny", rounds=1, local_epochs=2, references=2, accountant="rdp"
+    )
     assert set(results) == {"nodp", "dp8"}
     for r in results.values():
         assert 0.0 <= r["auc_loss"] <= 1.0 and 0.0 <= r["auc_lira"] <= 1.0
@@ -113,37 +145,47 @@ def test_medpix_hospital_is_one_image_per_patient_or_absent(tmp_path: Path) -> N
     source = tmp_path / "medpix"
     (source / "images").mkdir(parents=True)
     (source / "manifest.csv").write_text(
-        "image,text,label,patient_id,site\nimages/a.png,\"two\nlines\",other,p1,thorax\n"
-        "images/b.png,x,neoplasm,p2,head\nimages/c.png,y,neoplasm,p2,head\n")
+        'image,text,label,patient_id,site\nimages/a.png,"two\nlines",other,p1,thorax\n'
+        "images/b.png,x,neoplasm,p2,head\nimages/c.png,y,neoplasm,p2,head\n"
+    )
     text = (medpix_site(tmp_path / "site", source=source) / "manifest.csv").read_text()
     assert "../medpix/images/a.png" in text and "two\nlines" in text
     assert "b.png" in text and "c.png" not in text  # the case's first image only
-    thorax = (medpix_site(tmp_path / "t", source=source, region="thorax",
-                          one_per_patient=False) / "manifest.csv").read_text()
+    thorax = (
+        medpix_site(tmp_path / "t", source=source, region="thorax", one_per_patient=False)
+        / "manifest.csv"
+    ).read_text()
     assert "a.png" in thorax and "b.png" not in thorax
 
 
-def test_a_benchmark_setting_is_a_run_of_the_server_app_on_warm_sites(tmp_path: Path,
-                                                                       demo_root: Path) -> None:
+def test_a_benchmark_setting_is_a_run_of_the_server_app_on_warm_sites(
+    tmp_path: Path, demo_root: Path
+) -> None:
     """Screening, the weight cap, each round's evaluation, the record and the sites' budgets."""
     rows = [r for r in utility.pooled_rows(sorted(demo_root.glob("hospital-*"))) if r.image]
-    folders = [utility.write_manifest(tmp_path / "sites" / name, part).parent
-               for name, part in (("small", rows[:10]), ("mid", rows[10:22]), ("big", rows[22:82]))]
+    folders = [
+        utility.write_manifest(tmp_path / "sites" / name, part).parent
+        for name, part in (("small", rows[:10]), ("mid", rows[10:22]), ("big", rows[22:82]))
+    ]
     hospitals = Hospitals(tmp_path / "federation")
     config = bench_user_config("tiny", **SMOKE, num_server_rounds=2, dp=True, target_epsilon=8.0)
     states = {f.name: hospitals.warm(f, config)[1] for f in folders}
     state = hospitals.federate(config, folders, "a")
     folder = RunFolder(tmp_path / "federation" / "runs" / "a")
     history = folder.read_history()
-    assert [line.round for line in history] == [1, 2] and folder.read_summary().status == "completed"
+    assert [line.round for line in history] == [
+        1,
+        2,
+    ] and folder.read_summary().status == "completed"
     assert not (folder.path / MODEL_WEIGHTS).exists()  # 1 MB here, 135 MB with the demo preset
     final = load_tensors(folder.round_checkpoint(2))
     assert set(final) == set(state) and all(torch.equal(final[k], state[k]) for k in state)
     for line in history:
         assert set(line.sites) == {"small", "mid", "big"} and line.rejected == {}
         # the round's lower median weight is mid's 12 rows: big's 60 count as 2 x 12
-        assert line.capped == {"big": "weight 60 capped to 24 (max-weight-factor 2 x the round's "
-                                      "median weight)"}
+        assert line.capped == {
+            "big": "weight 60 capped to 24 (max-weight-factor 2 x the round's median weight)"
+        }
         # every site is asked to evaluate; these hold no validation rows (all are `split=train`)
         assert set(line.refusals) == {"small", "mid", "big"}
         assert all("too-few-records" in why for why in line.refusals.values())
@@ -154,9 +196,15 @@ def test_a_benchmark_setting_is_a_run_of_the_server_app_on_warm_sites(tmp_path: 
         # a tenth of the site's epsilon 8 is set aside for its 2 evaluation releases, as at a
         # deployed site (a researcher-played simulated hospital sets none aside)
         rows_at_site = {"small": 10, "mid": 12, "big": 60}[f.name]
-        assert entry.account.release_noise_multiplier == pytest.approx(calibrate_noise(
-            target_epsilon=0.8, target_delta=min(1e-5, 1 / (10 * rows_at_site)), sample_rate=1.0,
-            total_steps=2, accountant="rdp"))
+        assert entry.account.release_noise_multiplier == pytest.approx(
+            calibrate_noise(
+                target_epsilon=0.8,
+                target_delta=min(1e-5, 1 / (10 * rows_at_site)),
+                sample_rate=1.0,
+                total_steps=2,
+                accountant="rdp",
+            )
+        )
     # the sites stayed warm: their frozen features were computed once, in the first run's round 1
     hospitals.federate(config, folders, "b")
     for f in folders:
@@ -169,10 +217,18 @@ def test_a_benchmark_setting_is_a_run_of_the_server_app_on_warm_sites(tmp_path: 
 @pytest.mark.slow  # ten federations
 def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path) -> None:
     """A smoke run of the utility benchmark (tiny model, small hospitals, 2 rounds)."""
-    out = utility.measure_settings(tmp_path, preset="tiny", scale=0.1, rounds=2,
-                                   overrides=SMOKE_EPSILON_1)
-    expected = {"central", "central-dp8", "federated", "federated-dp1", "federated-dp3",
-                "federated-dp8", "local-mean"}
+    out = utility.measure_settings(
+        tmp_path, preset="tiny", scale=0.1, rounds=2, overrides=SMOKE_EPSILON_1
+    )
+    expected = {
+        "central",
+        "central-dp8",
+        "federated",
+        "federated-dp1",
+        "federated-dp3",
+        "federated-dp8",
+        "local-mean",
+    }
     assert expected <= set(out.raw)
     for name in expected:
         assert 0.0 <= out.raw[name]["auroc"] <= 1.0, name
@@ -181,19 +237,36 @@ def test_utility_benchmark_federates_every_setting_at_tiny_scale(tmp_path: Path)
 
 @pytest.mark.slow  # 30 federations of the tiny model
 def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_path: Path) -> None:
-    out = small_hospitals.run(True, tmp_path, preset="tiny", seeds=2, demo_scale=0.1,
-                              medpix=tmp_path / "absent.csv",
-                              overrides={**SMOKE_EPSILON_1, "num-server-rounds": 1})
+    out = small_hospitals.run(
+        True,
+        tmp_path,
+        preset="tiny",
+        seeds=2,
+        demo_scale=0.1,
+        medpix=tmp_path / "absent.csv",
+        overrides={**SMOKE_EPSILON_1, "num-server-rounds": 1},
+    )
     assert out.key == "demo_small_auroc_fed_dp8" and "medpix-dev not found" in out.note
     settings = out.raw["demo_small"]["settings"]
-    for name in ("central", "federated", "federated-dp1", "federated-dp3", "federated-dp8",
-                 "single-hospital", "single-hospital-dp8", "linear-probe"):
+    for name in (
+        "central",
+        "federated",
+        "federated-dp1",
+        "federated-dp3",
+        "federated-dp8",
+        "single-hospital",
+        "single-hospital-dp8",
+        "linear-probe",
+    ):
         v = settings[name]
         assert len(v["values"]) == 2 and v["mean"] == pytest.approx(np.mean(v["values"]))
         assert v["ci95"][0] <= v["mean"] <= v["ci95"][1]
     assert out.value == settings["federated-dp8"]["mean"]
-    assert set(out.extra) == {"demo_small_auroc_probe", "demo_small_gain_fed_dp8_vs_single_dp8",
-                              "demo_small_gap_central_vs_fed"}
+    assert set(out.extra) == {
+        "demo_small_auroc_probe",
+        "demo_small_gain_fed_dp8_vs_single_dp8",
+        "demo_small_gap_central_vs_fed",
+    }
     for split in out.raw["demo_small"]["splits"]:  # no test patient trains anywhere
         assert split["test_rows"] > 0 and len(split["hospital_rows"]) == 5
 
@@ -202,8 +275,15 @@ def test_small_hospitals_benchmark_reports_every_setting_with_its_interval(tmp_p
 def test_trainable_sets_benchmark_compares_lora_with_fusion_and_head(tmp_path: Path) -> None:
     from benchmarks import trainable_sets
 
-    out = trainable_sets.run(False, tmp_path, medpix=tmp_path / "absent.csv", preset="tiny", seeds=2,
-                             demo_scale=0.1, overrides={**SMOKE, "num-server-rounds": 1})
+    out = trainable_sets.run(
+        False,
+        tmp_path,
+        medpix=tmp_path / "absent.csv",
+        preset="tiny",
+        seeds=2,
+        demo_scale=0.1,
+        overrides={**SMOKE, "num-server-rounds": 1},
+    )
     assert out.settings["data"] == "demo_small"
     assert set(out.raw) == set(trainable_sets.OPTIONS)
     for r in out.raw.values():
@@ -215,12 +295,18 @@ def test_trainable_sets_benchmark_compares_lora_with_fusion_and_head(tmp_path: P
 
 
 def test_small_hospitals_test_patients_are_held_out_of_every_site(tmp_path: Path) -> None:
-    cases = [small_hospitals.Case(image="", text=f"report {i}", label="normal",
-                                  patient=f"p{i // 2}", hospital=f"h{i % 3}") for i in range(60)]
+    cases = [
+        small_hospitals.Case(
+            image="", text=f"report {i}", label="normal", patient=f"p{i // 2}", hospital=f"h{i % 3}"
+        )
+        for i in range(60)
+    ]
     s = small_hospitals.split(cases, tmp_path, seed=1)
+
     def patients(folder: Path) -> set[str]:
         with (folder / "manifest.csv").open() as fh:
             return {r["patient_id"] for r in csv.DictReader(fh)}
+
     test = patients(s.test)
     assert len(test) == 6  # a fifth of the 30 patients
     for folder in (*s.hospitals, s.central):
@@ -231,20 +317,30 @@ def test_small_hospitals_test_patients_are_held_out_of_every_site(tmp_path: Path
 def test_confidence_interval_is_students_t_over_the_seeds() -> None:
     ci = small_hospitals.ci95([0.8, 0.9, 1.0])
     assert ci["mean"] == pytest.approx(0.9)
-    assert ci["ci95"] == pytest.approx([0.9 - 4.303 * 0.1 / 3**0.5, 0.9 + 4.303 * 0.1 / 3**0.5], abs=1e-3)
+    assert ci["ci95"] == pytest.approx(
+        [0.9 - 4.303 * 0.1 / 3**0.5, 0.9 + 4.303 * 0.1 / 3**0.5], abs=1e-3
+    )
 
 
 def test_side_channels_benchmark_measures_each_attack_and_the_cost(tmp_path: Path) -> None:
-    out = side_channels.run(True, tmp_path, trials=20, eval_trials=2000,
-                            medpix=tmp_path / "absent.csv", preset="tiny", demo_scale=0.2)
+    out = side_channels.run(
+        True,
+        tmp_path,
+        trials=20,
+        eval_trials=2000,
+        medpix=tmp_path / "absent.csv",
+        preset="tiny",
+        demo_scale=0.2,
+    )
     advantages = out.raw["advantages"]
     assert advantages["train-loss"] == 0.0  # the reply carries no training loss
     assert advantages["nan-canary"] == 0.0  # every update is finite, member or not
     # the Gaussian mechanism's bound at the default share: ~0.043 (one standard error 0.011)
     assert advantages["evaluation-query"] <= advantages["evaluation-run"] + 0.03
     assert -0.03 <= advantages["evaluation-run"] <= 0.09
-    assert out.value == max(advantages["train-loss"], advantages["nan-canary"],
-                            advantages["evaluation-run"])
+    assert out.value == max(
+        advantages["train-loss"], advantages["nan-canary"], advantages["evaluation-run"]
+    )
     shares = out.raw["cost"]["shares"]
     assert set(shares) == {str(s) for s in side_channels.SHARES}
     # more of the budget for evaluation: less noise on each count

@@ -26,8 +26,11 @@ pytestmark = pytest.mark.xdist_group("test_certs")
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory: pytest.TempPathFactory) -> CredentialLayout:
     root = tmp_path_factory.mktemp("certs") / "creds"
-    write_credentials(root, sans=["localhost", "127.0.0.1", "::1", "link.example.org"],
-                      hospitals=["hospital-a", "hospital-b"])
+    write_credentials(
+        root,
+        sans=["localhost", "127.0.0.1", "::1", "link.example.org"],
+        hospitals=["hospital-a", "hospital-b"],
+    )
     return CredentialLayout(root)
 
 
@@ -56,8 +59,9 @@ def _handshake(creds: CredentialLayout, server_hostname: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["localhost", "127.0.0.1", "link.example.org"])
-def test_tls_client_trusting_the_ca_accepts_the_server_for_every_san(creds: CredentialLayout,
-                                                                     name: str) -> None:
+def test_tls_client_trusting_the_ca_accepts_the_server_for_every_san(
+    creds: CredentialLayout, name: str
+) -> None:
     assert _handshake(creds, name) == "ok"
 
 
@@ -66,7 +70,9 @@ def test_tls_client_rejects_a_name_outside_the_sans(creds: CredentialLayout) -> 
         _handshake(creds, "other.example.org")
 
 
-def test_server_certificate_is_issued_by_the_ca_for_server_auth_only(creds: CredentialLayout) -> None:
+def test_server_certificate_is_issued_by_the_ca_for_server_auth_only(
+    creds: CredentialLayout,
+) -> None:
     ca = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
@@ -74,8 +80,10 @@ def test_server_certificate_is_issued_by_the_ca_for_server_auth_only(creds: Cred
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost", "link.example.org"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
-                                                       ipaddress.ip_address("::1")]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
 
 
 def test_supernode_keys_load_as_flower_loads_them(creds: CredentialLayout) -> None:
@@ -85,7 +93,8 @@ def test_supernode_keys_load_as_flower_loads_them(creds: CredentialLayout) -> No
         assert isinstance(private, ec.EllipticCurvePrivateKey)
         # as `flwr supernode register` reads the public key: the same key
         assert try_load_public_key(creds.node_public_key(name)) == public_key_to_bytes(
-            private.public_key())
+            private.public_key()
+        )
     assert creds.node_key("hospital-a").read_bytes() != creds.node_key("hospital-b").read_bytes()
 
 
@@ -116,13 +125,16 @@ def test_keys_only_writes_a_hospital_key_pair_next_to_existing_credentials(tmp_p
     assert files == [layout.node_key("hospital-c"), layout.node_public_key("hospital-c")]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"hospitals": ["../escape"]}, "cannot name a key folder"),
-    ({"hospitals": ["a", "a"]}, "repeat"),
-    ({"sans": ["not a host!"]}, "neither an IP address nor a valid host name"),
-    ({"sans": []}, "at least one --san"),
-    ({"days": 0}, "at least 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hospitals": ["../escape"]}, "cannot name a key folder"),
+        ({"hospitals": ["a", "a"]}, "repeat"),
+        ({"sans": ["not a host!"]}, "neither an IP address nor a valid host name"),
+        ({"sans": []}, "at least one --san"),
+        ({"days": 0}, "at least 1"),
+    ],
+)
 def test_invalid_requests_say_what_to_fix(tmp_path: Path, kwargs: dict, message: str) -> None:
     args = {"sans": ["localhost"], "hospitals": ["hospital-a"], **kwargs}
     with pytest.raises(CredentialError, match=message):
@@ -130,8 +142,9 @@ def test_invalid_requests_say_what_to_fix(tmp_path: Path, kwargs: dict, message:
     assert not (tmp_path / "creds").exists()
 
 
-def test_command_writes_default_sans_and_refuses_to_overwrite(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_command_writes_default_sans_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["certs", str(tmp_path), "--hospital", "hospital-a"]) == 0
     server = x509.load_pem_x509_certificate(CredentialLayout(tmp_path).server_cert.read_bytes())
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -43,17 +43,24 @@ def server_side(demo_root: Path, **overrides: object) -> tuple[ArrayRecord, Conf
 
 def message(arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: int = 1) -> Message:
     config = ConfigRecord({**config, R.SERVER_ROUND: server_round})
-    return Message(RecordDict({R.ARRAYS: arrays, R.CONFIG: config}), dst_node_id=7, message_type=kind)
+    return Message(
+        RecordDict({R.ARRAYS: arrays, R.CONFIG: config}), dst_node_id=7, message_type=kind
+    )
 
 
 def context(demo_root: Path, state_root: Path, partition: int = 0, **overrides: object) -> Context:
-    return Context(run_id=11, node_id=7, node_config={"partition-id": partition, "num-partitions": 3},
-                   state=RecordDict(),
-                   run_config=tiny_user_config(demo_root, state_root=str(state_root), **overrides))
+    return Context(
+        run_id=11,
+        node_id=7,
+        node_config={"partition-id": partition, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=tiny_user_config(demo_root, state_root=str(state_root), **overrides),
+    )
 
 
-def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root: Path,
-                                                                      tmp_path: Path) -> None:
+def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(
+    demo_root: Path, tmp_path: Path
+) -> None:
     arrays, config, _ = server_side(demo_root)
     ctx = context(demo_root, tmp_path)
     reply = app(message(arrays, config, MessageType.TRAIN), ctx)
@@ -65,7 +72,7 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     untrained = list(content[R.UPDATE][R.UNTRAINED])
     assert untrained == ["fusion.missing_image.table.weight", "fusion.missing_text.table.weight"]
     # the others: same names, same order as the server's
-    assert list(sent.keys()) == [n for n in arrays.keys() if n not in untrained]
+    assert list(sent.keys()) == [n for n in arrays if n not in untrained]
     for name in sent:
         assert sent[name].shape == arrays[name].shape and sent[name].dtype == arrays[name].dtype
     assert set(content[R.METRICS].keys()) == set(R.TRAIN_METRICS)
@@ -76,7 +83,8 @@ def test_train_reply_holds_exactly_the_trainable_set_and_fixed_metrics(demo_root
     assert load_ledger(state_dir).run("run-1").rounds == (1,)  # charged before the reply
     # the receipt's hash is the hash of exactly the arrays sent
     assert read_receipts(state_dir)[0].update_sha256 == update_digest(
-        {k: v.numpy() for k, v in sent.items()})
+        {k: v.numpy() for k, v in sent.items()}
+    )
 
     second = app(message(arrays, config, MessageType.TRAIN, server_round=2), ctx)
     assert second.content[R.METRICS][R.EPSILON] > first  # the ledger carried over the round
@@ -103,11 +111,17 @@ def test_evaluate_reply(demo_root: Path, tmp_path: Path) -> None:
     assert metrics[R.NUM_EXAMPLES] > 0 and 0.0 <= metrics[R.AUROC] <= 1.0
 
 
-def test_missing_data_folder_is_an_error_reply_naming_the_site(demo_root: Path, tmp_path: Path) -> None:
+def test_missing_data_folder_is_an_error_reply_naming_the_site(
+    demo_root: Path, tmp_path: Path
+) -> None:
     arrays, config, _ = server_side(demo_root)
-    reply = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path, partition=9))
+    reply = app(
+        message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path, partition=9)
+    )
     assert reply.has_error()
-    assert "site 'hospital-9'" in reply.error.reason and "no such file or folder" in reply.error.reason
+    assert (
+        "site 'hospital-9'" in reply.error.reason and "no such file or folder" in reply.error.reason
+    )
     assert reply.error.code == R.ERROR_CODES[Kind.BAD_DATA]
 
 
@@ -122,14 +136,20 @@ def test_frozen_part_mismatch_is_refused(demo_root: Path, tmp_path: Path) -> Non
 def test_bad_run_config_is_an_error_reply(demo_root: Path, tmp_path: Path) -> None:
     arrays, config, _ = server_side(demo_root)
     ctx = context(demo_root, tmp_path)
-    ctx = Context(run_id=1, node_id=7, node_config=ctx.node_config, state=RecordDict(),
-                  run_config={**ctx.run_config, "batch-sise": 8})
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config=ctx.node_config,
+        state=RecordDict(),
+        run_config={**ctx.run_config, "batch-sise": 8},
+    )
     reply = app(message(arrays, config, MessageType.TRAIN), ctx)
     assert reply.has_error() and "did you mean 'batch-size'" in reply.error.reason
 
 
-def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(demo_root: Path,
-                                                                    tmp_path: Path) -> None:
+def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """A resumed server asks a round again: same global parameters -> the update already sent."""
     arrays, config, _ = server_side(demo_root)
     first = app(message(arrays, config, MessageType.TRAIN), context(demo_root, tmp_path))
@@ -137,9 +157,10 @@ def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(demo_root: P
     assert not again.has_error(), again.error
     assert list(again.content[R.ARRAYS].keys()) == list(first.content[R.ARRAYS].keys())
     assert list(again.content[R.UPDATE][R.UNTRAINED]) == list(first.content[R.UPDATE][R.UNTRAINED])
-    for name in first.content[R.ARRAYS].keys():
-        np.testing.assert_array_equal(again.content[R.ARRAYS][name].numpy(),
-                                      first.content[R.ARRAYS][name].numpy())
+    for name in first.content[R.ARRAYS]:
+        np.testing.assert_array_equal(
+            again.content[R.ARRAYS][name].numpy(), first.content[R.ARRAYS][name].numpy()
+        )
     assert again.content[R.METRICS][R.EPSILON] == first.content[R.METRICS][R.EPSILON]
     state_dir = tmp_path / "hospital-0" / "state"
     assert load_ledger(state_dir).run("run-1").rounds == (1,)

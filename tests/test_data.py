@@ -43,13 +43,16 @@ def png(folder: Path, name: str) -> str:
 
 def test_every_problem_is_reported_with_its_row(tmp_path: Path) -> None:
     ok = png(tmp_path, "a.png")
-    manifest = write_csv(tmp_path, [
-        {"image": ok, "text": "clear", "label": "normal"},                 # line 2: fine
-        {"image": "img/missing.png", "text": "x", "label": "normal"},      # line 3
-        {"image": "", "text": "", "label": "normal"},                      # line 4
-        {"image": ok, "text": "x", "label": "pneumonai"},                  # line 5
-        {"image": ok, "text": "x", "label": "normal", "split": "test"},    # line 6
-    ])
+    manifest = write_csv(
+        tmp_path,
+        [
+            {"image": ok, "text": "clear", "label": "normal"},  # line 2: fine
+            {"image": "img/missing.png", "text": "x", "label": "normal"},  # line 3
+            {"image": "", "text": "", "label": "normal"},  # line 4
+            {"image": ok, "text": "x", "label": "pneumonai"},  # line 5
+            {"image": ok, "text": "x", "label": "normal", "split": "test"},  # line 6
+        ],
+    )
     with pytest.raises(ManifestError) as info:
         read_manifest(manifest, CLASSES)
     problems = info.value.problems
@@ -76,8 +79,10 @@ def test_empty_and_malformed_manifests(tmp_path: Path) -> None:
 
 def test_jsonl_manifest_with_missing_modalities(tmp_path: Path) -> None:
     image = png(tmp_path, "a.png")
-    lines = [{"image": image, "text": "", "label": "normal", "patient_id": "p1"},
-             {"image": None, "text": "effusion left", "label": "effusion", "patient_id": "p2"}]
+    lines = [
+        {"image": image, "text": "", "label": "normal", "patient_id": "p1"},
+        {"image": None, "text": "effusion left", "label": "effusion", "patient_id": "p2"},
+    ]
     path = tmp_path / "manifest.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     manifest, rows = read_manifest(tmp_path, CLASSES)
@@ -104,20 +109,23 @@ def test_split_keeps_each_patient_on_one_side_and_is_seeded() -> None:
 
 
 def test_split_column_wins_and_pulls_the_patient_along() -> None:
-    rows = _rows(10) + [Row(99, None, "t", "normal", "p0", "val")]
-    train, val = split_by_patient(rows, 0.01, seed=0)
+    rows = [*_rows(10), Row(99, None, "t", "normal", "p0", "val")]
+    _train, val = split_by_patient(rows, 0.01, seed=0)
     assert {r.line for r in val if r.patient_id == "p0"} == {2, 3, 99}
 
 
 def test_dataset_items_and_unreadable_image(tmp_path: Path) -> None:
     good = png(tmp_path, "a.png")
     (tmp_path / "img" / "bad.png").write_bytes(b"not a png")
-    manifest = write_csv(tmp_path, [
-        {"image": good, "text": "left effusion", "label": "effusion"},
-        {"image": "", "text": "clear", "label": "normal"},
-        {"image": "img/bad.png", "text": "", "label": "normal"},
-        {"image": good, "text": "", "label": "pneumonia"},
-    ])
+    manifest = write_csv(
+        tmp_path,
+        [
+            {"image": good, "text": "left effusion", "label": "effusion"},
+            {"image": "", "text": "clear", "label": "normal"},
+            {"image": "img/bad.png", "text": "", "label": "normal"},
+            {"image": good, "text": "", "label": "pneumonia"},
+        ],
+    )
     _, rows = read_manifest(manifest, CLASSES)
     tok = load_tokenizer("builtin:tiny")
     ds = ManifestDataset(manifest, rows, CLASSES, tok, image_size=16, max_text_length=12)
@@ -126,7 +134,9 @@ def test_dataset_items_and_unreadable_image(tmp_path: Path) -> None:
     assert item["labels"].item() == 2 and item["has_image"] and item["has_text"]
     assert not ds[1]["has_image"] and ds[1]["images"].abs().sum() == 0
     assert ds[1]["has_text"] and not ds[3]["has_text"] and ds[3]["labels"].item() == 1
-    with pytest.raises(ImageReadError, match=r"manifest.csv:4: .*bad.png is not a readable PNG/JPEG image"):
+    with pytest.raises(
+        ImageReadError, match=r"manifest.csv:4: .*bad.png is not a readable PNG/JPEG image"
+    ):
         ds[2]
     # from a worker process too: the loader re-raises it by type, and the site explains the error
     with pytest.raises(ImageReadError, match=r"manifest.csv:4: .*bad.png"):
@@ -152,8 +162,11 @@ def _features(root: Path) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray
             lungs = [img[30:55, 12:30], img[30:55, 34:52]]
             feats = []
             for lung in lungs:  # brightness of the base, texture of the middle
-                feats += [lung[12:].mean() - lung[:8].mean(), np.abs(np.diff(lung, axis=1)).mean(),
-                          lung.std()]
+                feats += [
+                    lung[12:].mean() - lung[:8].mean(),
+                    np.abs(np.diff(lung, axis=1)).mean(),
+                    lung.std(),
+                ]
             image_feats.append(feats)
             texts.append(row["text"])
             labels.append(DEMO_CLASS_NAMES.index(row["label"]))
@@ -168,8 +181,14 @@ def test_demo_data_needs_both_modalities(demo_root: Path) -> None:
     image = (image - image.mean(0)) / image.std(0)
 
     def auroc(x: np.ndarray) -> float:
-        probs = cross_val_predict(LogisticRegression(max_iter=2000), x, y, groups=groups,
-                                  cv=GroupKFold(n_splits=4), method="predict_proba")
+        probs = cross_val_predict(
+            LogisticRegression(max_iter=2000),
+            x,
+            y,
+            groups=groups,
+            cv=GroupKFold(n_splits=4),
+            method="predict_proba",
+        )
         return macro_auroc(y, probs)
 
     image_only, text_only, both = auroc(image), auroc(words), auroc(np.hstack([image, words]))
@@ -178,10 +197,17 @@ def test_demo_data_needs_both_modalities(demo_root: Path) -> None:
 
 
 def test_reports_are_padded_to_the_longest_and_cut_at_max_text_length(tmp_path: Path) -> None:
-    manifest = write_csv(tmp_path, [
-        {"image": "", "text": "clear", "label": "normal"},
-        {"image": "", "text": "left pleural effusion with basal atelectasis", "label": "effusion"},
-    ])
+    manifest = write_csv(
+        tmp_path,
+        [
+            {"image": "", "text": "clear", "label": "normal"},
+            {
+                "image": "",
+                "text": "left pleural effusion with basal atelectasis",
+                "label": "effusion",
+            },
+        ],
+    )
     _, rows = read_manifest(manifest, CLASSES)
     tok = load_tokenizer("builtin:tiny")
     longest = len(tok(rows[1].text)["input_ids"])  # with [CLS] and [SEP]

@@ -38,18 +38,58 @@ def bad_site(tmp_path: Path) -> Path:
     shutil.copy(get_testdata_file("CT_small.dcm", download=False), img / "ct.dcm")
     (img / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (img / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x00ab")
-    write_manifest(tmp_path, [
-        {"image": "img/ok.png", "text": "lungs clear", "label": "normal", "patient_id": "p1"},  # 2
-        {"image": "img/ct.dcm", "text": "", "label": "pneumonia", "patient_id": "p2"},      # 3
-        {"image": "img/gone.png", "text": "x", "label": "normal", "patient_id": "p3"},      # 4 missing
-        {"image": "img/broken.png", "text": "", "label": "normal", "patient_id": "p4"},     # 5 unreadable
-        {"image": "img/corrupt.dcm", "text": "", "label": "normal", "patient_id": "p5"},    # 6 corrupt
-        {"image": "", "text": "effusion", "label": "efusion", "patient_id": "p6"},          # 7 label
-        {"image": "", "text": "", "label": "normal", "patient_id": "p7"},                   # 8 empty
-        {"image": "img/ok.png", "text": "lungs clear", "label": "normal", "patient_id": "p1"},  # 9 dup
-        {"image": "", "text": "a", "label": "normal", "patient_id": "p8", "split": "train"},  # 10
-        {"image": "", "text": "b", "label": "normal", "patient_id": "p8", "split": "val"},    # 11 2 splits
-    ])
+    write_manifest(
+        tmp_path,
+        [
+            {
+                "image": "img/ok.png",
+                "text": "lungs clear",
+                "label": "normal",
+                "patient_id": "p1",
+            },  # 2
+            {"image": "img/ct.dcm", "text": "", "label": "pneumonia", "patient_id": "p2"},  # 3
+            {
+                "image": "img/gone.png",
+                "text": "x",
+                "label": "normal",
+                "patient_id": "p3",
+            },  # 4 missing
+            {
+                "image": "img/broken.png",
+                "text": "",
+                "label": "normal",
+                "patient_id": "p4",
+            },  # 5 unreadable
+            {
+                "image": "img/corrupt.dcm",
+                "text": "",
+                "label": "normal",
+                "patient_id": "p5",
+            },  # 6 corrupt
+            {"image": "", "text": "effusion", "label": "efusion", "patient_id": "p6"},  # 7 label
+            {"image": "", "text": "", "label": "normal", "patient_id": "p7"},  # 8 empty
+            {
+                "image": "img/ok.png",
+                "text": "lungs clear",
+                "label": "normal",
+                "patient_id": "p1",
+            },  # 9 dup
+            {
+                "image": "",
+                "text": "a",
+                "label": "normal",
+                "patient_id": "p8",
+                "split": "train",
+            },  # 10
+            {
+                "image": "",
+                "text": "b",
+                "label": "normal",
+                "patient_id": "p8",
+                "split": "val",
+            },  # 11 2 splits
+        ],
+    )
     return tmp_path
 
 
@@ -82,15 +122,19 @@ def test_summary_and_warnings(bad_site: Path) -> None:
     assert any("['effusion']" in w for w in report.warnings)
 
 
-def test_cli_exit_codes_and_output(bad_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_exit_codes_and_output(
+    bad_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["data", "check", str(bad_site)]) == 1
     out = capsys.readouterr().out
     assert "manifest.csv:6: " in out and "FAILED: 7 problem(s)" in out
     good = tmp_path / "good"
     good.mkdir()
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(good / "a.png")
-    write_manifest(good, [{"image": "a.png", "text": "", "label": "yes"},
-                          {"image": "", "text": "b", "label": "no"}])
+    write_manifest(
+        good,
+        [{"image": "a.png", "text": "", "label": "yes"}, {"image": "", "text": "b", "label": "no"}],
+    )
     assert main(["data", "check", str(good), "--class-names", "no,yes"]) == 0
     out = capsys.readouterr().out
     assert "OK: the manifest is usable." in out and "warning: tiny site" in out
@@ -104,8 +148,15 @@ def test_twenty_thousand_rows_are_checked_quickly(tmp_path: Path) -> None:
     for i in range(4):
         Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     labels = list(CLASSES)
-    rows = [{"image": f"{i % 4}.png" if i % 5 else "", "text": "" if i % 5 == 1 else f"report {i}",
-             "label": labels[i % 3], "patient_id": f"p{i // 2}"} for i in range(20_000)]
+    rows = [
+        {
+            "image": f"{i % 4}.png" if i % 5 else "",
+            "text": "" if i % 5 == 1 else f"report {i}",
+            "label": labels[i % 3],
+            "patient_id": f"p{i // 2}",
+        }
+        for i in range(20_000)
+    ]
     write_manifest(tmp_path, rows)
     start = time.perf_counter()
     report = check_manifest(tmp_path, CLASSES)

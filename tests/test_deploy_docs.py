@@ -25,15 +25,23 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 GUIDE = (DEPLOY / "README.md").read_text()
 # the official image each service runs (or builds on), and the executable that image starts
-ENTRYPOINTS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
-               "flwr/superexec": "flower-superexec"}
+ENTRYPOINTS = {
+    "flwr/superlink": "flower-superlink",
+    "flwr/supernode": "flower-supernode",
+    "flwr/superexec": "flower-superexec",
+}
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]+)")
 
 
 @functools.cache
 def _help(executable_name: str) -> str:
-    return subprocess.run([executable(executable_name), "--help"], capture_output=True, text=True,
-                          timeout=60, check=True).stdout
+    return subprocess.run(
+        [executable(executable_name), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
 
 
 def _image(service: dict) -> str:
@@ -42,8 +50,14 @@ def _image(service: dict) -> str:
 
 def test_compose_services_use_the_official_images_of_the_installed_flower() -> None:
     images = {name: _image(s) for name, s in COMPOSE["services"].items()}
-    assert set(images) == {"superlink", "serverapp", "supernode-a", "supernode-b", "node-a",
-                           "node-b"}
+    assert set(images) == {
+        "superlink",
+        "serverapp",
+        "supernode-a",
+        "supernode-b",
+        "node-a",
+        "node-b",
+    }
     for name, image in images.items():
         repo, tag = image.split(":")
         assert repo in ENTRYPOINTS and tag == flwr.__version__, (name, image)
@@ -60,7 +74,12 @@ def test_compose_commands_use_existing_flags_and_tls(name: str) -> None:
     assert all(f in help_text for f in flags), (flags, name)
     assert "--insecure" not in flags
     if name == "superlink":
-        tls_and_auth = {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth"}
+        tls_and_auth = {
+            "--ssl-certfile",
+            "--ssl-keyfile",
+            "--ssl-ca-certfile",
+            "--enable-supernode-auth",
+        }
         assert tls_and_auth <= set(flags)
     else:
         assert "--root-certificates" in flags
@@ -73,8 +92,11 @@ def test_each_hospital_runs_a_supernode_in_process_isolation_and_its_node(hospit
     assert flags["--isolation"] == "process" and "--node-config" not in flags
     assert node["entrypoint"] == ["fedfusion", "node"]
     options = dict(a.split("=", 1) for a in node["command"])
-    assert set(options) <= {a.dest.replace("_", "-").join(["--", ""]) for a in
-                            build_parser()._actions if a.option_strings}
+    assert set(options) <= {
+        a.dest.replace("_", "-").join(["--", ""])
+        for a in build_parser()._actions
+        if a.option_strings
+    }
     assert options["--supernode"] == f"supernode-{hospital}:{flags['--port']}"
     assert options["--superexec-auth-secret-file"] == flags["--superexec-auth-secret-file"]
     site = SiteConfig.deployed(parse_config_args([options["--node-config"]]))

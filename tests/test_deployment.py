@@ -38,7 +38,10 @@ from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
 from simulations.loopback import LoopbackFederation, Started
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]  # about 4 min: real processes, a 60 s task timeout in run 4
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("deployment"),
+]  # about 4 min: real processes, a 60 s task timeout in run 4
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSPITALS = {"hospital-a": 8.0, "hospital-b": 6.0}  # name: the max-epsilon in its own policy
@@ -53,11 +56,16 @@ BOMB_MB = 128  # the array a malicious ServerApp adds to every round message
 def tampered_app(dest: Path, *, publisher: str = "fedfusion", marker: Path | None = None) -> Path:
     """A copy of this app folder; with `marker`, its ClientApp writes it and sends no DP update."""
     dest.mkdir(parents=True)
-    (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text().replace(
-        'publisher = "fedfusion"', f'publisher = "{publisher}"'))
+    (dest / "pyproject.toml").write_text(
+        (ROOT / "pyproject.toml")
+        .read_text()
+        .replace('publisher = "fedfusion"', f'publisher = "{publisher}"')
+    )
     shutil.copy(ROOT / "README.md", dest / "README.md")
     for package in ("common", "client", "server", "tools"):
-        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     if marker is not None:
         (dest / "client" / "app.py").write_text(f'''
 """A tampered ClientApp: it would run at a hospital that ran the coordinator's bundle."""
@@ -80,16 +88,19 @@ def train(msg, context):
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory,
-               request: pytest.FixtureRequest) -> LoopbackFederation:
+def federation(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> LoopbackFederation:
     """SuperLink + 2 registered hospitals (SuperNode + node) over TLS."""
     tmp = tmp_path_factory.mktemp("deployment")
     fed = LoopbackFederation(tmp, ROOT, node_options=f"max-message-mb={MAX_MESSAGE_MB}")
     request.addfinalizer(fed.stop)  # also when the setup below fails half-way
     manifests = write_demo_hospitals(tmp / "data", len(HOSPITALS), seed=0, size_scale=0.1)
     # per-run caps: the module runs several runs on the same data
-    policies = {name: f'max-epsilon = {eps}\nbudget-scope = "run"\nmin-eval-records = 5\n'
-                for name, eps in HOSPITALS.items()}
+    policies = {
+        name: f'max-epsilon = {eps}\nbudget-scope = "run"\nmin-eval-records = 5\n'
+        for name, eps in HOSPITALS.items()
+    }
     fed.start(dict(zip(HOSPITALS, manifests, strict=True)), policies)
     return fed
 
@@ -101,8 +112,9 @@ def tampered_run(federation: LoopbackFederation) -> Started:
     No federated evaluation in it: that is covered in-process and in runs 3 and 4.
     """
     app = tampered_app(federation.root / "tampered", marker=federation.root / MARKER)
-    return _submit(federation, "tampered", app, "num-server-rounds=2 local-epochs=1 "
-                   "fraction-evaluate=0.0")
+    return _submit(
+        federation, "tampered", app, "num-server-rounds=2 local-epochs=1 fraction-evaluate=0.0"
+    )
 
 
 def _submit(fed: LoopbackFederation, name: str, app: Path, run_config: str) -> Started:
@@ -115,40 +127,56 @@ def _finish(fed: LoopbackFederation, run: Started, name: str) -> RunFolder:
 
 def _assert_federation_unharmed(fed: LoopbackFederation) -> None:
     nodes = [n for n in fed.nodes_listed() if n.get("status") != "unregistered"]
-    assert [n.get("status") for n in nodes] == ["online", "online"], \
+    assert [n.get("status") for n in nodes] == ["online", "online"], (
         f"expected just the 2 registered nodes, online: {nodes}\n{fed.procs.report()}"
+    )
     dead = [s.name for s in (fed.superlink, *fed.nodes.values()) if s.proc.poll() is not None]
     assert not dead, f"{dead} exited\n{fed.procs.report()}"
 
 
-def test_supernode_with_unregistered_key_is_refused(federation: LoopbackFederation,
-                                                    tampered_run: Started) -> None:
+def test_supernode_with_unregistered_key_is_refused(
+    federation: LoopbackFederation, tampered_run: Started
+) -> None:
     fed = federation
     rogue = CredentialLayout(fed.root / "rogue-creds")
     write_credentials(rogue.root, sans=[], hospitals=["rogue"], server=False)
-    node = fed.start_supernode("rogue", [
-        "--root-certificates", str(CredentialLayout(fed.creds).ca_cert),
-        "--auth-supernode-private-key", str(rogue.node_key("rogue")),
-        "--max-retries", "1", "--max-wait-time", "10"])
+    node = fed.start_supernode(
+        "rogue",
+        [
+            "--root-certificates",
+            str(CredentialLayout(fed.creds).ca_cert),
+            "--auth-supernode-private-key",
+            str(rogue.node_key("rogue")),
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "10",
+        ],
+    )
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
-    assert "No SuperNode found with the given public key" in fed.superlink.log.read_text(), \
+    assert "No SuperNode found with the given public key" in fed.superlink.log.read_text(), (
         fed.procs.report()
+    )
     _assert_federation_unharmed(fed)
 
 
-def test_supernode_without_tls_cannot_connect(federation: LoopbackFederation,
-                                              tampered_run: Started) -> None:
+def test_supernode_without_tls_cannot_connect(
+    federation: LoopbackFederation, tampered_run: Started
+) -> None:
     fed = federation
-    node = fed.start_supernode("plaintext", [
-        "--insecure", "--max-retries", "1", "--max-wait-time", "10"])
+    node = fed.start_supernode(
+        "plaintext", ["--insecure", "--max-retries", "1", "--max-wait-time", "10"]
+    )
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
-    assert "could not establish a connection to the SuperLink" in node.log.read_text(), \
+    assert "could not establish a connection to the SuperLink" in node.log.read_text(), (
         fed.procs.report()
+    )
     _assert_federation_unharmed(fed)
 
 
-def test_a_tampered_bundle_never_runs_at_a_hospital(federation: LoopbackFederation,
-                                                   tampered_run: Started) -> None:
+def test_a_tampered_bundle_never_runs_at_a_hospital(
+    federation: LoopbackFederation, tampered_run: Started
+) -> None:
     fed = federation
     folder = _finish(fed, tampered_run, "tampered")
     assert not (fed.root / MARKER).exists(), (fed.root / MARKER).read_text()
@@ -171,7 +199,9 @@ def _log_after(started: Started, offset: int) -> str:
     return started.log.read_text(errors="replace")[offset:]
 
 
-def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: LoopbackFederation) -> None:
+def test_a_bundle_of_another_publisher_is_refused_at_every_node(
+    federation: LoopbackFederation,
+) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
     app = tampered_app(fed.root / "evil", publisher="evilcorp")
@@ -188,11 +218,15 @@ def test_a_bundle_of_another_publisher_is_refused_at_every_node(federation: Loop
         assert "train / " not in log and "feature cache" not in log  # no site data was read
 
 
-def test_the_run_config_cannot_move_a_site_off_its_node_config(federation: LoopbackFederation) -> None:
+def test_the_run_config_cannot_move_a_site_off_its_node_config(
+    federation: LoopbackFederation,
+) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
-    overrides = (f"num-server-rounds=1 local-epochs=1 device='cuda' val-fraction=0.9 "
-                 f"data-root='{fed.root / 'nowhere'}' state-root='{fed.root / 'elsewhere'}'")
+    overrides = (
+        f"num-server-rounds=1 local-epochs=1 device='cuda' val-fraction=0.9 "
+        f"data-root='{fed.root / 'nowhere'}' state-root='{fed.root / 'elsewhere'}'"
+    )
     folder = _finish(fed, _submit(fed, "overrides", ROOT, overrides), "overrides")
     (line,) = folder.read_history()
     assert line.finished and set(line.sites) == set(HOSPITALS), line
@@ -210,11 +244,19 @@ def test_a_node_killed_mid_round_never_under_counts(federation: LoopbackFederati
     node = fed.nodes[name]
     offset = node.log.stat().st_size
     # uncached epochs, so a round lasts long enough to be interrupted
-    run = _submit(fed, "killed", ROOT, "num-server-rounds=3 local-epochs=12 local-steps=0 min-nodes=1 "
-                  "fraction-evaluate=0.0 feature-cache=false")
-    fed.procs.wait_until(f"{name} training round 2",
-                         lambda: re.search(r"round 2 train epoch \d+/12", _log_after(node, offset))
-                         is not None, RUN_TIMEOUT, [node, run])
+    run = _submit(
+        fed,
+        "killed",
+        ROOT,
+        "num-server-rounds=3 local-epochs=12 local-steps=0 min-nodes=1 "
+        "fraction-evaluate=0.0 feature-cache=false",
+    )
+    fed.procs.wait_until(
+        f"{name} training round 2",
+        lambda: re.search(r"round 2 train epoch \d+/12", _log_after(node, offset)) is not None,
+        RUN_TIMEOUT,
+        [node, run],
+    )
     os.kill(node.proc.pid, signal.SIGKILL)  # mid-round: no reply, whatever it had written stays
     node.proc.wait(10)
     fed.start_node(name, label="node-restarted")
@@ -241,10 +283,14 @@ def bomb_app(dest: Path, megabytes: int) -> Path:
     text = server_app.read_text().replace(
         "    arrays = ArrayRecord(trainable_state(model))\n",
         "    arrays = ArrayRecord(trainable_state(model))\n"
-        f"    arrays['bomb'] = Array(__import__('numpy').full({megabytes} * 2**18, 7.0, 'float32'))\n")
-    server_app.write_text(text.replace(  # and it saves its model without the bomb
-        "dict(end.arrays.to_torch_state_dict())",
-        "{k: v for k, v in end.arrays.to_torch_state_dict().items() if k != 'bomb'}"))
+        f"    arrays['bomb'] = Array(__import__('numpy').full({megabytes} * 2**18, 7.0, 'float32'))\n",
+    )
+    server_app.write_text(
+        text.replace(  # and it saves its model without the bomb
+            "dict(end.arrays.to_torch_state_dict())",
+            "{k: v for k, v in end.arrays.to_torch_state_dict().items() if k != 'bomb'}",
+        )
+    )
     return app
 
 
@@ -254,8 +300,9 @@ def _peak_rss(started: Started) -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def test_a_message_bomb_is_refused_unpacked_and_memory_stays_put(federation: LoopbackFederation,
-                                                                tampered_run: Started) -> None:
+def test_a_message_bomb_is_refused_unpacked_and_memory_stays_put(
+    federation: LoopbackFederation, tampered_run: Started
+) -> None:
     fed = federation
     fed.finish(tampered_run, "tampered", RUN_TIMEOUT)  # every node has served an honest round
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
@@ -275,18 +322,29 @@ def test_a_message_bomb_is_refused_unpacked_and_memory_stays_put(federation: Loo
 
 
 def test_a_rogue_node_registered_through_the_control_api_takes_no_part(
-        federation: LoopbackFederation) -> None:
+    federation: LoopbackFederation,
+) -> None:
     fed = federation
     (data,) = write_demo_hospitals(fed.root / "rogue-data", 1, seed=7, size_scale=0.1)
     # the attack: anyone who reaches the Control API registers a key, here under a real name
     rogue = fed.join("rogue", data, registered_as="hospital-a")
     try:
         pinned = ",".join(f"{fed.node_ids[name]}={name}" for name in HOSPITALS)
-        folder = _finish(fed, _submit(fed, "pinned", ROOT, "num-server-rounds=1 local-epochs=1 "
-                                      f"fraction-evaluate=0.0 site-nodes='{pinned}'"), "pinned")
+        folder = _finish(
+            fed,
+            _submit(
+                fed,
+                "pinned",
+                ROOT,
+                f"num-server-rounds=1 local-epochs=1 fraction-evaluate=0.0 site-nodes='{pinned}'",
+            ),
+            "pinned",
+        )
         (line,) = folder.read_history()
         assert line.finished and set(line.sites) == set(HOSPITALS), line
-        assert {s: e.node_id for s, e in line.sites.items()} == {n: fed.node_ids[n] for n in HOSPITALS}
+        assert {s: e.node_id for s, e in line.sites.items()} == {
+            n: fed.node_ids[n] for n in HOSPITALS
+        }
         assert "not among the run's site-nodes" in line.rejected[f"node {rogue}"]
         assert "task done" not in fed.nodes["rogue"].log.read_text()  # it was sent nothing
     finally:

@@ -22,10 +22,12 @@ from tests.test_robustness import Fault, run, scaled
 
 def _metrics(**changes: object) -> Fault:
     """A fault that rewrites the reply's metrics."""
+
     def fault(received: Message, reply: Message) -> Message:
         if not reply.has_error():
             reply.content[R.METRICS] = MetricRecord({**dict(reply.content[R.METRICS]), **changes})
         return reply
+
     return fault
 
 
@@ -42,12 +44,22 @@ def _claim(name: str) -> Fault:
     def fault(received: Message, reply: Message) -> Message:
         reply.content[R.SITE] = ConfigRecord({R.SITE_NAME: name})
         return reply
+
     return fault
 
 
-def test_malformed_replies_are_rejected_and_the_round_goes_on(demo_root: Path, tmp_path: Path) -> None:
-    out = RunFolder(run(demo_root, tmp_path, 3, {0: _metrics(**{R.NUM_EXAMPLES: math.nan}),
-                                                 1: _drop_metrics}, **{"min-nodes": 1}))
+def test_malformed_replies_are_rejected_and_the_round_goes_on(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    out = RunFolder(
+        run(
+            demo_root,
+            tmp_path,
+            3,
+            {0: _metrics(**{R.NUM_EXAMPLES: math.nan}), 1: _drop_metrics},
+            **{"min-nodes": 1},
+        )
+    )
     (line,) = out.read_history()
     assert line.finished and set(line.rejected) == {"hospital-0", "hospital-1"}
     assert "num-examples is nan" in line.rejected["hospital-0"]
@@ -55,17 +67,31 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(demo_root: Path, t
     assert line.sites["hospital-2"].train is not None
 
 
-def test_a_huge_weight_is_rejected_and_a_large_one_capped(five_hospitals: Path, tmp_path: Path) -> None:
+def test_a_huge_weight_is_rejected_and_a_large_one_capped(
+    five_hospitals: Path, tmp_path: Path
+) -> None:
     """An update scaled by -5 that claims 1e9 (then 1e7) records, screening at its defaults.
 
     At the old default (20 x the median) the 1e7 claim still held 84% of the weight."""
     poison = scaled(-5.0)
-    huge = RunFolder(run(five_hospitals, tmp_path / "huge", 5,
-                         {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**9}))}))
+    huge = RunFolder(
+        run(
+            five_hospitals,
+            tmp_path / "huge",
+            5,
+            {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**9}))},
+        )
+    )
     (line,) = huge.read_history()
     assert "not a whole number from 1 to" in line.rejected["hospital-4"]
-    large = RunFolder(run(five_hospitals, tmp_path / "large", 5,
-                          {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**7}))}))
+    large = RunFolder(
+        run(
+            five_hospitals,
+            tmp_path / "large",
+            5,
+            {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: 10**7}))},
+        )
+    )
     (line,) = large.read_history()
     weights = sorted(s.train[R.NUM_EXAMPLES] for s in line.sites.values())
     factor = default_user_config()["max-weight-factor"]
@@ -74,8 +100,14 @@ def test_a_huge_weight_is_rejected_and_a_large_one_capped(five_hospitals: Path, 
     honest = [s.train[R.NUM_EXAMPLES] for name, s in line.sites.items() if name != "hospital-4"]
     assert cap / (cap + sum(honest)) < 0.4  # its share of the weight, once capped
     # the aggregate is exactly the one of a site that had claimed the cap: its weight was bounded
-    bounded = RunFolder(run(five_hospitals, tmp_path / "bounded", 5,
-                            {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: cap}))}))
+    bounded = RunFolder(
+        run(
+            five_hospitals,
+            tmp_path / "bounded",
+            5,
+            {4: _both(poison, _metrics(**{R.NUM_EXAMPLES: cap}))},
+        )
+    )
     expected = load_tensors(bounded.path / "round-001.safetensors")
     for name, value in load_tensors(large.path / "round-001.safetensors").items():
         np.testing.assert_allclose(value.numpy(), expected[name].numpy(), rtol=1e-5, atol=1e-7)
@@ -89,19 +121,30 @@ def test_a_node_cannot_write_under_another_hospitals_name(demo_root: Path, tmp_p
     assert line.sites["hospital-0"].node_id == 1 and line.sites["hospital-0 (node 3)"].node_id == 3
 
 
-def test_names_are_bound_to_node_ids_and_an_unknown_node_takes_no_part(demo_root: Path,
-                                                                       tmp_path: Path) -> None:
+def test_names_are_bound_to_node_ids_and_an_unknown_node_takes_no_part(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """Node 1 answers first claiming hospital-2's name; node 4 is online but not in site-nodes."""
     replied: list[int] = []
     pinned = "1=hospital-0,2=hospital-1,3=hospital-2"
-    out = RunFolder(run(demo_root, tmp_path, 4, {0: _claim("hospital-2")},
-                        tap=lambda node, reply: replied.append(node),
-                        **{"site-nodes": pinned, "num-server-rounds": 2}))
+    out = RunFolder(
+        run(
+            demo_root,
+            tmp_path,
+            4,
+            {0: _claim("hospital-2")},
+            tap=lambda node, reply: replied.append(node),
+            **{"site-nodes": pinned, "num-server-rounds": 2},
+        )
+    )
     history = out.read_history()
     assert [h.round for h in history] == [1, 2] and all(h.finished for h in history)
     for line in history:
         assert {s: e.node_id for s, e in line.sites.items()} == {
-            "hospital-0": 1, "hospital-1": 2, "hospital-2": 3}
+            "hospital-0": 1,
+            "hospital-1": 2,
+            "hospital-2": 3,
+        }
         assert "not among the run's site-nodes" in line.rejected["node 4"]
     assert 4 not in replied  # never sent the model, never aggregated
 

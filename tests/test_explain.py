@@ -20,7 +20,7 @@ from tools.predict import Predictor, cases_dataset, load_predictor
 
 pytest.importorskip("captum")
 
-from tools.explain import explain_cases, integrated_gradients  # noqa: E402
+from tools.explain import explain_cases, integrated_gradients
 
 
 def _predictor(tmp_path: Path, fusion: str) -> Predictor:
@@ -58,8 +58,9 @@ def test_a_missing_modality_gets_no_attribution(demo_root: Path, tmp_path: Path)
     no_image, no_text, both = explained
     assert no_image.heatmap is None and float(no_image.attribution.image.abs().sum()) == 0.0
     assert no_image.with_modalities["both"] == pytest.approx(no_image.with_modalities["text"])
-    assert no_text.tokens == [] and no_text.attribution.totals["text"] == pytest.approx(0.0,
-                                                                                        abs=1e-7)
+    assert no_text.tokens == [] and no_text.attribution.totals["text"] == pytest.approx(
+        0.0, abs=1e-7
+    )
     assert both.heatmap and (out / both.heatmap).read_bytes()[:4] == b"\x89PNG"
     assert both.tokens and all(not t.startswith("[") for t, _ in both.tokens)
     assert both.weights is not None and sum(both.weights.values()) == pytest.approx(1.0)
@@ -69,13 +70,30 @@ def test_a_missing_modality_gets_no_attribution(demo_root: Path, tmp_path: Path)
     assert [n["line"] for n in numbers] == [c.line for c in explained]
 
 
-def test_predict_explain_command(demo_root: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_explain_command(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _predictor(tmp_path, "concat")
     out = tmp_path / "why"
-    code = main(["predict", "--model", str(tmp_path / "concat"), "--manifest",
-                 str(demo_root / "hospital-2"), "--out", str(tmp_path / "p.csv"), "--device", "cpu",
-                 "--explain", str(out), "--explain-max", "2", "--ig-steps", "8"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "concat"),
+            "--manifest",
+            str(demo_root / "hospital-2"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--device",
+            "cpu",
+            "--explain",
+            str(out),
+            "--explain-max",
+            "2",
+            "--ig-steps",
+            "8",
+        ]
+    )
     assert code == 0
     assert "2 explanation(s) written" in capsys.readouterr().out
     assert len(list(out.glob("case-*-image.png"))) == 2 and (out / "explanations.html").is_file()

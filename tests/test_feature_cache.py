@@ -46,18 +46,25 @@ class Cases(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"images": self.images[i], "input_ids": self.input_ids[i],
-                "attention_mask": self.attention_mask[i], "has_image": self.has_image[i],
-                "has_text": self.has_text[i], "labels": self.labels[i]}
+        return {
+            "images": self.images[i],
+            "input_ids": self.input_ids[i],
+            "attention_mask": self.attention_mask[i],
+            "has_image": self.has_image[i],
+            "has_text": self.has_text[i],
+            "labels": self.labels[i],
+        }
 
 
 def tiny_model(blocks: int, layers: int, fusion: str = "attention") -> FusionModel:
-    return build_model(tiny_run(fusion=fusion, trainable_image_blocks=blocks,
-                                trainable_text_layers=layers).model)
+    return build_model(
+        tiny_run(fusion=fusion, trainable_image_blocks=blocks, trainable_text_layers=layers).model
+    )
 
 
-def per_sample_grads(model: torch.nn.Module, params: list[torch.Tensor],
-                     loader: DataLoader) -> list[list[torch.Tensor]]:
+def per_sample_grads(
+    model: torch.nn.Module, params: list[torch.Tensor], loader: DataLoader
+) -> list[list[torch.Tensor]]:
     """Gradient of each example's loss (batches of one), in loader order."""
     model.train()
     grads = []
@@ -72,7 +79,9 @@ def per_sample_grads(model: torch.nn.Module, params: list[torch.Tensor],
 
 
 @pytest.mark.parametrize("blocks,layers", SPLITS)
-def test_cached_logits_and_per_sample_gradients_equal_the_full_model(blocks: int, layers: int) -> None:
+def test_cached_logits_and_per_sample_gradients_equal_the_full_model(
+    blocks: int, layers: int
+) -> None:
     model = tiny_model(blocks, layers)
     data = Cases()
     features = compute_features(CachedFusion(model), data, CPU)
@@ -90,21 +99,34 @@ def test_cached_logits_and_per_sample_gradients_equal_the_full_model(blocks: int
     torch.testing.assert_close(cached_logits, full_logits, rtol=1e-5, atol=1e-5)
 
 
-def _dp_epoch(net: torch.nn.Module, model: FusionModel, dataset: Dataset,
-              mode: str) -> dict[str, torch.Tensor]:
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+def _dp_epoch(
+    net: torch.nn.Module, model: FusionModel, dataset: Dataset, mode: str
+) -> dict[str, torch.Tensor]:
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9
+    )
     ledger = Account(accountant="rdp", delta=1e-5, noise_multiplier=1.0, sample_rate=8 / 24)
     torch.manual_seed(123)  # the same Poisson batches and the same noise in both paths
-    with private_training(net, optimizer, DataLoader(dataset, batch_size=8), ledger, max_grad_norm=0.5,
-                          grad_sample_mode=mode) as session:
-        result = train(net, session.loader, session.optimizer, session.criterion, epochs=2, device=CPU)
+    with private_training(
+        net,
+        optimizer,
+        DataLoader(dataset, batch_size=8),
+        ledger,
+        max_grad_norm=0.5,
+        grad_sample_mode=mode,
+    ) as session:
+        result = train(
+            net, session.loader, session.optimizer, session.criterion, epochs=2, device=CPU
+        )
     assert result.steps == 6
     return trainable_state(model)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("blocks,layers", SPLITS)
-def test_dp_sgd_on_cached_features_takes_the_same_steps(mode: str, blocks: int, layers: int) -> None:
+def test_dp_sgd_on_cached_features_takes_the_same_steps(
+    mode: str, blocks: int, layers: int
+) -> None:
     model, data = tiny_model(blocks, layers, fusion="concat"), Cases()
     start = trainable_state(model)
     features = compute_features(CachedFusion(model), data, CPU)
@@ -117,8 +139,15 @@ def test_dp_sgd_on_cached_features_takes_the_same_steps(mode: str, blocks: int, 
 
 
 def key(**changes: object) -> CacheKey:
-    base = dict(dataset_sha256="d1", split="train", frozen_fingerprint="f1", trainable_image_blocks=0,
-                trained_text_layers=0, image_size=64, max_text_length=32)
+    base = dict(
+        dataset_sha256="d1",
+        split="train",
+        frozen_fingerprint="f1",
+        trainable_image_blocks=0,
+        trained_text_layers=0,
+        image_size=64,
+        max_text_length=32,
+    )
     return CacheKey(**{**base, **changes})
 
 
@@ -127,8 +156,14 @@ def test_cache_reuses_a_key_and_recomputes_when_any_field_changes(tmp_path: Path
     cache = FeatureCache()
     first = cache.get(key(), model, data, CPU)
     assert cache.get(key(), model, data, CPU) is first
-    changed = [key(dataset_sha256="d2"), key(frozen_fingerprint="f2"), key(trained_text_layers=1),
-               key(image_size=32), key(max_text_length=16), key(split="val")]
+    changed = [
+        key(dataset_sha256="d2"),
+        key(frozen_fingerprint="f2"),
+        key(trained_text_layers=1),
+        key(image_size=32),
+        key(max_text_length=16),
+        key(split="val"),
+    ]
     assert len({k.digest() for k in changed} | {key().digest()}) == len(changed) + 1
     for k in changed:
         assert cache.get(k, model, data, CPU) is not first
@@ -144,7 +179,9 @@ def test_cache_reuses_a_key_and_recomputes_when_any_field_changes(tmp_path: Path
     for name, tensor in written.tensors.items():
         assert torch.equal(read.tensors[name], tensor), name
     FeatureCache(disk_dir=folder).get(key(dataset_sha256="d9"), model, data, CPU)
-    assert [p.name for p in folder.iterdir()] == [f"train-{key(dataset_sha256='d9').digest()}.safetensors"]
+    assert [p.name for p in folder.iterdir()] == [
+        f"train-{key(dataset_sha256='d9').digest()}.safetensors"
+    ]
 
 
 def test_cache_evicts_least_recently_used_beyond_its_memory_bound(tmp_path: Path) -> None:
@@ -171,8 +208,9 @@ def test_augmenting_dataset_is_never_cached() -> None:
 
 
 @pytest.mark.parametrize("fusion", ["concat", "attention"])
-def test_site_round_sends_the_same_update_with_and_without_the_cache(demo_root: Path, tmp_path: Path,
-                                                                     fusion: str) -> None:
+def test_site_round_sends_the_same_update_with_and_without_the_cache(
+    demo_root: Path, tmp_path: Path, fusion: str
+) -> None:
     from client.rounds import LocalWork, train_locally
     from client.state import SiteState
 

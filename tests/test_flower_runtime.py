@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import Status, SubStatus
+from flwr.proto.message_pb2 import ObjectTree
 from flwr.supercore.constant import TASK_TOKEN_HEADER, TaskType
 from flwr.supercore.fab import Fab
-from flwr.proto.message_pb2 import ObjectTree
 from flwr.supercore.inflatable.inflatable_object import (
     HEAD_BODY_DIVIDER,
     HEAD_VALUE_DIVIDER,
@@ -58,8 +58,17 @@ NODE_ID, RUN_ID, SERIES_ID = 4242, 777, 9
 def test_the_flower_internals_the_node_uses_are_there() -> None:
     assert flwr.__version__.startswith(runtime.FLOWER_MINOR + ".")
     assert TaskType.CLIENT_APP == "flwr-clientapp" and TASK_TOKEN_HEADER == "flwr-task-token"
-    for name in ("AcquireTask", "SendTaskHeartbeat", "PullTaskInput", "PullMessages", "PullObject",
-                 "ConfirmMessageReceived", "PushMessages", "PushObject", "PushTaskOutput"):
+    for name in (
+        "AcquireTask",
+        "SendTaskHeartbeat",
+        "PullTaskInput",
+        "PullMessages",
+        "PullObject",
+        "ConfirmMessageReceived",
+        "PushMessages",
+        "PushObject",
+        "PushTaskOutput",
+    ):
         assert callable(getattr(RuntimeHttpClient, name)), name
 
 
@@ -68,8 +77,9 @@ def _app_copy(tmp_path: Path, publisher: str = "fedfusion") -> Path:
     app = tmp_path / f"app-{publisher}"
     app.mkdir()
     text = (ROOT / "pyproject.toml").read_text()
-    (app / "pyproject.toml").write_text(text.replace('publisher = "fedfusion"',
-                                                     f'publisher = "{publisher}"'))
+    (app / "pyproject.toml").write_text(
+        text.replace('publisher = "fedfusion"', f'publisher = "{publisher}"')
+    )
     (app / "README.md").write_text("copy\n")
     for package in ("client", "server", "common"):
         shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -92,9 +102,17 @@ class SuperNode:
         run.status = RunStatus(Status.RUNNING, "", "")
         self.state.store_run(run)
         self.state.store_fab(Fab(self.fab_hash, content, {}))  # re-checks the SHA-256
-        self.state.set_run_series_context(SERIES_ID, Context(
-            run_id=RUN_ID, node_id=NODE_ID, node_config={"from": "the supernode"},
-            state=RecordDict(), run_config=run_config, series_id=SERIES_ID))
+        self.state.set_run_series_context(
+            SERIES_ID,
+            Context(
+                run_id=RUN_ID,
+                node_id=NODE_ID,
+                node_config={"from": "the supernode"},
+                state=RecordDict(),
+                run_config=run_config,
+                series_id=SERIES_ID,
+            ),
+        )
         self.app = create_app(state_factory=self.factory)
 
     def enqueue(self, content: RecordDict, kind: str, server_round: int) -> int:
@@ -102,8 +120,9 @@ class SuperNode:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
         msg = Message(content, dst_node_id=NODE_ID, message_type=kind, group_id=str(server_round))
         _insert_message(msg, self.state, self.state.object_store)
-        return self.state.create_task(task_type=TaskType.CLIENT_APP, run_id=RUN_ID,
-                                      fab_hash=self.fab_hash)
+        return self.state.create_task(
+            task_type=TaskType.CLIENT_APP, run_id=RUN_ID, fab_hash=self.fab_hash
+        )
 
     def take_reply(self) -> Message:
         """The reply the node pushed, with its content (from the SuperNode's object store)."""
@@ -135,10 +154,16 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> dict:
     return holder
 
 
-def _node(demo_root: Path, tmp_path: Path, rule: AcceptanceRule | None = None,
-          **own: object) -> hospital.Node:
-    node_config = {"manifest": str(demo_root / "hospital-0"), "state-dir": str(tmp_path / "state"),
-                   "site-name": "st-mary", "device": "cpu", **own}
+def _node(
+    demo_root: Path, tmp_path: Path, rule: AcceptanceRule | None = None, **own: object
+) -> hospital.Node:
+    node_config = {
+        "manifest": str(demo_root / "hospital-0"),
+        "state-dir": str(tmp_path / "state"),
+        "site-name": "st-mary",
+        "device": "cpu",
+        **own,
+    }
     node = hospital.setup(supernode="x", node_config=node_config, secret_file=None)
     if rule is not None:
         node = hospital.Node(supernode="x", node_config=node_config, site=node.site, rule=rule)
@@ -147,17 +172,24 @@ def _node(demo_root: Path, tmp_path: Path, rule: AcceptanceRule | None = None,
 
 def _round(run_config: dict, server_round: int, **extra: np.ndarray) -> RecordDict:
     model = build_model(RunConfig.from_user_config(run_config).model)
-    config = ConfigRecord({**round_config(frozen_fingerprint(model), "run-key-1"),
-                           R.SERVER_ROUND: server_round})
-    arrays = ArrayRecord({**{k: Array(v.numpy()) for k, v in trainable_state(model).items()},
-                          **{k: Array(v) for k, v in extra.items()}})
+    config = ConfigRecord(
+        {**round_config(frozen_fingerprint(model), "run-key-1"), R.SERVER_ROUND: server_round}
+    )
+    arrays = ArrayRecord(
+        {
+            **{k: Array(v.numpy()) for k, v in trainable_state(model).items()},
+            **{k: Array(v) for k, v in extra.items()},
+        }
+    )
     return RecordDict({R.ARRAYS: arrays, R.CONFIG: config})
 
 
-def test_the_node_runs_the_installed_app_with_its_own_node_config(demo_root: Path, tmp_path: Path,
-                                                                 wired: dict) -> None:
-    run_config = tiny_user_config(demo_root, num_server_rounds=2, device="cuda",
-                                  state_root="/nowhere")  # neither may move the site
+def test_the_node_runs_the_installed_app_with_its_own_node_config(
+    demo_root: Path, tmp_path: Path, wired: dict
+) -> None:
+    run_config = tiny_user_config(
+        demo_root, num_server_rounds=2, device="cuda", state_root="/nowhere"
+    )  # neither may move the site
     wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path), run_config)
     node = _node(demo_root, tmp_path, AcceptanceRule(version=installed_version()))
     for server_round in (1, 2):
@@ -168,14 +200,18 @@ def test_the_node_runs_the_installed_app_with_its_own_node_config(demo_root: Pat
         assert not reply.has_error(), reply.error
         assert reply.content[R.SITE][R.SITE_NAME] == "st-mary"  # the node's own config was used
         task = supernode.state.get_tasks(task_ids=[task_id])[0]
-        assert (task.status.status, task.status.sub_status) == (Status.FINISHED, SubStatus.COMPLETED)
+        assert (task.status.status, task.status.sub_status) == (
+            Status.FINISHED,
+            SubStatus.COMPLETED,
+        )
     assert load_ledger(tmp_path / "state").run("run-key-1").rounds == (1, 2)
     kept = supernode.state.get_run_series_context(SERIES_ID)
     assert kept.node_config == {"from": "the supernode"}  # the node's config stays with the node
 
 
 def test_a_bundle_from_another_publisher_is_refused_without_reading_data(
-        demo_root: Path, tmp_path: Path, wired: dict) -> None:
+    demo_root: Path, tmp_path: Path, wired: dict
+) -> None:
     run_config = tiny_user_config(demo_root)
     wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path, "evilcorp"), run_config)
     node = _node(demo_root, tmp_path)
@@ -183,7 +219,9 @@ def test_a_bundle_from_another_publisher_is_refused_without_reading_data(
     hospital.run_task(node, runtime.acquire(runtime.connect("x")))
     reply = supernode.take_reply()
     assert reply.has_error() and reply.error.code == R.ERROR_CODES[Kind.REFUSAL]
-    assert reply.error.reason == "site 'st-mary': " + public_text(Kind.REFUSAL, "bundle-not-accepted")
+    assert reply.error.reason == "site 'st-mary': " + public_text(
+        Kind.REFUSAL, "bundle-not-accepted"
+    )
     assert supernode.state.get_tasks(task_ids=[task_id])[0].status.sub_status == SubStatus.FAILED
     assert not (tmp_path / "state").exists()  # no ledger, no feature cache: the data was not read
 
@@ -191,28 +229,35 @@ def test_a_bundle_from_another_publisher_is_refused_without_reading_data(
 def test_an_allow_list_of_bundle_hashes_decides_alone(tmp_path: Path) -> None:
     content = build_fab_from_disk(_app_copy(tmp_path))
     bundle = BundleIdentity.of(content)
-    declared = {"declared_hash": bundle.sha256, "declared_id": "fedfusion/fedfusion",
-                "declared_version": bundle.version}
+    declared = {
+        "declared_hash": bundle.sha256,
+        "declared_id": "fedfusion/fedfusion",
+        "declared_version": bundle.version,
+    }
     assert AcceptanceRule(version=bundle.version).problem(bundle, **declared) is None
-    assert "accept-bundles" in AcceptanceRule(hashes=frozenset({"0" * 64})).problem(bundle, **declared)
+    assert "accept-bundles" in AcceptanceRule(hashes=frozenset({"0" * 64})).problem(
+        bundle, **declared
+    )
     assert AcceptanceRule(hashes=frozenset({bundle.sha256})).problem(bundle, **declared) is None
-    assert "does not match" in AcceptanceRule().problem(bundle, **{**declared,
-                                                                   "declared_hash": "f" * 64})
+    assert "does not match" in AcceptanceRule().problem(
+        bundle, **{**declared, "declared_hash": "f" * 64}
+    )
     assert "is not the FedFusion app" in AcceptanceRule(version="9.9").problem(bundle, **declared)
 
 
-def test_a_message_bomb_is_refused_before_its_arrays_are_pulled(demo_root: Path, tmp_path: Path,
-                                                                wired: dict,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_message_bomb_is_refused_before_its_arrays_are_pulled(
+    demo_root: Path, tmp_path: Path, wired: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An extra 48 MB array in a train message, at a node that unpacks at most 8 MB."""
     run_config = tiny_user_config(demo_root)
     wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path), run_config)
-    node = _node(demo_root, tmp_path, AcceptanceRule(version=installed_version()),
-                 **{"max-message-mb": 8})
+    node = _node(
+        demo_root, tmp_path, AcceptanceRule(version=installed_version()), **{"max-message-mb": 8}
+    )
     pulled: list[str] = []
     bounded = runtime._bounded_pull
 
-    def spy(client: RuntimeHttpClient, budget: object):  # noqa: ANN202
+    def spy(client: RuntimeHttpClient, budget: object):
         pull = bounded(client, budget)  # type: ignore[arg-type]
         return lambda request: (pulled.append(request.object_id), pull(request))[1]
 
@@ -241,8 +286,12 @@ def test_an_array_that_inflates_beyond_what_it_declares_is_refused_unjoined() ->
     """A crafted Array head: 4 floats declared, one 1 KB chunk listed 10,000 times (10 MB)."""
     chunk = _object("ArrayChunk", [], bytes(1024))
     chunk_id = get_object_id(chunk)
-    meta = {"dtype": "float32", "shape": [4], "stype": "numpy.ndarray",
-            "arraychunk_ids": [0] * 10_000}
+    meta = {
+        "dtype": "float32",
+        "shape": [4],
+        "stype": "numpy.ndarray",
+        "arraychunk_ids": [0] * 10_000,
+    }
     array = _object("Array", [chunk_id], json.dumps(meta).encode())
     contents = {chunk_id: chunk, get_object_id(array): array}
     tree = ObjectTree(object_id=get_object_id(array), children=[ObjectTree(object_id=chunk_id)])
@@ -258,18 +307,24 @@ def test_an_array_that_inflates_beyond_what_it_declares_is_refused_unjoined() ->
     assert asked == [get_object_id(array)]
 
 
-def test_a_site_can_bound_which_run_config_keys_a_run_changes(demo_root: Path, tmp_path: Path,
-                                                               wired: dict) -> None:
+def test_a_site_can_bound_which_run_config_keys_a_run_changes(
+    demo_root: Path, tmp_path: Path, wired: dict
+) -> None:
     """The bundle's defaults and the submitter's overrides make the run config a site runs."""
-    allowed = {"preset", "accountant", "num-server-rounds"}  # tiny_user_config changes the first two
+    allowed = {
+        "preset",
+        "accountant",
+        "num-server-rounds",
+    }  # tiny_user_config changes the first two
     rule = AcceptanceRule(version=installed_version(), run_config_keys=frozenset(allowed))
     changed = tiny_user_config(demo_root, learning_rate=5.0, num_server_rounds=2)
     wired["supernode"] = supernode = SuperNode(_app_copy(tmp_path), changed)
     supernode.enqueue(_round(changed, 1), "train", 1)
     hospital.run_task(_node(demo_root, tmp_path, rule), runtime.acquire(runtime.connect("x")))
     reply = supernode.take_reply()
-    assert reply.error.reason == "site 'st-mary': " + public_text(Kind.REFUSAL,
-                                                                   "run-config-not-accepted")
+    assert reply.error.reason == "site 'st-mary': " + public_text(
+        Kind.REFUSAL, "run-config-not-accepted"
+    )
     assert not (tmp_path / "state").exists()
     assert rule.changed_keys(changed) == ["learning-rate"]
     assert rule.changed_keys(tiny_user_config(demo_root, num_server_rounds=2, device="cuda")) == []

@@ -14,7 +14,9 @@ from common.model import encoders
 from common.model.encoders import ModelLoadError, build_image_encoder
 
 
-def test_weight_name_loads_the_hub_cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_name_loads_the_hub_cache_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     reference = resnet18()  # stands in for the downloaded ImageNet weights
     checkpoints = tmp_path / "hub" / "checkpoints"
@@ -24,8 +26,9 @@ def test_weight_name_loads_the_hub_cache_file(tmp_path: Path, monkeypatch: pytes
     torch.testing.assert_close(encoder.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
 
-def test_weight_name_missing_from_the_cache_is_a_clear_error(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_name_missing_from_the_cache_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match="never downloads at run time"):
         build_image_encoder("resnet18", "IMAGENET1K_V1", seed=0)
@@ -35,6 +38,6 @@ def test_weight_name_missing_from_the_cache_is_a_clear_error(tmp_path: Path,
 
 def test_random_initialisation_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="common.model.encoders"):
-        encoders._WARNED_RANDOM.discard("resnet10")  # noqa: SLF001 (warned once per process)
+        encoders._WARNED_RANDOM.discard("resnet10")
         build_image_encoder("resnet10", "", seed=0)
     assert "seeded random initialisation" in caplog.text

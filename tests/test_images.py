@@ -95,7 +95,9 @@ def test_multi_frame_reads_the_first_frame() -> None:
 
 
 def test_lossless_jpeg2000_reads_like_the_uncompressed_file() -> None:
-    np.testing.assert_array_equal(read_gray(dicom("MR2_J2KR.dcm")), read_gray(dicom("MR2_UNCR.dcm")))
+    np.testing.assert_array_equal(
+        read_gray(dicom("MR2_J2KR.dcm")), read_gray(dicom("MR2_UNCR.dcm"))
+    )
 
 
 def test_rgb_dicom_becomes_luma() -> None:
@@ -117,7 +119,9 @@ def test_compressed_dicom_without_decoder_names_the_packages() -> None:
     assert "python-gdcm" in message
 
 
-@pytest.mark.parametrize("content", [b"\0" * 128 + b"DICM" + b"\x02\x00garbage", b"not dicom at all"])
+@pytest.mark.parametrize(
+    "content", [b"\0" * 128 + b"DICM" + b"\x02\x00garbage", b"not dicom at all"]
+)
 def test_corrupt_dicom_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "scan.dcm"
     path.write_bytes(content)
@@ -160,6 +164,9 @@ def test_dataset_feeds_a_dicom_to_the_encoder_as_three_equal_channels(tmp_path: 
 
 def test_window_sigmoid_and_linear_exact() -> None:
     x = np.array([0.0, 50.0, 100.0])
-    np.testing.assert_allclose(window(x, center=50, width=100, function="LINEAR_EXACT"), [0.0, 0.5, 1.0])
-    np.testing.assert_allclose(window(x, center=50, width=100, function="SIGMOID"),
-                               1 / (1 + np.exp(-4 * (x - 50) / 100)))
+    np.testing.assert_allclose(
+        window(x, center=50, width=100, function="LINEAR_EXACT"), [0.0, 0.5, 1.0]
+    )
+    np.testing.assert_allclose(
+        window(x, center=50, width=100, function="SIGMOID"), 1 / (1 + np.exp(-4 * (x - 50) / 100))
+    )

@@ -32,13 +32,25 @@ def test_adapters_are_the_text_encoders_only_trainable_part_and_start_as_the_ide
     model = build_model(tiny_run(lora_rank=4, lora_layers=1).model)
     names = adapter_names(model)
     # the tiny text encoder has 2 layers: adapters on the top one, (query, value) x (A, B)
-    assert sorted(names) == sorted(f"text.encoder.layer.1.attention.self.{m}.lora_{ab}.default.weight"
-                                   for m in ("query", "value") for ab in "AB")
+    assert sorted(names) == sorted(
+        f"text.encoder.layer.1.attention.self.{m}.lora_{ab}.default.weight"
+        for m in ("query", "value")
+        for ab in "AB"
+    )
     assert [n for n in trainable_names(model) if n.startswith("text.")] == names
     assert set(trainable_names(plain)) < set(trainable_names(model))
-    assert tuple(model.state_dict()[names[0]].shape) == (4, model.text.config.hidden_size)  # A: rank x hidden
+    assert tuple(model.state_dict()[names[0]].shape) == (
+        4,
+        model.text.config.hidden_size,
+    )  # A: rank x hidden
     data = next(iter(DataLoader(Cases(n=6), batch_size=6)))
-    args = (data["images"], data["input_ids"], data["attention_mask"], data["has_image"], data["has_text"])
+    args = (
+        data["images"],
+        data["input_ids"],
+        data["attention_mask"],
+        data["has_image"],
+        data["has_text"],
+    )
     model.eval(), plain.eval()
     with torch.no_grad():  # B starts at zero: the same output as the model without adapters
         torch.testing.assert_close(model(*args), plain(*args))
@@ -71,8 +83,14 @@ def test_every_adapter_tensor_changes_under_dp(mode: str) -> None:
     before = trainable_state(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     ledger = Account(accountant="rdp", delta=1e-5, noise_multiplier=0.5, sample_rate=8 / 24)
-    with private_training(model, optimizer, DataLoader(Cases(), batch_size=8), ledger, max_grad_norm=1.0,
-                          grad_sample_mode=mode) as session:
+    with private_training(
+        model,
+        optimizer,
+        DataLoader(Cases(), batch_size=8),
+        ledger,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+    ) as session:
         train(model, session.loader, session.optimizer, session.criterion, epochs=1, device=CPU)
     after = trainable_state(model)
     for name in names:
@@ -94,10 +112,13 @@ def test_a_dp_site_round_trains_and_sends_the_adapters(demo_root: Path, tmp_path
         assert not torch.equal(sent[name], start[name]), f"{name} was not trained"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"lora_rank": 4, "lora_layers": 0}, "lora-layers is 0"),
-    ({"lora_rank": 4, "trainable_text_layers": 1}, "both set"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lora_rank": 4, "lora_layers": 0}, "lora-layers is 0"),
+        ({"lora_rank": 4, "trainable_text_layers": 1}, "both set"),
+    ],
+)
 def test_inconsistent_lora_settings_are_rejected(overrides: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny_run(**overrides)

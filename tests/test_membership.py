@@ -44,8 +44,9 @@ def _sets(demo_root: Path) -> tuple[ManifestDataset, ManifestDataset, list[int]]
     tokenizer = load_tokenizer(m.text_encoder)
 
     def dataset(part: list) -> ManifestDataset:
-        return ManifestDataset(manifest, part, m.class_names, tokenizer, m.image_size,
-                               m.max_text_length)
+        return ManifestDataset(
+            manifest, part, m.class_names, tokenizer, m.image_size, m.max_text_length
+        )
 
     return dataset(rows[:24]), dataset(rows[24:]), [r.line for r in rows[:24]]
 
@@ -56,10 +57,17 @@ def _memorised(members: ManifestDataset) -> FusionModel:
     net = CachedFusion(model)
     features = compute_features(net, members, torch.device("cpu"))
     torch.manual_seed(0)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01,
-                                momentum=0.9)
-    train(net, DataLoader(features, batch_size=24), optimizer, nn.CrossEntropyLoss(),
-          epochs=200, device=torch.device("cpu"))
+    optimizer = torch.optim.SGD(
+        [p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9
+    )
+    train(
+        net,
+        DataLoader(features, batch_size=24),
+        optimizer,
+        nn.CrossEntropyLoss(),
+        epochs=200,
+        device=torch.device("cpu"),
+    )
     return model.eval()
 
 
@@ -67,8 +75,9 @@ def test_a_model_that_memorised_its_rows_is_caught(demo_root: Path) -> None:
     members, non_members, rows = _sets(demo_root)
     model = _memorised(members)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    audit = membership_audit(model, members, non_members, member_rows=rows, settings=SETTINGS,
-                             epsilon=8.0, delta=1e-5)
+    audit = membership_audit(
+        model, members, non_members, member_rows=rows, settings=SETTINGS, epsilon=8.0, delta=1e-5
+    )
     assert audit.attack("loss").auc > 0.95 and audit.attack("lira").auc > 0.9
     assert audit.attack("loss").tpr_at[0.01] > 0.3  # identified without a single false positive
     assert {w.row for w in audit.worst_cases} <= set(rows) and len(audit.worst_cases) == 10
@@ -104,21 +113,50 @@ def test_dp_bound_on_any_attack() -> None:
     assert dp_bound(1.0, 0.0).auc == pytest.approx(0.5 + (np.e - 1) / (2 * (np.e + 1)), abs=1e-3)
 
 
-def test_privacy_audit_command(demo_root: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_privacy_audit_command(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     save_model(tmp_path / "run", build_model(tiny_run().model))
     page = tmp_path / "audit.html"
-    code = main(["audit", "--model", str(tmp_path / "run"), "--manifest",
-                 str(demo_root / "hospital-2"), "--epsilon", "8", "--delta", "1e-5",
-                 "--reference-models", "2", "--device", "cpu", "--out", str(page)])
+    code = main(
+        [
+            "audit",
+            "--model",
+            str(tmp_path / "run"),
+            "--manifest",
+            str(demo_root / "hospital-2"),
+            "--epsilon",
+            "8",
+            "--delta",
+            "1e-5",
+            "--reference-models",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(page),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "likelihood ratio (offline LiRA)" in out and "DP bound (eps 8.00" in out
     assert "Most exposed members" in out
     text = page.read_text()
     assert "Membership-inference audit" in text and "data:image/png;base64," in text
-    assert main(["audit", "--model", str(tmp_path), "--manifest", str(demo_root / "hospital-2"),
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                str(tmp_path),
+                "--manifest",
+                str(demo_root / "hospital-2"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "holds no model.json" in capsys.readouterr().err
 
 
@@ -132,6 +170,9 @@ def test_padding_the_reports_further_changes_no_output(demo_root: Path) -> None:
     batch = next(iter(DataLoader(members, batch_size=8)))
     padded = next(iter(DataLoader(longer, batch_size=8)))
     with torch.no_grad():
-        torch.testing.assert_close(model(**{k: v for k, v in padded.items() if k != "labels"}),
-                                   model(**{k: v for k, v in batch.items() if k != "labels"}),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            model(**{k: v for k, v in padded.items() if k != "labels"}),
+            model(**{k: v for k, v in batch.items() if k != "labels"}),
+            rtol=1e-4,
+            atol=1e-5,
+        )

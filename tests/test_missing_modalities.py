@@ -43,19 +43,34 @@ def test_sites_missing_a_modality_both_contribute(demo_root: Path, tmp_path: Pat
         shutil.copytree(demo_root / f"hospital-{i}", data / f"hospital-{i}")
     blank_column(data / "hospital-0" / "manifest.csv", "text")  # images only
     blank_column(data / "hospital-1" / "manifest.csv", "image")  # reports only
-    settings = {"output-dir": str(tmp_path / "out"), "run-name": "mm", "num-server-rounds": 1,
-                "state-root": str(tmp_path / "state"), "trainable-text-layers": 1,
-                "trainable-image-blocks": 1, "fraction-evaluate": 0.0}
+    settings = {
+        "output-dir": str(tmp_path / "out"),
+        "run-name": "mm",
+        "num-server-rounds": 1,
+        "state-root": str(tmp_path / "state"),
+        "trainable-text-layers": 1,
+        "trainable-image-blocks": 1,
+        "fraction-evaluate": 0.0,
+    }
     sent: dict[int, list[tuple[dict[str, np.ndarray], list[str], int]]] = {1: [], 2: []}
 
     def tap(node: int, msg: Message) -> None:
         if not msg.has_error() and R.ARRAYS in msg.content:  # copy: the server completes it later
             c = msg.content
-            sent[node].append(({k: v.numpy().copy() for k, v in c[R.ARRAYS].items()},
-                               list(c[R.UPDATE][R.UNTRAINED]), int(c[R.METRICS][R.NUM_EXAMPLES])))
+            sent[node].append(
+                (
+                    {k: v.numpy().copy() for k, v in c[R.ARRAYS].items()},
+                    list(c[R.UPDATE][R.UNTRAINED]),
+                    int(c[R.METRICS][R.NUM_EXAMPLES]),
+                )
+            )
 
-    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)],
-                         tiny_user_config(data, **settings), tap=tap)
+    grid = InProcessGrid(
+        client_app,
+        [{"partition-id": i, "num-partitions": 2} for i in range(2)],
+        tiny_user_config(data, **settings),
+        tap=tap,
+    )
     out = run_federation(grid, tiny_run(data, **settings))
 
     assert RunFolder(out).read_summary().status == "completed"
@@ -63,8 +78,10 @@ def test_sites_missing_a_modality_both_contribute(demo_root: Path, tmp_path: Pat
         assert set(h.sites) == {"hospital-0", "hospital-1"}
         assert not h.failures and not h.refusals and not h.rejected
     names = trainable_names(build_model(tiny_run(data, **settings).model))
-    (images_sent, images_untrained, n_images), (texts_sent, texts_untrained, n_texts) = \
-        sent[1][0], sent[2][0]
+    (images_sent, images_untrained, n_images), (texts_sent, texts_untrained, n_texts) = (
+        sent[1][0],
+        sent[2][0],
+    )
     # the image-only site trains no text layer and no text norm; the text-only site the reverse
     assert any(n.startswith("text.encoder.layer.1.") for n in images_untrained)
     assert {"fusion.text_norm.weight", "fusion.missing_image.table.weight"} <= set(images_untrained)

@@ -15,8 +15,14 @@ COMBO_SETS = [{BOTH}, {IMAGE}, {TEXT}, {IMAGE, TEXT}, {BOTH, IMAGE}, {BOTH, TEXT
 
 
 def tiny_model(fusion: str) -> FusionModel:
-    cfg = run_config_with({"preset": "tiny", "fusion": fusion, "trainable-text-layers": 1,
-                           "trainable-image-blocks": 1}).model
+    cfg = run_config_with(
+        {
+            "preset": "tiny",
+            "fusion": fusion,
+            "trainable-text-layers": 1,
+            "trainable-image-blocks": 1,
+        }
+    ).model
     return build_model(cfg)
 
 
@@ -50,11 +56,16 @@ def test_untrained_set_is_exactly_what_autograd_cannot_reach(fusion: str) -> Non
 def test_known_sets_for_concat() -> None:
     model = tiny_model("concat")
     image_only = untrained_parameters(model, {IMAGE})
-    assert "fusion.text_norm.weight" in image_only and "fusion.missing_image.table.weight" in image_only
+    assert (
+        "fusion.text_norm.weight" in image_only
+        and "fusion.missing_image.table.weight" in image_only
+    )
     assert any(n.startswith("text.encoder.layer.1.") for n in image_only)
     assert not any(n.startswith(("image.", "fusion.proj", "head")) for n in image_only)
-    assert untrained_parameters(model, {BOTH}) == ["fusion.missing_image.table.weight",
-                                                    "fusion.missing_text.table.weight"]
+    assert untrained_parameters(model, {BOTH}) == [
+        "fusion.missing_image.table.weight",
+        "fusion.missing_text.table.weight",
+    ]
     assert untrained_parameters(model, {BOTH, IMAGE, TEXT}) == []
 
 

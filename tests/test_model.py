@@ -35,7 +35,7 @@ def batch(model: nn.Module, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor
     cfg = model.config
     s, t = cfg.image_size, cfg.max_text_length
     mask = torch.ones(b, t, dtype=torch.long)
-    mask[:, t // 2:] = 0
+    mask[:, t // 2 :] = 0
     return {
         "images": torch.randn(b, 3, s, s, generator=g),
         "input_ids": torch.randint(1000, 2000, (b, t), generator=g),
@@ -88,8 +88,9 @@ def test_weighted_fusion_weights_start_equal_and_sum_to_one() -> None:
 
 @pytest.mark.parametrize(("text_layers", "image_blocks"), [(0, 0), (1, 0), (1, 1), (2, 2)])
 def test_trainable_set_is_configurable(text_layers: int, image_blocks: int) -> None:
-    model = build_model(tiny_run(trainable_text_layers=text_layers,
-                                 trainable_image_blocks=image_blocks).model)
+    model = build_model(
+        tiny_run(trainable_text_layers=text_layers, trainable_image_blocks=image_blocks).model
+    )
     names = trainable_names(model)
     assert any(n.startswith("fusion.") for n in names) and "head.weight" in names
     text_trained = {int(n.split(".")[3]) for n in names if n.startswith("text.encoder.layer.")}
@@ -141,8 +142,9 @@ def test_load_trainable_state_roundtrip_and_mismatch() -> None:
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("blocks", [0, 1])
 def test_model_passes_opacus_strict_validation(fusion: str, blocks: int) -> None:
-    model = build_model(tiny_run(fusion=fusion, trainable_text_layers=1,
-                                 trainable_image_blocks=blocks).model).train()
+    model = build_model(
+        tiny_run(fusion=fusion, trainable_text_layers=1, trainable_image_blocks=blocks).model
+    ).train()
     ModuleValidator.validate(model, strict=True)
 
 
@@ -164,7 +166,9 @@ def test_text_encoder_from_a_local_directory(tmp_path: Path) -> None:
     enc.model.save_pretrained(tmp_path / "bert")
     enc.tokenizer.save_pretrained(tmp_path / "bert")
     loaded = build_text_encoder(str(tmp_path / "bert"), seed=5)
-    for (name, x), y in zip(enc.model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
+    for (name, x), y in zip(
+        enc.model.state_dict().items(), loaded.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(x, y, msg=name)
 
 
@@ -185,8 +189,9 @@ def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> 
     from common.privacy.accounting import Account
     from common.privacy.dpsgd import private_training
 
-    model = build_model(tiny_run(fusion=fusion, trainable_text_layers=1,
-                                 trainable_image_blocks=1).model)
+    model = build_model(
+        tiny_run(fusion=fusion, trainable_text_layers=1, trainable_image_blocks=1).model
+    )
     x = batch(model, b=8)
     x["has_image"][0], x["has_text"][1] = False, False
     rows = [{**{k: v[i] for k, v in x.items()}, "labels": torch.tensor(i % 3)} for i in range(8)]
@@ -194,8 +199,9 @@ def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> 
     before = trainable_state(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ledger = Account(accountant="rdp", delta=1e-5, noise_multiplier=1.0, sample_rate=1.0)
-    with private_training(model, optimizer, loader, ledger, max_grad_norm=1.0,
-                          grad_sample_mode=mode) as session:
+    with private_training(
+        model, optimizer, loader, ledger, max_grad_norm=1.0, grad_sample_mode=mode
+    ) as session:
         for b in session.loader:
             session.optimizer.zero_grad()
             loss = session.criterion(logits(model, b), b["labels"])
@@ -204,8 +210,9 @@ def test_a_dp_step_updates_every_trainable_parameter(fusion: str, mode: str) -> 
         assert session.engine.accountant.history == [(1.0, 1.0, 1)]
     unchanged = [n for n, v in trainable_state(model).items() if torch.equal(v, before[n])]
     assert not unchanged
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in build_model(
-        tiny_run(fusion=fusion).model).named_parameters()]  # hooks gone, no renamed parameters
+    assert [n for n, _ in model.named_parameters()] == [
+        n for n, _ in build_model(tiny_run(fusion=fusion).model).named_parameters()
+    ]  # hooks gone, no renamed parameters
 
 
 def test_seed_preset_is_the_reference_design() -> None:

@@ -40,8 +40,10 @@ def pooled(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def hospital_rows(out: Path, n: int) -> list[list[dict[str, str]]]:
-    return [list(csv.DictReader((out / f"hospital-{i}" / "manifest.csv").open(newline="")))
-            for i in range(n)]
+    return [
+        list(csv.DictReader((out / f"hospital-{i}" / "manifest.csv").open(newline="")))
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "size", "natural"])
@@ -56,13 +58,18 @@ def test_every_patient_in_exactly_one_hospital(pooled: Path, tmp_path: Path, sch
     assert set().union(*patients) == {r["patient_id"] for r in source}
     # every pooled row is in its patient's hospital, once
     key = ("text", "label", "patient_id")
-    assert Counter(tuple(r[k] for k in key) for rows in hospitals for r in rows) == \
-        Counter(tuple(r[k] for k in key) for r in source)
+    assert Counter(tuple(r[k] for k in key) for rows in hospitals for r in rows) == Counter(
+        tuple(r[k] for k in key) for r in source
+    )
     if scheme == "size":
         sizes = [len(p) for p in patients]
         assert sizes[0] < sizes[1] < sizes[2]
     if scheme == "natural":
-        assert [{r["site"] for r in rows} for rows in hospitals] == [{"site-a"}, {"site-b"}, {"site-c"}]
+        assert [{r["site"] for r in rows} for rows in hospitals] == [
+            {"site-a"},
+            {"site-b"},
+            {"site-c"},
+        ]
 
 
 def test_same_seed_same_partition(pooled: Path, tmp_path: Path) -> None:
@@ -77,8 +84,9 @@ def test_same_seed_same_partition(pooled: Path, tmp_path: Path) -> None:
 
 def test_dirichlet_skews_labels_more_than_iid(pooled: Path, tmp_path: Path) -> None:
     def spread(scheme: str) -> float:
-        partition_manifest(pooled, tmp_path / scheme, PartitionPlan(3, scheme, alpha=0.1, seed=1),
-                           CLASSES)
+        partition_manifest(
+            pooled, tmp_path / scheme, PartitionPlan(3, scheme, alpha=0.1, seed=1), CLASSES
+        )
         shares = []
         for rows in hospital_rows(tmp_path / scheme, 3):
             counts = Counter(r["label"] for r in rows)
@@ -88,16 +96,36 @@ def test_dirichlet_skews_labels_more_than_iid(pooled: Path, tmp_path: Path) -> N
     assert spread("dirichlet") > spread("iid") + 0.1
 
 
-def test_output_is_a_simulation_data_root_with_dropped_modalities(pooled: Path, tmp_path: Path) -> None:
+def test_output_is_a_simulation_data_root_with_dropped_modalities(
+    pooled: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    code = main(["data", "partition", str(pooled), str(out), "--hospitals", "3", "--scheme", "iid",
-                 "--drop-text", "1", "--drop-images", "2", "--class-names", ",".join(CLASSES)])
+    code = main(
+        [
+            "data",
+            "partition",
+            str(pooled),
+            str(out),
+            "--hospitals",
+            "3",
+            "--scheme",
+            "iid",
+            "--drop-text",
+            "1",
+            "--drop-images",
+            "2",
+            "--class-names",
+            ",".join(CLASSES),
+        ]
+    )
     assert code == 0
     run = tiny_run(out)
     for i in range(3):
         site = SiteConfig.from_node_config({"partition-id": i}, run)  # as the simulation maps it
         _, rows = read_manifest(site.manifest, CLASSES)
-        assert all(r.image is None or r.image.is_file() for r in rows)  # paths rewritten, resolvable
+        assert all(
+            r.image is None or r.image.is_file() for r in rows
+        )  # paths rewritten, resolvable
         assert (all(r.text for r in rows), all(r.image for r in rows)) == (i != 1, i != 2)
     first = (out / "hospital-0" / "manifest.csv").read_text().splitlines()[1]
     assert first.startswith("../../")  # relative to the new manifest, not copied
@@ -109,8 +137,9 @@ def test_refusals(pooled: Path, tmp_path: Path) -> None:
     with pytest.raises(PartitionError, match="not an empty folder"):
         partition_manifest(pooled, tmp_path / "full", PartitionPlan(2), CLASSES)
     with pytest.raises(PartitionError, match="lose both text and images"):
-        partition_manifest(pooled, tmp_path / "a", PartitionPlan(2, drop_text=(1,), drop_images=(1,)),
-                           CLASSES)
+        partition_manifest(
+            pooled, tmp_path / "a", PartitionPlan(2, drop_text=(1,), drop_images=(1,)), CLASSES
+        )
     with pytest.raises(PartitionError, match="pass --hospitals 3"):
         partition_manifest(pooled, tmp_path / "b", PartitionPlan(2, "natural"), CLASSES)
     with pytest.raises(PartitionError, match=r"numbered 0..1"):

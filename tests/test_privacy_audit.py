@@ -15,24 +15,31 @@ from flwr.app import Message
 
 from client.app import app as client_app
 from common import protocol as R
-from common.training.score_counts import ScoreCounts
 from common.model.fusion_model import build_model
 from common.model.trainable import trainable_state
 from common.runfolder import RunFolder
+from common.training.score_counts import ScoreCounts
 from server.app import run_federation
 from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
 
 
-def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Path,
-                                                                  tmp_path: Path) -> None:
+def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(
+    demo_root: Path, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     for i in range(2):
         shutil.copytree(demo_root / f"hospital-{i}", data / f"hospital-{i}")
     (data / "hospital-1" / "policy.toml").write_text(  # refuses round 2
-        "max-rounds = 1\nmin-eval-records = 1\n")
-    settings = {"output-dir": str(tmp_path / "out"), "run-name": "audit", "min-nodes": 1,
-                "state-root": str(tmp_path / "state"), "num-server-rounds": 2}
+        "max-rounds = 1\nmin-eval-records = 1\n"
+    )
+    settings = {
+        "output-dir": str(tmp_path / "out"),
+        "run-name": "audit",
+        "min-nodes": 1,
+        "state-root": str(tmp_path / "state"),
+        "num-server-rounds": 2,
+    }
     sent: list[tuple[int, Message]] = []
     names_sent: dict[int, list[str]] = {}  # id(reply) -> its array names as they left the site
 
@@ -42,8 +49,12 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
             names_sent[id(msg)] = list(msg.content[R.ARRAYS].keys())
         sent.append((node, msg))
 
-    grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(2)],
-                         tiny_user_config(data, **settings), tap=tap)
+    grid = InProcessGrid(
+        client_app,
+        [{"partition-id": i} for i in range(2)],
+        tiny_user_config(data, **settings),
+        tap=tap,
+    )
     out = run_federation(grid, tiny_run(data, **settings))
     assert RunFolder(out).read_summary().status == "completed"
 
@@ -60,7 +71,9 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
         assert set(content.keys()) <= {R.ARRAYS, R.UPDATE, R.METRICS, R.COUNTS, R.SITE}
         assert dict(content[R.SITE]) == {R.SITE_NAME: names[node]}
         metrics = dict(content[R.METRICS])
-        assert all(type(v) in (int, float) for v in metrics.values())  # scalars: no per-sample lists
+        assert all(
+            type(v) in (int, float) for v in metrics.values()
+        )  # scalars: no per-sample lists
         if R.ARRAYS in content:
             kinds["train"] += 1
             assert set(metrics) == set(R.TRAIN_METRICS)
@@ -79,8 +92,8 @@ def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(demo_root: Pat
             # the score counts only: fixed views of fixed shapes, whatever the site holds
             shapes = ScoreCounts.shapes(3)
             released = {k: tuple(v.shape) for k, v in content[R.COUNTS].items()}
-            assert released in [{f"{view}/{name}": shape for view in views
-                                 for name, shape in shapes.items()}
-                                for views in (("lacking", "both"),
-                                              ("lacking", "both", "image", "text"))]
+            assert released in [
+                {f"{view}/{name}": shape for view in views for name, shape in shapes.items()}
+                for views in (("lacking", "both"), ("lacking", "both", "image", "text"))
+            ]
     assert kinds == {"train": 3, "evaluate": 4, "error": 1}  # hospital-1 refused round 2

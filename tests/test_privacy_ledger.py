@@ -32,25 +32,41 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def site_process(demo_root: Path, state: Path, *rounds: int) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "tests.site_process", str(demo_root), str(state),
-                           "4242", "3", *map(str, rounds)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.site_process",
+            str(demo_root),
+            str(state),
+            "4242",
+            "3",
+            *map(str, rounds),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.slow  # two fresh processes
-def test_a_restarted_site_continues_from_its_recorded_spend(demo_root: Path, tmp_path: Path) -> None:
+def test_a_restarted_site_continues_from_its_recorded_spend(
+    demo_root: Path, tmp_path: Path
+) -> None:
     first = site_process(demo_root, tmp_path, 1, 2)  # a site process trains rounds 1 and 2 ...
     (third,) = site_process(demo_root, tmp_path, 3)  # ... stops; a new process trains round 3
     eps = [first[0]["epsilon"], first[1]["epsilon"], third["epsilon"]]
     assert eps[0] < eps[1] < eps[2] <= 8.0 + 1e-6
     entry = load_ledger(tmp_path / "hospital-0" / "state").run("4242")
     assert entry.rounds == (1, 2, 3)
-    (sigma, q, steps), = entry.account.history  # one noise level for the whole run
+    ((sigma, q, steps),) = entry.account.history  # one noise level for the whole run
     assert steps == 3 * read_receipts(tmp_path / "hospital-0" / "state")[0].steps
-    assert eps[2] == pytest.approx(epsilon_from_history([(sigma, q, steps)], delta=1e-5,
-                                                        accountant="rdp"), abs=1e-9)
+    assert eps[2] == pytest.approx(
+        epsilon_from_history([(sigma, q, steps)], delta=1e-5, accountant="rdp"), abs=1e-9
+    )
     assert eps[2] > 7.5  # round 3 was accounted on top of rounds 1-2, not from zero
 
 
@@ -61,11 +77,18 @@ def test_nothing_is_sent_when_the_ledger_cannot_be_written(demo_root: Path, tmp_
     run = tiny_run(demo_root)
     model = build_model(run.model)
     config = ConfigRecord({**round_config(frozen_fingerprint(model), "run-5"), R.SERVER_ROUND: 1})
-    msg = Message(RecordDict({R.ARRAYS: ArrayRecord(trainable_state(model)), R.CONFIG: config}),
-                  dst_node_id=1, message_type=MessageType.TRAIN)
-    ctx = Context(run_id=5, node_id=1, node_config={"manifest": str(demo_root / "hospital-0"),
-                                                    "state-dir": str(blocker / "sub")},
-                  state=RecordDict(), run_config=tiny_user_config(demo_root))
+    msg = Message(
+        RecordDict({R.ARRAYS: ArrayRecord(trainable_state(model)), R.CONFIG: config}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    ctx = Context(
+        run_id=5,
+        node_id=1,
+        node_config={"manifest": str(demo_root / "hospital-0"), "state-dir": str(blocker / "sub")},
+        state=RecordDict(),
+        run_config=tiny_user_config(demo_root),
+    )
     reply = app(msg, ctx)
     assert reply.has_error()
     assert reply.error.code == R.ERROR_CODES[Kind.FAILURE] and "state-folder" in reply.error.reason

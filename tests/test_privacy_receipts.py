@@ -47,7 +47,9 @@ def test_receipts_hold_what_the_issue_asks(state_dir: Path) -> None:
     assert len(first.dataset_sha256) == 64 and first.dataset_sha256 == second.dataset_sha256
 
 
-def test_report_re_derives_every_epsilon(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_re_derives_every_epsilon(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = audit(state_dir)
     assert result.ok and len(result.rows) == 2
     assert fedfusion(["privacy", "report", str(state_dir)]) == 0
@@ -55,7 +57,9 @@ def test_report_re_derives_every_epsilon(state_dir: Path, capsys: pytest.Capture
     assert "All receipts agree" in out and out.count(" ok") == 2
 
 
-def test_report_flags_an_altered_receipt(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_flags_an_altered_receipt(
+    state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = state_dir / RECEIPTS_FILE
     lines = path.read_text().splitlines()
     edited = json.loads(lines[1])

@@ -9,6 +9,7 @@ only those) are stopped afterwards: `ray stop` would end every Ray process of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,10 @@ from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
 from simulations.loopback import BIN, free_port, kill_survivors
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # about 1.5 min: a Ray cluster of two nodes, a simulation on it
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("ray"),
+]  # about 1.5 min: a Ray cluster of two nodes, a simulation on it
 
 ROOT = Path(__file__).resolve().parent.parent
 # Reads the cluster's tables (GCS) from a separate driver: nodes, and where each actor ran.
@@ -55,10 +59,8 @@ def _cluster_processes(temp_dir: Path) -> list[psutil.Process]:
 def _stop_cluster(temp_dir: Path) -> None:
     victims = _cluster_processes(temp_dir)
     for proc in victims:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     kill_survivors(victims, grace=15.0)
 
 
@@ -73,10 +75,18 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
     ray = str(BIN / "ray")
     common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     try:
-        for argv in ([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                      "--include-dashboard=false", *common],
-                     [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
-                      *common]):
+        for argv in (
+            [
+                ray,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                "--include-dashboard=false",
+                *common,
+            ],
+            [ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1", *common],
+        ):
             out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, f"{' '.join(argv)} failed:\n{out.stdout}\n{out.stderr}"
         yield address, temp_dir
@@ -85,22 +95,48 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_the_simulation_runs_on_an_existing_ray_cluster(ray_cluster: tuple[str, Path],
-                                                        tmp_path: Path) -> None:
+def test_the_simulation_runs_on_an_existing_ray_cluster(
+    ray_cluster: tuple[str, Path], tmp_path: Path
+) -> None:
     address, temp_dir = ray_cluster
     write_demo_hospitals(tmp_path / "data", 2, seed=0, size_scale=0.1)
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(ROOT)}
     sim = subprocess.run(
-        [sys.executable, "-m", "simulations", "--hospitals", "2", "--rounds", "1", "--preset",
-         "tiny", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
-         "--run-name", "on-ray", "-c", "accountant=rdp"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "simulations",
+            "--hospitals",
+            "2",
+            "--rounds",
+            "1",
+            "--preset",
+            "tiny",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--run-name",
+            "on-ray",
+            "-c",
+            "accountant=rdp",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-5000:]
     assert RunFolder(tmp_path / "out" / "on-ray").read_summary().status == "completed"
 
-    tables = subprocess.run([sys.executable, "-c", CLUSTER_TABLES.format(address=address)],
-                            env={**env, "RAY_ADDRESS": ""}, capture_output=True, text=True,
-                            timeout=120)
+    tables = subprocess.run(
+        [sys.executable, "-c", CLUSTER_TABLES.format(address=address)],
+        env={**env, "RAY_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert tables.returncode == 0, tables.stderr[-3000:]
     found = json.loads(tables.stdout.strip().splitlines()[-1])
     assert len(found["nodes"]) == 2, found

@@ -36,17 +36,24 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def run_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-site, 2-round tiny run (DP on)."""
     out = tmp_path_factory.mktemp("run")
-    settings = {"output-dir": str(out), "run-name": "r", "state-root": str(out / "state"),
-                "num-server-rounds": 2}
-    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)],
-                         tiny_user_config(demo_root, **settings))
+    settings = {
+        "output-dir": str(out),
+        "run-name": "r",
+        "state-root": str(out / "state"),
+        "num-server-rounds": 2,
+    }
+    grid = InProcessGrid(
+        client_app,
+        [{"partition-id": i, "num-partitions": 2} for i in range(2)],
+        tiny_user_config(demo_root, **settings),
+    )
     return run_federation(grid, tiny_run(demo_root, **settings))
 
 
 def _val_manifest(demo_root: Path, dest: Path, site: str) -> Path:
     """The site's validation rows as the server's run split them, in a manifest of their own."""
     cfg = tiny_run(demo_root).model
-    manifest, rows = read_manifest(demo_root / site, cfg.class_names)
+    _manifest, rows = read_manifest(demo_root / site, cfg.class_names)
     _, val = split_by_patient(rows, tiny_run(demo_root).data.val_fraction, cfg.seed)
     path = dest / f"{site}-val.csv"
     with path.open("w", newline="") as fh:
@@ -60,8 +67,10 @@ def test_plots_are_written_and_hold_the_history(run_dir: Path) -> None:
     history = RunFolder(run_dir).read_history()
     for name in ("loss.png", "auroc.png", "accuracy.png", "epsilon.png"):
         assert (run_dir / name).read_bytes()[:8] == PNG
-    lines = {ln.get_label(): list(ln.get_ydata())
-             for ln in plot_metric(history, R.AUROC, "auroc").axes[0].get_lines()}
+    lines = {
+        ln.get_label(): list(ln.get_ydata())
+        for ln in plot_metric(history, R.AUROC, "auroc").axes[0].get_lines()
+    }
     assert lines[AGGREGATE] == [h.aggregate[R.AUROC] for h in history]
     assert lines["hospital-1"] == [h.sites["hospital-1"].evaluate[R.AUROC] for h in history]
     eps = {ln.get_label(): list(ln.get_ydata()) for ln in plot_epsilon(history).axes[0].get_lines()}
@@ -77,7 +86,8 @@ def test_tensorboard_events_hold_the_same_series(run_dir: Path) -> None:
     acc.Reload()
     history = RunFolder(run_dir).read_history()
     assert [e.value for e in acc.Scalars("epsilon/hospital-1")] == pytest.approx(
-        [h.sites["hospital-1"].train[R.EPSILON] for h in history])
+        [h.sites["hospital-1"].train[R.EPSILON] for h in history]
+    )
     assert [e.step for e in acc.Scalars("loss/aggregate")] == [1, 2]
 
 
@@ -92,14 +102,17 @@ def test_report_holds_sites_metrics_model_privacy_and_plots(run_dir: Path, fmt: 
         assert f"standard deviation {s.train[R.NOISE_MULTIPLIER]:.3f} x 1" in text
     assert "RDP accountant" in text and "protection is per record" in text
     assert "tiny" in text and "concat" in text and "fusion, head" in text
-    fingerprint = re.search(r'"frozen_fingerprint": "([0-9a-f]{64})"', (run_dir / "model.json").read_text())
+    fingerprint = re.search(
+        r'"frozen_fingerprint": "([0-9a-f]{64})"', (run_dir / "model.json").read_text()
+    )
     assert fingerprint and fingerprint.group(1) in text
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
     assert len(images) == 5 and all(base64.b64decode(i)[:8] == PNG for i in images)
 
 
-def test_predict_reproduces_the_final_round_evaluation(run_dir: Path, demo_root: Path,
-                                                       tmp_path: Path) -> None:
+def test_predict_reproduces_the_final_round_evaluation(
+    run_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
     manifest = _val_manifest(demo_root, tmp_path, "hospital-0")
     result = predict_manifest(load_predictor(run_dir, "cpu"), manifest)
     evaluated = RunFolder(run_dir).read_history()[-1].sites["hospital-0"].evaluate
@@ -108,37 +121,69 @@ def test_predict_reproduces_the_final_round_evaluation(run_dir: Path, demo_root:
         assert getattr(result.metrics, key) == pytest.approx(evaluated[key], rel=1e-5), key
 
 
-def test_predict_command_runs_without_flower(run_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+def test_predict_command_runs_without_flower(
+    run_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
     manifest = _val_manifest(demo_root, tmp_path, "hospital-1")
     out = tmp_path / "pred.csv"
-    code = ("import sys; from tools.cli import main; rc = main(sys.argv[1:]); "
-            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'); "
-            "print('flwr modules:', loaded); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, "predict", "--model", str(run_dir),
-                           "--manifest", str(manifest), "--out", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys; from tools.cli import main; rc = main(sys.argv[1:]); "
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'); "
+        "print('flwr modules:', loaded); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "predict",
+            "--model",
+            str(run_dir),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "flwr modules: []" in proc.stdout
     evaluated = RunFolder(run_dir).read_history()[-1].sites["hospital-1"].evaluate
     assert f"accuracy {evaluated[R.ACCURACY]:.4f}" in proc.stdout
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == evaluated[R.NUM_EXAMPLES]
-    assert set(rows[0]) == {"line", "image", "label", "prediction", "p_normal", "p_pneumonia",
-                            "p_effusion"}
+    assert set(rows[0]) == {
+        "line",
+        "image",
+        "label",
+        "prediction",
+        "p_normal",
+        "p_pneumonia",
+        "p_effusion",
+    }
 
 
-def test_one_case_with_either_modality_matches_the_manifest_path(run_dir: Path, demo_root: Path,
-                                                                 tmp_path: Path) -> None:
+def test_one_case_with_either_modality_matches_the_manifest_path(
+    run_dir: Path, demo_root: Path, tmp_path: Path
+) -> None:
     predictor = load_predictor(run_dir, "cpu")
     manifest = _val_manifest(demo_root, tmp_path, "hospital-0")
     row = next(r for r in csv.DictReader(manifest.open()) if r["image"] and r["text"])
     cases = tmp_path / "cases.csv"  # the same case three ways, unlabelled
-    cases.write_text(f"image,text\n{row['image']},\"{row['text']}\"\n{row['image']},\n,\"{row['text']}\"\n")
+    cases.write_text(
+        f'image,text\n{row["image"]},"{row["text"]}"\n{row["image"]},\n,"{row["text"]}"\n'
+    )
     batch = predict_manifest(predictor, cases)
     assert batch.metrics is None
-    for i, (image, text) in enumerate([(row["image"], row["text"]), (row["image"], ""),
-                                       ("", row["text"])]):
+    for i, (image, text) in enumerate(
+        [(row["image"], row["text"]), (row["image"], ""), ("", row["text"])]
+    ):
         probs = predict_case(predictor, Path(image) if image else None, text)
         assert sum(probs.values()) == pytest.approx(1.0)
         assert list(probs.values()) == pytest.approx(list(batch.probs[i]), abs=1e-6)
@@ -159,16 +204,29 @@ def test_every_command_explains_every_option_with_its_default(capsys) -> None:
         assert stop.value.code == 0
         assert f"fedfusion {name}" in capsys.readouterr().out
     helps: dict[str, dict[str, str]] = {}
-    for name, options in {"report": ["--format", "--out"],
-                          "predict": ["--model", "--image", "--text", "--manifest", "--out",
-                                      "--batch-size", "--device", "--explain", "--explain-max",
-                                      "--ig-steps"]}.items():
+    for name, options in {
+        "report": ["--format", "--out"],
+        "predict": [
+            "--model",
+            "--image",
+            "--text",
+            "--manifest",
+            "--out",
+            "--batch-size",
+            "--device",
+            "--explain",
+            "--explain-max",
+            "--ig-steps",
+        ],
+    }.items():
         with pytest.raises(SystemExit):
             main([name, "--help"])
         entries = helps[name] = _option_help(capsys.readouterr().out)
         assert set(entries) == {"--help", *options}
         for option in options:
-            assert "(default:" in entries[option] or "(required)" in entries[option], entries[option]
+            assert "(default:" in entries[option] or "(required)" in entries[option], entries[
+                option
+            ]
     assert "(default: html)" in helps["report"]["--format"]
     assert "(default: 64)" in helps["predict"]["--batch-size"]
 
@@ -184,11 +242,14 @@ def test_report_and_predict_fail_clearly_on_a_missing_run_folder(tmp_path: Path,
     assert "holds no history.jsonl" in capsys.readouterr().err
 
 
-def test_malformed_input_exits_non_zero_naming_the_problem(run_dir: Path, tmp_path: Path,
-                                                          capsys) -> None:
+def test_malformed_input_exits_non_zero_naming_the_problem(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("image,text,label\n,lungs clear,normal\n,effusion,pneumothorax\nmissing.png,,\n")
-    assert main(["predict", "--model", str(run_dir), "--manifest", str(bad), "--device", "cpu"]) == 2
+    assert (
+        main(["predict", "--model", str(run_dir), "--manifest", str(bad), "--device", "cpu"]) == 2
+    )
     err = capsys.readouterr().err
     assert f"{bad}:3: unknown label 'pneumothorax'" in err
     assert f"{bad}:4: image file" in err and "does not exist" in err
@@ -209,11 +270,16 @@ def test_report_gives_each_sites_validation_size_and_warns_below_30() -> None:
     from tools.report_format import to_markdown
 
     metrics = {R.LOSS: 0.5, R.ACCURACY: 0.8, R.AUROC: 0.9, R.F1: 0.7}
-    sites = {"big": SiteFacts(evaluate={R.NUM_EXAMPLES: 120, **metrics}, eval_round=1),
-             "small": SiteFacts(evaluate={R.NUM_EXAMPLES: SMALL_VALIDATION - 1, **metrics},
-                                eval_round=1)}
+    sites = {
+        "big": SiteFacts(evaluate={R.NUM_EXAMPLES: 120, **metrics}, eval_round=1),
+        "small": SiteFacts(
+            evaluate={R.NUM_EXAMPLES: SMALL_VALIDATION - 1, **metrics}, eval_round=1
+        ),
+    }
     run = RunRecords(name="r", history=[], settings=None, model=None, summary=None)
     text = to_markdown(_final_metrics(run, sites))
     assert "| big | 1 | 120 |" in text and f"| small | 1 | {SMALL_VALIDATION - 1} |" in text
-    assert f"Warning: small ({SMALL_VALIDATION - 1}) validate on fewer than {SMALL_VALIDATION}" in text
+    assert (
+        f"Warning: small ({SMALL_VALIDATION - 1}) validate on fewer than {SMALL_VALIDATION}" in text
+    )
     assert "big (" not in text  # a site with enough validation records is not named

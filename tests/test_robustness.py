@@ -44,18 +44,38 @@ def _update(site: str, scale: float = 0.1, n: int = 10, **changes: np.ndarray) -
     return Update(site=site, arrays=arrays, untrained=(), num_examples=n)
 
 
-@pytest.mark.parametrize(("arrays", "untrained", "reason"), [
-    ({"a": GLOBAL["a"]}, (), "missing parameter(s) not declared untrained: b"),
-    ({**GLOBAL, "c": GLOBAL["b"]}, (), "the model does not have: c"),
-    ({**GLOBAL, "a": np.zeros((3, 2), np.float32)}, (), "parameter a has shape (3, 2), expected (2, 3)"),
-    ({**GLOBAL, "b": np.ones(4, np.float64)}, (), "parameter b has dtype float64, expected float32"),
-    ({**GLOBAL, "b": np.array([1, np.nan, 1, 1], np.float32)}, (), "parameter b holds NaN or Inf"),
-    ({**GLOBAL, "b": np.array([1, np.inf, 1, 1], np.float32)}, (), "parameter b holds NaN or Inf"),
-    (GLOBAL, ("b",), "both sent and declared untrained: b"),
-    ({}, (), "holds no parameters"),
-])
-def test_malformed_updates_are_rejected_with_the_reason(arrays: dict, untrained: tuple,
-                                                        reason: str) -> None:
+@pytest.mark.parametrize(
+    ("arrays", "untrained", "reason"),
+    [
+        ({"a": GLOBAL["a"]}, (), "missing parameter(s) not declared untrained: b"),
+        ({**GLOBAL, "c": GLOBAL["b"]}, (), "the model does not have: c"),
+        (
+            {**GLOBAL, "a": np.zeros((3, 2), np.float32)},
+            (),
+            "parameter a has shape (3, 2), expected (2, 3)",
+        ),
+        (
+            {**GLOBAL, "b": np.ones(4, np.float64)},
+            (),
+            "parameter b has dtype float64, expected float32",
+        ),
+        (
+            {**GLOBAL, "b": np.array([1, np.nan, 1, 1], np.float32)},
+            (),
+            "parameter b holds NaN or Inf",
+        ),
+        (
+            {**GLOBAL, "b": np.array([1, np.inf, 1, 1], np.float32)},
+            (),
+            "parameter b holds NaN or Inf",
+        ),
+        (GLOBAL, ("b",), "both sent and declared untrained: b"),
+        ({}, (), "holds no parameters"),
+    ],
+)
+def test_malformed_updates_are_rejected_with_the_reason(
+    arrays: dict, untrained: tuple, reason: str
+) -> None:
     bad = Update(site="bad", arrays=dict(arrays), untrained=untrained, num_examples=10)
     screening = screen_updates([bad, _update("good")], GLOBAL, UpdateBounds())
     assert [u.site for u in screening.accepted] == ["good"]
@@ -64,14 +84,16 @@ def test_malformed_updates_are_rejected_with_the_reason(arrays: dict, untrained:
 
 def test_norm_bounds_fixed_and_relative_to_the_median() -> None:
     updates = [_update("s1", 0.1), _update("s2", 0.12), _update("s3", 0.09), _update("big", 100.0)]
-    norm_s1 = np.sqrt(10 * 0.1 ** 2)  # 10 coordinates each moved by 0.1
+    norm_s1 = np.sqrt(10 * 0.1**2)  # 10 coordinates each moved by 0.1
     screening = screen_updates(updates, GLOBAL, UpdateBounds(median_factor=10.0))
     assert screening.norms["s1"] == pytest.approx(norm_s1, rel=1e-6)
     assert list(screening.rejected) == ["big"] and "median norm" in screening.rejected["big"]
     fixed = screen_updates(updates[:2], GLOBAL, UpdateBounds(max_norm=0.35))
     assert list(fixed.rejected) == ["s2"] and "max-update-norm 0.35" in fixed.rejected["s2"]
     # two updates have no meaningful median: the relative bound needs three
-    assert not screen_updates([updates[0], updates[3]], GLOBAL, UpdateBounds(median_factor=10.0)).rejected
+    assert not screen_updates(
+        [updates[0], updates[3]], GLOBAL, UpdateBounds(median_factor=10.0)
+    ).rejected
 
 
 def test_a_left_out_parameter_takes_the_mean_of_the_sites_that_trained_it() -> None:
@@ -86,14 +108,17 @@ def test_a_left_out_parameter_takes_the_mean_of_the_sites_that_trained_it() -> N
     np.testing.assert_allclose(fedavg_b, GLOBAL["b"] + 1.75, rtol=1e-6)
     # a parameter nobody trained keeps its global value
     nobody = complete_partial_updates(
-        [Update(site="s", arrays={"a": GLOBAL["a"] + 1}, untrained=("b",), num_examples=5)], GLOBAL)
+        [Update(site="s", arrays={"a": GLOBAL["a"] + 1}, untrained=("b",), num_examples=5)], GLOBAL
+    )
     np.testing.assert_array_equal(nobody[0]["b"], GLOBAL["b"])
 
 
 # --- faulty hospitals in a federation ------------------------------------------------------
 
-def faulty_client_app(faults: dict[int, Fault],
-                      stalls: dict[int, threading.Event] | None = None) -> ClientApp:
+
+def faulty_client_app(
+    faults: dict[int, Fault], stalls: dict[int, threading.Event] | None = None
+) -> ClientApp:
     """The real ClientApp; hospital i's train reply passes through faults[i] when it has one.
 
     A hospital in `stalls` hangs before training until its event is set, then fails.
@@ -121,12 +146,15 @@ def faulty_client_app(faults: dict[int, Fault],
 
 def _map_update(fn: Callable[[str, np.ndarray, np.ndarray], np.ndarray]) -> Fault:
     """A fault that replaces each sent parameter by fn(name, global value, honest value)."""
+
     def fault(received: Message, reply: Message) -> Message:
         start = received.content[R.ARRAYS]
         sent = reply.content[R.ARRAYS]
         reply.content[R.ARRAYS] = ArrayRecord(
-            {k: Array(fn(k, start[k].numpy(), v.numpy())) for k, v in sent.items()})
+            {k: Array(fn(k, start[k].numpy(), v.numpy())) for k, v in sent.items()}
+        )
         return reply
+
     return fault
 
 
@@ -147,14 +175,30 @@ def raises(received: Message, reply: Message) -> Message:
     raise RuntimeError("the GPU driver crashed")
 
 
-def run(data_root: Path, out: Path, sites: int, faults: dict[int, Fault], tap=None,
-        stalls: dict[int, threading.Event] | None = None, **overrides: object) -> Path:
+def run(
+    data_root: Path,
+    out: Path,
+    sites: int,
+    faults: dict[int, Fault],
+    tap=None,
+    stalls: dict[int, threading.Event] | None = None,
+    **overrides: object,
+) -> Path:
     """A federation of `sites` hospitals without DP; returns the run folder."""
-    settings = {"output-dir": str(out), "run-name": "r", "state-root": str(out / "state"),
-                "dp": False, "num-server-rounds": 1, **overrides}
-    grid = InProcessGrid(faulty_client_app(faults, stalls),
-                         [{"partition-id": i, "num-partitions": sites} for i in range(sites)],
-                         tiny_user_config(data_root, **settings), tap=tap)
+    settings = {
+        "output-dir": str(out),
+        "run-name": "r",
+        "state-root": str(out / "state"),
+        "dp": False,
+        "num-server-rounds": 1,
+        **overrides,
+    }
+    grid = InProcessGrid(
+        faulty_client_app(faults, stalls),
+        [{"partition-id": i, "num-partitions": sites} for i in range(sites)],
+        tiny_user_config(data_root, **settings),
+        tap=tap,
+    )
     return run_federation(grid, tiny_run(data_root, **settings))
 
 
@@ -168,8 +212,9 @@ def test_a_site_that_raises_does_not_stop_the_round(demo_root: Path, tmp_path: P
     assert out.read_summary().sites["hospital-1"].rounds_failed == [1, 2]
 
 
-def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(five_hospitals: Path,
-                                                                      tmp_path: Path) -> None:
+def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(
+    five_hospitals: Path, tmp_path: Path
+) -> None:
     received: dict[int, dict[str, np.ndarray]] = {}
     weights: dict[int, int] = {}
 
@@ -192,12 +237,15 @@ def test_malformed_and_huge_updates_are_rejected_and_never_aggregated(five_hospi
     for name, value in saved.items():
         if name not in received[1]:  # trained by no site: the placeholders (every row has both)
             continue
-        expected = np.average([received[n][name] for n in (1, 5)], axis=0,
-                              weights=[weights[1], weights[5]])
+        expected = np.average(
+            [received[n][name] for n in (1, 5)], axis=0, weights=[weights[1], weights[5]]
+        )
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_too_few_usable_updates_stop_the_run_with_the_reasons(demo_root: Path, tmp_path: Path) -> None:
+def test_too_few_usable_updates_stop_the_run_with_the_reasons(
+    demo_root: Path, tmp_path: Path
+) -> None:
     out = run(demo_root, tmp_path, 3, {0: nan_in("head"), 1: raises})
     summary = RunFolder(out).read_summary()
     assert summary.status == "stopped"
@@ -207,7 +255,9 @@ def test_too_few_usable_updates_stop_the_run_with_the_reasons(demo_root: Path, t
 
 
 @pytest.mark.slow  # waits out a 30 s round timeout
-def test_a_stalled_site_is_left_behind_at_the_round_timeout(demo_root: Path, tmp_path: Path) -> None:
+def test_a_stalled_site_is_left_behind_at_the_round_timeout(
+    demo_root: Path, tmp_path: Path
+) -> None:
     release = threading.Event()  # hospital 2 hangs until the test ends
     try:
         out = run(demo_root, tmp_path, 3, {}, stalls={2: release}, **{"round-timeout": 30.0})
@@ -223,7 +273,9 @@ def _final_auroc(out: Path) -> float:
 
 
 @pytest.mark.slow
-def test_a_robust_strategy_resists_a_poisoned_hospital(five_hospitals: Path, tmp_path: Path) -> None:
+def test_a_robust_strategy_resists_a_poisoned_hospital(
+    five_hospitals: Path, tmp_path: Path
+) -> None:
     """Hospital 4 sends its update scaled by -10; screening is off so the strategies face it.
 
     Measured here (tiny preset, 3 rounds, no DP): clean FedAvg 0.803, poisoned FedAvg 0.521,
@@ -231,14 +283,33 @@ def test_a_robust_strategy_resists_a_poisoned_hospital(five_hospitals: Path, tmp
     """
     # the recipe these numbers were measured with: the DP recipe's defaults (20 steps of batch 32,
     # momentum 0.5, fusion-dim 32) gave clean FedAvg 0.51 here: too little for this test to see
-    common = {"num-server-rounds": 3, "update-norm-factor": 0.0, "local-steps": 0,
-              "batch-size": 64, "momentum": 0.9, "fusion-dim": 128}
+    common = {
+        "num-server-rounds": 3,
+        "update-norm-factor": 0.0,
+        "local-steps": 0,
+        "batch-size": 64,
+        "momentum": 0.9,
+        "fusion-dim": 128,
+    }
     poison = {4: scaled(-10.0)}
-    auroc = {(strategy, poisoned): _final_auroc(run(
-        five_hospitals, tmp_path / f"{strategy}-{poisoned}", 5, poison if poisoned else {},
-        **common, strategy=strategy))
-        for strategy in ("fedavg", "fedmedian") for poisoned in (False, True)}
-    print("final AUROC " + ", ".join(f"{s}{' poisoned' if p else ''} {a:.3f}" for (s, p), a in auroc.items()))
+    auroc = {
+        (strategy, poisoned): _final_auroc(
+            run(
+                five_hospitals,
+                tmp_path / f"{strategy}-{poisoned}",
+                5,
+                poison if poisoned else {},
+                **common,
+                strategy=strategy,
+            )
+        )
+        for strategy in ("fedavg", "fedmedian")
+        for poisoned in (False, True)
+    }
+    print(
+        "final AUROC "
+        + ", ".join(f"{s}{' poisoned' if p else ''} {a:.3f}" for (s, p), a in auroc.items())
+    )
     assert abs(auroc["fedmedian", True] - auroc["fedmedian", False]) <= 0.02
     assert abs(auroc["fedmedian", True] - auroc["fedavg", False]) <= 0.05
     assert auroc["fedavg", True] < auroc["fedavg", False] - 0.1  # plain FedAvg is visibly hurt
@@ -246,14 +317,20 @@ def test_a_robust_strategy_resists_a_poisoned_hospital(five_hospitals: Path, tmp
 
 @pytest.mark.slow
 def test_the_weight_cap_bounds_a_sign_flipping_site_that_claims_1e7_records(
-        five_hospitals: Path, tmp_path: Path) -> None:
+    five_hospitals: Path, tmp_path: Path
+) -> None:
     """Hospital 4 sends its update negated (the norm of an honest one: screening cannot see it)
     and claims 1e7 records. Measured here (recipe of the test above): clean FedAvg 0.803; the
     attack under FedAvg with max-weight-factor 20: 0.469, 3: 0.720, 2 (the default): 0.755, 1:
     0.785; FedMedian 0.815, FedTrimmedAvg 0.787, Krum 0.758, MultiKrum 0.791.
     """
-    common = {"num-server-rounds": 3, "local-steps": 0, "batch-size": 64, "momentum": 0.9,
-              "fusion-dim": 128}
+    common = {
+        "num-server-rounds": 3,
+        "local-steps": 0,
+        "batch-size": 64,
+        "momentum": 0.9,
+        "fusion-dim": 128,
+    }
 
     def liar(received: Message, reply: Message) -> Message:
         reply = scaled(-1.0)(received, reply)
@@ -263,7 +340,15 @@ def test_the_weight_cap_bounds_a_sign_flipping_site_that_claims_1e7_records(
 
     clean = _final_auroc(run(five_hospitals, tmp_path / "clean", 5, {}, **common))
     capped = _final_auroc(run(five_hospitals, tmp_path / "capped", 5, {4: liar}, **common))
-    loose = _final_auroc(run(five_hospitals, tmp_path / "loose", 5, {4: liar}, **common,
-                             **{"max-weight-factor": 20.0}))
+    loose = _final_auroc(
+        run(
+            five_hospitals,
+            tmp_path / "loose",
+            5,
+            {4: liar},
+            **common,
+            **{"max-weight-factor": 20.0},
+        )
+    )
     assert capped >= clean - 0.1  # the default cap: the honest majority still decides
     assert loose < clean - 0.2  # the old default: the liar decided

@@ -29,13 +29,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _start(demo_root: Path, out: Path, name: str, rounds: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.federation_process", str(demo_root), str(out), name, str(rounds)],
-        cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-m",
+            "tests.federation_process",
+            str(demo_root),
+            str(out),
+            name,
+            str(rounds),
+        ],
+        cwd=ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
-def _wait_for_rounds(folder: Path, rounds: int, proc: subprocess.Popen, log: Path,
-                     limit: float = 180.0) -> None:
+def _wait_for_rounds(
+    folder: Path, rounds: int, proc: subprocess.Popen, log: Path, limit: float = 180.0
+) -> None:
     deadline = time.monotonic() + limit
     while len(RunFolder(folder).read_history()) < rounds:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -45,8 +58,9 @@ def _wait_for_rounds(folder: Path, rounds: int, proc: subprocess.Popen, log: Pat
 
 
 @pytest.mark.slow
-def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(demo_root: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(
+    demo_root: Path, tmp_path: Path
+) -> None:
     log = tmp_path / "server.log"
     folder = tmp_path / "resumed"
     first = _start(demo_root, tmp_path, "resumed", 3, log)
@@ -65,7 +79,9 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(demo_root
     assert f"resuming run resumed after round {finished_before} of 3" in log.read_text()
 
     straight = federation_process.main(str(demo_root), str(tmp_path), "straight", 3)
-    resumed_model, straight_model = (load_tensors(f / "model.safetensors") for f in (folder, straight))
+    resumed_model, straight_model = (
+        load_tensors(f / "model.safetensors") for f in (folder, straight)
+    )
     for name, value in straight_model.items():
         np.testing.assert_allclose(resumed_model[name].numpy(), value.numpy(), rtol=0, atol=1e-6)
 
@@ -95,7 +111,8 @@ def test_a_completed_run_is_not_resumed(demo_root: Path, tmp_path: Path) -> None
 
 
 def test_a_new_flower_run_resuming_a_round_the_sites_trained_charges_them_once(
-        demo_root: Path, tmp_path: Path) -> None:
+    demo_root: Path, tmp_path: Path
+) -> None:
     """The coordinator died after the sites trained round 2, before it committed the round.
 
     As after a SuperLink restart, the resumed run is a new Flower run: the sites recognise round 2
@@ -103,24 +120,34 @@ def test_a_new_flower_run_resuming_a_round_the_sites_trained_charges_them_once(
     """
     from client.app import app as client_app
     from server.app import run_federation
-    from tests.conftest import tiny_user_config
     from simulations.inprocess import InProcessGrid
+    from tests.conftest import tiny_user_config
 
-    settings = {"output-dir": str(tmp_path), "run-name": "r", "state-root": str(tmp_path / "state"),
-                "num-server-rounds": 2, "fraction-evaluate": 0.0, "local-epochs": 1}
+    settings = {
+        "output-dir": str(tmp_path),
+        "run-name": "r",
+        "state-root": str(tmp_path / "state"),
+        "num-server-rounds": 2,
+        "fraction-evaluate": 0.0,
+        "local-epochs": 1,
+    }
     config = tiny_user_config(demo_root, **settings)
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
-    first = RunFolder(run_federation(InProcessGrid(client_app, nodes, config),
-                                     tiny_run(demo_root, **settings)))
+    first = RunFolder(
+        run_federation(InProcessGrid(client_app, nodes, config), tiny_run(demo_root, **settings))
+    )
     sent_first = {name: site.update_sha256 for name, site in first.read_history()[1].sites.items()}
     # what the coordinator had on disk when it died: round 1 finished, round 2 not yet recorded
     first.rewrite_history(first.read_history()[:1])
     for name in ("round-002.safetensors", "summary.json", "model.safetensors", "model.json"):
         (first.path / name).unlink(missing_ok=True)
-    epsilon = {n: load_ledger(tmp_path / "state" / n / "state").run(first.read_settings().run_key)
-               for n in sent_first}
-    resumed = RunFolder(run_federation(InProcessGrid(client_app, nodes, config),
-                                       tiny_run(demo_root, **settings)))
+    epsilon = {
+        n: load_ledger(tmp_path / "state" / n / "state").run(first.read_settings().run_key)
+        for n in sent_first
+    }
+    resumed = RunFolder(
+        run_federation(InProcessGrid(client_app, nodes, config), tiny_run(demo_root, **settings))
+    )
     line = resumed.read_history()[1]
     assert resumed.read_summary().status == "completed"
     run_key = resumed.read_settings().run_key

@@ -16,19 +16,27 @@ from common.views.round_views import format_round_table
 from common.views.tensorboard_events import round_scalars, write_round_events
 
 
-def _site(loss: float | None, auroc: float | None, eps: float | None, cap: float | None = 8.0,
-          n: int = 40) -> SiteRound:
-    return SiteRound(train={R.NUM_EXAMPLES: n, R.EPSILON: eps, R.EPSILON_CAP: cap,
-                            R.TRAIN_SECONDS: 2.5},
-                     evaluate={R.NUM_EXAMPLES: 10, R.LOSS: loss, R.ACCURACY: 0.5, R.AUROC: auroc})
+def _site(
+    loss: float | None, auroc: float | None, eps: float | None, cap: float | None = 8.0, n: int = 40
+) -> SiteRound:
+    return SiteRound(
+        train={R.NUM_EXAMPLES: n, R.EPSILON: eps, R.EPSILON_CAP: cap, R.TRAIN_SECONDS: 2.5},
+        evaluate={R.NUM_EXAMPLES: 10, R.LOSS: loss, R.ACCURACY: 0.5, R.AUROC: auroc},
+    )
 
 
 HISTORY = [
-    HistoryLine(round=1, sites={"a": _site(1.0, 0.6, 3.0), "b": _site(2.0, None, 4.0, cap=5.0)},
-                aggregate={R.LOSS: 1.5, R.AUROC: 0.6, R.ACCURACY: 0.5}),
-    HistoryLine(round=2, sites={"a": _site(0.8, 0.7, 5.0)},
-                aggregate={R.LOSS: 0.8, R.AUROC: 0.7, R.ACCURACY: 0.5},
-                refusals={"b": "refused: this run's epsilon would reach 5.2"}),
+    HistoryLine(
+        round=1,
+        sites={"a": _site(1.0, 0.6, 3.0), "b": _site(2.0, None, 4.0, cap=5.0)},
+        aggregate={R.LOSS: 1.5, R.AUROC: 0.6, R.ACCURACY: 0.5},
+    ),
+    HistoryLine(
+        round=2,
+        sites={"a": _site(0.8, 0.7, 5.0)},
+        aggregate={R.LOSS: 0.8, R.AUROC: 0.7, R.ACCURACY: 0.5},
+        refusals={"b": "refused: this run's epsilon would reach 5.2"},
+    ),
 ]
 
 
@@ -40,8 +48,20 @@ def test_history_lines_survive_a_json_round_trip() -> None:
 def test_round_table_has_sites_aggregate_and_refusals() -> None:
     table = format_round_table(HISTORY[1])
     lines = table.splitlines()
-    assert lines[0].split() == ["site", "loss", "accuracy", "auroc", "epsilon", "cap", "train", "n",
-                                "val", "n", "train", "s"]
+    assert lines[0].split() == [
+        "site",
+        "loss",
+        "accuracy",
+        "auroc",
+        "epsilon",
+        "cap",
+        "train",
+        "n",
+        "val",
+        "n",
+        "train",
+        "s",
+    ]
     assert lines[1].split() == ["a", "0.800", "0.500", "0.700", "5.000", "8.00", "40", "10", "2.5"]
     assert lines[2].split()[:4] == ["(aggregate)", "0.800", "0.500", "0.700"]
     assert lines[3] == f"{'b':<16} refused: this run's epsilon would reach 5.2"
@@ -54,7 +74,10 @@ def test_round_table_says_off_without_dp() -> None:
 
 def test_plot_lines_carry_the_history_values() -> None:
     fig = plot_metric(HISTORY, R.LOSS, "loss")
-    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].get_lines()}
+    lines = {
+        ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+        for ln in fig.axes[0].get_lines()
+    }
     assert lines == {"a": ([1, 2], [1.0, 0.8]), "b": ([1], [2.0]), AGGREGATE: ([1, 2], [1.5, 0.8])}
     # a missing value (AUROC of b: null in history) is skipped, not drawn as 0
     assert set(metric_series(HISTORY, R.AUROC)) == {"a", AGGREGATE}
@@ -70,8 +93,13 @@ def test_epsilon_plot_draws_each_site_and_its_cap() -> None:
 
 def test_write_plots_writes_the_pngs(tmp_path: Path) -> None:
     paths = write_plots(tmp_path, HISTORY)
-    assert sorted(p.name for p in paths) == ["accuracy.png", "auroc.png", "epsilon.png", "loss.png",
-                                             "modality-ablation.png"]
+    assert sorted(p.name for p in paths) == [
+        "accuracy.png",
+        "auroc.png",
+        "epsilon.png",
+        "loss.png",
+        "modality-ablation.png",
+    ]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 

@@ -32,9 +32,16 @@ from tests.conftest import tiny_run, tiny_user_config
 
 
 def test_aggregate_metrics_weights_by_examples_skips_nan_and_privacy() -> None:
-    contents = [RecordDict({R.METRICS: MetricRecord({R.NUM_EXAMPLES: n, R.LOSS: loss,
-                                                     R.AUROC: auc, R.EPSILON: eps})})
-                for n, loss, auc, eps in [(10, 1.0, 0.8, 3.0), (30, 2.0, math.nan, 7.0)]]
+    contents = [
+        RecordDict(
+            {
+                R.METRICS: MetricRecord(
+                    {R.NUM_EXAMPLES: n, R.LOSS: loss, R.AUROC: auc, R.EPSILON: eps}
+                )
+            }
+        )
+        for n, loss, auc, eps in [(10, 1.0, 0.8, 3.0), (30, 2.0, math.nan, 7.0)]
+    ]
     agg = weighted_means(contents, R.NUM_EXAMPLES)
     assert set(agg.keys()) == {R.LOSS, R.AUROC}  # epsilon is never averaged
     assert agg[R.LOSS] == pytest.approx(np.average([1.0, 2.0], weights=[10, 30]))
@@ -43,18 +50,30 @@ def test_aggregate_metrics_weights_by_examples_skips_nan_and_privacy() -> None:
 
 def federation(data_root: Path, out: Path, sites: int, tap=None, **overrides: object):
     """An in-process grid of `sites` simulated hospitals and the run config, outputs in `out`."""
-    settings = {"output-dir": str(out), "run-name": "t", "state-root": str(out / "state"),
-                **overrides}
-    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": sites}
-                                      for i in range(sites)], tiny_user_config(data_root, **settings),
-                         tap=tap)
+    settings = {
+        "output-dir": str(out),
+        "run-name": "t",
+        "state-root": str(out / "state"),
+        **overrides,
+    }
+    grid = InProcessGrid(
+        client_app,
+        [{"partition-id": i, "num-partitions": sites} for i in range(sites)],
+        tiny_user_config(data_root, **settings),
+        tap=tap,
+    )
     return grid, tiny_run(data_root, **settings)
 
 
 def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path: Path) -> None:
     replies: list[Message] = []
-    grid, run = federation(demo_root, tmp_path, 2, tap=lambda node, msg: replies.append(msg),
-                           **{"num-server-rounds": 2})
+    grid, run = federation(
+        demo_root,
+        tmp_path,
+        2,
+        tap=lambda node, msg: replies.append(msg),
+        **{"num-server-rounds": 2},
+    )
     out = run_federation(grid, run)
     folder = RunFolder(out)
 
@@ -67,21 +86,39 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
             assert set(site.evaluate) == set(R.EVAL_METRICS)
             assert len(site.update_sha256) == 64 and site.node_id in (1, 2)
             assert 0 < site.train[R.EPSILON] <= 8.01
-        assert set(h.aggregate) == {R.TRAIN_LOSS, R.LOSS, R.ACCURACY, R.AUROC, R.F1,
-                                   *R.ABLATION_METRICS}
+        assert set(h.aggregate) == {
+            R.TRAIN_LOSS,
+            R.LOSS,
+            R.ACCURACY,
+            R.AUROC,
+            R.F1,
+            *R.ABLATION_METRICS,
+        }
         assert not h.failures and not h.refusals
-    assert (history[1].sites["hospital-0"].train[R.EPSILON]
-            > history[0].sites["hospital-0"].train[R.EPSILON])
+    assert (
+        history[1].sites["hospital-0"].train[R.EPSILON]
+        > history[0].sites["hospital-0"].train[R.EPSILON]
+    )
     # aggregates weight training loss by training size, validation metrics by validation size
     sites = history[1].sites.values()
-    assert history[1].aggregate[R.TRAIN_LOSS] == pytest.approx(np.average(
-        [s.train[R.TRAIN_LOSS] for s in sites], weights=[s.train[R.NUM_EXAMPLES] for s in sites]))
-    assert history[1].aggregate[R.LOSS] == pytest.approx(np.average(
-        [s.evaluate[R.LOSS] for s in sites], weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites]))
+    assert history[1].aggregate[R.TRAIN_LOSS] == pytest.approx(
+        np.average(
+            [s.train[R.TRAIN_LOSS] for s in sites], weights=[s.train[R.NUM_EXAMPLES] for s in sites]
+        )
+    )
+    assert history[1].aggregate[R.LOSS] == pytest.approx(
+        np.average(
+            [s.evaluate[R.LOSS] for s in sites], weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites]
+        )
+    )
     # simulated hospitals release exactly: every metric is the validation-weighted mean
     for key in (R.ACCURACY, R.AUROC, R.F1):
-        assert history[1].aggregate[key] == pytest.approx(np.average(
-            [s.evaluate[key] for s in sites], weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites]))
+        assert history[1].aggregate[key] == pytest.approx(
+            np.average(
+                [s.evaluate[key] for s in sites],
+                weights=[s.evaluate[R.NUM_EXAMPLES] for s in sites],
+            )
+        )
     assert all(s.train[R.NUM_EXAMPLES] > s.evaluate[R.NUM_EXAMPLES] for s in sites)
 
     # round 1's checkpoint is the num-examples-weighted mean of round 1's train replies
@@ -89,14 +126,16 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
     weights = [m.content[R.METRICS][R.NUM_EXAMPLES] for m in train_1]
     saved = load_tensors(out / "round-001.safetensors")
     for name, value in saved.items():
-        expected = np.average([m.content[R.ARRAYS][name].numpy() for m in train_1], axis=0,
-                              weights=weights)
+        expected = np.average(
+            [m.content[R.ARRAYS][name].numpy() for m in train_1], axis=0, weights=weights
+        )
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
 
     # the server's hash of what it received equals the site's receipt of what it sent
     receipts = read_receipts(tmp_path / "state" / "hospital-0" / "state")
     assert [r.update_sha256 for r in receipts] == [
-        h.sites["hospital-0"].update_sha256 for h in history]
+        h.sites["hospital-0"].update_sha256 for h in history
+    ]
     assert folder.read_summary().status == "completed"
 
     # the final model reloads without Flower and carries round 2's parameters
@@ -119,14 +158,19 @@ def _broken_copy(demo_root: Path, dest: Path) -> Path:
     return dest
 
 
-def test_a_failing_site_is_named_and_stops_the_run_below_min_nodes(demo_root: Path, tmp_path: Path) -> None:
+def test_a_failing_site_is_named_and_stops_the_run_below_min_nodes(
+    demo_root: Path, tmp_path: Path
+) -> None:
     data = _broken_copy(demo_root, tmp_path / "data")
     grid, run = federation(data, tmp_path / "out", 2, **{"num-server-rounds": 2})
     out = run_federation(grid, run)
     summary = RunFolder(out).read_summary()
     assert summary.status == "stopped" and summary.rounds_completed == 0
-    assert re.search(r"Failed: hospital-1: bad-data: (.|\n)*"
-                     r"manifest.csv:6: unknown label 'pneumothorax'", summary.message)
+    assert re.search(
+        r"Failed: hospital-1: bad-data: (.|\n)*"
+        r"manifest.csv:6: unknown label 'pneumothorax'",
+        summary.message,
+    )
     (line,) = RunFolder(out).read_history()
     assert line.round == 1 and line.stopped and "hospital-1" in line.failures
     assert (out / "model.json").is_file()  # the last global model (here: the initial one)
@@ -162,14 +206,23 @@ def test_noisy_counts_are_pooled_and_exact_metrics_averaged() -> None:
         all_labels.append(labels)
         counts = {"lacking": ScoreCounts.empty(2), "both": count_scores(probs, labels, 2)}
         sites.append((n, counts, metrics_from_counts(counts["both"], num_examples=n)))
-    noisy = pooled_metrics([SiteCounts(records=n, metrics={R.COUNT_NOISE: 1.0, R.LOSS: 0.5},
-                                       counts=c) for n, c, _ in sites])
+    noisy = pooled_metrics(
+        [
+            SiteCounts(records=n, metrics={R.COUNT_NOISE: 1.0, R.LOSS: 0.5}, counts=c)
+            for n, c, _ in sites
+        ]
+    )
     pooled = metrics_from_counts(sites[0][1]["both"] + sites[1][1]["both"], num_examples=120)
     assert noisy[R.AUROC] == pytest.approx(pooled.auroc) and noisy[R.LOSS] == pytest.approx(0.5)
-    exact = pooled_metrics([SiteCounts(records=n, metrics={R.COUNT_NOISE: 0.0, R.AUROC: m.auroc},
-                                       counts=c) for n, c, m in sites])
+    exact = pooled_metrics(
+        [
+            SiteCounts(records=n, metrics={R.COUNT_NOISE: 0.0, R.AUROC: m.auroc}, counts=c)
+            for n, c, m in sites
+        ]
+    )
     assert exact[R.AUROC] == pytest.approx((40 * sites[0][2].auroc + 80 * sites[1][2].auroc) / 120)
     # the counts' AUROC over every row is the exact one at the bins' resolution
     from sklearn.metrics import roc_auc_score
+
     exact_pooled = roc_auc_score(np.concatenate(all_labels), np.concatenate(all_probs)[:, 1])
     assert noisy[R.AUROC] == pytest.approx(exact_pooled, abs=0.03)  # these scores span 2-3 bins

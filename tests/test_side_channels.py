@@ -23,7 +23,6 @@ from scipy.stats import norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.app import app as client_app
 from client.evaluation import evaluate_round
 from client.state import SiteState
 from common import protocol as R
@@ -45,8 +44,11 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def _composed(state_dir: Path) -> float:
     """Epsilon of every charge the site's receipts record, composed (its whole spend)."""
     receipts = [r for r in read_receipts(state_dir) if r.epsilon is not None]
-    return epsilon_from_history([(r.noise_multiplier, r.sample_rate, r.steps) for r in receipts],
-                                delta=receipts[0].delta, accountant=receipts[0].accountant)
+    return epsilon_from_history(
+        [(r.noise_multiplier, r.sample_rate, r.steps) for r in receipts],
+        delta=receipts[0].delta,
+        accountant=receipts[0].accountant,
+    )
 
 
 def _loss_unit_head(c: Coordinator) -> dict[str, torch.Tensor]:
@@ -59,8 +61,13 @@ def _loss_unit_head(c: Coordinator) -> dict[str, torch.Tensor]:
 
 def test_the_exact_train_loss_never_leaves_a_site(demo_root: Path, tmp_path: Path) -> None:
     """Attack 1: one step on every row (batch >= rows) under a head whose loss names the labels."""
-    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state", num_server_rounds=3,
-                    local_steps=1, batch_size=512)
+    c = Coordinator(
+        _site(demo_root, tmp_path),
+        tmp_path / "state",
+        num_server_rounds=3,
+        local_steps=1,
+        batch_size=512,
+    )
     for server_round in (1, 2, 3):
         reply = c.send(MessageType.TRAIN, server_round, parameters=_loss_unit_head(c))
         assert not reply.has_error(), reply.error
@@ -68,14 +75,22 @@ def test_the_exact_train_loss_never_leaves_a_site(demo_root: Path, tmp_path: Pat
     assert _composed(c.state_dir) <= 8.0 * (1 + 1e-6)
 
 
-def test_a_shared_train_loss_is_noisy_and_charged(demo_root: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_shared_train_loss_is_noisy_and_charged(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Attack 1 at a site whose policy shares the training loss: it is a charged release."""
-    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state",
-                    "share-train-loss = true\nmax-epsilon = 4.0\n", num_server_rounds=2,
-                    local_steps=1, batch_size=512)
-    losses = [c.send(MessageType.TRAIN, r, parameters=_loss_unit_head(c)).content[R.METRICS][
-        R.TRAIN_LOSS] for r in (1, 2)]
+    c = Coordinator(
+        _site(demo_root, tmp_path),
+        tmp_path / "state",
+        "share-train-loss = true\nmax-epsilon = 4.0\n",
+        num_server_rounds=2,
+        local_steps=1,
+        batch_size=512,
+    )
+    losses = [
+        c.send(MessageType.TRAIN, r, parameters=_loss_unit_head(c)).content[R.METRICS][R.TRAIN_LOSS]
+        for r in (1, 2)
+    ]
     assert all(math.isfinite(v) for v in losses)
     kinds = [(r.round, r.kind) for r in read_receipts(c.state_dir)]
     assert kinds == [(1, "train"), (1, "train-loss"), (2, "train"), (2, "train-loss")]
@@ -111,14 +126,16 @@ def _net(overflow_at: str) -> nn.Sequential:
     return net
 
 
-def _one_dp_step(rows: torch.Tensor, labels: torch.Tensor, mode: str,
-                 overflow_at: str) -> dict[str, torch.Tensor]:
+def _one_dp_step(
+    rows: torch.Tensor, labels: torch.Tensor, mode: str, overflow_at: str
+) -> dict[str, torch.Tensor]:
     net = _net(overflow_at)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     loader = DataLoader(TensorDataset(rows, labels), batch_size=len(rows))
     account = Account(accountant="rdp", delta=1e-5, noise_multiplier=0.0, sample_rate=1.0)
-    with private_training(net, optimizer, loader, account, max_grad_norm=1.0,
-                          grad_sample_mode=mode) as session:
+    with private_training(
+        net, optimizer, loader, account, max_grad_norm=1.0, grad_sample_mode=mode
+    ) as session:
         for x, y in session.loader:  # sampling rate 1: every row, every time
             session.optimizer.zero_grad()
             session.criterion(net(x), y).backward()
@@ -126,8 +143,9 @@ def _one_dp_step(rows: torch.Tensor, labels: torch.Tensor, mode: str,
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-@pytest.mark.parametrize(("mode", "overflow_at"), [("hooks", "logits"), ("hooks", "hidden"),
-                                                   ("ghost", "logits")])
+@pytest.mark.parametrize(
+    ("mode", "overflow_at"), [("hooks", "logits"), ("hooks", "hidden"), ("ghost", "logits")]
+)
 def test_a_row_that_overflows_contributes_exactly_nothing(mode: str, overflow_at: str) -> None:
     """Attack 2, at the mechanism: a model that overflows on the target alone (a NaN canary).
 
@@ -148,8 +166,9 @@ def test_a_row_that_overflows_contributes_exactly_nothing(mode: str, overflow_at
         torch.testing.assert_close(value, with_nothing[name], rtol=0, atol=0)
 
 
-def test_a_model_that_could_overflow_is_refused_before_any_row_is_read(demo_root: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_model_that_could_overflow_is_refused_before_any_row_is_read(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """Attack 2, at the site: the canary head is refused alike whatever the site holds."""
     reasons = set()
     for index in (0, 1):
@@ -163,40 +182,53 @@ def test_a_model_that_could_overflow_is_refused_before_any_row_is_read(demo_root
     assert reasons == {"site 'st-mary': " + public_text(Kind.CONFIGURATION, "message")}
 
 
-def test_an_evaluation_is_a_noisy_release_charged_like_training(demo_root: Path,
-                                                                tmp_path: Path) -> None:
+def test_an_evaluation_is_a_noisy_release_charged_like_training(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """Attack 3: exact metrics of a crafted model, then evaluations after the budget is spent."""
     policy = 'max-epsilon = 2.0\nbudget-scope = "dataset"\n'
-    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state", policy, num_server_rounds=2,
-                    target_epsilon=2.0)
+    c = Coordinator(
+        _site(demo_root, tmp_path),
+        tmp_path / "state",
+        policy,
+        num_server_rounds=2,
+        target_epsilon=2.0,
+    )
     for r in (1, 2):
         assert not c.send(MessageType.TRAIN, r, run_key="first", flower_run=1).has_error()
-        reply = c.send(MessageType.EVALUATE, r, run_key="first", flower_run=1,
-                       parameters=_loss_unit_head(c))
+        reply = c.send(
+            MessageType.EVALUATE, r, run_key="first", flower_run=1, parameters=_loss_unit_head(c)
+        )
         assert reply.content[R.METRICS][R.COUNT_NOISE] > 1.0  # the noise on every count
     assert [r.kind for r in read_receipts(c.state_dir)] == ["train", "evaluate"] * 2
     assert load_ledger(c.state_dir).run("first").evaluated == (1, 2)
     assert audit(c.state_dir).ok and _composed(c.state_dir) <= 2.0 * (1 + 1e-6)
     # the budget is spent: a new run of 100 rounds gets no evaluation at all
-    again = c.send(MessageType.EVALUATE, 1, run_key="second", flower_run=2,
-                   num_server_rounds=100)
+    again = c.send(MessageType.EVALUATE, 1, run_key="second", flower_run=2, num_server_rounds=100)
     assert again.error.reason.endswith(public_text(Kind.REFUSAL, "budget-exhausted"))
     assert _composed(c.state_dir) <= 2.0 * (1 + 1e-6)
 
 
-def test_the_evaluation_noise_grows_with_the_evaluations_a_run_plans(demo_root: Path,
-                                                                     tmp_path: Path) -> None:
+def test_the_evaluation_noise_grows_with_the_evaluations_a_run_plans(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """A run that plans 10,000 rounds gets 10,000 releases' worth of noise on each."""
     noise = {}
     for rounds in (3, 10_000):
-        c = Coordinator(_site(demo_root, tmp_path / str(rounds)), tmp_path / f"s{rounds}",
-                        accountant="rdp", num_server_rounds=rounds, local_steps=1)
+        c = Coordinator(
+            _site(demo_root, tmp_path / str(rounds)),
+            tmp_path / f"s{rounds}",
+            accountant="rdp",
+            num_server_rounds=rounds,
+            local_steps=1,
+        )
         noise[rounds] = c.send(MessageType.EVALUATE, 1).content[R.METRICS][R.COUNT_NOISE]
     assert noise[10_000] > 30 * noise[3]
 
 
-def test_the_best_attack_on_one_evaluation_is_near_chance(demo_root: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_best_attack_on_one_evaluation_is_near_chance(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Attack 3, optimally: an attacker who knows every other validation row and the target's
     scores decides from one release whether the target is there (a likelihood-ratio test on
     the counts it changes). Default policy, the run's noise as the site planned it."""
@@ -214,8 +246,9 @@ def test_the_best_attack_on_one_evaluation_is_near_chance(demo_root: Path, tmp_p
     delta = _flat(present) - _flat(absent)  # what the target adds
     for t in range(trials):
         member = t % 2 == 0
-        noisy = release_counts(present if member else absent, noise_multiplier=sigma,
-                               views_per_row=1)
+        noisy = release_counts(
+            present if member else absent, noise_multiplier=sigma, views_per_row=1
+        )
         observed = _flat(noisy.views) - _flat(absent)
         right += (observed @ delta > delta @ delta / 2) == member
     advantage = right / trials - 0.5
@@ -225,17 +258,18 @@ def test_the_best_attack_on_one_evaluation_is_near_chance(demo_root: Path, tmp_p
 
 
 def _flat(views: dict) -> np.ndarray:
-    return np.concatenate([np.concatenate([a.ravel() for a in c.arrays().values()])
-                           for _, c in sorted(views.items())])
+    return np.concatenate(
+        [np.concatenate([a.ravel() for a in c.arrays().values()]) for _, c in sorted(views.items())]
+    )
 
 
-def _one_row_less(counts, scores):  # noqa: ANN001, ANN202
+def _one_row_less(counts, scores):
     """The counts change when the first row with both modalities leaves (its own counts, negated)."""
     from common.training.score_counts import count_scores, finite_probabilities
 
     row = int(np.flatnonzero(scores.both.numpy())[0])
-    probs = finite_probabilities(scores.logits["both"][row:row + 1].numpy())
-    one = count_scores(probs, scores.labels[row:row + 1].numpy(), 3)
+    probs = finite_probabilities(scores.logits["both"][row : row + 1].numpy())
+    one = count_scores(probs, scores.labels[row : row + 1].numpy(), 3)
     return type(one)(-one.scores, -one.confusion)
 
 
@@ -248,8 +282,14 @@ def _add_a_patient(site: Path) -> None:
     shutil.copy(site / first["image"], image)
     with image.open("ab") as fh:
         fh.write(b"\0")  # other bytes, still a readable PNG
-    rows.append({**first, "image": "images/new-patient.png", "patient_id": "new-patient",
-                 "text": first["text"] + " new patient."})
+    rows.append(
+        {
+            **first,
+            "image": "images/new-patient.png",
+            "patient_id": "new-patient",
+            "text": first["text"] + " new patient.",
+        }
+    )
     with manifest.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(first))
         writer.writeheader()
@@ -270,8 +310,9 @@ def test_one_added_row_does_not_reset_the_dataset_budget(demo_root: Path, tmp_pa
     assert _composed(c.state_dir) <= 2.0 * (1 + 1e-6) and audit(c.state_dir).ok
 
 
-def test_a_dataset_with_no_record_in_common_has_its_own_budget(demo_root: Path,
-                                                               tmp_path: Path) -> None:
+def test_a_dataset_with_no_record_in_common_has_its_own_budget(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """The other side of attack 4: another hospital's rows share nothing, so nothing composes."""
     site = _site(demo_root, tmp_path)
     policy = 'max-epsilon = 2.0\nbudget-scope = "dataset"\n'
@@ -291,8 +332,9 @@ def _without_label(site: Path, label: str) -> None:
         writer.writerows(rows)
 
 
-def test_a_label_probe_reads_nothing_beyond_the_published_labels(demo_root: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_label_probe_reads_nothing_beyond_the_published_labels(
+    demo_root: Path, tmp_path: Path
+) -> None:
     """Attack 5: class names without one label, at a site that holds it and one that does not."""
     policy = 'labels = ["normal", "pneumonia", "effusion"]\n'
     replies = {}
@@ -301,19 +343,27 @@ def test_a_label_probe_reads_nothing_beyond_the_published_labels(demo_root: Path
         if not holds:
             _without_label(site, "effusion")
         c = Coordinator(site, tmp_path / f"state-{holds}", policy)
-        replies[holds] = {kind: c.send(kind, 1, class_names="normal,pneumonia").error
-                          for kind in (MessageType.TRAIN, MessageType.EVALUATE)}
+        replies[holds] = {
+            kind: c.send(kind, 1, class_names="normal,pneumonia").error
+            for kind in (MessageType.TRAIN, MessageType.EVALUATE)
+        }
         assert not read_receipts(c.state_dir)
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         assert (replies[True][kind].code, replies[True][kind].reason) == (
-            replies[False][kind].code, replies[False][kind].reason)
+            replies[False][kind].code,
+            replies[False][kind].reason,
+        )
         assert replies[True][kind].reason.endswith(public_text(Kind.REFUSAL, "labels-not-covered"))
 
 
 def test_every_reply_key_has_a_documented_release_status(demo_root: Path, tmp_path: Path) -> None:
     """A reply key added without saying what protects it fails here (and in README "Privacy")."""
-    c = Coordinator(_site(demo_root, tmp_path), tmp_path / "state",
-                    "share-train-loss = true\n", num_server_rounds=1)
+    c = Coordinator(
+        _site(demo_root, tmp_path),
+        tmp_path / "state",
+        "share-train-loss = true\n",
+        num_server_rounds=1,
+    )
     keys = set()
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         content = c.send(kind, 1).content

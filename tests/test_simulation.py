@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def simulate(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "simulations", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "simulations", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _left_running(since: float) -> list[str]:
@@ -47,9 +53,22 @@ def test_tiny_federation_with_dp_learns_and_saves_a_reloadable_model(tmp_path: P
     started = time.time()
     data = tmp_path / "data"
     write_demo_hospitals(data, 2, seed=0)
-    proc = simulate("--preset", "tiny", "--hospitals", "2", "--rounds", "2", "--seed", "0",
-                    "--data-root", str(data), "--output-dir", str(tmp_path / "out"),
-                    "--run-name", "e2e")
+    proc = simulate(
+        "--preset",
+        "tiny",
+        "--hospitals",
+        "2",
+        "--rounds",
+        "2",
+        "--seed",
+        "0",
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--run-name",
+        "e2e",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hospital-1" in proc.stdout and "epsilon" in proc.stdout  # the printed table
     assert "round 1\nsite" in proc.stderr and "round 2\nsite" in proc.stderr  # logged per round
@@ -77,8 +96,18 @@ def test_the_report_names_the_hospital_that_failed(tmp_path: Path) -> None:
     manifest = data / "hospital-1" / "manifest.csv"
     rows = list(csv.DictReader(manifest.open()))
     (manifest.parent / rows[2]["image"]).unlink()
-    proc = simulate("--preset", "tiny", "--hospitals", "2", "--rounds", "1",
-                    "--data-root", str(data), "--output-dir", str(tmp_path / "out"))
+    proc = simulate(
+        "--preset",
+        "tiny",
+        "--hospitals",
+        "2",
+        "--rounds",
+        "1",
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode == 1
     assert "hospital-1: bad-data: " in proc.stderr
     assert "manifest.csv:4: image file" in proc.stderr and "does not exist" in proc.stderr

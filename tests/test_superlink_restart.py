@@ -32,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 HOSPITALS = ("hospital-a", "hospital-b")
 POLICY = 'max-epsilon = 8.0\nbudget-scope = "run"\n'
 EPOCHS = 3  # uncached epochs: round 2 lasts long enough to kill the SuperLink during it
-RUN = (f"preset='tiny' accountant='rdp' round-timeout=120.0 num-server-rounds=3 "
-       f"local-steps=0 local-epochs={EPOCHS} feature-cache=false fraction-evaluate=0.0")
+RUN = (
+    f"preset='tiny' accountant='rdp' round-timeout=120.0 num-server-rounds=3 "
+    f"local-steps=0 local-epochs={EPOCHS} feature-cache=false fraction-evaluate=0.0"
+)
 TIMEOUT = 240.0
 
 
@@ -54,22 +56,32 @@ def _flower_run_id(run: Started) -> int:
 
 
 def test_a_superlink_restart_ends_the_run_and_the_resumed_run_charges_no_site_twice(
-        federation: LoopbackFederation) -> None:
+    federation: LoopbackFederation,
+) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
     first = fed.submit("restart", RUN)
     training = re.compile(rf"round 2 train epoch 1/{EPOCHS}")
-    fed.procs.wait_until("both sites training round 2", lambda: all(
-        training.search(s.log.read_text(errors="replace")[offsets[n]:]) for n, s in
-        fed.nodes.items()), TIMEOUT, [first, *fed.nodes.values()])
+    fed.procs.wait_until(
+        "both sites training round 2",
+        lambda: all(
+            training.search(s.log.read_text(errors="replace")[offsets[n] :])
+            for n, s in fed.nodes.items()
+        ),
+        TIMEOUT,
+        [first, *fed.nodes.values()],
+    )
     fed.kill_superlink()
     assert fed.procs.wait_exit(first, 60) != 0  # flwr run loses its SuperLink
     first_id = _flower_run_id(first)
 
     fed.start_superlink("superlink-restarted")  # the same --database
-    fed.procs.wait_until("both SuperNodes back online, without registering again",
-                         lambda: len(fed.online_nodes()) == len(HOSPITALS), 120,
-                         [fed.superlink, *fed.nodes.values()])
+    fed.procs.wait_until(
+        "both SuperNodes back online, without registering again",
+        lambda: len(fed.online_nodes()) == len(HOSPITALS),
+        120,
+        [fed.superlink, *fed.nodes.values()],
+    )
     folder = RunFolder(fed.output_dir / "restart")
     assert [h.round for h in folder.read_history()] == [1]  # round 2 was never recorded
     resumed = fed.submit("restart", RUN)  # FedFusion's resume: same run-name, same settings
@@ -86,11 +98,16 @@ def test_a_superlink_restart_ends_the_run_and_the_resumed_run_charges_no_site_tw
         assert "round 2 asked again from the same global parameters" in node.log.read_text()
     # the restarted SuperLink never continued the first run: it lists it as failed once the
     # dead ServerApp's heartbeat has expired (2 x 30 s after the crash)
-    fed.procs.wait_until("the first run marked failed", lambda: _status(fed, first_id) ==
-                         "finished:failed", 120, [fed.superlink])
+    fed.procs.wait_until(
+        "the first run marked failed",
+        lambda: _status(fed, first_id) == "finished:failed",
+        120,
+        [fed.superlink],
+    )
 
 
 def _status(fed: LoopbackFederation, run_id: int) -> str:
-    (listed,) = flwr_json(["list", CONNECTION, "--run-id", str(run_id)], fed.cli_env,
-                          fed.root)["runs"]
+    (listed,) = flwr_json(["list", CONNECTION, "--run-id", str(run_id)], fed.cli_env, fed.root)[
+        "runs"
+    ]
     return str(listed["status"])

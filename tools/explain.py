@@ -72,27 +72,48 @@ class CaseExplanation:
 
     def to_json(self) -> dict[str, object]:
         """The case's numbers (explanations.json)."""
-        return {"line": self.line, "image": self.image, "prediction": self.prediction,
-                "probabilities": self.probabilities, "with_modalities": self.with_modalities,
-                "fusion_weights": self.weights, "attribution_totals": self.attribution.totals,
-                "logit": self.attribution.logit, "baseline_logit": self.attribution.baseline_logit,
-                "completeness_delta": self.attribution.delta,
-                "top_tokens": sorted(self.tokens, key=lambda t: -abs(t[1]))[:MAX_TOKENS_SHOWN],
-                "heatmap": self.heatmap}
+        return {
+            "line": self.line,
+            "image": self.image,
+            "prediction": self.prediction,
+            "probabilities": self.probabilities,
+            "with_modalities": self.with_modalities,
+            "fusion_weights": self.weights,
+            "attribution_totals": self.attribution.totals,
+            "logit": self.attribution.logit,
+            "baseline_logit": self.attribution.baseline_logit,
+            "completeness_delta": self.attribution.delta,
+            "top_tokens": sorted(self.tokens, key=lambda t: -abs(t[1]))[:MAX_TOKENS_SHOWN],
+            "heatmap": self.heatmap,
+        }
 
 
-def _logits_from_embeddings(model: FusionModel, images: torch.Tensor, word_embeds: torch.Tensor,
-                            attention_mask: torch.Tensor, has_image: torch.Tensor,
-                            has_text: torch.Tensor) -> torch.Tensor:
+def _logits_from_embeddings(
+    model: FusionModel,
+    images: torch.Tensor,
+    word_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    has_image: torch.Tensor,
+    has_text: torch.Tensor,
+) -> torch.Tensor:
     """The model's logits (B, C) with the report given as word embeddings (B, T, Dt)."""
     image_tokens = model.image(images)
-    text_tokens = model.text(inputs_embeds=word_embeds, attention_mask=attention_mask).last_hidden_state
-    return model.classify(Features(image_tokens, text_tokens, attention_mask.bool(), has_image,
-                                   has_text))
+    text_tokens = model.text(
+        inputs_embeds=word_embeds, attention_mask=attention_mask
+    ).last_hidden_state
+    return model.classify(
+        Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+    )
 
 
-def integrated_gradients(model: FusionModel, case: dict[str, torch.Tensor], target: int, *,
-                         steps: int = 64, pad_token_id: int = 0) -> Attribution:
+def integrated_gradients(
+    model: FusionModel,
+    case: dict[str, torch.Tensor],
+    target: int,
+    *,
+    steps: int = 64,
+    pad_token_id: int = 0,
+) -> Attribution:
     """Captum's integrated gradients of logit `target` for one case (a batch of one, on the model's device)."""
     from captum.attr import IntegratedGradients
 
@@ -104,29 +125,49 @@ def integrated_gradients(model: FusionModel, case: dict[str, torch.Tensor], targ
         embeds = words(ids)  # (1, T, Dt)
         baseline_embeds = words(torch.full_like(ids, pad_token_id))
 
-    def forward(x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, hi: torch.Tensor,
-                ht: torch.Tensor) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, hi: torch.Tensor, ht: torch.Tensor
+    ) -> torch.Tensor:
         return _logits_from_embeddings(model, x, e, m, hi, ht)
 
     ig = IntegratedGradients(forward)
     (image_attr, text_attr), delta = ig.attribute(
-        (images, embeds), baselines=(torch.zeros_like(images), baseline_embeds), target=target,
-        additional_forward_args=flags, n_steps=steps, method=METHOD,
-        internal_batch_size=steps, return_convergence_delta=True)
+        (images, embeds),
+        baselines=(torch.zeros_like(images), baseline_embeds),
+        target=target,
+        additional_forward_args=flags,
+        n_steps=steps,
+        method=METHOD,
+        internal_batch_size=steps,
+        return_convergence_delta=True,
+    )
     with torch.no_grad():
         logit = float(forward(images, embeds, *flags)[0, target])
         base = float(forward(torch.zeros_like(images), baseline_embeds, *flags)[0, target])
-    return Attribution(image=image_attr[0].detach().cpu(), text=text_attr[0].sum(-1).detach().cpu(),
-                       logit=logit, baseline_logit=base, delta=float(delta.abs().max()))
+    return Attribution(
+        image=image_attr[0].detach().cpu(),
+        text=text_attr[0].sum(-1).detach().cpu(),
+        logit=logit,
+        baseline_logit=base,
+        delta=float(delta.abs().max()),
+    )
 
 
 @torch.no_grad()
-def modality_probabilities(model: FusionModel, case: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def modality_probabilities(
+    model: FusionModel, case: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Class probabilities (C,) of one case with both modalities, the image only, the report only."""
-    features = model.encode(case["images"], case["input_ids"], case["attention_mask"],
-                            case["has_image"], case["has_text"])
-    return {keep: torch.softmax(model.classify(masked(features, keep)), -1)[0].cpu()
-            for keep in KEEP}
+    features = model.encode(
+        case["images"],
+        case["input_ids"],
+        case["attention_mask"],
+        case["has_image"],
+        case["has_text"],
+    )
+    return {
+        keep: torch.softmax(model.classify(masked(features, keep)), -1)[0].cpu() for keep in KEEP
+    }
 
 
 def heatmap_png(image: torch.Tensor, attribution: torch.Tensor, title: str) -> bytes:
@@ -135,8 +176,9 @@ def heatmap_png(image: torch.Tensor, attribution: torch.Tensor, title: str) -> b
     The heat is averaged over 5 x 5 pixels: per-pixel gradients of a ResNet are speckled.
     """
     gray = image[0].numpy()
-    heat = torch.nn.functional.avg_pool2d(attribution.abs().sum(0)[None, None], 5, stride=1,
-                                          padding=2, count_include_pad=False)[0, 0].numpy()
+    heat = torch.nn.functional.avg_pool2d(
+        attribution.abs().sum(0)[None, None], 5, stride=1, padding=2, count_include_pad=False
+    )[0, 0].numpy()
     fig = Figure(figsize=(4.0, 4.0), layout="constrained")
     ax = fig.subplots()
     ax.imshow(gray, cmap="gray")
@@ -146,8 +188,9 @@ def heatmap_png(image: torch.Tensor, attribution: torch.Tensor, title: str) -> b
     return figure_png(fig)
 
 
-def explain_cases(predictor: Predictor, dataset: Dataset, out_dir: Path, *, steps: int = 64,
-                  max_cases: int = 20) -> list[CaseExplanation]:
+def explain_cases(
+    predictor: Predictor, dataset: Dataset, out_dir: Path, *, steps: int = 64, max_cases: int = 20
+) -> list[CaseExplanation]:
     """Explain the first `max_cases` rows of `dataset`; write heatmaps, the page and the numbers."""
     model, device, names = predictor.model, predictor.device, predictor.class_names
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,21 +206,44 @@ def explain_cases(predictor: Predictor, dataset: Dataset, out_dir: Path, *, step
         target = int(probs["both"].argmax())
         attribution = integrated_gradients(model, case, target, steps=steps, pad_token_id=pad)
         ids = item["input_ids"][item["attention_mask"].bool()].tolist()
-        tokens = ([(tok, float(a)) for tok, a, t in zip(
-            predictor.tokenizer.convert_ids_to_tokens(ids), attribution.text.tolist(), ids,
-            strict=False) if t not in special] if bool(item["has_text"]) else [])
+        tokens = (
+            [
+                (tok, float(a))
+                for tok, a, t in zip(
+                    predictor.tokenizer.convert_ids_to_tokens(ids),
+                    attribution.text.tolist(),
+                    ids,
+                    strict=False,
+                )
+                if t not in special
+            ]
+            if bool(item["has_text"])
+            else []
+        )
         heatmap = None
         if bool(item["has_image"]):
             heatmap = f"case-{row.line}-image.png"
-            atomic_write_bytes(out_dir / heatmap, heatmap_png(
-                item["images"], attribution.image, f"row {row.line}: {names[target]}"))
-        cases.append(CaseExplanation(
-            line=row.line, image=str(row.image or ""), text=row.text, prediction=names[target],
-            probabilities={n: float(p) for n, p in zip(names, probs["both"], strict=True)},
-            with_modalities={k: float(v[target]) for k, v in probs.items()}, weights=weights,
-            attribution=attribution, tokens=tokens, heatmap=heatmap))
-    atomic_write_bytes(out_dir / "explanations.json",
-                       json.dumps([c.to_json() for c in cases], indent=2).encode())
+            atomic_write_bytes(
+                out_dir / heatmap,
+                heatmap_png(item["images"], attribution.image, f"row {row.line}: {names[target]}"),
+            )
+        cases.append(
+            CaseExplanation(
+                line=row.line,
+                image=str(row.image or ""),
+                text=row.text,
+                prediction=names[target],
+                probabilities={n: float(p) for n, p in zip(names, probs["both"], strict=True)},
+                with_modalities={k: float(v[target]) for k, v in probs.items()},
+                weights=weights,
+                attribution=attribution,
+                tokens=tokens,
+                heatmap=heatmap,
+            )
+        )
+    atomic_write_bytes(
+        out_dir / "explanations.json", json.dumps([c.to_json() for c in cases], indent=2).encode()
+    )
     atomic_write_bytes(out_dir / "explanations.html", explanation_page(cases).encode())
     return cases
 
@@ -189,40 +255,56 @@ def _highlight(tokens: list[tuple[str, float]]) -> str:
     for token, a in tokens:
         alpha = min(1.0, abs(a) / scale)
         colour = f"rgba(220,40,40,{alpha:.2f})" if a > 0 else f"rgba(40,90,220,{alpha:.2f})"
-        spans.append(f'<span title="{a:+.4f}" style="background:{colour};padding:1px 2px;'
-                     f'border-radius:3px">{html.escape(token)}</span>')
+        spans.append(
+            f'<span title="{a:+.4f}" style="background:{colour};padding:1px 2px;'
+            f'border-radius:3px">{html.escape(token)}</span>'
+        )
     return " ".join(spans)
 
 
 def explanation_page(cases: list[CaseExplanation]) -> str:
     """One HTML page: per case the prediction, the modality contributions, tokens and heatmap."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>FedFusion explanations"
-             "</title><style>body{font-family:sans-serif;max-width:60em;margin:auto}"
-             "td,th{padding:2px 8px;text-align:left}</style></head><body>",
-             "<h1>Per-case explanations</h1><p>For the predicted class: its probability with both "
-             "modalities, the image only and the report only (the other masked as in training); "
-             "integrated gradients of its logit, summed per modality (they add up to the logit's "
-             "change from a blank image and an empty report); the report's tokens highlighted "
-             "(red: for the class, blue: against); the image's attribution as a heatmap.</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>FedFusion explanations"
+        "</title><style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+        "td,th{padding:2px 8px;text-align:left}</style></head><body>",
+        "<h1>Per-case explanations</h1><p>For the predicted class: its probability with both "
+        "modalities, the image only and the report only (the other masked as in training); "
+        "integrated gradients of its logit, summed per modality (they add up to the logit's "
+        "change from a blank image and an empty report); the report's tokens highlighted "
+        "(red: for the class, blue: against); the image's attribution as a heatmap.</p>",
+    ]
     for c in cases:
         a = c.attribution
-        weights = ("<p>Learned fusion weights: " + ", ".join(
-            f"{m} {w:.3f}" for m, w in c.weights.items()) + "</p>") if c.weights else ""
-        top = ", ".join(f"{html.escape(t)} ({v:+.3f})" for t, v in
-                        sorted(c.tokens, key=lambda x: -abs(x[1]))[:MAX_TOKENS_SHOWN])
+        weights = (
+            (
+                "<p>Learned fusion weights: "
+                + ", ".join(f"{m} {w:.3f}" for m, w in c.weights.items())
+                + "</p>"
+            )
+            if c.weights
+            else ""
+        )
+        top = ", ".join(
+            f"{html.escape(t)} ({v:+.3f})"
+            for t, v in sorted(c.tokens, key=lambda x: -abs(x[1]))[:MAX_TOKENS_SHOWN]
+        )
         parts += [
             f"<h2>Row {c.line}: {html.escape(c.prediction)} "
             f"({c.probabilities[c.prediction]:.3f})</h2>",
             "<table><tr><th></th><th>both</th><th>image only</th><th>report only</th></tr>"
             f"<tr><td>p({html.escape(c.prediction)})</td>"
-            + "".join(f"<td>{c.with_modalities[k]:.3f}</td>" for k in KEEP) + "</tr></table>",
+            + "".join(f"<td>{c.with_modalities[k]:.3f}</td>" for k in KEEP)
+            + "</tr></table>",
             weights,
             f"<p>Integrated gradients: image {a.totals['image']:+.3f}, report "
             f"{a.totals['text']:+.3f}; logit {a.logit:.3f} vs {a.baseline_logit:.3f} at the "
             f"baseline (completeness gap {a.delta:.1e}).</p>",
             f"<p><b>Report:</b> {_highlight(c.tokens) if c.tokens else '<i>no report</i>'}</p>",
             f"<p>Most influential tokens: {top}</p>" if top else "",
-            f"<img src='{html.escape(c.heatmap)}' alt='image attribution'>" if c.heatmap
-            else "<p><i>no image</i></p>"]
+            f"<img src='{html.escape(c.heatmap)}' alt='image attribution'>"
+            if c.heatmap
+            else "<p><i>no image</i></p>",
+        ]
     parts.append("</body></html>")
     return "\n".join(parts)

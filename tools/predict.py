@@ -60,11 +60,15 @@ class Predictions:
 def load_predictor(run_dir: Path, device: str = "auto") -> Predictor:
     """Load the final model of a run folder (or any folder written by `save_model`)."""
     if not run_dir.is_dir():
-        raise PredictError(f"{run_dir} is not a folder. Pass a run folder, e.g. "
-                           "--model outputs/<run-name> (the server writes one per run).")
+        raise PredictError(
+            f"{run_dir} is not a folder. Pass a run folder, e.g. "
+            "--model outputs/<run-name> (the server writes one per run)."
+        )
     if not (run_dir / MODEL_CONFIG).is_file():
-        raise PredictError(f"{run_dir} holds no {MODEL_CONFIG}: the run has not finished (the "
-                           "final model is written when the run ends) or this is not a run folder.")
+        raise PredictError(
+            f"{run_dir} holds no {MODEL_CONFIG}: the run has not finished (the "
+            "final model is written when the run ends) or this is not a run folder."
+        )
     model = load_model(run_dir)
     target = pick_device(device)
     return Predictor(model.to(target), load_tokenizer(model.config.text_encoder), target)
@@ -73,12 +77,14 @@ def load_predictor(run_dir: Path, device: str = "auto") -> Predictor:
 def cases_dataset(predictor: Predictor, manifest: Path, rows: list[Row]) -> ManifestDataset:
     """The model's inputs for `rows` (paths relative to `manifest`), as in training."""
     cfg = predictor.model.config
-    return ManifestDataset(manifest, rows, cfg.class_names, predictor.tokenizer, cfg.image_size,
-                           cfg.max_text_length)
+    return ManifestDataset(
+        manifest, rows, cfg.class_names, predictor.tokenizer, cfg.image_size, cfg.max_text_length
+    )
 
 
-def predict_rows(predictor: Predictor, manifest: Path, rows: list[Row],
-                 batch_size: int = 64) -> Predictions:
+def predict_rows(
+    predictor: Predictor, manifest: Path, rows: list[Row], batch_size: int = 64
+) -> Predictions:
     """Probabilities for `rows` (paths relative to `manifest`); metrics over the labelled ones."""
     loader = DataLoader(cases_dataset(predictor, manifest, rows), batch_size=batch_size)
     logits, labels = predict_logits(predictor.model, loader, predictor.device, desc="predict")
@@ -101,8 +107,14 @@ def case_row(image: Path | None, text: str) -> Row:
         raise PredictError("A case needs an image (--image), a report text (--text), or both.")
     if image is not None and not image.is_file():
         raise PredictError(f"Image {image} does not exist; pass the path of a PNG/JPEG/DICOM file.")
-    return Row(line=0, image=image.resolve() if image else None, text=text, label="",
-               patient_id="case", split=None)
+    return Row(
+        line=0,
+        image=image.resolve() if image else None,
+        text=text,
+        label="",
+        patient_id="case",
+        split=None,
+    )
 
 
 def predict_case(predictor: Predictor, image: Path | None, text: str) -> dict[str, float]:
@@ -111,12 +123,21 @@ def predict_case(predictor: Predictor, image: Path | None, text: str) -> dict[st
     return dict(zip(predictor.class_names, (float(p) for p in result.probs[0]), strict=True))
 
 
-def write_predictions_csv(path: Path, predictions: Predictions, class_names: tuple[str, ...]) -> None:
+def write_predictions_csv(
+    path: Path, predictions: Predictions, class_names: tuple[str, ...]
+) -> None:
     """One CSV row per case: manifest line, image, label, predicted class, one probability per class."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["line", "image", "label", "prediction", *(f"p_{c}" for c in class_names)])
         for row, p in zip(predictions.rows, predictions.probs, strict=True):
-            writer.writerow([row.line, str(row.image or ""), row.label, class_names[int(p.argmax())],
-                             *(f"{v:.6f}" for v in p)])
+            writer.writerow(
+                [
+                    row.line,
+                    str(row.image or ""),
+                    row.label,
+                    class_names[int(p.argmax())],
+                    *(f"{v:.6f}" for v in p),
+                ]
+            )

@@ -64,15 +64,23 @@ class RunRecords:
 def load_run(run_dir: Path) -> RunRecords:
     """The run folder's records: run config, model card, history lines and summary."""
     if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} is not a folder. Pass a run folder such as "
-                          "outputs/<run-name> (the server writes one per run).")
+        raise ReportError(
+            f"{run_dir} is not a folder. Pass a run folder such as "
+            "outputs/<run-name> (the server writes one per run)."
+        )
     if not (run_dir / HISTORY).is_file():
-        raise ReportError(f"{run_dir} holds no {HISTORY}: it is not a FedFusion run folder, or the "
-                          "run has not finished a round yet.")
+        raise ReportError(
+            f"{run_dir} holds no {HISTORY}: it is not a FedFusion run folder, or the "
+            "run has not finished a round yet."
+        )
     folder = RunFolder(run_dir)
-    return RunRecords(name=folder.name, history=folder.read_history(),
-                      settings=folder.read_settings(), model=read_model_card(run_dir),
-                      summary=folder.read_summary())
+    return RunRecords(
+        name=folder.name,
+        history=folder.read_history(),
+        settings=folder.read_settings(),
+        model=read_model_card(run_dir),
+        summary=folder.read_summary(),
+    )
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -114,21 +122,48 @@ def site_facts(history: list[HistoryLine]) -> dict[str, SiteFacts]:
 
 
 def _overview(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
-    planned = (run.settings.settings.get("federation", {}).get("num_server_rounds", "?")
-               if run.settings else "?")
+    planned = (
+        run.settings.settings.get("federation", {}).get("num_server_rounds", "?")
+        if run.settings
+        else "?"
+    )
     done = sum(line.finished for line in run.history)
-    status = (run.summary.message if run.summary
-              else "No summary.json: the run did not finish (it may still run).")
-    rows = [[name, _fmt((f.train or {}).get(R.NUM_EXAMPLES)),
-             _fmt((f.evaluate or {}).get(R.NUM_EXAMPLES)), _rounds(f.trained),
-             _rounds(f.refused), _rounds(f.failed)] for name, f in sites.items()]
+    status = (
+        run.summary.message
+        if run.summary
+        else "No summary.json: the run did not finish (it may still run)."
+    )
+    rows = [
+        [
+            name,
+            _fmt((f.train or {}).get(R.NUM_EXAMPLES)),
+            _fmt((f.evaluate or {}).get(R.NUM_EXAMPLES)),
+            _rounds(f.trained),
+            _rounds(f.refused),
+            _rounds(f.failed),
+        ]
+        for name, f in sites.items()
+    ]
     state = run.summary.status if run.summary else "unknown"
-    return [Paragraph(f"Status: {state}. {status} Rounds completed: "
-                      f"{done} of {planned} planned. Every number below comes from the "
-                      "coordinator's records in the run folder."),
-            Heading(2, "Sites"),
-            Table(["site", "training records", "validation records", "rounds trained",
-                   "rounds refused", "rounds failed"], rows)]
+    return [
+        Paragraph(
+            f"Status: {state}. {status} Rounds completed: "
+            f"{done} of {planned} planned. Every number below comes from the "
+            "coordinator's records in the run folder."
+        ),
+        Heading(2, "Sites"),
+        Table(
+            [
+                "site",
+                "training records",
+                "validation records",
+                "rounds trained",
+                "rounds refused",
+                "rounds failed",
+            ],
+            rows,
+        ),
+    ]
 
 
 def _rounds(rounds: list[int]) -> str:
@@ -136,32 +171,56 @@ def _rounds(rounds: list[int]) -> str:
 
 
 def _final_metrics(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
-    rows = [[name, _fmt(f.eval_round), _fmt((f.evaluate or {}).get(R.NUM_EXAMPLES)),
-             *(_fmt((f.evaluate or {}).get(k)) for k in (R.LOSS, R.ACCURACY, R.AUROC, R.F1))]
-            for name, f in sites.items()]
+    rows = [
+        [
+            name,
+            _fmt(f.eval_round),
+            _fmt((f.evaluate or {}).get(R.NUM_EXAMPLES)),
+            *(_fmt((f.evaluate or {}).get(k)) for k in (R.LOSS, R.ACCURACY, R.AUROC, R.F1)),
+        ]
+        for name, f in sites.items()
+    ]
     last = next((line for line in reversed(run.history) if line.aggregate is not None), None)
     if last:
         a = last.aggregate or {}
-        total = sum(int(f.evaluate.get(R.NUM_EXAMPLES, 0)) for f in sites.values()
-                    if f.evaluate and f.eval_round == last.round)
-        rows.append([f"weighted mean (round {last.round})", _fmt(last.round), _fmt(total or None),
-                     *(_fmt(a.get(k)) for k in (R.LOSS, R.ACCURACY, R.AUROC, R.F1))])
+        total = sum(
+            int(f.evaluate.get(R.NUM_EXAMPLES, 0))
+            for f in sites.values()
+            if f.evaluate and f.eval_round == last.round
+        )
+        rows.append(
+            [
+                f"weighted mean (round {last.round})",
+                _fmt(last.round),
+                _fmt(total or None),
+                *(_fmt(a.get(k)) for k in (R.LOSS, R.ACCURACY, R.AUROC, R.F1)),
+            ]
+        )
     blocks: list[Block] = [
         Heading(2, "Final metrics per site"),
-        Paragraph("Each site evaluates the global model on its own validation split (patients "
-                  "held out of its training data); the row shows the last round it evaluated and "
-                  "how many validation records its metrics rest on. The weighted mean is over "
-                  "sites, weighted by their validation records."),
-        Table(["site", "round", "validation records", "loss", "accuracy", "AUROC", "F1"], rows)]
-    small = {name: int(f.evaluate[R.NUM_EXAMPLES]) for name, f in sites.items()
-             if f.evaluate and f.evaluate.get(R.NUM_EXAMPLES, 0) < SMALL_VALIDATION}
+        Paragraph(
+            "Each site evaluates the global model on its own validation split (patients "
+            "held out of its training data); the row shows the last round it evaluated and "
+            "how many validation records its metrics rest on. The weighted mean is over "
+            "sites, weighted by their validation records."
+        ),
+        Table(["site", "round", "validation records", "loss", "accuracy", "AUROC", "F1"], rows),
+    ]
+    small = {
+        name: int(f.evaluate[R.NUM_EXAMPLES])
+        for name, f in sites.items()
+        if f.evaluate and f.evaluate.get(R.NUM_EXAMPLES, 0) < SMALL_VALIDATION
+    }
     if small:
         listed = ", ".join(f"{name} ({n})" for name, n in small.items())
-        blocks.append(Paragraph(
-            f"Warning: {listed} validate on fewer than {SMALL_VALIDATION} records. An AUROC on so "
-            "few patients swings by 0.1 or more from split to split (a 95% interval of about "
-            "+-0.2 at 20 records): read these values as noise, not as evidence that the model "
-            "learned; measure the model on a larger held-out set."))
+        blocks.append(
+            Paragraph(
+                f"Warning: {listed} validate on fewer than {SMALL_VALIDATION} records. An AUROC on so "
+                "few patients swings by 0.1 or more from split to split (a 95% interval of about "
+                "+-0.2 at 20 records): read these values as noise, not as evidence that the model "
+                "learned; measure the model on a larger held-out set."
+            )
+        )
     return blocks
 
 
@@ -176,29 +235,47 @@ def _trainable_groups(names: list[str]) -> str:
     return ", ".join(groups)
 
 
-SMALL_VALIDATION = 30  # fewer validation records: the report warns that the site's metrics are noise
-RANDOM_IMAGE_WARNING = ("Warning: the image encoder is a seeded random initialisation (no "
-                        "image-weights): its features carry little of the images' content, so the "
-                        "model learns almost only from the reports. Set image-weights (a local "
-                        "torchvision state dict, or a torchvision weight name such as "
-                        "IMAGENET1K_V1 found in the torch hub cache).")
+SMALL_VALIDATION = (
+    30  # fewer validation records: the report warns that the site's metrics are noise
+)
+RANDOM_IMAGE_WARNING = (
+    "Warning: the image encoder is a seeded random initialisation (no "
+    "image-weights): its features carry little of the images' content, so the "
+    "model learns almost only from the reports. Set image-weights (a local "
+    "torchvision state dict, or a torchvision weight name such as "
+    "IMAGENET1K_V1 found in the torch hub cache)."
+)
 
 
 def _model(run: RunRecords) -> list[Block]:
     card = run.model
     if card is None:
-        return [Heading(2, "Model"), Paragraph("No model.json: the run did not write its final model.")]
+        return [
+            Heading(2, "Model"),
+            Paragraph("No model.json: the run did not write its final model."),
+        ]
     cfg, counts = card.config, card.parameters
     total, trainable = counts.get("total"), counts.get("trainable")
-    rows = [["preset", cfg.preset], ["fusion mode", cfg.fusion],
-            ["image encoder", cfg.image_encoder + (f" (weights {cfg.image_weights})"
-                                                   if cfg.image_weights else " (seeded init)")],
-            ["text encoder", cfg.text_encoder], ["classes", ", ".join(cfg.class_names)],
-            ["trainable set", _trainable_groups(card.trainable)],
-            ["parameters", f"{total:,} total, {trainable:,} trainable (exchanged each round), "
-                           f"{total - trainable:,} frozen" if total is not None
-                           and trainable is not None else "not recorded"],
-            ["frozen-part fingerprint (SHA-256)", card.frozen_fingerprint]]
+    rows = [
+        ["preset", cfg.preset],
+        ["fusion mode", cfg.fusion],
+        [
+            "image encoder",
+            cfg.image_encoder
+            + (f" (weights {cfg.image_weights})" if cfg.image_weights else " (seeded init)"),
+        ],
+        ["text encoder", cfg.text_encoder],
+        ["classes", ", ".join(cfg.class_names)],
+        ["trainable set", _trainable_groups(card.trainable)],
+        [
+            "parameters",
+            f"{total:,} total, {trainable:,} trainable (exchanged each round), "
+            f"{total - trainable:,} frozen"
+            if total is not None and trainable is not None
+            else "not recorded",
+        ],
+        ["frozen-part fingerprint (SHA-256)", card.frozen_fingerprint],
+    ]
     warning = [] if cfg.image_weights else [Paragraph(RANDOM_IMAGE_WARNING)]
     return [Heading(2, "Model"), Table(["item", "value"], rows), *warning]
 
@@ -209,15 +286,20 @@ def privacy_statement(name: str, facts: SiteFacts, accountant: str) -> str:
     if m is None:
         return f"{name} did not train in this run: no update computed from its data left the site."
     if m.get(R.EPSILON) is None:
-        return (f"{name} trained in rounds {_rounds(facts.trained)} without differential "
-                "privacy: the updates it sent carry no formal privacy guarantee.")
+        return (
+            f"{name} trained in rounds {_rounds(facts.trained)} without differential "
+            "privacy: the updates it sent carry no formal privacy guarantee."
+        )
     eps, delta, sigma = m[R.EPSILON], m[R.DELTA], m[R.NOISE_MULTIPLIER]
     clip, cap, n = m.get(R.MAX_GRAD_NORM), m.get(R.EPSILON_CAP), m.get(R.NUM_EXAMPLES)
     clip_text = f"{clip:g}" if isinstance(clip, (int, float)) else "the run's max-grad-norm"
     noise_text = f" = {sigma * clip:.3f}" if isinstance(clip, (int, float)) else ""
     cap_text = f" (its cap for this run: {cap:g})" if isinstance(cap, (int, float)) else ""
-    delta_text = (f" (1 / training records = {1 / n:.2g}: delta should be well below it)"
-                  if isinstance(n, int) and n > 0 else "")
+    delta_text = (
+        f" (1 / training records = {1 / n:.2g}: delta should be well below it)"
+        if isinstance(n, int) and n > 0
+        else ""
+    )
     return (
         f"{name} trained in rounds {_rounds(facts.trained)} with DP-SGD (Abadi et al., 2016), "
         f"{m[R.STEPS]} local steps in all. Each step drew a batch by including every training "
@@ -228,7 +310,8 @@ def privacy_statement(name: str, facts: SiteFacts, accountant: str) -> str:
         f"with delta = {delta:g}{cap_text}. Meaning: for any single training record, the "
         f"probability of anything the coordinator received from {name} changes by at most a "
         f"factor e^epsilon = {math.exp(eps):.3g} whether or not that record was used, except with "
-        f"probability at most delta{delta_text}.")
+        f"probability at most delta{delta_text}."
+    )
 
 
 NOT_COVERED = (
@@ -242,36 +325,64 @@ NOT_COVERED = (
     "record count); its name; and the kind and fixed reason of a refusal or an error. Also not "
     "covered: patients with several records (the protection is per record, so a patient with k "
     "records is protected at roughly k times epsilon); other runs on the same data when the "
-    "site's policy sets budget-scope = \"run\" (the default, \"dataset\", composes them); the "
+    'site\'s policy sets budget-scope = "run" (the default, "dataset", composes them); the '
     "frozen part of the model, which must not have been trained on the site's data; and a site "
     "that does not run its own installed FedFusion node (the guarantee rests on the site's own "
-    "software enforcing its policy).")
+    "software enforcing its policy)."
+)
 HOW_TO_CHECK = (
     "How to check: at each site, `fedfusion privacy report <state-dir>` re-derives every "
     "round's epsilon from the site's own receipts with a fresh Opacus accountant; the SHA-256 of "
     "each update the coordinator received (update-sha256 in history.jsonl) matches the receipt "
-    "of what the site sent.")
+    "of what the site sent."
+)
 
 
 def _privacy(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
-    accountant = (run.settings.settings.get("privacy", {}).get("accountant", "unknown")
-                  if run.settings else "unknown")
+    accountant = (
+        run.settings.settings.get("privacy", {}).get("accountant", "unknown")
+        if run.settings
+        else "unknown"
+    )
     rows = []
     for name, f in sites.items():
         m = f.train or {}
         dp = f.train is not None and m.get(R.EPSILON) is not None
-        rows.append([name, _fmt(m.get(R.EPSILON)) if dp else ("off" if f.train else "-"),
-                     f"{m[R.DELTA]:g}" if dp else "-", _fmt(m.get(R.NOISE_MULTIPLIER)) if dp else "-",
-                     _fmt(m.get(R.MAX_GRAD_NORM), 2) if dp else "-", _fmt(m.get(R.SAMPLE_RATE), 4)
-                     if dp else "-", accountant if dp else "-", _fmt(m.get(R.STEPS)) if dp else "-",
-                     _fmt(m.get(R.EPSILON_CAP), 2) if dp else "-"])
+        rows.append(
+            [
+                name,
+                _fmt(m.get(R.EPSILON)) if dp else ("off" if f.train else "-"),
+                f"{m[R.DELTA]:g}" if dp else "-",
+                _fmt(m.get(R.NOISE_MULTIPLIER)) if dp else "-",
+                _fmt(m.get(R.MAX_GRAD_NORM), 2) if dp else "-",
+                _fmt(m.get(R.SAMPLE_RATE), 4) if dp else "-",
+                accountant if dp else "-",
+                _fmt(m.get(R.STEPS)) if dp else "-",
+                _fmt(m.get(R.EPSILON_CAP), 2) if dp else "-",
+            ]
+        )
     blocks: list[Block] = [
         Heading(2, "Privacy per site"),
-        Paragraph("Sample-level (epsilon, delta)-differential privacy, per site, cumulative over "
-                  "this run. Each site enforces the stricter of the coordinator's target and its "
-                  "own policy; epsilons are never averaged across sites."),
-        Table(["site", "epsilon", "delta", "noise multiplier", "clipping norm", "sampling rate",
-               "accountant", "steps", "epsilon cap"], rows)]
+        Paragraph(
+            "Sample-level (epsilon, delta)-differential privacy, per site, cumulative over "
+            "this run. Each site enforces the stricter of the coordinator's target and its "
+            "own policy; epsilons are never averaged across sites."
+        ),
+        Table(
+            [
+                "site",
+                "epsilon",
+                "delta",
+                "noise multiplier",
+                "clipping norm",
+                "sampling rate",
+                "accountant",
+                "steps",
+                "epsilon cap",
+            ],
+            rows,
+        ),
+    ]
     blocks += [Paragraph(privacy_statement(name, f, accountant)) for name, f in sites.items()]
     return [*blocks, Paragraph(NOT_COVERED), Paragraph(HOW_TO_CHECK)]
 
@@ -281,71 +392,121 @@ def _percent(value: float | None) -> str:
 
 
 def modality_sentence(aggregate: Metrics) -> str:
-    """"The model relies on the report for X% of its AUROC", from an aggregate's ablation."""
-    both, image, text = (aggregate.get(k) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY,
-                                                    R.AUROC_TEXT_ONLY))
+    """ "The model relies on the report for X% of its AUROC", from an aggregate's ablation."""
+    both, image, text = (
+        aggregate.get(k) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)
+    )
     reliance = report_reliance(both, image)
     if reliance is None:
-        return ("No modality ablation to summarise: the sites withheld it (share-ablation = "
-                "false, or too few validation rows with both modalities) or the AUROC with both "
-                "modalities is not above chance.")
-    return (f"The model relies on the report for {_percent(reliance)} of its AUROC: on the "
-            f"validation rows with both modalities its AUROC is {both:.3f} with both, "
-            f"{_fmt(image)} with the image only (report masked) and {_fmt(text)} with the report "
-            "only (image masked); the share is (both - image only) / (both - 0.5), the part of "
-            "the AUROC above chance that masking the report takes away.")
+        return (
+            "No modality ablation to summarise: the sites withheld it (share-ablation = "
+            "false, or too few validation rows with both modalities) or the AUROC with both "
+            "modalities is not above chance."
+        )
+    return (
+        f"The model relies on the report for {_percent(reliance)} of its AUROC: on the "
+        f"validation rows with both modalities its AUROC is {both:.3f} with both, "
+        f"{_fmt(image)} with the image only (report masked) and {_fmt(text)} with the report "
+        "only (image masked); the share is (both - image only) / (both - 0.5), the part of "
+        "the AUROC above chance that masking the report takes away."
+    )
 
 
 def _modalities(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
     rows = []
     for name, f in sites.items():
         e = f.evaluate or {}
-        rows.append([name, _fmt(f.eval_round), *(_fmt(e.get(k)) for k in (
-            R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
-            _percent(report_reliance(e.get(R.AUROC_BOTH), e.get(R.AUROC_IMAGE_ONLY)))])
+        rows.append(
+            [
+                name,
+                _fmt(f.eval_round),
+                *(_fmt(e.get(k)) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
+                _percent(report_reliance(e.get(R.AUROC_BOTH), e.get(R.AUROC_IMAGE_ONLY))),
+            ]
+        )
     last = next((line for line in reversed(run.history) if line.aggregate is not None), None)
     if last:
         a = last.aggregate or {}
-        rows.append([f"weighted mean (round {last.round})", _fmt(last.round),
-                     *(_fmt(a.get(k)) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
-                     _percent(report_reliance(a.get(R.AUROC_BOTH), a.get(R.AUROC_IMAGE_ONLY)))])
+        rows.append(
+            [
+                f"weighted mean (round {last.round})",
+                _fmt(last.round),
+                *(_fmt(a.get(k)) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
+                _percent(report_reliance(a.get(R.AUROC_BOTH), a.get(R.AUROC_IMAGE_ONLY))),
+            ]
+        )
     blocks: list[Block] = [
         Heading(2, "What the model uses"),
         Paragraph(modality_sentence(last.aggregate or {}) if last else "No finished round."),
-        Paragraph("Each site scores its validation rows that have both an image and a report three "
-                  "times: with both, with the report masked and with the image masked, exactly as a "
-                  "missing modality is masked in training. A site releases these numbers only if "
-                  "its policy allows (share-ablation) and enough of its rows have both modalities."),
-        Table(["site", "round", "AUROC both", "AUROC image only", "AUROC report only",
-               "relies on the report"], rows)]
-    weights = next((line.modality_weights for line in reversed(run.history)
-                    if line.modality_weights), None)
+        Paragraph(
+            "Each site scores its validation rows that have both an image and a report three "
+            "times: with both, with the report masked and with the image masked, exactly as a "
+            "missing modality is masked in training. A site releases these numbers only if "
+            "its policy allows (share-ablation) and enough of its rows have both modalities."
+        ),
+        Table(
+            [
+                "site",
+                "round",
+                "AUROC both",
+                "AUROC image only",
+                "AUROC report only",
+                "relies on the report",
+            ],
+            rows,
+        ),
+    ]
+    weights = next(
+        (line.modality_weights for line in reversed(run.history) if line.modality_weights), None
+    )
     if weights:
-        blocks += [Paragraph("The weighted fusion learns one weight per modality (Z = sum_i w_i * "
-                             "phi(M_i), the weights renormalised over the modalities a case has). "
-                             "After the last round: " + ", ".join(
-                                 f"{m} {w:.3f}" for m, w in weights.items()) + "."),
-                   Image("learned fusion weights per round", figure_png(
-                       plot_modality_weights(run.history)))]
-    return [*blocks, Image("aggregated AUROC with both modalities, the image only, the report only",
-                           figure_png(plot_ablation(run.history)))]
+        blocks += [
+            Paragraph(
+                "The weighted fusion learns one weight per modality (Z = sum_i w_i * "
+                "phi(M_i), the weights renormalised over the modalities a case has). "
+                "After the last round: "
+                + ", ".join(f"{m} {w:.3f}" for m, w in weights.items())
+                + "."
+            ),
+            Image(
+                "learned fusion weights per round", figure_png(plot_modality_weights(run.history))
+            ),
+        ]
+    return [
+        *blocks,
+        Image(
+            "aggregated AUROC with both modalities, the image only, the report only",
+            figure_png(plot_ablation(run.history)),
+        ),
+    ]
 
 
 def _plots(history: list[HistoryLine]) -> list[Block]:
-    images = [Image(label, figure_png(plot_metric(history, key, label)))
-              for key, label in METRIC_PLOTS.values()]
-    images.append(Image("cumulative epsilon per site (dotted: the site's cap)",
-                        figure_png(plot_epsilon(history))))
+    images = [
+        Image(label, figure_png(plot_metric(history, key, label)))
+        for key, label in METRIC_PLOTS.values()
+    ]
+    images.append(
+        Image(
+            "cumulative epsilon per site (dotted: the site's cap)",
+            figure_png(plot_epsilon(history)),
+        )
+    )
     return [Heading(2, "Curves"), *images]
 
 
 def report_blocks(run: RunRecords) -> list[Block]:
     """The report's content, independent of its format."""
     sites = site_facts(run.history)
-    return [Heading(1, f"FedFusion run report: {run.name}"), *_overview(run, sites),
-            *_final_metrics(run, sites), *_modalities(run, sites), *_model(run),
-            *_privacy(run, sites),
-            *_plots(run.history)]
+    return [
+        Heading(1, f"FedFusion run report: {run.name}"),
+        *_overview(run, sites),
+        *_final_metrics(run, sites),
+        *_modalities(run, sites),
+        *_model(run),
+        *_privacy(run, sites),
+        *_plots(run.history),
+    ]
 
 
 def write_report(run_dir: Path, fmt: str = "html", out: Path | None = None) -> Path:
@@ -358,4 +519,3 @@ def write_report(run_dir: Path, fmt: str = "html", out: Path | None = None) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
-

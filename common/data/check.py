@@ -48,11 +48,16 @@ def check_manifest(path: Path, class_names: tuple[str, ...]) -> CheckReport:
     rows = scan.rows
     labels = Counter(r.label for r in rows)
     report = CheckReport(
-        manifest=scan.manifest, problems=[p.text for p in problems], warnings=[],
-        rows=len(rows), patients=len({r.patient_id for r in rows}),
+        manifest=scan.manifest,
+        problems=[p.text for p in problems],
+        warnings=[],
+        rows=len(rows),
+        patients=len({r.patient_id for r in rows}),
         label_counts={name: labels.get(name, 0) for name in class_names},
-        missing_image=sum(r.image is None for r in rows), missing_text=sum(not r.text for r in rows),
-        images_read=images_read)
+        missing_image=sum(r.image is None for r in rows),
+        missing_text=sum(not r.text for r in rows),
+        images_read=images_read,
+    )
     report.warnings.extend(_warnings(report))
     return report
 
@@ -79,8 +84,10 @@ def _warnings(report: CheckReport) -> list[str]:
     """Facts that do not stop training but that a site should know before it joins."""
     out = []
     if report.rows < TINY_SITE_ROWS:
-        out.append(f"tiny site: {report.rows} rows (fewer than {TINY_SITE_ROWS}); with DP the noise "
-                   "dominates its updates and its validation metrics rest on a few patients.")
+        out.append(
+            f"tiny site: {report.rows} rows (fewer than {TINY_SITE_ROWS}); with DP the noise "
+            "dominates its updates and its validation metrics rest on a few patients."
+        )
     absent = [name for name, n in report.label_counts.items() if n == 0]
     if absent:
         out.append(f"no rows of class(es) {absent}: this site cannot teach or validate them.")
@@ -107,6 +114,9 @@ def format_report(report: CheckReport) -> str:
         f"  images    {report.images_read} distinct files read",
     ]
     lines += [f"warning: {w}" for w in report.warnings]
-    verdict = (f"FAILED: {len(report.problems)} problem(s); fix them and run the check again."
-               if report.problems else "OK: the manifest is usable.")
+    verdict = (
+        f"FAILED: {len(report.problems)} problem(s); fix them and run the check again."
+        if report.problems
+        else "OK: the manifest is usable."
+    )
     return "\n".join([*lines, verdict])

@@ -20,16 +20,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ManifestDataset(Dataset):
     """Rows -> dict of tensors; images are read lazily, reports tokenised once up front."""
 
-    def __init__(self, manifest: Path, rows: list[Row], class_names: tuple[str, ...],
-                 tokenizer: PreTrainedTokenizerBase, image_size: int, max_text_length: int) -> None:
+    def __init__(
+        self,
+        manifest: Path,
+        rows: list[Row],
+        class_names: tuple[str, ...],
+        tokenizer: PreTrainedTokenizerBase,
+        image_size: int,
+        max_text_length: int,
+    ) -> None:
         self.manifest, self.rows, self.image_size = manifest, rows, image_size
         # -1: an unlabelled case (prediction only; training and evaluation rows always have one)
-        self.labels = torch.tensor([class_names.index(r.label) if r.label else -1 for r in rows],
-                                   dtype=torch.long)
+        self.labels = torch.tensor(
+            [class_names.index(r.label) if r.label else -1 for r in rows], dtype=torch.long
+        )
         # padded to the longest report of these rows (at most max_text_length tokens), not to
         # max_text_length: a long limit costs nothing where the reports are short
-        enc = tokenizer([r.text for r in rows] or [""], padding="longest", truncation=True,
-                        max_length=max_text_length, return_tensors="pt")
+        enc = tokenizer(
+            [r.text for r in rows] or [""],
+            padding="longest",
+            truncation=True,
+            max_length=max_text_length,
+            return_tensors="pt",
+        )
         self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         self._mean, self._std = mean.view(3, 1, 1), std.view(3, 1, 1)
@@ -40,7 +53,9 @@ class ManifestDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.rows[i]
         has_image = row.image is not None
-        image = self._load_image(row) if has_image else torch.zeros(3, self.image_size, self.image_size)
+        image = (
+            self._load_image(row) if has_image else torch.zeros(3, self.image_size, self.image_size)
+        )
         return {
             "images": image,  # (3, S, S)
             "input_ids": self.input_ids[i],  # (T,)
@@ -57,8 +72,7 @@ class ManifestDataset(Dataset):
         except ImageReadError as err:
             # one-argument exception: a DataLoader worker re-raises it by type and message
             raise ImageReadError(f"{self.manifest}:{row.line}: {err}") from err
-        resized = Image.fromarray(gray).resize((self.image_size, self.image_size),
-                                                         Image.BILINEAR)
+        resized = Image.fromarray(gray).resize((self.image_size, self.image_size), Image.BILINEAR)
         x = torch.from_numpy(np.array(resized, dtype=np.float32))  # (S, S)
         # the grayscale fills the encoder's 3 input channels
         return (x.unsqueeze(0).expand(3, -1, -1) - self._mean) / self._std
@@ -83,8 +97,10 @@ class PaddedText(Dataset):
         case = dict(self.dataset[i])
         pad = self.length - case["input_ids"].shape[0]
         if pad < 0:
-            raise ValueError(f"a case has {case['input_ids'].shape[0]} tokens, more than the "
-                             f"{self.length} to pad to.")
+            raise ValueError(
+                f"a case has {case['input_ids'].shape[0]} tokens, more than the "
+                f"{self.length} to pad to."
+            )
         if pad:
             case["input_ids"] = torch.nn.functional.pad(case["input_ids"], (0, pad))  # (length,)
             case["attention_mask"] = torch.nn.functional.pad(case["attention_mask"], (0, pad))

@@ -82,8 +82,10 @@ def read_dicom_gray(path: Path) -> np.ndarray:
     except (InvalidDicomError, EOFError, ValueError, KeyError) as err:
         raise ImageReadError(f"{path} is not a valid DICOM file ({err}).") from err
     if "PixelData" not in ds:
-        raise ImageReadError(f"{path} is a DICOM file without pixel data (a report, a structure "
-                             "set, or a truncated file?); the image column must name an image.")
+        raise ImageReadError(
+            f"{path} is a DICOM file without pixel data (a report, a structure "
+            "set, or a truncated file?); the image column must name an image."
+        )
     _check_decoder(path, ds)
     try:
         frame = pixel_array(ds, index=0)  # (H, W) or (H, W, 3): the first frame only
@@ -100,20 +102,27 @@ def _check_decoder(path: Path, ds: pydicom.Dataset) -> None:
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as err:
-        raise ImageReadError(f"{path}: no decoder exists for transfer syntax {tsyntax.name}; "
-                             "convert the file (e.g. to Explicit VR Little Endian).") from err
+        raise ImageReadError(
+            f"{path}: no decoder exists for transfer syntax {tsyntax.name}; "
+            "convert the file (e.g. to Explicit VR Little Endian)."
+        ) from err
     if decoder.is_available:
         return
     options = [_install_hint(text) for text in decoder.missing_dependencies]
     raise ImageReadError(
         f"{path}: pixel data is compressed as {tsyntax.name} and no installed decoder reads it. "
-        f"Install one of: {'; '.join(options)} (then restart the site).")
+        f"Install one of: {'; '.join(options)} (then restart the site)."
+    )
 
 
 def _install_hint(missing: str) -> str:
     """'pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1' -> a pip command."""
     plugin, _, needs = missing.partition(" - requires ")
-    reqs = [r.strip() for r in needs.replace(",", " and ").split(" and ") if r.strip() not in ("", "numpy")]
+    reqs = [
+        r.strip()
+        for r in needs.replace(",", " and ").split(" and ")
+        if r.strip() not in ("", "numpy")
+    ]
     reqs = [PLUGIN_PACKAGES.get(r.split(">")[0].split("=")[0], "") + r for r in reqs]
     return f"{plugin.strip()}: pip install " + " ".join(f"'{r}'" for r in reqs)
 
@@ -124,22 +133,28 @@ def _display_gray(frame: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(frame, ds)  # (H, W, 3)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # the LUT entries' bit depth
-        return (rgb @ LUMA) / float(2 ** bits - 1)
+        return (rgb @ LUMA) / float(2**bits - 1)
     if frame.ndim == 3:  # RGB (pydicom converts YBR to RGB)
         return (frame.astype(np.float64) @ LUMA) / float(2 ** int(ds.BitsStored) - 1)
     values = apply_modality_lut(frame, ds)  # stored units; still integers without a rescale
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        gray = window(values.astype(np.float64), center=_first(ds.WindowCenter), width=_first(ds.WindowWidth),
-                      function=str(ds.get("VOILUTFunction", "LINEAR")))
+        gray = window(
+            values.astype(np.float64),
+            center=_first(ds.WindowCenter),
+            width=_first(ds.WindowWidth),
+            function=str(ds.get("VOILUTFunction", "LINEAR")),
+        )
     elif "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        gray = apply_voi(values, ds, index=0).astype(np.float64) / (2 ** bits - 1)
+        gray = apply_voi(values, ds, index=0).astype(np.float64) / (2**bits - 1)
     else:
         gray = _stretch(values.astype(np.float64))
     return 1.0 - gray if photometric == "MONOCHROME1" else gray
 
 
-def window(values: np.ndarray, *, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+def window(
+    values: np.ndarray, *, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
     """VOI windowing of PS3.3 C.11.2.1.2 with output range [0, 1]."""
     function = function.upper()
     if function == "SIGMOID":

@@ -65,8 +65,10 @@ def find_manifest(path: Path) -> Path:
     raise ManifestError(path, [f"{path}: no such file or folder (check the site's manifest path)."])
 
 
-def raw_records(manifest: Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
-                ) -> list[tuple[int, dict[str, str]]]:
+def raw_records(
+    manifest: Path,
+    required: tuple[str, ...] = REQUIRED_COLUMNS,
+) -> list[tuple[int, dict[str, str]]]:
     """(line, record) pairs from a CSV or JSONL manifest."""
     if manifest.suffix == ".jsonl":
         records = []
@@ -80,7 +82,9 @@ def raw_records(manifest: Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
                     problem = f"{manifest}:{line_no}: not valid JSON ({err.msg})."
                     raise ManifestError(manifest, [problem]) from err
                 if not isinstance(obj, dict):
-                    raise ManifestError(manifest, [f"{manifest}:{line_no}: expected a JSON object."])
+                    raise ManifestError(
+                        manifest, [f"{manifest}:{line_no}: expected a JSON object."]
+                    )
                 records.append((line_no, {k: "" if v is None else str(v) for k, v in obj.items()}))
         return records
     if manifest.suffix != ".csv":
@@ -89,10 +93,14 @@ def raw_records(manifest: Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
         reader = csv.DictReader(fh)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ManifestError(manifest, [f"{manifest}:1: missing column(s) {missing}; "
-                                           f"required: {list(required)}."])
-        return [(i, {k: (v or "") for k, v in rec.items() if k is not None})
-                for i, rec in enumerate(reader, start=2)]
+            raise ManifestError(
+                manifest,
+                [f"{manifest}:1: missing column(s) {missing}; required: {list(required)}."],
+            )
+        return [
+            (i, {k: (v or "") for k, v in rec.items() if k is not None})
+            for i, rec in enumerate(reader, start=2)
+        ]
 
 
 class Problem(NamedTuple):
@@ -121,16 +129,18 @@ def read_cases(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row
     return _read_rows(path, class_names, ("image", "text"))
 
 
-def _read_rows(path: Path, class_names: tuple[str, ...],
-               required: tuple[str, ...]) -> tuple[Path, list[Row]]:
+def _read_rows(
+    path: Path, class_names: tuple[str, ...], required: tuple[str, ...]
+) -> tuple[Path, list[Row]]:
     scan = scan_manifest(path, class_names, required)
     if scan.problems:
         raise ManifestError(scan.manifest, [p.text for p in scan.problems])
     return scan.manifest, scan.rows
 
 
-def scan_manifest(path: Path, class_names: tuple[str, ...],
-                  required: tuple[str, ...] = REQUIRED_COLUMNS) -> ManifestScan:
+def scan_manifest(
+    path: Path, class_names: tuple[str, ...], required: tuple[str, ...] = REQUIRED_COLUMNS
+) -> ManifestScan:
     """Read a manifest and list the problems of its rows (a file that cannot be parsed raises).
 
     Without `label` in `required` (cases to predict) a row may have no label, and duplicate
@@ -152,8 +162,10 @@ def scan_manifest(path: Path, class_names: tuple[str, ...],
         if not image_rel and not text:
             found.append("empty row (no image and no text).")
         if label not in class_names and (label or labelled):
-            found.append(f"unknown label {label!r}; the run's class names are {list(class_names)} "
-                         "(run config key class-names).")
+            found.append(
+                f"unknown label {label!r}; the run's class names are {list(class_names)} "
+                "(run config key class-names)."
+            )
         if split is not None and split not in SPLITS:
             found.append(f"unknown split {split!r}; use one of {list(SPLITS)} or leave it empty.")
         image = (manifest.parent / image_rel) if image_rel else None
@@ -161,7 +173,9 @@ def scan_manifest(path: Path, class_names: tuple[str, ...],
             found.append(f"image file {image} does not exist.")
         key = (image_rel, text, label, patient_raw, split or "")
         if labelled and key in seen and (image_rel or text):
-            found.append(f"duplicate of row {seen[key]} (same image, text, label, patient and split).")
+            found.append(
+                f"duplicate of row {seen[key]} (same image, text, label, patient and split)."
+            )
         seen.setdefault(key, line)
         problems += [Problem(line, f"{where}: {message}") for message in found]
         rows.append(Row(line, image, text, label, patient_raw or f"row-{line}", split))
@@ -178,13 +192,21 @@ def _split_conflicts(manifest: Path, rows: list[Row]) -> list[Problem]:
             continue
         other = first.setdefault(row.patient_id, row)
         if other.split != row.split:
-            problems.append(Problem(row.line, (
-                f"{manifest}:{row.line}: patient {row.patient_id!r} is in split '{row.split}' here "
-                f"but in '{other.split}' at row {other.line}; a patient's rows must share one split.")))
+            problems.append(
+                Problem(
+                    row.line,
+                    (
+                        f"{manifest}:{row.line}: patient {row.patient_id!r} is in split '{row.split}' here "
+                        f"but in '{other.split}' at row {other.line}; a patient's rows must share one split."
+                    ),
+                )
+            )
     return problems
 
 
-def split_by_patient(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+def split_by_patient(
+    rows: list[Row], val_fraction: float, seed: int
+) -> tuple[list[Row], list[Row]]:
     """Train/validation split by patient (seeded); a row's `split` column takes precedence."""
     free = sorted({r.patient_id for r in rows if r.split is None})
     random.Random(seed).shuffle(free)

@@ -49,23 +49,33 @@ class ModelCard:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of model.json."""
-        return {"model_config": self.config.to_json_dict(),
-                "frozen_fingerprint": self.frozen_fingerprint, "trainable": self.trainable,
-                "parameters": self.parameters}
+        return {
+            "model_config": self.config.to_json_dict(),
+            "frozen_fingerprint": self.frozen_fingerprint,
+            "trainable": self.trainable,
+            "parameters": self.parameters,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelCard:
         """Inverse of `to_json`."""
-        return cls(config=ModelConfig.from_json_dict(d["model_config"]),
-                   frozen_fingerprint=d["frozen_fingerprint"], trainable=list(d["trainable"]),
-                   parameters=dict(d.get("parameters", {})))
+        return cls(
+            config=ModelConfig.from_json_dict(d["model_config"]),
+            frozen_fingerprint=d["frozen_fingerprint"],
+            trainable=list(d["trainable"]),
+            parameters=dict(d.get("parameters", {})),
+        )
 
 
 def save_model(folder: Path, model: FusionModel) -> None:
     """Write model.safetensors + model.json into `folder`."""
     save_tensors(folder / MODEL_WEIGHTS, {k: v.clone() for k, v in model.state_dict().items()})
-    card = ModelCard(config=model.config, frozen_fingerprint=frozen_fingerprint(model),
-                     trainable=trainable_names(model), parameters=parameter_counts(model))
+    card = ModelCard(
+        config=model.config,
+        frozen_fingerprint=frozen_fingerprint(model),
+        trainable=trainable_names(model),
+        parameters=parameter_counts(model),
+    )
     atomic_write_bytes(folder / MODEL_CONFIG, json.dumps(card.to_json(), indent=2).encode())
 
 
@@ -81,7 +91,8 @@ def load_model(folder: Path) -> FusionModel:
     if card is None:
         raise FileNotFoundError(
             f"{folder} holds no {MODEL_CONFIG}: it is not a saved FedFusion model folder "
-            "(the server writes one to outputs/<run-name>/ at the end of a run).")
+            "(the server writes one to outputs/<run-name>/ at the end of a run)."
+        )
     model = build_model(card.config)
     model.load_state_dict(load_tensors(folder / MODEL_WEIGHTS), strict=True)
     model.eval()

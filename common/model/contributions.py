@@ -42,8 +42,9 @@ def modality_weights(state: Mapping[str, Any]) -> dict[str, float] | None:
     logits = state.get(WEIGHT_LOGITS)
     if logits is None:
         return None
-    values = np.asarray(logits.numpy() if hasattr(logits, "numpy") else logits,
-                        dtype=np.float64).reshape(-1)
+    values = np.asarray(
+        logits.numpy() if hasattr(logits, "numpy") else logits, dtype=np.float64
+    ).reshape(-1)
     if values.shape != (2,) or not np.isfinite(values).all():
         return None
     weights = np.exp(values - values.max())
@@ -57,8 +58,9 @@ def report_reliance(auroc_both: float | None, auroc_image_only: float | None) ->
     (AUROC_both - AUROC_image_only) / (AUROC_both - 0.5): 1 means the model is at chance
     without the report, 0 means the report adds nothing; below 0, masking it helps.
     """
-    if not all(isinstance(v, (int, float)) and math.isfinite(v)
-               for v in (auroc_both, auroc_image_only)):
+    if not all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in (auroc_both, auroc_image_only)
+    ):
         return None
     if auroc_both <= 0.5:
         return None  # no above-chance AUROC to share out

@@ -104,10 +104,13 @@ def build_image_encoder(name: str, weights: str, seed: int) -> ImageEncoder:
         resnet = ResNet(block, layers)
     if not weights and name not in _WARNED_RANDOM:
         _WARNED_RANDOM.add(name)  # once per process: every site of a simulation builds one
-        log.warning("the image encoder %s is a seeded random initialisation (no image-weights): "
-                    "its features carry little of the images' content, so the model learns almost "
-                    "only from the reports. Set image-weights to a torchvision state dict or a "
-                    "torchvision weight name (e.g. IMAGENET1K_V1) in the torch hub cache.", name)
+        log.warning(
+            "the image encoder %s is a seeded random initialisation (no image-weights): "
+            "its features carry little of the images' content, so the model learns almost "
+            "only from the reports. Set image-weights to a torchvision state dict or a "
+            "torchvision weight name (e.g. IMAGENET1K_V1) in the torch hub cache.",
+            name,
+        )
     if weights:
         path = hub_weights_file(name, weights) if WEIGHT_NAME.fullmatch(weights) else Path(weights)
         state = _read_state_dict(path.expanduser())
@@ -138,15 +141,17 @@ def hub_weights_file(name: str, weights: str) -> Path:
         raise ModelLoadError(
             f"image-weights {weights!r} is not a torchvision weight name of {name} (torchvision "
             f"ships {[w.name for w in get_model_weights(name)] if name != 'resnet10' else 'none'} "
-            "for it); set image-weights to one of those or to a state-dict file.") from err
+            "for it); set image-weights to one of those or to a state-dict file."
+        ) from err
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not path.is_file():
         raise ModelLoadError(
             f"image-weights {weights!r}: torchvision's {name} weights are not in the torch hub "
             f"cache ({path}); FedFusion never downloads at run time. On a machine with network "
-            f"access run `python -c \"import torchvision; torchvision.models.{name}(weights="
+            f'access run `python -c "import torchvision; torchvision.models.{name}(weights='
             f"'{weights}')\"` and copy {Path(url).name} to {path.parent} (or set TORCH_HOME), or "
-            "point image-weights at the file.")
+            "point image-weights at the file."
+        )
     return path
 
 
@@ -170,8 +175,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 BUILTIN_TEXT_CONFIGS: dict[str, dict[str, int]] = {
     # A small random-init BERT for tests: seconds on a CPU.
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=128, max_position_embeddings=128),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    ),
     # bert-base-uncased's shape (BertConfig's defaults), random init: for benchmarks offline.
     "bert-base": {},
 }
@@ -206,7 +216,9 @@ def resolve_text_source(source: str) -> Path | None:
         for candidate in (root, root / "model"):
             if (candidate / "config.json").is_file():
                 return candidate
-        raise ModelLoadError(f"Package '{module}' at {root} holds no model directory (config.json).")
+        raise ModelLoadError(
+            f"Package '{module}' at {root} holds no model directory (config.json)."
+        )
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

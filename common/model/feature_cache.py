@@ -60,13 +60,19 @@ class CacheKey:
     max_text_length: int
 
     @classmethod
-    def for_model(cls, config: ModelConfig, *, dataset_sha256: str, split: str,
-                  frozen_fingerprint: str) -> CacheKey:
+    def for_model(
+        cls, config: ModelConfig, *, dataset_sha256: str, split: str, frozen_fingerprint: str
+    ) -> CacheKey:
         """The key of `split` of a dataset version for a model built from `config`."""
-        return cls(dataset_sha256=dataset_sha256, split=split, frozen_fingerprint=frozen_fingerprint,
-                   trainable_image_blocks=config.trainable_image_blocks,
-                   trained_text_layers=config.trained_text_layers, image_size=config.image_size,
-                   max_text_length=config.max_text_length)
+        return cls(
+            dataset_sha256=dataset_sha256,
+            split=split,
+            frozen_fingerprint=frozen_fingerprint,
+            trainable_image_blocks=config.trainable_image_blocks,
+            trained_text_layers=config.trained_text_layers,
+            image_size=config.image_size,
+            max_text_length=config.max_text_length,
+        )
 
     def digest(self) -> str:
         """A short stable name for this key (the on-disk file name)."""
@@ -79,11 +85,16 @@ class CacheKey:
 
 def check_front_frozen(model: FusionModel) -> None:
     """The stem and the text embeddings must be frozen, or there is no frozen front to cache."""
-    stem = [*model.image.conv1.parameters(), *model.image.bn1.parameters(),
-            *model.text.embeddings.parameters()]
+    stem = [
+        *model.image.conv1.parameters(),
+        *model.image.bn1.parameters(),
+        *model.text.embeddings.parameters(),
+    ]
     if any(p.requires_grad for p in stem):
-        raise ConfigurationError("The image stem or the text embeddings are trainable, so no frozen "
-                                 "front can be cached. Set feature-cache = false.")
+        raise ConfigurationError(
+            "The image stem or the text embeddings are trainable, so no frozen "
+            "front can be cached. Set feature-cache = false."
+        )
 
 
 def image_front(model: FusionModel, images: torch.Tensor, start: int) -> torch.Tensor:
@@ -102,15 +113,22 @@ def image_rest(model: FusionModel, x: torch.Tensor, start: int) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
 
 
-def _text_mask(model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+def _text_mask(
+    model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor | None:
     # the mask the BERT model builds from the embeddings' output (depends on shape and dtype only)
-    return model.text._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                              embedding_output=hidden, encoder_hidden_states=None,
-                                              cache=None)[0]
+    return model.text._create_attention_masks(
+        attention_mask=attention_mask,
+        encoder_attention_mask=None,
+        embedding_output=hidden,
+        encoder_hidden_states=None,
+        cache=None,
+    )[0]
 
 
-def text_front(model: FusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               start: int) -> torch.Tensor:
+def text_front(
+    model: FusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
     """Embeddings + frozen layers: (B, T) ids -> hidden states (B, T, Dt) before layer `start`."""
     hidden = model.text.embeddings(input_ids=input_ids)  # (B, T, Dt)
     mask = _text_mask(model, hidden, attention_mask)
@@ -119,8 +137,9 @@ def text_front(model: FusionModel, input_ids: torch.Tensor, attention_mask: torc
     return hidden
 
 
-def text_rest(model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor,
-              start: int) -> torch.Tensor:
+def text_rest(
+    model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
     """Trainable layers from `start`: (B, T, Dt) -> last hidden state (B, T, Dt)."""
     mask = _text_mask(model, hidden, attention_mask)
     for layer in text_layers(model.text)[start:]:
@@ -143,12 +162,16 @@ class CachedFusion(nn.Module):
         cfg = model.config
         self.image_start = len(IMAGE_STAGES) - cfg.trainable_image_blocks
         self.text_start = len(text_layers(model.text)) - cfg.trained_text_layers
-        front = [*(getattr(model.image, s) for s in IMAGE_STAGES[:self.image_start]),
-                 *text_layers(model.text)[:self.text_start]]
+        front = [
+            *(getattr(model.image, s) for s in IMAGE_STAGES[: self.image_start]),
+            *text_layers(model.text)[: self.text_start],
+        ]
         if any(p.requires_grad for m in front for p in m.parameters()):
-            raise ConfigurationError("A parameter in front of the configured trainable blocks is "
-                                     "trainable, so the frozen front cannot be cached. Set "
-                                     "feature-cache = false.")
+            raise ConfigurationError(
+                "A parameter in front of the configured trainable blocks is "
+                "trainable, so the frozen front cannot be cached. Set "
+                "feature-cache = false."
+            )
 
     def forward(
         self,
@@ -173,8 +196,9 @@ class FeatureSet(Dataset):
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         if set(tensors) != set(FEATURE_KEYS):
-            raise ValueError(f"A feature set needs exactly the tensors {FEATURE_KEYS}, "
-                             f"got {sorted(tensors)}.")
+            raise ValueError(
+                f"A feature set needs exactly the tensors {FEATURE_KEYS}, got {sorted(tensors)}."
+            )
         self.tensors = tensors
 
     def __len__(self) -> int:
@@ -201,7 +225,8 @@ def compute_features(net: CachedFusion, dataset: Dataset, device: torch.device) 
             b = {k: v.to(device) for k, v in batch.items()}
             parts["image_front"].append(image_front(model, b["images"], wrapper.image_start).cpu())
             parts["text_front"].append(
-                text_front(model, b["input_ids"], b["attention_mask"], wrapper.text_start).cpu())
+                text_front(model, b["input_ids"], b["attention_mask"], wrapper.text_start).cpu()
+            )
             for k in ("attention_mask", "has_image", "has_text", "labels"):
                 parts[k].append(batch[k])
     finally:
@@ -238,12 +263,15 @@ class FeatureCache:
         self._sets: OrderedDict[CacheKey, FeatureSet] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, key: CacheKey, model: FusionModel, dataset: Dataset,
-            device: torch.device) -> FeatureSet:
+    def get(
+        self, key: CacheKey, model: FusionModel, dataset: Dataset, device: torch.device
+    ) -> FeatureSet:
         """The cached outputs for `key`, computed (or read from the disk cache) on a miss."""
         if getattr(dataset, "augments", False):
-            raise ConfigurationError("This dataset augments its inputs, so frozen outputs differ per "
-                                     "epoch and cannot be cached. Set feature-cache = false.")
+            raise ConfigurationError(
+                "This dataset augments its inputs, so frozen outputs differ per "
+                "epoch and cannot be cached. Set feature-cache = false."
+            )
         if key in self._sets:
             self.hits += 1
             self._sets.move_to_end(key)
@@ -260,8 +288,14 @@ class FeatureCache:
                 for old in path.parent.glob(f"{key.split}-*.safetensors"):
                     if old != path:  # an earlier version of the data or the model
                         old.unlink(missing_ok=True)
-        log.info("feature cache: %d examples (%.1f MB) for %s %s in %.1f s", len(features),
-                 features.nbytes / 1e6, key.split, source, time.perf_counter() - start)
+        log.info(
+            "feature cache: %d examples (%.1f MB) for %s %s in %.1f s",
+            len(features),
+            features.nbytes / 1e6,
+            key.split,
+            source,
+            time.perf_counter() - start,
+        )
         self._sets[key] = features
         while len(self._sets) > 1 and sum(f.nbytes for f in self._sets.values()) > self.max_bytes:
             self._sets.popitem(last=False)
@@ -275,4 +309,3 @@ class FeatureCache:
         """The one cached set (for measurements of a cache holding exactly one)."""
         (features,) = self._sets.values()
         return features
-

@@ -68,7 +68,9 @@ class LearnedVector(nn.Module):
         return self.table(index)
 
 
-def _fill_missing(x: torch.Tensor, present: torch.Tensor, placeholder: LearnedVector) -> torch.Tensor:
+def _fill_missing(
+    x: torch.Tensor, present: torch.Tensor, placeholder: LearnedVector
+) -> torch.Tensor:
     """Replace rows of x (B, D) whose modality is absent by the learned placeholder."""
     return torch.where(present.unsqueeze(-1), x, placeholder(x))
 
@@ -77,8 +79,12 @@ class ConcatFusion(nn.Module):
     """Concatenate normalised pooled features, then Linear + ReLU (the reference design)."""
 
     # a placeholder replaces its modality's features, so only rows lacking the modality reach it
-    REACHED_BY = {"image_norm": "image", "text_norm": "text",
-                  "missing_image": "no-image", "missing_text": "no-text"}
+    REACHED_BY = {
+        "image_norm": "image",
+        "text_norm": "text",
+        "missing_image": "no-image",
+        "missing_text": "no-text",
+    }
 
     def __init__(self, image_dim: int, text_dim: int, fusion_dim: int) -> None:
         super().__init__()
@@ -139,24 +145,31 @@ class AttentionFusion(nn.Module):
         image_tok, text_tok = self.image_in(f.image_tokens), self.text_in(f.text_tokens)
         tokens = torch.cat([image_tok, text_tok], dim=1)  # (B, Ni+T, d)
         key_ok = torch.cat(  # (B, Ni+T): a token is visible when its modality is present
-            [f.has_image.unsqueeze(1).expand(-1, image_tok.shape[1]),
-             f.text_mask & f.has_text.unsqueeze(1)], dim=1)
+            [
+                f.has_image.unsqueeze(1).expand(-1, image_tok.shape[1]),
+                f.text_mask & f.has_text.unsqueeze(1),
+            ],
+            dim=1,
+        )
         # (B, 2, d); a missing modality's query is computed but dropped by the final mean
         queries = torch.stack([image_tok.mean(dim=1), masked_mean(text_tok, f.text_mask)], dim=1)
-        attended = queries + self.out(self._attend(self.q(queries), self.k(tokens),
-                                                   self.v(tokens), key_ok))
+        attended = queries + self.out(
+            self._attend(self.q(queries), self.k(tokens), self.v(tokens), key_ok)
+        )
         present = torch.stack([f.has_image, f.has_text], dim=1)  # (B, 2)
         return torch.relu(self.norm(masked_mean(attended, present)))  # (B, d)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                key_ok: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor
+    ) -> torch.Tensor:
         b, d, h = q.shape[0], q.shape[-1], self.heads
 
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.view(b, -1, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
 
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v),
-                                             attn_mask=key_ok[:, None, None, :])
+        out = F.scaled_dot_product_attention(
+            split(q), split(k), split(v), attn_mask=key_ok[:, None, None, :]
+        )
         return out.transpose(1, 2).reshape(b, -1, d)  # (B, 2, d)
 
 

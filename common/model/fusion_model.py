@@ -49,11 +49,19 @@ class FusionModel(nn.Module):
     ) -> torch.Tensor:
         return self.classify(self.encode(images, input_ids, attention_mask, has_image, has_text))
 
-    def encode(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               has_image: torch.Tensor, has_text: torch.Tensor) -> Features:
+    def encode(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        has_image: torch.Tensor,
+        has_text: torch.Tensor,
+    ) -> Features:
         """The encoders' token outputs and the modality masks (the inputs of the fusion)."""
         image_tokens = self.image(images)  # (B, Ni, Di)
-        text_tokens = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text_tokens = self.text(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
         return Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
 
     def classify(self, features: Features) -> torch.Tensor:
@@ -80,7 +88,9 @@ def build_model(config: ModelConfig) -> FusionModel:
         torch.manual_seed(config.seed)
         model = FusionModel(config, image, text)
     if config.lora_rank:
-        add_text_lora(model.text, rank=config.lora_rank, layers=config.lora_layers, seed=config.seed)
+        add_text_lora(
+            model.text, rank=config.lora_rank, layers=config.lora_layers, seed=config.seed
+        )
     configure_trainable(model, config.trainable_text_layers, config.trainable_image_blocks)
     return model
 
@@ -104,9 +114,9 @@ def configure_trainable(model: FusionModel, text_layers_n: int, image_blocks_n: 
             f"trainable-text-layers is {text_layers_n} but the text encoder has only "
             f"{len(layers)} layers."
         )
-    for layer in layers[len(layers) - text_layers_n:]:
+    for layer in layers[len(layers) - text_layers_n :]:
         layer.requires_grad_(True)
-    for stage in IMAGE_STAGES[len(IMAGE_STAGES) - image_blocks_n:] if image_blocks_n else ():
+    for stage in IMAGE_STAGES[len(IMAGE_STAGES) - image_blocks_n :] if image_blocks_n else ():
         for module in getattr(model.image, stage).modules():
             if isinstance(module, nn.Conv2d):
                 module.requires_grad_(True)

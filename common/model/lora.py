@@ -33,18 +33,27 @@ def add_text_lora(text: torch.nn.Module, *, rank: int, layers: int, seed: int) -
     if rank < 1:
         raise ConfigurationError(f"lora-rank must be at least 1 to add adapters, got {rank}.")
     if not 1 <= layers <= len(stack):
-        raise ConfigurationError(f"lora-layers is {layers} but the text encoder has {len(stack)} "
-                                 f"layers: choose 1 to {len(stack)}.")
+        raise ConfigurationError(
+            f"lora-layers is {layers} but the text encoder has {len(stack)} "
+            f"layers: choose 1 to {len(stack)}."
+        )
     names = {n.rsplit(".", 1)[-1] for n, _ in stack[0].named_modules()}
     targets = next((t for t in LORA_TARGETS if set(t) <= names), None)
     if targets is None:
-        raise ConfigurationError(f"{type(text).__name__}'s layers have none of the attention "
-                                 f"projections LoRA adapts ({LORA_TARGETS}).")
-    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA_PER_RANK * rank, target_modules=list(targets),
-                        lora_dropout=0.0, bias="none")
+        raise ConfigurationError(
+            f"{type(text).__name__}'s layers have none of the attention "
+            f"projections LoRA adapts ({LORA_TARGETS})."
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=LORA_ALPHA_PER_RANK * rank,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for layer in stack[len(stack) - layers:]:
+        for layer in stack[len(stack) - layers :]:
             inject_adapter_in_model(config, layer)
 
 

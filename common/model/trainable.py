@@ -29,8 +29,11 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def trainable_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """A copy of the trainable parameters on the CPU (the payload a site sends)."""
-    return OrderedDict((name, p.detach().to("cpu", copy=True))
-                       for name, p in model.named_parameters() if p.requires_grad)
+    return OrderedDict(
+        (name, p.detach().to("cpu", copy=True))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    )
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -49,7 +52,8 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             if params[name].shape != value.shape:
                 raise TrainableMismatch(
                     f"Parameter {name} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(params[name].shape)}.")
+                    f"{tuple(params[name].shape)}."
+                )
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 

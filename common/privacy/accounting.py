@@ -57,19 +57,27 @@ class AccountingLimit(Refusal):
 class _BoundedPRV(PRVAccountant):
     """Opacus' PRV accountant that refuses a discretisation larger than `MAX_PRV_POINTS`."""
 
-    def _get_domain(self, prvs: list, num_self_compositions: list[int], eps_error: float,
-                    delta_error: float) -> Domain:
-        domain = super()._get_domain(prvs=prvs, num_self_compositions=num_self_compositions,
-                                     eps_error=eps_error, delta_error=delta_error)
+    def _get_domain(
+        self, prvs: list, num_self_compositions: list[int], eps_error: float, delta_error: float
+    ) -> Domain:
+        domain = super()._get_domain(
+            prvs=prvs,
+            num_self_compositions=num_self_compositions,
+            eps_error=eps_error,
+            delta_error=delta_error,
+        )
         if domain.size * len(prvs) > MAX_PRV_POINTS:
             raise AccountingLimit(
                 f"the PRV accountant would discretise this history on {domain.size * len(prvs):,} "
                 f"points (at most {MAX_PRV_POINTS:,}: its memory and time grow with them). Plan "
-                "fewer rounds or local steps, more noise, or use accountant = \"rdp\".")
+                'fewer rounds or local steps, more noise, or use accountant = "rdp".'
+            )
         return domain
 
 
-def local_steps(*, num_examples: int, batch_size: int, epochs: int, steps_per_round: int = 0) -> int:
+def local_steps(
+    *, num_examples: int, batch_size: int, epochs: int, steps_per_round: int = 0
+) -> int:
     """Optimizer steps per round: `steps_per_round` when set (> 0), whatever the site's size;
     else `epochs` passes of Opacus' Poisson loader, which yields ceil(N / B) batches per epoch."""
     if steps_per_round > 0:
@@ -82,10 +90,16 @@ def sample_rate(*, num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
-def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                    total_steps: int, accountant: str,
-                    prior_history: Sequence[HistoryEntry] = (),
-                    deadline_s: float = CALIBRATION_SECONDS) -> float:
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str,
+    prior_history: Sequence[HistoryEntry] = (),
+    deadline_s: float = CALIBRATION_SECONDS,
+) -> float:
     """The noise multiplier that spends at most the target over `total_steps` (once per run).
 
     With `prior_history` (earlier runs on the same data), the target bounds the composition
@@ -95,20 +109,29 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
     always safe); past `MAX_TOTAL_STEPS` or the deadline it refuses (AccountingLimit).
     """
     if not 1 <= total_steps <= MAX_TOTAL_STEPS or not 0 < sample_rate <= 1:
-        raise AccountingLimit(f"Cannot plan {total_steps} steps at sampling rate {sample_rate:g}: "
-                              f"a run plans 1 to {MAX_TOTAL_STEPS} steps at a rate in (0, 1].")
+        raise AccountingLimit(
+            f"Cannot plan {total_steps} steps at sampling rate {sample_rate:g}: "
+            f"a run plans 1 to {MAX_TOTAL_STEPS} steps at a rate in (0, 1]."
+        )
     if not (0 < target_epsilon < math.inf and 0 < target_delta < 1):  # NaN fails both
-        raise BudgetTooLow(f"The target epsilon={target_epsilon} at delta={target_delta} is not a "
-                           "finite epsilon > 0 and a delta in (0, 1).")
+        raise BudgetTooLow(
+            f"The target epsilon={target_epsilon} at delta={target_delta} is not a "
+            "finite epsilon > 0 and a delta in (0, 1)."
+        )
     stop = time.monotonic() + deadline_s
 
     def spent(sigma: float) -> float:
         if time.monotonic() > stop:
-            raise AccountingLimit(f"Noise calibration took longer than {deadline_s:g} s; nothing "
-                                  "was trained. Plan fewer rounds or local steps.")
+            raise AccountingLimit(
+                f"Noise calibration took longer than {deadline_s:g} s; nothing "
+                "was trained. Plan fewer rounds or local steps."
+            )
         try:
-            return epsilon_from_history([*prior_history, (sigma, sample_rate, total_steps)],
-                                        delta=target_delta, accountant=accountant)
+            return epsilon_from_history(
+                [*prior_history, (sigma, sample_rate, total_steps)],
+                delta=target_delta,
+                accountant=accountant,
+            )
         except AccountingLimit as err:  # too costly to account at this noise: plan with more noise
             costly[sigma] = err
             return math.inf
@@ -120,26 +143,39 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
         if high > MAX_NOISE_MULTIPLIER and low in costly:
             raise AccountingLimit(f"{costly[low].detail} (even at noise multiplier {low:g}).")
         if high > MAX_NOISE_MULTIPLIER:
-            raise BudgetTooLow(_too_low(target_epsilon, target_delta, total_steps, sample_rate)
-                               + (" Earlier runs on this dataset have spent most of the budget."
-                                  if prior_history else ""))
+            raise BudgetTooLow(
+                _too_low(target_epsilon, target_delta, total_steps, sample_rate)
+                + (
+                    " Earlier runs on this dataset have spent most of the budget."
+                    if prior_history
+                    else ""
+                )
+            )
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
         low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)
     if low in costly:  # the bound, not the target, set how little noise this run gets
-        log.warning("the PRV account of less noise than %.4g would exceed %d points: this run is "
-                    "planned with noise multiplier %.4g (accountant = \"rdp\" is not bounded so)",
-                    low, MAX_PRV_POINTS, high)
+        log.warning(
+            "the PRV account of less noise than %.4g would exceed %d points: this run is "
+            'planned with noise multiplier %.4g (accountant = "rdp" is not bounded so)',
+            low,
+            MAX_PRV_POINTS,
+            high,
+        )
     return high
 
 
 def _too_low(eps: float, delta: float, steps: int, q: float) -> str:
-    return (f"Cannot reach epsilon={eps:g} at delta={delta:g} over {steps} steps with sampling "
-            f"rate {q:.4f}. Raise the epsilon target or cap, lower the number of rounds or "
-            "local epochs, or raise the batch size.")
+    return (
+        f"Cannot reach epsilon={eps:g} at delta={delta:g} over {steps} steps with sampling "
+        f"rate {q:.4f}. Raise the epsilon target or cap, lower the number of rounds or "
+        "local epochs, or raise the batch size."
+    )
 
 
-def epsilon_from_history(history: Sequence[HistoryEntry], *, delta: float, accountant: str) -> float:
+def epsilon_from_history(
+    history: Sequence[HistoryEntry], *, delta: float, accountant: str
+) -> float:
     """Cumulative epsilon of a ledger, recomputed with a fresh Opacus accountant."""
     if not history:
         return 0.0
@@ -193,8 +229,11 @@ class Account:
     def after(self, history: Sequence[HistoryEntry]) -> Account:
         """This account with a new accountant history (and its epsilon)."""
         history = tuple((float(s), float(q), int(n)) for s, q, n in history)
-        return replace(self, history=history, epsilon=epsilon_from_history(
-            history, delta=self.delta, accountant=self.accountant))
+        return replace(
+            self,
+            history=history,
+            epsilon=epsilon_from_history(history, delta=self.delta, accountant=self.accountant),
+        )
 
     def to_json(self) -> str:
         """Serialise (for the ledger file)."""

@@ -44,7 +44,8 @@ class AuditRow:
     def ok(self) -> bool:
         """The receipt's numbers equal the recomputation."""
         return _close(self.receipt.epsilon, self.epsilon) and _close(
-            self.receipt.scope_epsilon, self.scope_epsilon)
+            self.receipt.scope_epsilon, self.scope_epsilon
+        )
 
 
 def _close(a: float | None, b: float | None) -> bool:
@@ -93,14 +94,29 @@ def audit(state_dir: Path) -> Audit:
         if r.epsilon is None:  # a round trained without DP
             rows.append(AuditRow(r, None, None))
             continue
-        own = _merged([(x.noise_multiplier, x.sample_rate, x.steps) for x in seen
-                       if x.run_id == r.run_id and x.epsilon is not None])
-        prior = [(x.noise_multiplier, x.sample_rate, x.steps) for x in seen
-                 if r.budget_scope == "dataset" and x.run_id != r.run_id
-                 and x.dataset_sha256 in shares[r.dataset_sha256] and x.epsilon is not None]
+        own = _merged(
+            [
+                (x.noise_multiplier, x.sample_rate, x.steps)
+                for x in seen
+                if x.run_id == r.run_id and x.epsilon is not None
+            ]
+        )
+        prior = [
+            (x.noise_multiplier, x.sample_rate, x.steps)
+            for x in seen
+            if r.budget_scope == "dataset"
+            and x.run_id != r.run_id
+            and x.dataset_sha256 in shares[r.dataset_sha256]
+            and x.epsilon is not None
+        ]
         kw = dict(delta=r.delta, accountant=r.accountant)
-        rows.append(AuditRow(r, epsilon_from_history(own, **kw),
-                             epsilon_from_history([*_merged(prior), *own], **kw)))
+        rows.append(
+            AuditRow(
+                r,
+                epsilon_from_history(own, **kw),
+                epsilon_from_history([*_merged(prior), *own], **kw),
+            )
+        )
     return Audit(rows, _ledger_mismatches(load_ledger(state_dir), receipts))
 
 
@@ -110,15 +126,21 @@ def _ledger_mismatches(ledger: Ledger, receipts: list[Receipt]) -> list[str]:
         mine = [r for r in receipts if r.run_id == run_id]
         trained = [r.round for r in mine if r.kind == TRAIN]
         if trained != list(entry.rounds):
-            problems.append(f"run {run_id}: the ledger lists rounds {list(entry.rounds)}, the "
-                            f"receipts {trained}.")
+            problems.append(
+                f"run {run_id}: the ledger lists rounds {list(entry.rounds)}, the "
+                f"receipts {trained}."
+            )
         evaluated = [r.round for r in mine if r.kind == EVALUATE]
         if not set(evaluated) <= set(entry.evaluated):
-            problems.append(f"run {run_id}: the receipts charge evaluations of rounds {evaluated}, "
-                            f"the ledger lists {list(entry.evaluated)}.")
+            problems.append(
+                f"run {run_id}: the receipts charge evaluations of rounds {evaluated}, "
+                f"the ledger lists {list(entry.evaluated)}."
+            )
         if entry.account and sum(r.steps for r in mine) != entry.account.steps:
-            problems.append(f"run {run_id}: the ledger holds {entry.account.steps} steps, the "
-                            f"receipts {sum(r.steps for r in mine)}.")
+            problems.append(
+                f"run {run_id}: the ledger holds {entry.account.steps} steps, the "
+                f"receipts {sum(r.steps for r in mine)}."
+            )
     for run_id in sorted({r.run_id for r in receipts} - set(ledger.runs)):
         problems.append(f"run {run_id}: receipts without a ledger entry.")
     return problems
@@ -148,15 +170,23 @@ def rebuild_ledger(state_dir: Path, *, reason: str) -> Ledger:
             kept = path.with_name(f"{LEDGER_FILE}.damaged-{Receipt.now()}")
             path.rename(kept)
         else:
-            raise LedgerError(f"{path} is readable: nothing to rebuild (it is the record of spend).")
+            raise LedgerError(
+                f"{path} is readable: nothing to rebuild (it is the record of spend)."
+            )
     ledger = Ledger()
     for run_id in dict.fromkeys(r.run_id for r in receipts):
-        ledger = ledger.with_run(run_id, _entry_from_receipts([r for r in receipts
-                                                               if r.run_id == run_id]))
+        ledger = ledger.with_run(
+            run_id, _entry_from_receipts([r for r in receipts if r.run_id == run_id])
+        )
     save_ledger(state_dir, ledger)
-    event = {"time": Receipt.now(), "action": "ledger rebuilt from receipts", "reason": reason,
-             "runs": len(ledger.runs), "receipts": len(receipts),
-             "damaged_ledger_kept_as": kept.name if kept else None}
+    event = {
+        "time": Receipt.now(),
+        "action": "ledger rebuilt from receipts",
+        "reason": reason,
+        "runs": len(ledger.runs),
+        "receipts": len(receipts),
+        "damaged_ledger_kept_as": kept.name if kept else None,
+    }
     append_line_atomic(state_dir / RESETS_FILE, json.dumps(event), durable=True)
     return ledger
 
@@ -169,13 +199,17 @@ def _entry_from_receipts(receipts: list[Receipt]) -> RunEntry:
     if private:
         steps = [r for r in private if r.kind == TRAIN] or private
         releases = [r for r in private if r.kind != TRAIN]
-        account = Account(accountant=private[-1].accountant, delta=float(private[-1].delta or 0.0),
-                          noise_multiplier=steps[-1].noise_multiplier,
-                          sample_rate=steps[-1].sample_rate,
-                          release_noise_multiplier=releases[-1].noise_multiplier if releases else 0.0,
-                          ).after(_merged([(r.noise_multiplier, r.sample_rate, r.steps)
-                                           for r in private]))
-    return RunEntry(dataset=receipts[-1].dataset_sha256, account=account,
-                    rounds=tuple(r.round for r in trained),
-                    unprotected_rounds=tuple(r.round for r in trained if r.epsilon is None),
-                    evaluated=tuple(r.round for r in receipts if r.kind == EVALUATE))
+        account = Account(
+            accountant=private[-1].accountant,
+            delta=float(private[-1].delta or 0.0),
+            noise_multiplier=steps[-1].noise_multiplier,
+            sample_rate=steps[-1].sample_rate,
+            release_noise_multiplier=releases[-1].noise_multiplier if releases else 0.0,
+        ).after(_merged([(r.noise_multiplier, r.sample_rate, r.steps) for r in private]))
+    return RunEntry(
+        dataset=receipts[-1].dataset_sha256,
+        account=account,
+        rounds=tuple(r.round for r in trained),
+        unprotected_rounds=tuple(r.round for r in trained if r.epsilon is None),
+        evaluated=tuple(r.round for r in receipts if r.kind == EVALUATE),
+    )

@@ -65,8 +65,9 @@ class DataVersion:
 class Books:
     """A site's ledger, open for one round of one run (under the state folder's lock)."""
 
-    def __init__(self, state_dir: Path, key: RoundKey, data: DataVersion,
-                 terms: PrivacyTerms) -> None:
+    def __init__(
+        self, state_dir: Path, key: RoundKey, data: DataVersion, terms: PrivacyTerms
+    ) -> None:
         self.state_dir, self.key, self.data, self.terms = state_dir, key, data, terms
         self.ledger = open_ledger(state_dir)
         self.entry = admit(self.ledger, key, data.version)
@@ -76,8 +77,9 @@ class Books:
         """What earlier runs spent on records this run uses (`budget-scope = "dataset"`)."""
         if self.terms.budget_scope != "dataset":
             return []
-        versions = related(self.state_dir, self.data.version, self.data.record_keys,
-                           self.ledger.datasets())
+        versions = related(
+            self.state_dir, self.data.version, self.data.record_keys, self.ledger.datasets()
+        )
         return self.ledger.prior_history(versions, self.key.run_key)
 
     @property
@@ -107,16 +109,24 @@ class Books:
         """The update sent for this round from the same global parameters and its receipt, if
         kept: a resumed server asks a round again, and gets the same update for no new spend."""
         sent = load_sent(self.state_dir, self.key.run_key)
-        if (sent is None or sent.server_round != self.key.server_round
-                or sent.global_sha256 != global_sha256):
+        if (
+            sent is None
+            or sent.server_round != self.key.server_round
+            or sent.global_sha256 != global_sha256
+        ):
             return None
-        receipts = [r for r in read_receipts(self.state_dir)
-                    if r.run_id == self.key.run_key and r.round == self.key.server_round
-                    and r.kind == TRAIN]
+        receipts = [
+            r
+            for r in read_receipts(self.state_dir)
+            if r.run_id == self.key.run_key and r.round == self.key.server_round and r.kind == TRAIN
+        ]
         if not receipts or receipts[-1].update_sha256 != update_digest(sent.state):
             return None
-        log.info("round %d asked again from the same global parameters; sending the update "
-                 "already sent and charged (nothing new is spent)", self.key.server_round)
+        log.info(
+            "round %d asked again from the same global parameters; sending the update "
+            "already sent and charged (nothing new is spent)",
+            self.key.server_round,
+        )
         return sent, receipts[-1]
 
     def keep_sent(self, sent: SentUpdate) -> None:
@@ -131,22 +141,44 @@ class Books:
         """
         entry = self._entry()
         before = entry.account.steps if entry.account else 0
-        self._save(replace(entry, account=account or entry.account,
-                           rounds=(*entry.rounds, self.key.server_round),
-                           unprotected_rounds=entry.unprotected_rounds
-                           + (() if account else (self.key.server_round,))))
+        self._save(
+            replace(
+                entry,
+                account=account or entry.account,
+                rounds=(*entry.rounds, self.key.server_round),
+                unprotected_rounds=entry.unprotected_rounds
+                + (() if account else (self.key.server_round,)),
+            )
+        )
         last = account.history[-1] if account else (0.0, 0.0, 0)
-        return self._receipt(account, kind=TRAIN, sha256=sent_sha256, noise=last[0],
-                             sample_rate=last[1], steps=(account.steps - before) if account else 0)
+        return self._receipt(
+            account,
+            kind=TRAIN,
+            sha256=sent_sha256,
+            noise=last[0],
+            sample_rate=last[1],
+            steps=(account.steps - before) if account else 0,
+        )
 
     def charge_release(self, account: Account, *, kind: str, sha256: str) -> Account:
         """Persist one release's spend (`account` before it); the account after it."""
         after = account.after([*account.history, release_entry(account.release_noise_multiplier)])
         entry = self._entry()
-        self._save(replace(entry, account=after, evaluated=entry.evaluated
-                           + ((self.key.server_round,) if kind == EVALUATE else ())))
-        self._receipt(after, kind=kind, sha256=sha256, noise=after.release_noise_multiplier,
-                      sample_rate=1.0, steps=1)
+        self._save(
+            replace(
+                entry,
+                account=after,
+                evaluated=entry.evaluated + ((self.key.server_round,) if kind == EVALUATE else ()),
+            )
+        )
+        self._receipt(
+            after,
+            kind=kind,
+            sha256=sha256,
+            noise=after.release_noise_multiplier,
+            sample_rate=1.0,
+            steps=1,
+        )
         return after
 
     def record_exact_evaluation(self) -> None:
@@ -159,24 +191,43 @@ class Books:
 
     def _save(self, entry: RunEntry) -> None:
         """Write the run's entry (with this Flower run and this data) and remember the data."""
-        flower_runs = entry.flower_runs if self.key.flower_run_id in entry.flower_runs else (
-            *entry.flower_runs, self.key.flower_run_id)
+        flower_runs = (
+            entry.flower_runs
+            if self.key.flower_run_id in entry.flower_runs
+            else (*entry.flower_runs, self.key.flower_run_id)
+        )
         self.entry = replace(entry, dataset=self.data.version, flower_runs=flower_runs)
         self.ledger = self.ledger.with_run(self.key.run_key, self.entry)
         # the version's record keys first: a spend on the books always finds its records
         remember(self.state_dir, self.data.version, self.data.record_keys)
         save_ledger(self.state_dir, self.ledger)
 
-    def _receipt(self, account: Account | None, *, kind: str, sha256: str, noise: float,
-                 sample_rate: float, steps: int) -> Receipt:
+    def _receipt(
+        self,
+        account: Account | None,
+        *,
+        kind: str,
+        sha256: str,
+        noise: float,
+        sample_rate: float,
+        steps: int,
+    ) -> Receipt:
         receipt = Receipt(
-            run_id=self.key.run_key, round=self.key.server_round, noise_multiplier=noise,
-            sample_rate=sample_rate, steps=steps,
+            run_id=self.key.run_key,
+            round=self.key.server_round,
+            noise_multiplier=noise,
+            sample_rate=sample_rate,
+            steps=steps,
             accountant=account.accountant if account else "none",
             epsilon=account.epsilon if account else None,
             delta=account.delta if account else None,
-            scope_epsilon=self.scope_epsilon(account), budget_scope=self.terms.budget_scope,
-            update_sha256=sha256, dataset_sha256=self.data.version, time=Receipt.now(), kind=kind)
+            scope_epsilon=self.scope_epsilon(account),
+            budget_scope=self.terms.budget_scope,
+            update_sha256=sha256,
+            dataset_sha256=self.data.version,
+            time=Receipt.now(),
+            kind=kind,
+        )
         append_receipt(self.state_dir, receipt)
         return receipt
 
@@ -186,8 +237,9 @@ class Books:
             return None
         if not self.prior:
             return account.epsilon
-        return epsilon_from_history([*self.prior, *account.history], delta=account.delta,
-                                    accountant=account.accountant)
+        return epsilon_from_history(
+            [*self.prior, *account.history], delta=account.delta, accountant=account.accountant
+        )
 
 
 def open_ledger(state_dir: Path) -> Ledger:
@@ -197,13 +249,16 @@ def open_ledger(state_dir: Path) -> Ledger:
     until its operator rebuilds the ledger from the receipts (`fedfusion privacy rebuild-ledger`).
     """
     sent = state_dir / SENT_FOLDER
-    if not (state_dir / LEDGER_FILE).exists() and ((state_dir / RECEIPTS_FILE).exists()
-                                                  or (sent.is_dir() and any(sent.iterdir()))):
-        raise Refusal(f"{state_dir} holds privacy receipts or sent updates but no "
-                      f"{LEDGER_FILE}: the spend they record would be forgotten. Restore the "
-                      "ledger from a backup, or rebuild it from the receipts with `fedfusion "
-                      f"privacy rebuild-ledger {state_dir} --reason ...`.",
-                      reason="state-incomplete")
+    if not (state_dir / LEDGER_FILE).exists() and (
+        (state_dir / RECEIPTS_FILE).exists() or (sent.is_dir() and any(sent.iterdir()))
+    ):
+        raise Refusal(
+            f"{state_dir} holds privacy receipts or sent updates but no "
+            f"{LEDGER_FILE}: the spend they record would be forgotten. Restore the "
+            "ledger from a backup, or rebuild it from the receipts with `fedfusion "
+            f"privacy rebuild-ledger {state_dir} --reason ...`.",
+            reason="state-incomplete",
+        )
     return load_ledger(state_dir)
 
 
@@ -211,11 +266,17 @@ def admit(ledger: Ledger, key: RoundKey, version: str) -> RunEntry | None:
     """The run's ledger entry, once the run key is the Flower run's and the data is the run's."""
     bound = ledger.run_key_of(key.flower_run_id)
     if bound is not None and bound != key.run_key:
-        raise Refusal(f"Flower run {key.flower_run_id} trains at this site under run key "
-                      f"{bound!r}; a second run key ({key.run_key!r}) in the same run would "
-                      "start a second budget.", reason="run-key-conflict")
+        raise Refusal(
+            f"Flower run {key.flower_run_id} trains at this site under run key "
+            f"{bound!r}; a second run key ({key.run_key!r}) in the same run would "
+            "start a second budget.",
+            reason="run-key-conflict",
+        )
     entry = ledger.run(key.run_key)
     if entry and entry.dataset != version and (entry.rounds or entry.evaluated):
-        raise Refusal("the site's data changed during this run; its privacy plan no longer "
-                      "holds. Restore the data or start a new run.", reason="data-changed")
+        raise Refusal(
+            "the site's data changed during this run; its privacy plan no longer "
+            "holds. Restore the data or start a new run.",
+            reason="data-changed",
+        )
     return entry

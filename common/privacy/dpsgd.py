@@ -43,7 +43,7 @@ class FiniteCrossEntropy(nn.CrossEntropyLoss):
     moves: its loss is log C and its gradient zero (a torch.where, whose other branch gets a
     zero gradient, so no 0 x inf enters the backward pass)."""
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return super().forward(finite_rows(input), target)
 
 
@@ -111,22 +111,36 @@ def _zero_non_finite_norms(hooks: nn.Module, count: NonFinite) -> None:
 
 
 @contextmanager
-def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                     account: Account, *, max_grad_norm: float,
-                     grad_sample_mode: str) -> Iterator[PrivateSession]:
+def private_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    account: Account,
+    *,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+) -> Iterator[PrivateSession]:
     """Hook `model` for DP-SGD with the account's noise and history restored; unhook on exit."""
     with warnings.catch_warnings():
         # Opacus warns that its secure RNG is off: torchcsprng does not build for torch 2.x.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=account.accountant)
     engine.accountant.load_state_dict(
-        OrderedDict(history=list(account.history), mechanism=engine.accountant.mechanism()))
+        OrderedDict(history=list(account.history), mechanism=engine.accountant.mechanism())
+    )
     criterion = FiniteCrossEntropy()
     model.train()  # Opacus validates the module in training mode
     out = engine.make_private(
-        module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-        noise_multiplier=account.noise_multiplier, max_grad_norm=max_grad_norm,
-        poisson_sampling=True, wrap_model=False, grad_sample_mode=grad_sample_mode)
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=account.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        wrap_model=False,
+        grad_sample_mode=grad_sample_mode,
+    )
     if grad_sample_mode == "ghost":
         hooks, dp_optimizer, criterion, dp_loader = out
     else:
@@ -136,7 +150,8 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
         raise Failure(
             f"Opacus samples at rate {dp_loader.sample_rate} but the run's account was planned for "
             f"{account.sample_rate}: the site's training set or batch size changed mid-run.",
-            reason="interrupted")
+            reason="interrupted",
+        )
     session = PrivateSession(dp_optimizer, criterion, dp_loader, engine)
     if grad_sample_mode == "ghost":
         _zero_non_finite_norms(hooks, session.non_finite)
@@ -147,5 +162,8 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader:
     finally:
         hooks.cleanup()
         if session.non_finite.rows:
-            log.warning("%d sampled row(s) had non-finite logits or gradients under the received "
-                        "model and contributed nothing to the update", session.non_finite.rows)
+            log.warning(
+                "%d sampled row(s) had non-finite logits or gradients under the received "
+                "model and contributed nothing to the update",
+                session.non_finite.rows,
+            )

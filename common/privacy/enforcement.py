@@ -61,58 +61,102 @@ class PrivacyTerms:
         return min(self.run_epsilon, self.scope_epsilon)
 
 
-def negotiate(policy: SitePolicy, run: RunConfig, *, dp: bool, target_epsilon: float,
-              target_delta: float, num_rounds: int, num_examples: int) -> PrivacyTerms:
+def negotiate(
+    policy: SitePolicy,
+    run: RunConfig,
+    *,
+    dp: bool,
+    target_epsilon: float,
+    target_delta: float,
+    num_rounds: int,
+    num_examples: int,
+) -> PrivacyTerms:
     """Combine the server's proposal with the site's policy; refuse DP-less training if required.
 
     `num_examples`: the site's training records (the default delta is 1 / (10 N)).
     """
     if not dp and policy.require_dp:
-        raise Refusal("the server asked to train without differential privacy; this "
-                      "site's policy requires it (require-dp = true).", reason="dp-required")
-    run_cap = target_epsilon if policy.budget_scope == "dataset" else min(target_epsilon,
-                                                                          policy.max_epsilon)
+        raise Refusal(
+            "the server asked to train without differential privacy; this "
+            "site's policy requires it (require-dp = true).",
+            reason="dp-required",
+        )
+    run_cap = (
+        target_epsilon
+        if policy.budget_scope == "dataset"
+        else min(target_epsilon, policy.max_epsilon)
+    )
     clip = min(max(run.privacy.max_grad_norm, policy.min_max_grad_norm), policy.max_max_grad_norm)
     planned_rounds = min(num_rounds, policy.max_rounds)
     evaluations = num_rounds if policy.share_metrics and run.federation.fraction_evaluate > 0 else 0
     losses = planned_rounds if policy.share_train_loss else 0
-    return PrivacyTerms(dp=dp, run_epsilon=run_cap, scope_epsilon=policy.max_epsilon,
-                        delta=min(target_delta, policy.delta_for(num_examples)), max_grad_norm=clip,
-                        planned_rounds=planned_rounds, budget_scope=policy.budget_scope,
-                        accountant=run.privacy.accountant,
-                        planned_releases=0 if policy.exact_metrics else evaluations + losses,
-                        evaluation_share=policy.evaluation_share,
-                        exact_metrics=policy.exact_metrics)
+    return PrivacyTerms(
+        dp=dp,
+        run_epsilon=run_cap,
+        scope_epsilon=policy.max_epsilon,
+        delta=min(target_delta, policy.delta_for(num_examples)),
+        max_grad_norm=clip,
+        planned_rounds=planned_rounds,
+        budget_scope=policy.budget_scope,
+        accountant=run.privacy.accountant,
+        planned_releases=0 if policy.exact_metrics else evaluations + losses,
+        evaluation_share=policy.evaluation_share,
+        exact_metrics=policy.exact_metrics,
+    )
 
 
-def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], *, num_examples: int,
-                 batch_size: int, epochs: int, steps_per_round: int = 0) -> Account:
+def open_account(
+    terms: PrivacyTerms,
+    prior: Sequence[HistoryEntry],
+    *,
+    num_examples: int,
+    batch_size: int,
+    epochs: int,
+    steps_per_round: int = 0,
+) -> Account:
     """A new run's account: noise calibrated once so that the planned rounds and releases fit
     every cap (the releases alone spend at most `evaluation_share` of what the run may spend)."""
     q = sample_rate(num_examples=num_examples, batch_size=batch_size)
-    total = terms.planned_rounds * local_steps(num_examples=num_examples, batch_size=batch_size,
-                                               epochs=epochs, steps_per_round=steps_per_round)
-    common = dict(target_delta=terms.delta, sample_rate=q, total_steps=total,
-                  accountant=terms.accountant)
+    total = terms.planned_rounds * local_steps(
+        num_examples=num_examples,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps_per_round=steps_per_round,
+    )
+    common = dict(
+        target_delta=terms.delta, sample_rate=q, total_steps=total, accountant=terms.accountant
+    )
     spent = epsilon_from_history(prior, delta=terms.delta, accountant=terms.accountant)
     if spent >= terms.scope_epsilon * (1 - EXHAUSTED_BELOW):
         raise Refusal(
             f"the privacy budget is exhausted: earlier runs on this dataset spent epsilon "
             f"{spent:.3f} of its cap of {terms.scope_epsilon:g} (budget-scope = dataset).",
-            reason="budget-exhausted")
+            reason="budget-exhausted",
+        )
     try:
         release_sigma = _release_noise(terms, spent)
-        planned = ([(release_sigma, 1.0, terms.planned_releases)] if terms.planned_releases
-                   else [])
-        sigma = calibrate_noise(target_epsilon=min(terms.run_epsilon, terms.scope_epsilon),
-                                prior_history=planned, **common)
+        planned = [(release_sigma, 1.0, terms.planned_releases)] if terms.planned_releases else []
+        sigma = calibrate_noise(
+            target_epsilon=min(terms.run_epsilon, terms.scope_epsilon),
+            prior_history=planned,
+            **common,
+        )
         if prior:
-            sigma = max(sigma, calibrate_noise(target_epsilon=terms.scope_epsilon,
-                                               prior_history=[*prior, *planned], **common))
+            sigma = max(
+                sigma,
+                calibrate_noise(
+                    target_epsilon=terms.scope_epsilon, prior_history=[*prior, *planned], **common
+                ),
+            )
     except BudgetTooLow as err:
         raise Refusal(f"the privacy budget is exhausted: {err}", reason="budget-exhausted") from err
-    return Account(accountant=terms.accountant, delta=terms.delta, noise_multiplier=sigma,
-                   sample_rate=q, release_noise_multiplier=release_sigma)
+    return Account(
+        accountant=terms.accountant,
+        delta=terms.delta,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        release_noise_multiplier=release_sigma,
+    )
 
 
 def _release_noise(terms: PrivacyTerms, spent: float) -> float:
@@ -121,17 +165,24 @@ def _release_noise(terms: PrivacyTerms, spent: float) -> float:
     if not terms.planned_releases:
         return 0.0
     left = min(terms.run_epsilon, terms.scope_epsilon - spent)
-    return calibrate_noise(target_epsilon=terms.evaluation_share * left,
-                           target_delta=terms.delta, sample_rate=1.0,
-                           total_steps=terms.planned_releases, accountant=terms.accountant)
+    return calibrate_noise(
+        target_epsilon=terms.evaluation_share * left,
+        target_delta=terms.delta,
+        sample_rate=1.0,
+        total_steps=terms.planned_releases,
+        accountant=terms.accountant,
+    )
 
 
 def check_round_count(entry: RunEntry | None, policy: SitePolicy) -> None:
     """Refuse once the site has trained `max-rounds` rounds in this run."""
     trained = len(entry.rounds) if entry else 0
     if trained >= policy.max_rounds:
-        raise Refusal(f"this site has trained {trained} rounds in this run, the most its "
-                      f"policy allows (max-rounds = {policy.max_rounds}).", reason="max-rounds")
+        raise Refusal(
+            f"this site has trained {trained} rounds in this run, the most its "
+            f"policy allows (max-rounds = {policy.max_rounds}).",
+            reason="max-rounds",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,49 +195,90 @@ class LocalPlan:
     steps_per_round: int = 0
 
 
-def run_account(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
-                plan: LocalPlan) -> Account:
+def run_account(
+    terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry], plan: LocalPlan
+) -> Account:
     """The run's account: the one in the ledger, or a new one planned for the whole run."""
     if entry and entry.account:
         return entry.account
-    return open_account(terms, prior, num_examples=plan.num_examples, batch_size=plan.batch_size,
-                        epochs=plan.epochs, steps_per_round=plan.steps_per_round)
+    return open_account(
+        terms,
+        prior,
+        num_examples=plan.num_examples,
+        batch_size=plan.batch_size,
+        epochs=plan.epochs,
+        steps_per_round=plan.steps_per_round,
+    )
 
 
-def authorize_round(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
-                    policy: SitePolicy, plan: LocalPlan) -> Account:
+def authorize_round(
+    terms: PrivacyTerms,
+    entry: RunEntry | None,
+    prior: Sequence[HistoryEntry],
+    policy: SitePolicy,
+    plan: LocalPlan,
+) -> Account:
     """The account to train this round with, or a Refusal (nothing is charged)."""
     check_round_count(entry, policy)
     account = run_account(terms, entry, prior, plan)
-    step = (account.noise_multiplier, account.sample_rate,
-            local_steps(num_examples=plan.num_examples, batch_size=plan.batch_size,
-                        epochs=plan.epochs, steps_per_round=plan.steps_per_round))
+    step = (
+        account.noise_multiplier,
+        account.sample_rate,
+        local_steps(
+            num_examples=plan.num_examples,
+            batch_size=plan.batch_size,
+            epochs=plan.epochs,
+            steps_per_round=plan.steps_per_round,
+        ),
+    )
     check_caps(terms, account, prior, step, what="this round")
     return account
 
 
-def authorize_release(terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry],
-                      plan: LocalPlan) -> Account:
+def authorize_release(
+    terms: PrivacyTerms, entry: RunEntry | None, prior: Sequence[HistoryEntry], plan: LocalPlan
+) -> Account:
     """The account to charge one release (an evaluation, a training loss) to, or a Refusal."""
     account = run_account(terms, entry, prior, plan)
     if account.release_noise_multiplier <= 0:
-        raise Refusal("this run's privacy plan at the site set no budget aside for releases "
-                      "(the run planned no evaluation, or its account predates accounted "
-                      "evaluation); start a new run to evaluate.", reason="release-not-planned")
-    check_caps(terms, account, prior, release_entry(account.release_noise_multiplier),
-               what="this release")
+        raise Refusal(
+            "this run's privacy plan at the site set no budget aside for releases "
+            "(the run planned no evaluation, or its account predates accounted "
+            "evaluation); start a new run to evaluate.",
+            reason="release-not-planned",
+        )
+    check_caps(
+        terms, account, prior, release_entry(account.release_noise_multiplier), what="this release"
+    )
     return account
 
 
-def check_caps(terms: PrivacyTerms, account: Account, prior: Sequence[HistoryEntry],
-               step: HistoryEntry, *, what: str) -> None:
+def check_caps(
+    terms: PrivacyTerms,
+    account: Account,
+    prior: Sequence[HistoryEntry],
+    step: HistoryEntry,
+    *,
+    what: str,
+) -> None:
     """Refuse when the run's or the budget scope's epsilon would exceed its cap after `step`."""
-    run_after = epsilon_from_history([*account.history, step], delta=account.delta,
-                                     accountant=account.accountant)
-    scope_after = epsilon_from_history([*prior, *account.history, step], delta=account.delta,
-                                       accountant=account.accountant) if prior else run_after
-    for name, after, cap in (("this run's", run_after, terms.run_epsilon),
-                             (f"the {terms.budget_scope} budget's", scope_after, terms.scope_epsilon)):
+    run_after = epsilon_from_history(
+        [*account.history, step], delta=account.delta, accountant=account.accountant
+    )
+    scope_after = (
+        epsilon_from_history(
+            [*prior, *account.history, step], delta=account.delta, accountant=account.accountant
+        )
+        if prior
+        else run_after
+    )
+    for name, after, cap in (
+        ("this run's", run_after, terms.run_epsilon),
+        (f"the {terms.budget_scope} budget's", scope_after, terms.scope_epsilon),
+    ):
         if after > cap * (1 + TOLERANCE):
-            raise Refusal(f"{name} epsilon would reach {after:.3f} after {what}, above its cap "
-                          f"of {cap:g}; this site stops.", reason="epsilon-cap")
+            raise Refusal(
+                f"{name} epsilon would reach {after:.3f} after {what}, above its cap "
+                f"of {cap:g}; this site stops.",
+                reason="epsilon-cap",
+            )

@@ -60,9 +60,12 @@ class Ledger:
     def prior_history(self, datasets: Collection[str], run_id: str) -> list[HistoryEntry]:
         """Accountant history of every other run on one of `datasets` (the versions that share
         records with the run's: `common.privacy.lineage`)."""
-        return [entry for rid, rec in sorted(self.runs.items())
-                if rec.dataset in datasets and rid != run_id and rec.account
-                for entry in rec.account.history]
+        return [
+            entry
+            for rid, rec in sorted(self.runs.items())
+            if rec.dataset in datasets and rid != run_id and rec.account
+            for entry in rec.account.history
+        ]
 
     def datasets(self) -> set[str]:
         """Every dataset version a run of this ledger used."""
@@ -70,8 +73,9 @@ class Ledger:
 
     def run_key_of(self, flower_run: int) -> str | None:
         """The run key a Flower run trains under at this site, if it trained or evaluated yet."""
-        return next((key for key, entry in self.runs.items() if flower_run in entry.flower_runs),
-                    None)
+        return next(
+            (key for key, entry in self.runs.items() if flower_run in entry.flower_runs), None
+        )
 
     def with_run(self, run_id: str, entry: RunEntry) -> Ledger:
         """A new ledger with `run_id`'s entry replaced."""
@@ -80,16 +84,25 @@ class Ledger:
 
 def _entry_to_json(rec: RunEntry) -> dict[str, Any]:
     account = json.loads(rec.account.to_json()) if rec.account else None
-    return {"dataset": rec.dataset, "rounds": list(rec.rounds), "account": account,
-            "unprotected_rounds": list(rec.unprotected_rounds), "evaluated": list(rec.evaluated),
-            "flower_runs": list(rec.flower_runs)}
+    return {
+        "dataset": rec.dataset,
+        "rounds": list(rec.rounds),
+        "account": account,
+        "unprotected_rounds": list(rec.unprotected_rounds),
+        "evaluated": list(rec.evaluated),
+        "flower_runs": list(rec.flower_runs),
+    }
 
 
 def _entry_from_json(rec: dict[str, Any]) -> RunEntry:
-    return RunEntry(dataset=rec["dataset"], rounds=tuple(rec["rounds"]),
-                    account=Account.from_json(json.dumps(rec["account"])) if rec["account"] else None,
-                    unprotected_rounds=tuple(rec["unprotected_rounds"]),
-                    evaluated=tuple(rec["evaluated"]), flower_runs=tuple(rec["flower_runs"]))
+    return RunEntry(
+        dataset=rec["dataset"],
+        rounds=tuple(rec["rounds"]),
+        account=Account.from_json(json.dumps(rec["account"])) if rec["account"] else None,
+        unprotected_rounds=tuple(rec["unprotected_rounds"]),
+        evaluated=tuple(rec["evaluated"]),
+        flower_runs=tuple(rec["flower_runs"]),
+    )
 
 
 @contextmanager
@@ -99,8 +112,10 @@ def exclusive(state_dir: Path) -> Iterator[None]:
         state_dir.mkdir(parents=True, exist_ok=True)
         handle = (state_dir / LOCK_FILE).open("a")
     except OSError as err:
-        raise LedgerError(f"Cannot use the state folder {state_dir} ({err}); nothing is sent "
-                          "until the privacy ledger can be written there.") from err
+        raise LedgerError(
+            f"Cannot use the state folder {state_dir} ({err}); nothing is sent "
+            "until the privacy ledger can be written there."
+        ) from err
     with handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
         yield
@@ -119,17 +134,21 @@ def load_ledger(state_dir: Path) -> Ledger:
     except (ValueError, KeyError, TypeError) as err:
         raise LedgerError(
             f"The privacy ledger {path} is unreadable ({err}). It records what this site has "
-            "spent: restore it from a backup; do not delete it.") from err
+            "spent: restore it from a backup; do not delete it."
+        ) from err
     return Ledger(runs)
 
 
 def save_ledger(state_dir: Path, ledger: Ledger) -> None:
     """Write the ledger atomically and make the rename durable."""
-    data = {"version": FORMAT_VERSION,
-            "runs": {rid: _entry_to_json(rec) for rid, rec in sorted(ledger.runs.items())}}
+    data = {
+        "version": FORMAT_VERSION,
+        "runs": {rid: _entry_to_json(rec) for rid, rec in sorted(ledger.runs.items())},
+    }
     payload = (json.dumps(data, indent=1) + "\n").encode()
-    guarded_write(lambda: atomic_write_bytes(state_dir / LEDGER_FILE, payload, durable=True),
-                  state_dir)
+    guarded_write(
+        lambda: atomic_write_bytes(state_dir / LEDGER_FILE, payload, durable=True), state_dir
+    )
 
 
 def guarded_write(write: Callable[[], None], state_dir: Path) -> None:
@@ -137,5 +156,7 @@ def guarded_write(write: Callable[[], None], state_dir: Path) -> None:
     try:
         write()
     except OSError as err:
-        raise LedgerError(f"Cannot write the privacy ledger in {state_dir} ({err}); "
-                          "nothing is sent until it can be written.") from err
+        raise LedgerError(
+            f"Cannot write the privacy ledger in {state_dir} ({err}); "
+            "nothing is sent until it can be written."
+        ) from err

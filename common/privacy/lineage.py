@@ -46,8 +46,9 @@ def known_keys(state_dir: Path, version: str) -> frozenset[str] | None:
     return frozenset(line for line in path.read_text().splitlines() if line)
 
 
-def related(state_dir: Path, version: str, keys: frozenset[str] | None,
-            others: Iterable[str]) -> set[str]:
+def related(
+    state_dir: Path, version: str, keys: frozenset[str] | None, others: Iterable[str]
+) -> set[str]:
     """Of `others`, the versions that share a record with `version` (whose keys are `keys`)."""
     out = set()
     for other in others:

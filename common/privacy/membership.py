@@ -128,9 +128,13 @@ def attack_result(name: str, members: np.ndarray, non_members: np.ndarray) -> At
     """AUC and TPR at `FPRS` of scores for members and non-members."""
     labels = np.r_[np.ones(len(members)), np.zeros(len(non_members))]
     scores = np.r_[members, non_members]
-    return AttackResult(name=name, member_scores=members, non_member_scores=non_members,
-                        auc=float(roc_auc_score(labels, scores)),
-                        tpr_at={f: tpr_at_fpr(labels, scores, f) for f in FPRS})
+    return AttackResult(
+        name=name,
+        member_scores=members,
+        non_member_scores=non_members,
+        auc=float(roc_auc_score(labels, scores)),
+        tpr_at={f: tpr_at_fpr(labels, scores, f) for f in FPRS},
+    )
 
 
 def dp_tpr_bound(fpr: float, epsilon: float, delta: float) -> float:
@@ -145,9 +149,12 @@ def dp_bound(epsilon: float, delta: float) -> DPBound:
     """TPR at `FPRS` and the ROC AUC of the most powerful attack DP allows."""
     grid = np.linspace(0.0, 1.0, 20_001)
     curve = np.array([dp_tpr_bound(float(x), epsilon, delta) for x in grid])
-    return DPBound(epsilon=epsilon, delta=delta,
-                   tpr_at={f: dp_tpr_bound(f, epsilon, delta) for f in FPRS},
-                   auc=float(np.trapezoid(curve, grid)))
+    return DPBound(
+        epsilon=epsilon,
+        delta=delta,
+        tpr_at={f: dp_tpr_bound(f, epsilon, delta) for f in FPRS},
+        auc=float(np.trapezoid(curve, grid)),
+    )
 
 
 # --- per-record statistics of a model --------------------------------------------------------
@@ -163,12 +170,19 @@ def _losses_and_phi(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndar
     return (-true).numpy(), phi.numpy()
 
 
-def _logits(net: CachedFusion, features: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(
+    net: CachedFusion, features: Dataset, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     return predict_logits(net, DataLoader(features, batch_size=256), device, desc="audit")
 
 
-def reference_phis(net: CachedFusion, features: FeatureSet, start: dict[str, torch.Tensor],
-                   settings: AuditSettings, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def reference_phis(
+    net: CachedFusion,
+    features: FeatureSet,
+    start: dict[str, torch.Tensor],
+    settings: AuditSettings,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """phi (K, N) of K reference models and which records each trained on (K, N) bool.
 
     Each reference trains the model's trainable part from `start` on a random half of the rows,
@@ -176,8 +190,10 @@ def reference_phis(net: CachedFusion, features: FeatureSet, start: dict[str, tor
     """
     rng = np.random.default_rng(settings.seed)
     n = len(features)
-    phis, inside = np.zeros((settings.reference_models, n)), np.zeros(
-        (settings.reference_models, n), dtype=bool)
+    phis, inside = (
+        np.zeros((settings.reference_models, n)),
+        np.zeros((settings.reference_models, n), dtype=bool),
+    )
     for k in range(settings.reference_models):
         chosen = rng.permutation(n)[: n // 2]
         inside[k, chosen] = True
@@ -185,10 +201,19 @@ def reference_phis(net: CachedFusion, features: FeatureSet, start: dict[str, tor
         torch.manual_seed(settings.seed * 1000 + k)
         params = [p for p in net.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=0.9)
-        loader = DataLoader(Subset(features, chosen.tolist()), batch_size=settings.batch_size,
-                            shuffle=True)
-        train(net, loader, optimizer, nn.CrossEntropyLoss(), epochs=settings.epochs, device=device,
-              clip_grad_norm=1.0, desc=f"audit reference {k + 1}/{settings.reference_models}")
+        loader = DataLoader(
+            Subset(features, chosen.tolist()), batch_size=settings.batch_size, shuffle=True
+        )
+        train(
+            net,
+            loader,
+            optimizer,
+            nn.CrossEntropyLoss(),
+            epochs=settings.epochs,
+            device=device,
+            clip_grad_norm=1.0,
+            desc=f"audit reference {k + 1}/{settings.reference_models}",
+        )
         logits, labels = _logits(net, features, device)
         phis[k] = _losses_and_phi(logits, labels)[1]
     return phis, inside
@@ -198,8 +223,7 @@ def lira_scores(target_phi: np.ndarray, phis: np.ndarray, inside: np.ndarray) ->
     """Offline LiRA: P(phi_out < phi_target) per record, phi_out ~ N(mean_out_i, pooled sigma)."""
     out = ~inside
     counts = out.sum(axis=0)
-    mean = np.where(counts > 0, (phis * out).sum(axis=0) / np.maximum(counts, 1),
-                    np.nan)  # (N,)
+    mean = np.where(counts > 0, (phis * out).sum(axis=0) / np.maximum(counts, 1), np.nan)  # (N,)
     mean = np.where(np.isnan(mean), np.nanmean(mean) if np.isfinite(mean).any() else 0.0, mean)
     residuals = (phis - mean)[out]
     sigma = float(residuals.std()) if residuals.size > 1 else 1.0
@@ -209,25 +233,34 @@ def lira_scores(target_phi: np.ndarray, phis: np.ndarray, inside: np.ndarray) ->
 # --- the audit -------------------------------------------------------------------------------
 
 
-def membership_audit(model: FusionModel, members: Dataset, non_members: Dataset, *,
-                     member_rows: list[int],
-                     settings: AuditSettings = AuditSettings(), epsilon: float | None = None,
-                     delta: float | None = None,
-                     device: torch.device = torch.device("cpu")) -> MembershipAudit:
+def membership_audit(
+    model: FusionModel,
+    members: Dataset,
+    non_members: Dataset,
+    *,
+    member_rows: list[int],
+    settings: AuditSettings = AuditSettings(),
+    epsilon: float | None = None,
+    delta: float | None = None,
+    device: torch.device = torch.device("cpu"),
+) -> MembershipAudit:
     """Audit `model` with the site's members (training rows) and non-members (held-out rows).
 
     `member_rows` names the members (manifest lines) for the worst cases.
     The model is left as it was given (its trainable state is restored).
     """
     if len(members) < MIN_RECORDS or len(non_members) < MIN_RECORDS:
-        raise AuditDataError(f"the audit needs at least {MIN_RECORDS} members and non-members; "
-                             f"got {len(members)} training and {len(non_members)} held-out rows.")
+        raise AuditDataError(
+            f"the audit needs at least {MIN_RECORDS} members and non-members; "
+            f"got {len(members)} training and {len(non_members)} held-out rows."
+        )
     model = model.to(device)
     net = CachedFusion(model)
     target_state = trainable_state(model)
     length = max(text_length(members), text_length(non_members))  # tokenised apart: pad alike
-    pool = torch.utils.data.ConcatDataset([PaddedText(members, length),
-                                           PaddedText(non_members, length)])
+    pool = torch.utils.data.ConcatDataset(
+        [PaddedText(members, length), PaddedText(non_members, length)]
+    )
     features = compute_features(net, pool, device)  # (M + N) records, members first
     m = len(members)
     logits, labels = _logits(net, features, device)
@@ -239,15 +272,34 @@ def membership_audit(model: FusionModel, members: Dataset, non_members: Dataset,
         load_trainable_state(model, target_state)
         model.eval()
     lira = lira_scores(target_phi, phis, inside)
-    attacks = (attack_result("loss", -losses[:m], -losses[m:]),
-               attack_result("lira", lira[:m], lira[m:]))
+    attacks = (
+        attack_result("loss", -losses[:m], -losses[m:]),
+        attack_result("lira", lira[:m], lira[m:]),
+    )
     threshold = float(np.quantile(lira[m:], 1 - min(FPRS)))
     order = np.argsort(-lira[:m])[: settings.worst_cases]
-    worst = tuple(WorstCase(row=member_rows[i], score=float(lira[i]), loss=float(losses[i]),
-                            above_threshold=bool(lira[i] > threshold)) for i in order)
-    bound = (dp_bound(epsilon, delta if delta is not None else 0.0)
-             if epsilon is not None else None)
-    log.info("membership audit: %d members, %d non-members; AUC loss %.3f, LiRA %.3f", m,
-             len(non_members), attacks[0].auc, attacks[1].auc)
-    return MembershipAudit(members=m, non_members=len(non_members), attacks=attacks,
-                           worst_cases=worst, bound=bound, settings=settings)
+    worst = tuple(
+        WorstCase(
+            row=member_rows[i],
+            score=float(lira[i]),
+            loss=float(losses[i]),
+            above_threshold=bool(lira[i] > threshold),
+        )
+        for i in order
+    )
+    bound = dp_bound(epsilon, delta if delta is not None else 0.0) if epsilon is not None else None
+    log.info(
+        "membership audit: %d members, %d non-members; AUC loss %.3f, LiRA %.3f",
+        m,
+        len(non_members),
+        attacks[0].auc,
+        attacks[1].auc,
+    )
+    return MembershipAudit(
+        members=m,
+        non_members=len(non_members),
+        attacks=attacks,
+        worst_cases=worst,
+        bound=bound,
+        settings=settings,
+    )

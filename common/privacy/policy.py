@@ -77,16 +77,24 @@ class SitePolicy:
             (self.delta is None or 0 < self.delta <= 1, "delta must be in (0, 1]"),
             (self.min_eval_records >= 1, "min-eval-records must be >= 1"),
             (0 < self.evaluation_share < 1, "evaluation-share must be in (0, 1)"),
-            (len(set(self.labels)) == len(self.labels) and all(self.labels),
-             "labels must be distinct, non-empty names"),
+            (
+                len(set(self.labels)) == len(self.labels) and all(self.labels),
+                "labels must be distinct, non-empty names",
+            ),
             (0 <= self.metric_decimals <= 6, "metric-decimals must be from 0 to 6"),
             (self.max_rounds >= 1, "max-rounds must be >= 1"),
             (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
-            (0 <= self.min_max_grad_norm <= self.max_max_grad_norm,
-             "need 0 <= min-max-grad-norm <= max-max-grad-norm"),
-            (all(len(h) == 64 and all(c in "0123456789abcdef" for c in h)
-                 for h in self.accept_bundles),
-             "accept-bundles must list SHA-256 hashes (64 lowercase hex digits)"),
+            (
+                0 <= self.min_max_grad_norm <= self.max_max_grad_norm,
+                "need 0 <= min-max-grad-norm <= max-max-grad-norm",
+            ),
+            (
+                all(
+                    len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+                    for h in self.accept_bundles
+                ),
+                "accept-bundles must list SHA-256 hashes (64 lowercase hex digits)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,9 +103,16 @@ class SitePolicy:
     @classmethod
     def researcher(cls, *, dp: bool) -> SitePolicy:
         """A simulated hospital's policy without a file: the researcher who set `dp` plays it."""
-        return cls(max_epsilon=math.inf, delta=1.0, require_dp=dp, budget_scope="run",
-                   min_eval_records=1, metric_decimals=6, exact_metrics=True,
-                   share_train_loss=True)
+        return cls(
+            max_epsilon=math.inf,
+            delta=1.0,
+            require_dp=dp,
+            budget_scope="run",
+            min_eval_records=1,
+            metric_decimals=6,
+            exact_metrics=True,
+            share_train_loss=True,
+        )
 
     def delta_for(self, num_examples: int) -> float:
         """The site's delta for `num_examples` training records."""
@@ -117,7 +132,11 @@ def _typed(key: str, kind: str, value: Any) -> Any:
         return float(value)
     if kind == "str" and isinstance(value, str):
         return value
-    if kind.startswith("tuple") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if (
+        kind.startswith("tuple")
+        and isinstance(value, list)
+        and all(isinstance(v, str) for v in value)
+    ):
         return tuple(value)
     raise PolicyError(f"'{key}' must be a {kind}, got {value!r}.")
 
@@ -134,7 +153,9 @@ def load_policy(path: Path) -> SitePolicy:
     types = _field_types()
     unknown = sorted(set(table) - set(types))
     if unknown:
-        raise PolicyError(f"Privacy policy {path}: unknown key(s) {unknown}; known: {sorted(types)}.")
+        raise PolicyError(
+            f"Privacy policy {path}: unknown key(s) {unknown}; known: {sorted(types)}."
+        )
     try:
         values = {k.replace("-", "_"): _typed(k, types[k], v) for k, v in table.items()}
         return SitePolicy(**values)

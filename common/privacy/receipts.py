@@ -49,8 +49,12 @@ class Receipt:
 
 def append_receipt(state_dir: Path, receipt: Receipt) -> None:
     """Append one receipt line (atomically: the file is never left half-written)."""
-    guarded_write(lambda: append_line_atomic(state_dir / RECEIPTS_FILE, json.dumps(asdict(receipt)),
-                                             durable=True), state_dir)
+    guarded_write(
+        lambda: append_line_atomic(
+            state_dir / RECEIPTS_FILE, json.dumps(asdict(receipt)), durable=True
+        ),
+        state_dir,
+    )
 
 
 def read_receipts(state_dir: Path) -> list[Receipt]:

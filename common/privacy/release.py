@@ -47,17 +47,21 @@ def counts_sensitivity(views: Mapping[str, ScoreCounts], views_per_row: int) -> 
     return math.sqrt(cells * views_per_row)
 
 
-def release_counts(views: Mapping[str, ScoreCounts], *, noise_multiplier: float,
-                   views_per_row: int) -> CountsRelease:
+def release_counts(
+    views: Mapping[str, ScoreCounts], *, noise_multiplier: float, views_per_row: int
+) -> CountsRelease:
     """The counts with Gaussian noise (noise_multiplier 0: exact, outside any DP guarantee)."""
     std = noise_multiplier * counts_sensitivity(views, views_per_row)
     if std == 0:
         return CountsRelease(views=dict(views), noise_std=0.0)
     rng = np.random.default_rng()  # seeded from the operating system's entropy
-    noisy = {name: ScoreCounts(c.scores + rng.normal(0.0, std, c.scores.shape),
-                               None if c.confusion is None
-                               else c.confusion + rng.normal(0.0, std, c.confusion.shape))
-             for name, c in views.items()}
+    noisy = {
+        name: ScoreCounts(
+            c.scores + rng.normal(0.0, std, c.scores.shape),
+            None if c.confusion is None else c.confusion + rng.normal(0.0, std, c.confusion.shape),
+        )
+        for name, c in views.items()
+    }
     return CountsRelease(views=noisy, noise_std=std)
 
 
@@ -69,7 +73,12 @@ def release_mean_loss(losses: np.ndarray, *, noise_multiplier: float) -> float:
     n = len(losses)
     if n == 0:
         return math.nan
-    clipped = np.clip(np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=LOSS_CLIP,
-                                    posinf=LOSS_CLIP, neginf=0.0), 0.0, LOSS_CLIP)
+    clipped = np.clip(
+        np.nan_to_num(
+            np.asarray(losses, dtype=np.float64), nan=LOSS_CLIP, posinf=LOSS_CLIP, neginf=0.0
+        ),
+        0.0,
+        LOSS_CLIP,
+    )
     noise = np.random.default_rng().normal(0.0, noise_multiplier * LOSS_CLIP)
     return float((clipped.sum() + noise) / n)

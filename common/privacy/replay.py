@@ -38,14 +38,20 @@ class SentUpdate:
 
 
 def _path(state_dir: Path, run_id: str) -> Path:
-    return state_dir / SENT_FOLDER / f"{hashlib.sha256(run_id.encode()).hexdigest()[:24]}.safetensors"
+    return (
+        state_dir / SENT_FOLDER / f"{hashlib.sha256(run_id.encode()).hexdigest()[:24]}.safetensors"
+    )
 
 
 def save_sent(state_dir: Path, run_id: str, sent: SentUpdate) -> None:
     """Keep `sent` as the run's latest sent update (atomically)."""
-    meta = {"run_id": run_id, "server_round": str(sent.server_round),
-            "global_sha256": sent.global_sha256, "result": json.dumps(asdict(sent.result)),
-            "order": json.dumps(list(sent.state))}  # safetensors sorts names; the hash needs the order
+    meta = {
+        "run_id": run_id,
+        "server_round": str(sent.server_round),
+        "global_sha256": sent.global_sha256,
+        "result": json.dumps(asdict(sent.result)),
+        "order": json.dumps(list(sent.state)),
+    }  # safetensors sorts names; the hash needs the order
     data = save({k: v.detach().cpu().contiguous() for k, v in sent.state.items()}, metadata=meta)
     atomic_write_bytes(_path(state_dir, run_id), data, durable=True)
 
@@ -60,5 +66,9 @@ def load_sent(state_dir: Path, run_id: str) -> SentUpdate | None:
         if meta.get("run_id") != run_id:
             return None
         state = {k: fh.get_tensor(k) for k in json.loads(meta["order"])}
-    return SentUpdate(server_round=int(meta["server_round"]), global_sha256=meta["global_sha256"],
-                      state=state, result=TrainResult(**json.loads(meta["result"])))
+    return SentUpdate(
+        server_round=int(meta["server_round"]),
+        global_sha256=meta["global_sha256"],
+        state=state,
+        result=TrainResult(**json.loads(meta["result"])),
+    )

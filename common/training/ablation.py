@@ -21,8 +21,8 @@ from common.model.contributions import KEEP, masked
 from common.model.fusion_model import FusionModel
 from common.training.loop import Batch, metrics_from_logits
 from common.training.metrics import Metrics
-from common.training.score_counts import ScoreCounts, count_scores, finite_probabilities
 from common.training.progress import batches, log_line, progress
+from common.training.score_counts import ScoreCounts, count_scores, finite_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,11 @@ class Ablation:
 
 
 @torch.no_grad()
-def ablation_logits(model: FusionModel, batch: Batch, device: torch.device,
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def ablation_logits(
+    model: FusionModel,
+    batch: Batch,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Logits (B, C) per kept modality, the labels (B,) and which rows have both modalities (B,)."""
     b = {k: v.to(device) for k, v in batch.items()}
     labels = b.pop("labels")
@@ -59,8 +62,9 @@ class AblationScores:
 
 
 @torch.no_grad()
-def ablation_scores(model: FusionModel, loader: Iterable[Batch], device: torch.device,
-                    desc: str = "evaluate") -> AblationScores:
+def ablation_scores(
+    model: FusionModel, loader: Iterable[Batch], device: torch.device, desc: str = "evaluate"
+) -> AblationScores:
     """One pass over `loader`: the logits with both modalities, the image only, the report only."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*KEEP, "labels", "rows")}
@@ -72,9 +76,11 @@ def ablation_scores(model: FusionModel, loader: Iterable[Batch], device: torch.d
         parts["rows"].append(both)
     if not parts["labels"]:
         empty = torch.zeros(0, 0)
-        return AblationScores(logits={k: empty for k in KEEP},
-                              labels=torch.zeros(0, dtype=torch.long),
-                              both=torch.zeros(0, dtype=torch.bool))
+        return AblationScores(
+            logits={k: empty for k in KEEP},
+            labels=torch.zeros(0, dtype=torch.long),
+            both=torch.zeros(0, dtype=torch.bool),
+        )
     cat = {k: torch.cat(v) for k, v in parts.items()}
     return AblationScores(logits={k: cat[k] for k in KEEP}, labels=cat["labels"], both=cat["rows"])
 
@@ -86,13 +92,18 @@ def exact_metrics(scores: AblationScores) -> tuple[Metrics, Ablation]:
     if not len(labels):
         return metrics, Ablation(num_examples=0, both=metrics, image=metrics, text=metrics)
     scored = {keep: metrics_from_logits(scores.logits[keep][rows], labels[rows]) for keep in KEEP}
-    return metrics, Ablation(num_examples=int(rows.sum()), both=scored["both"],
-                             image=scored["image"], text=scored["text"])
+    return metrics, Ablation(
+        num_examples=int(rows.sum()),
+        both=scored["both"],
+        image=scored["image"],
+        text=scored["text"],
+    )
 
 
 @torch.no_grad()
-def evaluate_with_ablation(model: FusionModel, loader: Iterable[Batch], device: torch.device,
-                           desc: str = "evaluate") -> tuple[Metrics, Ablation]:
+def evaluate_with_ablation(
+    model: FusionModel, loader: Iterable[Batch], device: torch.device, desc: str = "evaluate"
+) -> tuple[Metrics, Ablation]:
     """The usual metrics over every row, and the ablation over the rows with both modalities."""
     start = time.perf_counter()
     metrics, ablation = exact_metrics(ablation_scores(model, loader, device, desc))
@@ -102,11 +113,21 @@ def evaluate_with_ablation(model: FusionModel, loader: Iterable[Batch], device: 
 
 def log_ablation(desc: str, metrics: Metrics, ablation: Ablation, seconds: float) -> None:
     """The exact metrics in the site's log (they stay at the site)."""
-    log_line(log, "%s: %d examples, loss %.4f, accuracy %.3f, AUROC %.3f; AUROC on %d rows with "
-             "both: %.3f both, %.3f image only, %.3f report only, %.1f s", desc,
-             metrics.num_examples, metrics.loss, metrics.accuracy, metrics.auroc,
-             ablation.num_examples, ablation.both.auroc, ablation.image.auroc, ablation.text.auroc,
-             seconds)
+    log_line(
+        log,
+        "%s: %d examples, loss %.4f, accuracy %.3f, AUROC %.3f; AUROC on %d rows with "
+        "both: %.3f both, %.3f image only, %.3f report only, %.1f s",
+        desc,
+        metrics.num_examples,
+        metrics.loss,
+        metrics.accuracy,
+        metrics.auroc,
+        ablation.num_examples,
+        ablation.both.auroc,
+        ablation.image.auroc,
+        ablation.text.auroc,
+        seconds,
+    )
 
 
 # The rows of a release's views: every validation row is in "lacking" (it lacks a modality) or
@@ -114,14 +135,24 @@ def log_ablation(desc: str, metrics: Metrics, ablation: Ablation, seconds: float
 VIEWS = ("lacking", "both", "image", "text")
 
 
-def view_counts(scores: AblationScores, num_classes: int, *, ablation: bool) -> dict[str, ScoreCounts]:
+def view_counts(
+    scores: AblationScores, num_classes: int, *, ablation: bool
+) -> dict[str, ScoreCounts]:
     """The score counts per view (`ablation`: with the image-only and report-only views)."""
     labels, both = scores.labels.numpy(), scores.both.numpy().astype(bool)
-    probs = {k: finite_probabilities(v.numpy().reshape(len(labels), -1))
-             if len(labels) else np.zeros((0, num_classes)) for k, v in scores.logits.items()}
-    views = {"lacking": count_scores(probs["both"][~both], labels[~both], num_classes),
-             "both": count_scores(probs["both"][both], labels[both], num_classes)}
+    probs = {
+        k: finite_probabilities(v.numpy().reshape(len(labels), -1))
+        if len(labels)
+        else np.zeros((0, num_classes))
+        for k, v in scores.logits.items()
+    }
+    views = {
+        "lacking": count_scores(probs["both"][~both], labels[~both], num_classes),
+        "both": count_scores(probs["both"][both], labels[both], num_classes),
+    }
     if ablation:
-        views |= {keep: count_scores(probs[keep][both], labels[both], num_classes)
-                  for keep in ("image", "text")}
+        views |= {
+            keep: count_scores(probs[keep][both], labels[both], num_classes)
+            for keep in ("image", "text")
+        }
     return views

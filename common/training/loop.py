@@ -35,15 +35,20 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise Failure(f"device is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
-                      "device(s); set device to 'cpu', 'auto' or an existing cuda:N.",
-                      reason="device")
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise Failure(
+            f"device is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+            "device(s); set device to 'cpu', 'auto' or an existing cuda:N.",
+            reason="device",
+        )
     return device
 
 
-def forward_batch(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_batch(
+    model: nn.Module, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, C) and labels (B,) of one batch; every other key of the batch is a model input.
 
     (A FusionModel takes `images`, `input_ids`, ...; a CachedFusion the cached frozen outputs.)
@@ -94,10 +99,22 @@ def train(
                 loss_sum += float(loss.item()) * labels.numel()
                 seen += labels.numel()
                 show_loss(bar, loss_sum / seen)
-        log_line(log, "%s epoch %d/%d: %d steps, mean loss %.4f, %.1f s", desc, epoch, epochs,
-                 steps, loss_sum / max(seen, 1), time.perf_counter() - start)
-    return TrainResult(loss=loss_sum / max(seen, 1), examples_seen=seen, steps=steps,
-                       seconds=time.perf_counter() - start)
+        log_line(
+            log,
+            "%s epoch %d/%d: %d steps, mean loss %.4f, %.1f s",
+            desc,
+            epoch,
+            epochs,
+            steps,
+            loss_sum / max(seen, 1),
+            time.perf_counter() - start,
+        )
+    return TrainResult(
+        loss=loss_sum / max(seen, 1),
+        examples_seen=seen,
+        steps=steps,
+        seconds=time.perf_counter() - start,
+    )
 
 
 @torch.no_grad()
@@ -107,8 +124,9 @@ def _proximal_step(params: list[torch.Tensor], anchor: list[torch.Tensor], rate:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable[Batch], device: torch.device,
-                   desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, loader: Iterable[Batch], device: torch.device, desc: str = "evaluate"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, C) and labels (N,) over `loader`, on the CPU (labels are -1 where unknown)."""
     model.eval()
     logits_all, labels_all = [], []
@@ -130,13 +148,21 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
     return classification_metrics(labels.numpy(), probs, loss_sum)
 
 
-def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device,
-             desc: str = "evaluate") -> Metrics:
+def evaluate(
+    model: nn.Module, loader: Iterable[Batch], device: torch.device, desc: str = "evaluate"
+) -> Metrics:
     """Loss, accuracy, macro AUROC and F1 of the model on `loader`."""
     start = time.perf_counter()
     metrics = metrics_from_logits(*predict_logits(model, loader, device, desc))
-    log_line(log, "%s: %d examples, loss %.4f, accuracy %.3f, %.1f s", desc, metrics.num_examples,
-             metrics.loss, metrics.accuracy, time.perf_counter() - start)
+    log_line(
+        log,
+        "%s: %d examples, loss %.4f, accuracy %.3f, %.1f s",
+        desc,
+        metrics.num_examples,
+        metrics.loss,
+        metrics.accuracy,
+        time.perf_counter() - start,
+    )
     return metrics
 
 

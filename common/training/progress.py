@@ -26,8 +26,15 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iter
     """`items` wrapped in a tqdm bar (unit: batch) when on a terminal, else `items` itself."""
     if not on_terminal():
         return items
-    return tqdm(items, desc=desc, total=total, unit="batch", leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(
+        items,
+        desc=desc,
+        total=total,
+        unit="batch",
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def show_loss(bar: Iterable[object], loss: float) -> None:
@@ -47,4 +54,3 @@ def batches(loader: Iterable[T]) -> int | None:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return None
-

@@ -66,8 +66,10 @@ class ScoreCounts:
     def empty(cls, num_classes: int) -> ScoreCounts:
         """No rows."""
         k = 1 if num_classes == 2 else num_classes
-        return cls(np.zeros((k, 2, BINS)),
-                   None if num_classes == 2 else np.zeros((num_classes, num_classes)))
+        return cls(
+            np.zeros((k, 2, BINS)),
+            None if num_classes == 2 else np.zeros((num_classes, num_classes)),
+        )
 
     @classmethod
     def shapes(cls, num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -78,8 +80,10 @@ class ScoreCounts:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScoreCounts:
         """Inverse of `arrays` (shapes are the caller's to check: `shapes`)."""
         confusion = arrays.get("confusion")
-        return cls(np.asarray(arrays["scores"], dtype=np.float64),
-                   None if confusion is None else np.asarray(confusion, dtype=np.float64))
+        return cls(
+            np.asarray(arrays["scores"], dtype=np.float64),
+            None if confusion is None else np.asarray(confusion, dtype=np.float64),
+        )
 
 
 def finite_probabilities(logits: np.ndarray) -> np.ndarray:
@@ -130,8 +134,12 @@ def confusion_matrix(counts: ScoreCounts) -> np.ndarray:
         return np.clip(counts.confusion, 0.0, None)
     scores = np.clip(counts.scores[0], 0.0, None)
     half = BINS // 2
-    return np.array([[scores[0, :half].sum(), scores[0, half:].sum()],
-                     [scores[1, :half].sum(), scores[1, half:].sum()]])
+    return np.array(
+        [
+            [scores[0, :half].sum(), scores[0, half:].sum()],
+            [scores[1, :half].sum(), scores[1, half:].sum()],
+        ]
+    )
 
 
 def _macro_f1(confusion: np.ndarray) -> float:

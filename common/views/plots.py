@@ -30,8 +30,11 @@ EPSILON_PLOT = "epsilon.png"
 WEIGHTS_PLOT = "modality-weights.png"  # `weighted` fusion only
 ABLATION_PLOT = "modality-ablation.png"
 # the aggregate's AUROC over the rows with both modalities, per kept modality
-ABLATION_SERIES = {"both": R.AUROC_BOTH, "image only": R.AUROC_IMAGE_ONLY,
-                   "report only": R.AUROC_TEXT_ONLY}
+ABLATION_SERIES = {
+    "both": R.AUROC_BOTH,
+    "image only": R.AUROC_IMAGE_ONLY,
+    "report only": R.AUROC_TEXT_ONLY,
+}
 
 
 @dataclass
@@ -143,7 +146,9 @@ def _decorate(ax: Any, label: str, history: list[HistoryLine]) -> None:
 
 def write_plots(out_dir: Path, history: list[HistoryLine]) -> list[Path]:
     """Write loss, AUROC, accuracy and epsilon PNGs into `out_dir`; return their paths."""
-    figures = {name: plot_metric(history, key, label) for name, (key, label) in METRIC_PLOTS.items()}
+    figures = {
+        name: plot_metric(history, key, label) for name, (key, label) in METRIC_PLOTS.items()
+    }
     figures[EPSILON_PLOT] = plot_epsilon(history)
     figures[ABLATION_PLOT] = plot_ablation(history)
     if weight_series(history):

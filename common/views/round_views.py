@@ -18,8 +18,10 @@ from common.views.tensorboard_events import write_round_events
 
 log = logging.getLogger(__name__)
 
-_HEADER = (f"{'site':<16} {'loss':>7} {'accuracy':>8} {'auroc':>7} {'epsilon':>8} {'cap':>6} "
-           f"{'train n':>7} {'val n':>6} {'train s':>7}")
+_HEADER = (
+    f"{'site':<16} {'loss':>7} {'accuracy':>8} {'auroc':>7} {'epsilon':>8} {'cap':>6} "
+    f"{'train n':>7} {'val n':>6} {'train s':>7}"
+)
 
 
 def _num(value: Any, width: int, digits: int = 3) -> str:
@@ -45,26 +47,38 @@ def format_round_table(line: HistoryLine) -> str:
     train = {n: s.train or {} for n, s in line.sites.items()}
     val = {n: s.evaluate or {} for n, s in line.sites.items()}
     for name, s in line.sites.items():
-        rows.append(f"{name:<16} {_num(val[name].get(R.LOSS), 7)} {_num(val[name].get(R.ACCURACY), 8)} "
-                    f"{_num(val[name].get(R.AUROC), 7)} {_epsilon(s)} "
-                    f"{_num(train[name].get(R.EPSILON_CAP), 6, 2)} "
-                    f"{_count(train[name].get(R.NUM_EXAMPLES), 7)} "
-                    f"{_count(val[name].get(R.NUM_EXAMPLES), 6)} "
-                    f"{_num(train[name].get(R.TRAIN_SECONDS), 7, 1)}")
+        rows.append(
+            f"{name:<16} {_num(val[name].get(R.LOSS), 7)} {_num(val[name].get(R.ACCURACY), 8)} "
+            f"{_num(val[name].get(R.AUROC), 7)} {_epsilon(s)} "
+            f"{_num(train[name].get(R.EPSILON_CAP), 6, 2)} "
+            f"{_count(train[name].get(R.NUM_EXAMPLES), 7)} "
+            f"{_count(val[name].get(R.NUM_EXAMPLES), 6)} "
+            f"{_num(train[name].get(R.TRAIN_SECONDS), 7, 1)}"
+        )
     if line.aggregate is not None:
         a = line.aggregate
-        train_n = [m[R.NUM_EXAMPLES] for m in train.values() if isinstance(m.get(R.NUM_EXAMPLES), int)]
+        train_n = [
+            m[R.NUM_EXAMPLES] for m in train.values() if isinstance(m.get(R.NUM_EXAMPLES), int)
+        ]
         val_n = [m[R.NUM_EXAMPLES] for m in val.values() if isinstance(m.get(R.NUM_EXAMPLES), int)]
-        seconds = [m[R.TRAIN_SECONDS] for m in train.values()
-                   if isinstance(m.get(R.TRAIN_SECONDS), (int, float))]
+        seconds = [
+            m[R.TRAIN_SECONDS]
+            for m in train.values()
+            if isinstance(m.get(R.TRAIN_SECONDS), (int, float))
+        ]
         # epsilon is never aggregated; time is the slowest site's (sites train in parallel)
-        rows.append(f"{'(aggregate)':<16} {_num(a.get(R.LOSS), 7)} {_num(a.get(R.ACCURACY), 8)} "
-                    f"{_num(a.get(R.AUROC), 7)} {'':>8} {'':>6} "
-                    f"{_count(sum(train_n) if train_n else None, 7)} "
-                    f"{_count(sum(val_n) if val_n else None, 6)} "
-                    f"{_num(max(seconds) if seconds else None, 7, 1)}")
-    for reasons, prefix in ((line.refusals, ""), (line.failures, "failed: "),
-                            (line.rejected, "update rejected: ")):
+        rows.append(
+            f"{'(aggregate)':<16} {_num(a.get(R.LOSS), 7)} {_num(a.get(R.ACCURACY), 8)} "
+            f"{_num(a.get(R.AUROC), 7)} {'':>8} {'':>6} "
+            f"{_count(sum(train_n) if train_n else None, 7)} "
+            f"{_count(sum(val_n) if val_n else None, 6)} "
+            f"{_num(max(seconds) if seconds else None, 7, 1)}"
+        )
+    for reasons, prefix in (
+        (line.refusals, ""),
+        (line.failures, "failed: "),
+        (line.rejected, "update rejected: "),
+    ):
         for name, reason in reasons.items():
             rows.append(f"{name:<16} {prefix}{reason.splitlines()[0]}")
     if line.stopped is not None:

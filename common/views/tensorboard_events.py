@@ -36,8 +36,11 @@ def round_scalars(line: HistoryLine) -> dict[str, float]:
             scalars[f"{key}/{site}"] = s.metric(key)
     for key in METRICS:
         scalars[f"{key}/aggregate"] = (line.aggregate or {}).get(key)
-    return {tag: float(v) for tag, v in scalars.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        tag: float(v)
+        for tag, v in scalars.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 @functools.cache
