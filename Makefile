@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fedfusion-installed
 # torch/torchvision pairs measured to import together (x86_64: CUDA build that runs on CPUs too).
 TORCH := $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: run test test-fast bench install clean
+.PHONY: run test test-fast lint typecheck bench install clean
 
 run: $(STAMP)
 	$(BIN)/python -m simulations $(ARGS)
@@ -24,6 +24,14 @@ test: $(STAMP)
 # the inner loop: everything but the end-to-end runs marked `slow` (CI runs `make test`)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# ruff (rules and format) and mypy, configured in pyproject.toml; CI runs both before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --quick $(ARGS)

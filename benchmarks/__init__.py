@@ -1,1 +1,1 @@
-"""FedFusion benchmarks: `python -m benchmarks [--quick] [--only NAME ...]` (see README, Performance)."""
+"""Benchmarks: `python -m benchmarks [--quick] [--only NAME ...]` (see README, Performance)."""

@@ -23,7 +23,7 @@ ROUNDS, EPOCHS = 3, 2  # the default run: 3 rounds of 2 local epochs
 
 
 def run(quick: bool, work: Path) -> Outcome:
-    """Default recipe (DP-SGD, hooks, batch 64, fusion + head trainable), with and without the cache."""
+    """Default recipe (DP-SGD, hooks, batch 64, fusion + head trainable), with and without cache."""
     scale = 0.5 if quick else 1.0
     folder = demo_hospitals(work / "data", 1, size_scale=scale)[0]
     repeats = 2 if quick else 3

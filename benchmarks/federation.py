@@ -68,11 +68,11 @@ class Hospitals:
         }
 
     def warm(self, folder: Path, user_config: Mapping[str, Any]) -> tuple[RunConfig, SiteState]:
-        """The run as that hospital runs it and the state its ClientApp keeps (to fill its cache)."""
+        """The run as that hospital runs it, the state its ClientApp keeps (to fill its cache)."""
         return warm_site(self.node(folder), user_config)
 
     def federate(self, user_config: Mapping[str, Any], folders: list[Path], name: str) -> State:
-        """Setting `name`: one run over the hospitals of `folders`; the final global trainable state.
+        """Setting `name`: a run over the hospitals of `folders`; the final global trainable state.
 
         A run that stops early (fewer usable updates than min-nodes) raises: its model is not
         what the setting trains.
@@ -117,16 +117,16 @@ def site_states(root: Path, folders: list[Path], policy: Path | None = None) -> 
 
 
 def initial_state(run: RunConfig) -> State:
-    """The run's initial global trainable parameters (a fresh model, as the run's seed builds it)."""
+    """The run's initial global trainable parameters (a fresh model, as its seed builds it)."""
     return trainable_state(build_model(run.model))
 
 
 def test_probabilities(
     run: RunConfig, test_site: SiteState, state: State
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, C) and labels (N,) of `state` on `test_site`'s rows (frozen part cached).
+    """Class probabilities (N, C), labels (N,): `state` on `test_site`'s rows (frozen part cached).
 
-    The test site's rows must all be in its training split (a manifest whose rows say `split=train`):
+    The test site's rows must all be in its training split (every manifest row says `split=train`):
     they are read as the site reads training rows, and never trained on here.
     """
     bundle, data = test_site.bundle(run.model), test_site.data(run)

@@ -47,9 +47,9 @@ def run(quick: bool, work: Path) -> Outcome:
         key="framework_overhead_fraction",
         value=(t.wall_s - t.busy_s) / t.wall_s,
         target="<= 0.10",
-        note=f"share of the wall time of a {rounds}-round demo simulation (3 hospitals, DP, feature "
-        "cache) in which no site computes, Ray's start-up included; without the start-up "
-        "(until the first client call) in raw",
+        note=f"share of the wall time of a {rounds}-round demo simulation (3 hospitals, DP, "
+        "feature cache) in which no site computes, Ray's start-up included; without the "
+        "start-up (until the first client call) in raw",
         settings={"preset": "demo", "hospitals": HOSPITALS, "rounds": rounds, "data_scale": scale},
         raw=raw,
         extra={},

@@ -112,7 +112,8 @@ def run(
         value=headline,
         target="<= 0.05",
         note=f"accuracy above chance of the best decoder, {trials} balanced trials each "
-        f"({eval_trials} for the evaluation attack), default policy; the evaluation attack over every evaluation of a 3-round run "
+        f"({eval_trials} for the evaluation attack), default policy; the evaluation attack "
+        "over every evaluation of a 3-round run "
         f"({advantages['evaluation-query']:.3f} for one query). DP evaluation's cost on "
         f"{cost['data']}: mean |pooled AUROC - exact| {mae:.3f} at evaluation-share "
         f"{DEFAULT_SHARE} (the default; chosen so the evaluation attack stays at chance + "

@@ -85,7 +85,7 @@ def _client_app(config: dict[str, Any], log_path: Path) -> Any:
 
 
 class _PeakMemory(threading.Thread):
-    """Samples the RSS of this process and its descendants until stopped: summed, and the largest."""
+    """Samples the RSS of this process and its descendants until stopped: summed and the largest."""
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(daemon=True)

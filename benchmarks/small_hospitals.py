@@ -117,7 +117,7 @@ def demo_cases(root: Path, scale: float) -> list[Case]:
 
 
 def write_site(folder: Path, cases: list[Case]) -> Path:
-    """A site manifest of `cases`, every row in the training split (the site keeps no validation)."""
+    """A site manifest of `cases`, all rows in the training split (the site keeps no validation)."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -168,7 +168,7 @@ def split(cases: list[Case], work: Path, seed: int) -> Split:
 
 
 class PooledFeatures:
-    """The frozen features of every pooled row, computed once; any site's cache is filled from them."""
+    """Frozen features of every pooled row, computed once; any site's cache is filled from them."""
 
     def __init__(self, pool: SiteState, run: RunConfig) -> None:
         bundle, data = pool.bundle(run.model), pool.data(run)
@@ -186,7 +186,7 @@ class PooledFeatures:
         site.features._sets[key] = subset
 
     def pooled(self, site: SiteState, run: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Mean-pooled frozen features (N, D_image + D_text) and labels of a site's rows (the probe's)."""
+        """A site's mean-pooled frozen features (N, D_image + D_text) and labels (the probe's)."""
         bundle, data = site.bundle(run.model), site.data(run)
         rows = torch.tensor([self.index[_row_key(r)] for r in data.train.rows])
         net, t = CachedFusion(bundle.model), self.features.tensors

@@ -1,11 +1,12 @@
 """Trainable sets under DP on real hospitals: fusion + head, the top text layer, LoRA adapters.
 
-medpix-dev's 5 natural hospitals (small demo hospitals when it is absent), the patient-level splits of `benchmarks.small_hospitals` (a
-fifth of the patients held out as the common test set), federated DP-SGD at epsilon 8 per
-hospital with the run config's recipe, each federation one run of the ServerApp and the
-hospitals' ClientApps in this process (`benchmarks.federation`); for each trainable set the mean
-test AUROC over the seeds with its 95% interval, the bytes a site sends a round and the seconds
-a federation takes (the whole run: the coordinator's model, checkpoints, evaluation requests).
+medpix-dev's 5 natural hospitals (small demo hospitals when it is absent), the patient-level splits
+of `benchmarks.small_hospitals` (a fifth of the patients held out as the common test set), federated
+DP-SGD at epsilon 8 per hospital with the run config's recipe, each federation one run of the
+ServerApp and the hospitals' ClientApps in this process (`benchmarks.federation`); for each
+trainable set the mean test AUROC over the seeds with its 95% interval, the bytes a site sends a
+round and the seconds a federation takes (the whole run: the coordinator's model, checkpoints,
+evaluation requests).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def measure(
     overrides: dict[str, Any] | None = None,
     first_seed: int = 0,
 ) -> dict[str, Any]:
-    """Per option: test AUROC over `seeds` splits (from `first_seed`), update bytes, seconds per federation."""
+    """Per option: test AUROC over `seeds` splits from `first_seed`, bytes sent, federation time."""
     pool_folder = write_site(work / "pool", cases)
     splits = {
         seed: split(cases, work / f"seed-{seed}", seed)
@@ -122,7 +123,7 @@ def run(
     demo_scale: float = 0.12,
     overrides: dict[str, Any] | None = None,
 ) -> Outcome:
-    """medpix-dev (small demo hospitals when absent): LoRA's mean test AUROC minus fusion + head's."""
+    """medpix-dev (small demo hospitals if absent): LoRA's mean test AUROC minus fusion + head's."""
     if medpix.is_file():
         data, cases, classes = "medpix-dev", medpix_cases(medpix), MEDPIX_CLASSES
     else:
@@ -150,9 +151,9 @@ def run(
         key="lora_gain_fed_dp8",
         value=m["lora-r8-top-layer"] - m["fusion+head"],
         target=">= 0",
-        note=f"{data}: mean test AUROC over {seeds} seeds of federated DP-SGD (epsilon 8 per hospital) "
-        "with LoRA rank 8 on the top text layer minus that of fusion + head alone; the top text "
-        "layer trained in full in raw",
+        note=f"{data}: mean test AUROC over {seeds} seeds of federated DP-SGD (epsilon 8 per "
+        "hospital) with LoRA rank 8 on the top text layer minus that of fusion + head alone; the "
+        "top text layer trained in full in raw",
         settings={
             "data": data,
             "preset": preset,

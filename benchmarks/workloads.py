@@ -92,7 +92,7 @@ def local_epoch(run: RunConfig, state: SiteState, *, dp: bool, round_: int = 1) 
 
 
 def best_epoch(run: RunConfig, state: SiteState, *, dp: bool, repeats: int) -> EpochTiming:
-    """The fastest of `repeats` local epochs (the machine is shared: the best is the least disturbed)."""
+    """Fastest of `repeats` local epochs (the machine is shared: the best is least disturbed)."""
     timings = [local_epoch(run, state, dp=dp) for _ in range(repeats)]
     return min(timings, key=lambda t: t.seconds / max(t.examples, 1))
 

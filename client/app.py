@@ -76,7 +76,7 @@ def round_request(msg: Message, context: Context) -> RoundRequest:
         raise _malformed(f"its {R.RUN_KEY} is not 1 to 128 letters, digits, '.', '_' or '-'.")
     if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
         raise _malformed(f"its {R.FROZEN_FINGERPRINT} is not a SHA-256 (64 hex digits).")
-    parameters = content[R.ARRAYS].to_torch_state_dict()
+    parameters = content.array_records[R.ARRAYS].to_torch_state_dict()
     bad = [
         n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()
     ]
@@ -175,7 +175,7 @@ def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
                 {
                     R.NUM_EXAMPLES: outcome.num_examples,
                     R.TRAIN_LOSS: _rounded(outcome.train_loss, outcome.policy.metric_decimals),
-                    R.EPSILON: float(outcome.receipt.epsilon) if account else math.inf,
+                    R.EPSILON: _spent(outcome.receipt.epsilon) if account else math.inf,
                     R.DELTA: float(account.delta) if account else 0.0,
                     R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,
                     R.SAMPLE_RATE: float(account.sample_rate) if account else 0.0,
@@ -188,6 +188,13 @@ def train_content(outcome: TrainOutcome, site: str) -> RecordDict:
             R.SITE: ConfigRecord({R.SITE_NAME: site}),
         }
     )
+
+
+def _spent(epsilon: float | None) -> float:
+    """A DP round's cumulative epsilon (its receipt always has one; None raises, as before)."""
+    if epsilon is None:
+        raise TypeError("the receipt of a round trained with DP has no epsilon.")
+    return float(epsilon)
 
 
 def _rounded(value: float, decimals: int) -> float:

@@ -152,10 +152,9 @@ def _evaluate(
         metrics=released(counted_metrics(counts, len(data.val)), decimals),
         ablation=replace(
             ablation,
-            **{
-                keep: released(getattr(ablation, keep), decimals)
-                for keep in ("both", "image", "text")
-            },
+            both=released(ablation.both, decimals),
+            image=released(ablation.image, decimals),
+            text=released(ablation.text, decimals),
         )
         if ablation
         else None,

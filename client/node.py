@@ -109,17 +109,16 @@ def run_task(node: Node, token: str) -> None:
             task.finish(context=None, completed=False, details="input unavailable")
             return
         refusal = _acceptance_problem(node, given)
-        if refusal is None:
-            message, refusal = _pulled(node, task, given)
-        if refusal is not None:  # refused before any site data is read
+        message = _pulled(node, task, given) if refusal is None else refusal
+        if isinstance(message, FedFusionError):  # refused before any site data is read
             log.warning(
                 "site %s: refusing run %d: %s (no site data is read)",
                 node.site.site_name,
                 given.run.run_id,
-                refusal.detail,
+                message.detail,
             )
-            task.push_reply(error_reply(given.message, node.site.site_name, refusal), given.context)
-            task.finish(context=None, completed=False, details=refusal.reason)
+            task.push_reply(error_reply(given.message, node.site.site_name, message), given.context)
+            task.finish(context=None, completed=False, details=message.reason)
             return
         context = Context(
             run_id=given.context.run_id,
@@ -173,22 +172,20 @@ def _acceptance_problem(node: Node, given: runtime.TaskInput) -> FedFusionError 
     return None
 
 
-def _pulled(
-    node: Node, task: runtime.Task, given: runtime.TaskInput
-) -> tuple[Message | None, FedFusionError | None]:
+def _pulled(node: Node, task: runtime.Task, given: runtime.TaskInput) -> Message | FedFusionError:
     """The task's message, or why the site refuses it (too large, malformed) unpacked."""
     try:
-        return task.pull_message(given, max_bytes=node.site.limits.max_message_bytes), None
+        return task.pull_message(given, max_bytes=node.site.limits.max_message_bytes)
     except runtime.MessageTooLarge as err:
-        return None, Refusal(f"the round message is too large: {err}", reason="message-too-large")
+        return Refusal(f"the round message is too large: {err}", reason="message-too-large")
     except Exception as err:
-        return None, ConfigurationError(
+        return ConfigurationError(
             f"the round message does not unpack ({type(err).__name__}: {err})", reason="message"
         )
 
 
 def _call(node: Node, message: Message, context: Context) -> Message:
-    """The installed ClientApp's reply; a message it cannot handle is an error reply, not a crash."""
+    """The installed ClientApp's reply; a message it can't handle is an error reply, not a crash."""
     try:
         return installed_app(message, context)
     except Exception as err:

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 from client.site_config import SiteConfig
 from client.state import ModelBundle, SiteData, SiteState
 from common.config import RunConfig
+from common.data.dataset import ManifestDataset
 from common.errors import ConfigurationError, Failure, Refusal
-from common.model.feature_cache import CachedFusion, CacheKey
+from common.model.feature_cache import CachedFusion, CacheKey, FeatureSet
 from common.model.fusion_model import FusionModel
 from common.model.modalities import frozen, untrained_parameters
 from common.model.trainable import load_trainable_state, trainable_state
@@ -275,7 +276,7 @@ def check_round_number(run: RunConfig, request: RoundRequest) -> None:
 
 
 def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalResult:
-    """Local epochs from `work.start` with `work.untrained` frozen: DP-SGD when it has an account."""
+    """Local epochs from `work.start` with `work.untrained` frozen: DP-SGD if it has an account."""
     deadline = state.site.limits.deadline()  # the node's max-round-seconds: past it, none is sent
     bundle, data = state.bundle(run.model), state.data(run)
     device = pick_device(state.site.device)
@@ -299,7 +300,7 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         epochs = 1 if steps else run.train.local_epochs
         if work.account is None:
             torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible
-            # the batch gradient is clipped like DP-SGD's per-sample ones: one learning rate fits both
+            # batch gradient clipped like DP-SGD's per-sample ones: one learning rate fits both
             timed = deadline.bound(FixedSteps(loader, steps) if steps else loader)
             result = train(
                 net,
@@ -340,7 +341,7 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
             account = session.spent(work.account)
         sent = trainable_state(model)
         if not all(torch.isfinite(t).all() for t in sent.values()):
-            # unreachable with every record's contribution bounded (common.privacy.dpsgd); never sent
+            # unreachable with each record's contribution bounded (common.privacy.dpsgd); never sent
             raise Failure(
                 "local training produced non-finite parameters; nothing is sent.",
                 reason="interrupted",
@@ -355,7 +356,7 @@ def _training_net(
     data: SiteData,
     model: FusionModel,
     device: torch.device,
-) -> tuple[torch.nn.Module, object]:
+) -> tuple[torch.nn.Module, ManifestDataset | FeatureSet]:
     """What trains and on what: the cached frozen features when the run caches them."""
     if not run.train.feature_cache:
         return model, data.train

@@ -246,8 +246,8 @@ class SiteConfig:
             state_dir=Path(str(node_config["state-dir"])).expanduser(),
             policy=Path(str(policy)).expanduser() if policy else None,
             device=str(node_config.get("device", "auto")),
-            val_fraction=node_config.get("val-fraction", 0.2),  # type: ignore[arg-type]
-            split_seed=node_config.get("split-seed", 0),  # type: ignore[arg-type]
+            val_fraction=node_config.get("val-fraction", 0.2),
+            split_seed=node_config.get("split-seed", 0),
             image_weights=_text(node_config, "image-weights"),
             text_encoder=_text(node_config, "text-encoder"),
             limits=SiteLimits.from_node_config(node_config),

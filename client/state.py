@@ -103,11 +103,12 @@ class SiteState:
         return self._bundle
 
     def data(self, run: RunConfig) -> SiteData:
-        """This site's checked, split and tokenised data (re-read when the rows' content changes)."""
+        """This site's checked, split and tokenised data (re-read if the rows' content changes)."""
         manifest, rows = read_manifest(self.site.manifest, run.model.class_names)
-        key = (*_data_key(self.site, run), dataset_version(rows, self.images))
+        version = dataset_version(rows, self.images)
+        key = (*_data_key(self.site, run), version)
         if self._data is None or self._data[0] != key:
-            self._data = (key, self._split(run, manifest, rows, key[-1]))
+            self._data = (key, self._split(run, manifest, rows, version))
         return self._data[1]
 
     def _split(self, run: RunConfig, manifest: Path, rows: list[Row], version: str) -> SiteData:

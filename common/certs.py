@@ -80,7 +80,8 @@ def parse_san(entry: str) -> x509.GeneralName:
     if not _HOSTNAME.match(entry):
         raise CredentialError(
             f"'{entry}' is neither an IP address nor a valid host name. Give each name the "
-            "SuperNodes use to reach the SuperLink, e.g. --san superlink.example.org --san 10.0.0.5."
+            "SuperNodes use to reach the SuperLink, e.g. --san superlink.example.org "
+            "--san 10.0.0.5."
         )
     return x509.DNSName(entry)
 
@@ -218,7 +219,7 @@ def write_credentials(
     server: bool = True,
     force: bool = False,
 ) -> list[Path]:
-    """Write the CA + server certificate (if `server`) and one key pair per hospital; return the files.
+    """Write the CA + server certificate (if `server`), one key pair per hospital; return the files.
 
     Nothing is written when any target exists and `force` is false.
     """

@@ -277,9 +277,9 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+def _key_index() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
     """Map each run-config key (kebab-case) to its section and field."""
-    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    index: dict[str, tuple[str, dataclasses.Field[Any]]] = {}
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
             index[_kebab(f.name)] = (section, f)
@@ -287,7 +287,7 @@ def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 def check_scalar(key: str, value: Any) -> None:
-    """A run-config value is one finite bool, int, float or string (a list, a dict or NaN is not)."""
+    """A run-config value is one finite bool, int, float or string (not a list, dict or NaN)."""
     if not isinstance(value, SCALARS):
         raise ConfigError(
             f"Run config key '{key}' holds a {type(value).__name__}; every key takes a single "
@@ -303,7 +303,7 @@ def run_config_keys() -> tuple[str, ...]:
     return tuple(_key_index())
 
 
-def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
+def _cast(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     """Cast a run-config value to the field's type, or raise a ConfigError naming the key."""
     check_scalar(key, value)
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -340,7 +340,7 @@ def _cast(key: str, f: dataclasses.Field, value: Any) -> Any:
     )
 
 
-def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
+def _check_range(key: str, f: dataclasses.Field[Any], value: Any) -> None:
     meta = f.metadata
     if "pattern" in meta and not meta["pattern"].fullmatch(value):
         raise ConfigError(

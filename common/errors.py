@@ -42,7 +42,9 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "evaluation-limit": "the site already evaluated this round of this run",
         "release-not-planned": "the run's privacy plan at the site has no budget for this release",
         "labels-not-covered": "the run's class names do not cover the site's published labels",
-        "state-incomplete": "the site's privacy records are incomplete; its operator must restore them",
+        "state-incomplete": (
+            "the site's privacy records are incomplete; its operator must restore them"
+        ),
         # the site's own resource bounds (node config): nothing trained, nothing charged
         "resource-limit": "the round asks for more than the site's resource limits allow",
         "message-too-large": "the round message is larger than the site unpacks",

@@ -1,4 +1,4 @@
-"""Crash-safe file writes (a crash leaves the old content or the new, never a mix) and file digests."""
+"""Crash-safe file writes (a crash leaves the old content or the new, never a mix), file digests."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ PRIVACY_METRICS = (
 RELEASES: dict[str, str] = {
     f"{ARRAYS}": "dp",  # the trained parameters (DP-SGD); their names are the model's
     f"{UPDATE}/{UNTRAINED}": "public",  # which modalities the site's training rows hold
-    f"{METRICS}/{NUM_EXAMPLES}": "public",  # training records (train), validation records (evaluate)
+    f"{METRICS}/{NUM_EXAMPLES}": "public",  # training (train) or validation (evaluate) records
     f"{METRICS}/{TRAIN_LOSS}": "dp",  # nan unless the policy shares it, then noisy and charged
     f"{METRICS}/{EPSILON}": "public",
     f"{METRICS}/{DELTA}": "public",

@@ -1,4 +1,4 @@
-"""The coordinator's Flower ServerApp: open (or resume) the run folder, run the rounds, write the model.
+"""The coordinator's Flower ServerApp: open (or resume) the run folder, run rounds, write the model.
 
 It builds the model from the run config (the initial trainable parameters and the frozen part's
 fingerprint), runs the round loop (`server.loop`) over Flower's strategy (`server.strategy`) on
@@ -60,7 +60,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
 
 
 def federate(grid: Grid, run: RunConfig) -> RunEnd:
-    """The ServerApp's run on `grid`: open (or resume) the run folder, run the rounds, write the model."""
+    """The ServerApp's run on `grid`: open or resume the run folder, run rounds, write the model."""
     model = build_model(run.model)  # first: a bad encoder path fails before anything is written
     fingerprint = frozen_fingerprint(model)
     start = open_run(run)

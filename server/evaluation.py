@@ -35,7 +35,7 @@ class MalformedCounts(Exception):
 
 
 def read_counts(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, ScoreCounts]:
-    """A reply's counts per view, checked: known views and names, the run's shapes, finite values."""
+    """A reply's counts per view, checked: known views/names, the run's shapes, finite values."""
     shapes = ScoreCounts.shapes(num_classes)
     views = sorted({name.split("/", 1)[0] for name in arrays})
     allowed = ({*VIEWS}, {*VIEWS, "image", "text"})

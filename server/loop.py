@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -105,7 +105,7 @@ def run_rounds(
             num_classes=plan.num_classes,
         )
         record.add(evaluated, train=False)
-        evaluate_metrics = MetricRecord(
+        pooled: dict[str, MetricRecordValues] = dict(  # a copy: `dict` is invariant
             pooled_metrics(
                 SiteCounts(
                     records=int(r.metrics[R.NUM_EXAMPLES]), metrics=r.metrics, counts=r.counts
@@ -114,6 +114,7 @@ def run_rounds(
                 if r.counts is not None
             )
         )
+        evaluate_metrics = MetricRecord(pooled)
         recorder.commit(
             record.line(
                 aggregate=aggregate_line(train_metrics, evaluate_metrics),
@@ -148,8 +149,9 @@ def screened(
 ) -> list[Message]:
     """The train replies fit to aggregate: screened, weights capped, partial updates completed."""
     global_arrays = {k: v.numpy() for k, v in arrays.items()}
-    updates = {id(r.update): r for r in replies.ok if r.update is not None}
-    screening = screen_updates([r.update for r in updates.values()], global_arrays, plan.bounds)
+    trained = [(r, r.update) for r in replies.ok if r.update is not None]
+    updates = {id(u): r for r, u in trained}
+    screening = screen_updates([u for _, u in trained], global_arrays, plan.bounds)
     for site, reason in screening.rejected.items():
         record.reject(site, reason)
     accepted = [updates[id(u)] for u in screening.accepted]  # by identity: names may repeat
@@ -162,7 +164,8 @@ def screened(
             reply.message.content[R.ARRAYS] = ArrayRecord(
                 {k: Array(v) for k, v in complete.items()}
             )
-        reply.message.content[R.METRICS][R.NUM_EXAMPLES] = update.num_examples  # as checked
+        # as checked (`server.replies` passes on only a MetricRecord under `metrics`)
+        reply.message.content.metric_records[R.METRICS][R.NUM_EXAMPLES] = update.num_examples
     return [r.message for r in accepted]
 
 

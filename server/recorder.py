@@ -29,7 +29,8 @@ from common.runfolder import (
     recorded,
 )
 from common.views.round_views import format_round_table, write_round_views
-from server.replies import ErrorReply, Replies, SiteNames
+from server.replies import ErrorReply, Replies
+from server.sites import SiteNames
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class Replies:
 def read_replies(
     messages: Iterable[Message], *, train: bool, names: SiteNames, num_classes: int = 2
 ) -> Replies:
-    """Sort a phase's replies (train or evaluate) into usable replies, refusals, failures, malformed.
+    """Sort a phase's replies (train or evaluate) into usable ones, refusals, failures, malformed.
 
     `num_classes`: the run's, which fixes the shapes of an evaluate reply's counts.
     """
@@ -74,7 +74,8 @@ def read_replies(
     for msg in messages:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            error = R.read_error(msg.error.code, msg.error.reason)
+            # Flower reads an empty reason off the wire as None
+            error = R.read_error(msg.error.code, msg.error.reason or "")
             out.errors.append(
                 ErrorReply(node_id=node, claimed=error.site, kind=error.kind, text=error.text)
             )
@@ -145,7 +146,8 @@ def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> 
     if R.COUNTS not in content.array_records:
         raise MalformedReply(f"no '{R.COUNTS}' record.")
     try:
-        counts = read_counts({k: v.numpy() for k, v in content[R.COUNTS].items()}, num_classes)
+        arrays = content.array_records[R.COUNTS]
+        counts = read_counts({k: v.numpy() for k, v in arrays.items()}, num_classes)
     except MalformedCounts as err:
         raise MalformedReply(f"'{R.COUNTS}': {err}") from err
     return Reply(node_id=node, site=site, metrics=metrics, update=None, message=msg, counts=counts)

@@ -73,7 +73,7 @@ def run_folder(run: RunConfig) -> RunFolder:
 
 
 def check_run_folder(run: RunConfig) -> int:
-    """Rounds already finished in the run's folder (0 for a new run); ResumeError if it cannot go on.
+    """Rounds already finished in the run folder (0 for a new run); ResumeError if it cannot go on.
 
     Writes nothing: commands call it before starting a federation to fail fast.
     """

@@ -44,7 +44,7 @@ class SiteNames:
         return not self.pinned or node_id in self._bound
 
     def register(self, node_id: int, name: str) -> None:
-        """Bind an unpinned node to the name its registration gives (the first node keeps a name)."""
+        """Bind an unpinned node to the name its registration gives; the first node keeps a name."""
         if self.pinned or node_id in self._by_node or not name:
             return
         self.name(node_id, name)

@@ -1,10 +1,10 @@
 """Flower's strategies, as Flower ships them, chosen by the run config's `strategy`.
 
-FedAvg, FedAvgM (server momentum), FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum and MultiKrum, built with
-their own settings and one metric aggregation of ours: weighted means that skip non-finite
-values, with the per-site privacy metrics left out (they are recorded per site, never averaged).
-The round loop (`server.loop`) calls their `configure_*` and `aggregate_*` methods; screening,
-recording and checkpointing are the loop's, around them.
+FedAvg, FedAvgM (server momentum), FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum and
+MultiKrum, built with their own settings and one metric aggregation of ours: weighted means that
+skip non-finite values, with the per-site privacy metrics left out (they are recorded per site,
+never averaged). The round loop (`server.loop`) calls their `configure_*` and `aggregate_*` methods;
+screening, recording and checkpointing are the loop's, around them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -44,12 +44,24 @@ FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
 NOT_AVERAGED = (R.NUM_EXAMPLES, R.TRAIN_SECONDS, *R.PRIVACY_METRICS)
 
 
+def _number(value: MetricRecordValues) -> float:
+    """A scalar metric; a list cannot be averaged (TypeError, as `math.isfinite` raised)."""
+    if isinstance(value, list):
+        raise TypeError(f"must be real number, not {type(value).__name__}")
+    return value
+
+
 def weighted_means(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean of each averaged metric over the replies with a finite value (nan if none)."""
-    rows = [dict(c[R.METRICS]) for c in contents]
-    out = {}
+    # `server.replies` passes on only replies whose `metrics` record is a MetricRecord
+    rows = [dict(c.metric_records[R.METRICS]) for c in contents]
+    out: dict[str, MetricRecordValues] = {}
     for key in (k for k in rows[0] if k not in NOT_AVERAGED):
-        pairs = [(r[key], r[weight_key]) for r in rows if math.isfinite(r[key])]
+        pairs: list[tuple[float, float]] = []
+        for r in rows:
+            value = _number(r[key])
+            if math.isfinite(value):
+                pairs.append((value, _number(r[weight_key])))
         total = sum(w for _, w in pairs)
         out[key] = float(sum(v * w for v, w in pairs) / total) if total else math.nan
     return MetricRecord(out)
@@ -57,7 +69,7 @@ def weighted_means(contents: list[RecordDict], weight_key: str) -> MetricRecord:
 
 def _options(agg: AggregationConfig) -> dict[str, Any]:
     """The chosen Flower strategy's own settings."""
-    return {
+    options: dict[str, dict[str, Any]] = {
         "fedprox": {"proximal_mu": agg.proximal_mu},
         "fedavgm": {
             "server_learning_rate": agg.server_learning_rate,
@@ -71,7 +83,8 @@ def _options(agg: AggregationConfig) -> dict[str, Any]:
             "num_malicious_nodes": agg.byzantine_sites,
             "num_nodes_to_select": agg.multikrum_select,
         },
-    }.get(agg.strategy, {})
+    }
+    return options.get(agg.strategy, {})
 
 
 def build_strategy(fed: FederationConfig, agg: AggregationConfig) -> FedAvg:
@@ -92,7 +105,7 @@ def build_strategy(fed: FederationConfig, agg: AggregationConfig) -> FedAvg:
 
 
 def optimizer_state(strategy: FedAvg) -> dict[str, np.ndarray]:
-    """The server optimiser's moments (FedAdam/FedYogi; FedAvgM's momentum), to checkpoint with each round."""
+    """Server optimiser moments (FedAdam/FedYogi; FedAvgM's momentum), to checkpoint each round."""
     if isinstance(strategy, FedAvgM):
         current = strategy.current_arrays
         if strategy.momentum_vector is None or current is None:

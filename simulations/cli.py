@@ -146,7 +146,7 @@ def user_config_from_args(
 
 
 def format_history(history: list[HistoryLine]) -> str:
-    """Every round's table (the one the server logs): per site, the aggregate, refusals, failures."""
+    """Every round's table (as the server logs it): per site, the aggregate, refusals, failures."""
     return "\n\n".join(f"round {h.round}\n{format_round_table(h)}" for h in history)
 
 

@@ -136,6 +136,8 @@ def synth_image(
 ) -> np.ndarray:
     """A (64, 64) uint8 chest-like image showing the finding with the given strength in [0, 1]."""
     n = IMAGE_PIXELS
+    yy: np.ndarray
+    xx: np.ndarray
     yy, xx = np.mgrid[0:n, 0:n] / (n - 1)
     body = (((xx - 0.5) / 0.45) ** 2 + ((yy - 0.55) / 0.5) ** 2 < 1.0).astype(np.float32)
     img = 0.15 + 0.45 * body

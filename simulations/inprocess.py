@@ -137,7 +137,7 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(user_config: Mapping[str, Any], node_configs: list[dict[str, Any]]) -> RunEnd:
-    """One whole ServerApp run (`server.app.federate`) over the installed ClientApp at these nodes."""
+    """A whole ServerApp run (`server.app.federate`) over the installed ClientApp at these nodes."""
     grid = InProcessGrid(installed_client_app, node_configs, dict(user_config))
     return federate(grid, RunConfig.from_user_config(user_config))
 
@@ -145,7 +145,7 @@ def run_in_process(user_config: Mapping[str, Any], node_configs: list[dict[str, 
 def warm_site(
     node_config: Mapping[str, Any], user_config: Mapping[str, Any]
 ) -> tuple[RunConfig, SiteState]:
-    """The run as the node's ClientApp runs it (`SiteConfig.localize`) and the state it keeps warm."""
+    """The run as the node's ClientApp runs it (`SiteConfig.localize`), the state it keeps warm."""
     return site_state(
         Context(
             run_id=0,

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -53,7 +54,7 @@ def free_port() -> int:
 
 
 def base_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for one Flower process: its own FLWR_HOME, this venv first, nothing phoned home."""
+    """Environment for a Flower process: its own FLWR_HOME, this venv first, nothing phoned home."""
     env = dict(os.environ)
     env.update(
         {
@@ -183,10 +184,8 @@ def kill_tree(pid: int) -> None:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)  # start_new_session: the group id is the leader's pid
-    except ProcessLookupError:
-        pass
 
 
 def port_open(port: int) -> bool:
@@ -198,7 +197,9 @@ def port_open(port: int) -> bool:
         return False
 
 
-def flwr_json(argv: Sequence[str], env: dict[str, str], cwd: Path, timeout: float = 60) -> dict:
+def flwr_json(
+    argv: Sequence[str], env: dict[str, str], cwd: Path, timeout: float = 60
+) -> dict[str, Any]:
     """Run a `flwr ... --format json` command; its JSON answer (fail with its output if none)."""
     out = subprocess.run(
         [executable("flwr"), *argv, "--format", "json"],
@@ -210,7 +211,8 @@ def flwr_json(argv: Sequence[str], env: dict[str, str], cwd: Path, timeout: floa
     )
     start = out.stdout.find("{")
     try:
-        return json.loads(out.stdout[start:]) if start >= 0 else {}
+        answer: dict[str, Any] = json.loads(out.stdout[start:]) if start >= 0 else {}
+        return answer
     except json.JSONDecodeError as err:
         raise LoopbackError(
             f"flwr {' '.join(argv)} printed no JSON ({err}):\n{out.stdout}\n{out.stderr}"
@@ -252,7 +254,7 @@ class LoopbackFederation:
         self.output_dir = self.root / "outputs"
 
     def start(self, manifests: dict[str, Path], policies: dict[str, str]) -> None:
-        """The SuperLink, then per hospital its key, SuperNode and node; wait until all are online."""
+        """The SuperLink, then per hospital its key, SuperNode, node; wait until all are online."""
         creds = CredentialLayout(self.creds)
         write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(manifests))
         self.port = free_port()
@@ -286,7 +288,7 @@ class LoopbackFederation:
             "every SuperNode online",
             lambda: len(self.online_nodes()) == len(manifests),
             START_TIMEOUT,
-            [self.superlink, *self.nodes.values()],
+            [self._running_superlink(), *self.nodes.values()],
         )
 
     def join(
@@ -324,7 +326,7 @@ class LoopbackFederation:
                 f"{name} online",
                 lambda: self.node_ids[name] in {int(n["node-id"]) for n in self.online_nodes()},
                 START_TIMEOUT,
-                [self.superlink, self.nodes[name]],
+                [self._running_superlink(), self.nodes[name]],
             )
         return self.node_ids[name]
 
@@ -346,6 +348,12 @@ class LoopbackFederation:
         self.procs.wait_until(
             "the SuperLink to listen", lambda: port_open(self.port), START_TIMEOUT, [self.superlink]
         )
+        return self.superlink
+
+    def _running_superlink(self) -> Started:
+        """The SuperLink `start_superlink` started."""
+        if self.superlink is None:
+            raise LoopbackError("the SuperLink is not started.")
         return self.superlink
 
     def kill_superlink(self) -> None:
@@ -412,13 +420,13 @@ class LoopbackFederation:
         self.nodes[name] = self.procs.start(f"{name}-{label}", self.node_argv[name], env, self.app)
         return self.nodes[name]
 
-    def nodes_listed(self) -> list[dict]:
+    def nodes_listed(self) -> list[dict[str, Any]]:
         """The SuperLink's SuperNodes, as `flwr supernode list` reports them."""
-        return flwr_json(["supernode", "list", CONNECTION], self.cli_env, self.root).get(
-            "nodes", []
-        )
+        answer = flwr_json(["supernode", "list", CONNECTION], self.cli_env, self.root)
+        nodes: list[dict[str, Any]] = answer.get("nodes", [])  # JSON: as flwr prints it
+        return nodes
 
-    def online_nodes(self) -> list[dict]:
+    def online_nodes(self) -> list[dict[str, Any]]:
         """The SuperNodes online now."""
         return [n for n in self.nodes_listed() if n.get("status") == "online"]
 

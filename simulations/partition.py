@@ -42,7 +42,7 @@ MIN_PATIENTS = 2  # per hospital: a site needs a training and a validation patie
 
 
 class PartitionError(ConfigurationError):
-    """The pooled manifest cannot be partitioned as asked; the message says why and what to change."""
+    """Pooled manifest cannot be partitioned as asked; the message says why and what to change."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class HospitalSummary:
 def partition_manifest(
     source: Path, out: Path, plan: PartitionPlan, class_names: tuple[str, ...]
 ) -> list[HospitalSummary]:
-    """Write `<out>/hospital-<i>/manifest.csv` for each hospital of the plan (same seed, same output)."""
+    """Write `<out>/hospital-<i>/manifest.csv` per hospital of the plan (same seed, same output)."""
     _check_plan(plan, out)
     if importlib.util.find_spec("flwr_datasets") is None:
         raise PartitionError(

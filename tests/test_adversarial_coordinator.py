@@ -246,7 +246,7 @@ def test_model_paths_in_the_run_config_probe_nothing(
 
 
 def _sent_within(c: Coordinator, seconds: float, *sends: dict) -> list[Message]:
-    """The site's replies to `sends` (kind, round, run settings), all within `seconds` (liveness)."""
+    """The site's replies to `sends` (kind, round, run settings), all in `seconds` (liveness)."""
     replies: list[Message] = []
 
     def attack() -> None:

@@ -1,4 +1,4 @@
-"""`fedfusion certs`: a CA-signed server certificate that TLS accepts, SuperNode keys Flower loads."""
+"""`fedfusion certs`: a CA-signed server certificate TLS accepts, SuperNode keys Flower loads."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_existing_files_are_named_and_kept_unless_forced(tmp_path: Path) -> None
     write_credentials(root, sans=["localhost"], hospitals=["hospital-a"])
     layout = CredentialLayout(root)
     before = layout.server_key.read_bytes()
-    with pytest.raises(CredentialError, match="server.key") as err:
+    with pytest.raises(CredentialError, match=r"server\.key") as err:
         write_credentials(root, sans=["localhost"], hospitals=["hospital-a"])
     assert str(layout.node_key("hospital-a")) in str(err.value)
     assert layout.server_key.read_bytes() == before

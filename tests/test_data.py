@@ -73,7 +73,7 @@ def test_empty_and_malformed_manifests(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no such file or folder"):
         read_manifest(tmp_path / "absent", CLASSES)
     (tmp_path / "none").mkdir()
-    with pytest.raises(ManifestError, match="no manifest.csv or manifest.jsonl"):
+    with pytest.raises(ManifestError, match=r"no manifest\.csv or manifest\.jsonl"):
         read_manifest(tmp_path / "none", CLASSES)
 
 
@@ -90,7 +90,7 @@ def test_jsonl_manifest_with_missing_modalities(tmp_path: Path) -> None:
     assert rows[0].image == tmp_path / image and rows[0].text == ""
     assert rows[1].image is None and rows[1].label == "effusion"
     path.write_text("{not json\n")
-    with pytest.raises(ManifestError, match="manifest.jsonl:1: not valid JSON"):
+    with pytest.raises(ManifestError, match=r"manifest\.jsonl:1: not valid JSON"):
         read_manifest(tmp_path, CLASSES)
 
 

@@ -1,4 +1,4 @@
-"""`fedfusion data check`: every problem of a crafted bad manifest, with its row; summary; warnings."""
+"""`fedfusion data check`: every problem of a bad manifest, with its row; summary; warnings."""
 
 from __future__ import annotations
 

@@ -283,7 +283,8 @@ def bomb_app(dest: Path, megabytes: int) -> Path:
     text = server_app.read_text().replace(
         "    arrays = ArrayRecord(trainable_state(model))\n",
         "    arrays = ArrayRecord(trainable_state(model))\n"
-        f"    arrays['bomb'] = Array(__import__('numpy').full({megabytes} * 2**18, 7.0, 'float32'))\n",
+        f"    arrays['bomb'] = Array(__import__('numpy')"
+        f".full({megabytes} * 2**18, 7.0, 'float32'))\n",
     )
     server_app.write_text(
         text.replace(  # and it saves its model without the bomb

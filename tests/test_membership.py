@@ -1,6 +1,7 @@
 """The membership-inference audit, written as the attack: a model that memorised its training rows
 is caught (AUC near 1), a model that never saw the rows is not (AUC near 0.5); the ROC numbers
-and the DP bound match known values; `fedfusion privacy audit` prints its table and writes a page."""
+and the DP bound match known values; `fedfusion privacy audit` prints its table and writes a page.
+"""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def test_dp_bound_on_any_attack() -> None:
     assert dp_tpr_bound(0.01, 8.0, 1e-5) == pytest.approx(1 - 0.99 / np.exp(8), abs=1e-6)
     assert dp_bound(0.0, 0.0).auc == pytest.approx(0.5, abs=1e-4)
     assert dp_bound(float("inf"), 0.0).auc == pytest.approx(1.0)
-    # eps 1: the upper curve of the tradeoff region integrates to 0.5 + (e - 1) / (2 (e + 1)) ~ 0.731
+    # eps 1: the tradeoff region's upper curve integrates to 0.5 + (e - 1) / (2 (e + 1)) ~ 0.731
     assert dp_bound(1.0, 0.0).auc == pytest.approx(0.5 + (np.e - 1) / (2 * (np.e + 1)), abs=1e-3)
 
 

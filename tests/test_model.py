@@ -135,7 +135,7 @@ def test_load_trainable_state_roundtrip_and_mismatch() -> None:
         load_trainable_state(b, state)
     state = trainable_state(a)
     state["head.bias"] = torch.zeros(7)
-    with pytest.raises(TrainableMismatch, match="head.bias has shape"):
+    with pytest.raises(TrainableMismatch, match=r"head\.bias has shape"):
         load_trainable_state(b, state)
 
 
@@ -175,7 +175,7 @@ def test_text_encoder_from_a_local_directory(tmp_path: Path) -> None:
 def test_missing_text_encoder_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         build_text_encoder(str(tmp_path / "no-such-model"), seed=0)
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         build_text_encoder(str(tmp_path), seed=0)
     with pytest.raises(ModelLoadError, match="is not installed"):
         build_text_encoder("pkg:no_such_package_here", seed=0)

@@ -1,4 +1,4 @@
-"""`fedfusion data partition`: patients stay whole, seeds reproduce, the output is a simulation root."""
+"""`fedfusion data partition`: patients stay whole, seeds reproduce, output is a simulation root."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ CLASSES = tuple(DEMO_CLASS_NAMES)
 
 @pytest.fixture(scope="module")
 def pooled(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo hospitals pooled into one manifest with a `site` column (paths to the demo images)."""
+    """The demo hospitals pooled in one manifest with a `site` column (paths to the demo images)."""
     folder = tmp_path_factory.mktemp("pooled")
     rows = []
     for i in range(3):

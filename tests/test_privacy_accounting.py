@@ -266,7 +266,7 @@ def test_an_account_never_loses_epsilon_and_equals_opacus_stepping_its_history(
 def test_local_steps_gives_every_site_the_same_steps_whatever_its_size(
     demo_root: Path, tmp_path: Path, dp: bool
 ) -> None:
-    """local-steps = K: a site of any size takes K steps a round; DP noise is planned for exactly those."""
+    """local-steps = K: sites of any size take K steps a round; DP noise is planned for those K."""
     run = tiny_run(demo_root, num_server_rounds=2, local_steps=7, batch_size=16, dp=dp)
     sizes = set()
     for i in (0, 1):

@@ -45,7 +45,7 @@ print(json.dumps({{"nodes": nodes, "actors": actors}}))
 
 
 def _cluster_processes(temp_dir: Path) -> list[psutil.Process]:
-    """The processes of the cluster whose session lives in `temp_dir` (every Ray process names it)."""
+    """Processes of the cluster whose session lives in `temp_dir` (every Ray process names it)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:

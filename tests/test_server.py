@@ -195,7 +195,7 @@ def test_a_folder_that_is_not_a_run_is_not_overwritten(demo_root: Path, tmp_path
 
 
 def test_noisy_counts_are_pooled_and_exact_metrics_averaged() -> None:
-    """With noisy counts the coordinator's AUROC is over every row; with exact releases, the mean."""
+    """With noisy counts the coordinator's AUROC is over all rows; with exact releases, the mean."""
     rng = np.random.default_rng(0)
     sites, all_probs, all_labels = [], [], []
     for n in (40, 80):

@@ -1,4 +1,4 @@
-"""The side channels around the accountant (issue 24), each written as a curious coordinator's attack.
+"""Side channels around the accountant (issue 24), each written as a curious coordinator's attack.
 
 A coordinator chooses the model a site computes on and reads everything the site replies. Each
 test runs the attack and passes when it fails: what it reads is either nothing, or a release
@@ -264,7 +264,7 @@ def _flat(views: dict) -> np.ndarray:
 
 
 def _one_row_less(counts, scores):
-    """The counts change when the first row with both modalities leaves (its own counts, negated)."""
+    """Counts change when the first row with both modalities leaves (its own counts, negated)."""
     from common.training.score_counts import count_scores, finite_probabilities
 
     row = int(np.flatnonzero(scores.both.numpy())[0])

@@ -1,4 +1,4 @@
-"""End to end on Flower's simulation runtime (a local SuperLink, Ray): the command a researcher runs."""
+"""End to end on Flower's simulation runtime (a local SuperLink, Ray): what a researcher runs."""
 
 from __future__ import annotations
 

@@ -11,8 +11,12 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import FedFusionError
+
+if TYPE_CHECKING:  # imported where it runs: `fedfusion --help` loads no torch
+    from tools.predict import Predictor
 
 
 def _demo_data(argv: list[str]) -> int:
@@ -139,7 +143,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _explain(args: argparse.Namespace, predictor: object) -> None:
+def _explain(args: argparse.Namespace, predictor: Predictor) -> None:
     """`predict --explain`: write the explanations of the case(s) and say where."""
     from common.data.manifest import read_cases
     from tools.explain import explain_cases

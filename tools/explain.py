@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from torch.utils.data import Dataset
 
+from common.data.dataset import ManifestDataset
 from common.files import atomic_write_bytes
 from common.model.contributions import KEEP, masked, modality_weights
 from common.model.fusion import Features
@@ -114,7 +114,7 @@ def integrated_gradients(
     steps: int = 64,
     pad_token_id: int = 0,
 ) -> Attribution:
-    """Captum's integrated gradients of logit `target` for one case (a batch of one, on the model's device)."""
+    """Captum integrated gradients of logit `target` for one case (batch of one, model's device)."""
     from captum.attr import IntegratedGradients
 
     model.eval()
@@ -157,7 +157,7 @@ def integrated_gradients(
 def modality_probabilities(
     model: FusionModel, case: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Class probabilities (C,) of one case with both modalities, the image only, the report only."""
+    """Class probabilities (C,) of one case with both modalities, image only, report only."""
     features = model.encode(
         case["images"],
         case["input_ids"],
@@ -189,7 +189,12 @@ def heatmap_png(image: torch.Tensor, attribution: torch.Tensor, title: str) -> b
 
 
 def explain_cases(
-    predictor: Predictor, dataset: Dataset, out_dir: Path, *, steps: int = 64, max_cases: int = 20
+    predictor: Predictor,
+    dataset: ManifestDataset,
+    out_dir: Path,
+    *,
+    steps: int = 64,
+    max_cases: int = 20,
 ) -> list[CaseExplanation]:
     """Explain the first `max_cases` rows of `dataset`; write heatmaps, the page and the numbers."""
     model, device, names = predictor.model, predictor.device, predictor.class_names

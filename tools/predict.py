@@ -126,7 +126,7 @@ def predict_case(predictor: Predictor, image: Path | None, text: str) -> dict[st
 def write_predictions_csv(
     path: Path, predictions: Predictions, class_names: tuple[str, ...]
 ) -> None:
-    """One CSV row per case: manifest line, image, label, predicted class, one probability per class."""
+    """One CSV row per case: manifest line, image, label, predicted class, probability per class."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

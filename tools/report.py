@@ -1,4 +1,4 @@
-"""A run report for the people who answer for a federation: one self-contained HTML or Markdown file.
+"""A run report for those who answer for a federation: one self-contained HTML or Markdown file.
 
 It is built from what the server wrote to the run folder (run-config.json, model.json,
 history.jsonl, summary.json), never from the sites: the sites and their sizes, the rounds,
@@ -91,6 +91,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else "-"
 
 
+def _recorded(value: float | None) -> float:
+    """A metric the history always records as a number (None raises, as arithmetic on it did)."""
+    if value is None:
+        raise TypeError("a metric that is always recorded as a number is None.")
+    return value
+
+
 @dataclass
 class SiteFacts:
     """One site over the run: its last train and evaluate metrics, and its rounds."""
@@ -104,7 +111,7 @@ class SiteFacts:
 
 
 def site_facts(history: list[HistoryLine]) -> dict[str, SiteFacts]:
-    """Per site: last train metrics, last evaluation (with its round), rounds trained/refused/failed."""
+    """Per site: last train metrics, last evaluation (with round), rounds trained/refused/failed."""
     sites: dict[str, SiteFacts] = {}
     for line in history:
         for name, s in line.sites.items():
@@ -184,7 +191,7 @@ def _final_metrics(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
     if last:
         a = last.aggregate or {}
         total = sum(
-            int(f.evaluate.get(R.NUM_EXAMPLES, 0))
+            int(_recorded(f.evaluate.get(R.NUM_EXAMPLES, 0)))
             for f in sites.values()
             if f.evaluate and f.eval_round == last.round
         )
@@ -207,25 +214,25 @@ def _final_metrics(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
         Table(["site", "round", "validation records", "loss", "accuracy", "AUROC", "F1"], rows),
     ]
     small = {
-        name: int(f.evaluate[R.NUM_EXAMPLES])
+        name: int(_recorded(f.evaluate[R.NUM_EXAMPLES]))
         for name, f in sites.items()
-        if f.evaluate and f.evaluate.get(R.NUM_EXAMPLES, 0) < SMALL_VALIDATION
+        if f.evaluate and _recorded(f.evaluate.get(R.NUM_EXAMPLES, 0)) < SMALL_VALIDATION
     }
     if small:
         listed = ", ".join(f"{name} ({n})" for name, n in small.items())
         blocks.append(
             Paragraph(
-                f"Warning: {listed} validate on fewer than {SMALL_VALIDATION} records. An AUROC on so "
-                "few patients swings by 0.1 or more from split to split (a 95% interval of about "
-                "+-0.2 at 20 records): read these values as noise, not as evidence that the model "
-                "learned; measure the model on a larger held-out set."
+                f"Warning: {listed} validate on fewer than {SMALL_VALIDATION} records. An AUROC "
+                "on so few patients swings by 0.1 or more from split to split (a 95% interval of "
+                "about +-0.2 at 20 records): read these values as noise, not as evidence that the "
+                "model learned; measure the model on a larger held-out set."
             )
         )
     return blocks
 
 
 def _trainable_groups(names: list[str]) -> str:
-    """Trainable parameter names grouped by their module (`fusion`, `head`, `text.encoder.layer.5`)."""
+    """Trainable parameter names grouped by module (`fusion`, `head`, `text.encoder.layer.5`)."""
     groups: list[str] = []
     for name in names:
         parts = name.split(".")[:-1]
@@ -285,12 +292,13 @@ def privacy_statement(name: str, facts: SiteFacts, accountant: str) -> str:
     m = facts.train
     if m is None:
         return f"{name} did not train in this run: no update computed from its data left the site."
-    if m.get(R.EPSILON) is None:
+    eps = m.get(R.EPSILON)
+    if eps is None:
         return (
             f"{name} trained in rounds {_rounds(facts.trained)} without differential "
             "privacy: the updates it sent carry no formal privacy guarantee."
         )
-    eps, delta, sigma = m[R.EPSILON], m[R.DELTA], m[R.NOISE_MULTIPLIER]
+    delta, sigma = m[R.DELTA], _recorded(m[R.NOISE_MULTIPLIER])
     clip, cap, n = m.get(R.MAX_GRAD_NORM), m.get(R.EPSILON_CAP), m.get(R.NUM_EXAMPLES)
     clip_text = f"{clip:g}" if isinstance(clip, (int, float)) else "the run's max-grad-norm"
     noise_text = f" = {sigma * clip:.3f}" if isinstance(clip, (int, float)) else ""

@@ -1,9 +1,9 @@
 """A site's data check before any training: every problem at once, a summary, and warnings.
 
-`check_manifest` runs the manifest checks of `common.data.manifest` (the same ones training runs), then
-opens every image the way training reads it, so corrupt or undecodable files are found now
-rather than in the middle of a round. Warnings (a tiny site, a class with no rows, a modality
-absent at the site) do not make the data unusable.
+`check_manifest` runs the manifest checks of `common.data.manifest` (the same ones training runs),
+then opens every image the way training reads it, so corrupt or undecodable files are found now
+rather than in the middle of a round. Warnings (a tiny site, a class with no rows, a modality absent
+at the site) do not make the data unusable.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class CheckReport:
 
 
 def check_manifest(path: Path, class_names: tuple[str, ...]) -> CheckReport:
-    """Check every row and open every image; raises ManifestError only if the file is unparseable."""
+    """Check every row, open every image; raises ManifestError only if the file is unparseable."""
     scan = scan_manifest(path, class_names)
     image_problems, images_read = _image_problems(scan.manifest, scan.rows)
     problems = sorted([*scan.problems, *image_problems], key=lambda p: p.line)

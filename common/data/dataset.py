@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,8 +17,18 @@ from common.data.manifest import Row
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+Case = dict[str, torch.Tensor]  # one case: its tensors by name (a DataLoader batches them by key)
 
-class ManifestDataset(Dataset):
+
+class Cases(Protocol):
+    """A map-style dataset of cases that has a length (a `ManifestDataset`, a `PaddedText`, ...)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Case: ...
+
+
+class ManifestDataset(Dataset[Case]):
     """Rows -> dict of tensors; images are read lazily, reports tokenised once up front."""
 
     def __init__(
@@ -54,7 +65,9 @@ class ManifestDataset(Dataset):
         row = self.rows[i]
         has_image = row.image is not None
         image = (
-            self._load_image(row) if has_image else torch.zeros(3, self.image_size, self.image_size)
+            self._load_image(row, row.image)
+            if row.image is not None
+            else torch.zeros(3, self.image_size, self.image_size)
         )
         return {
             "images": image,  # (3, S, S)
@@ -65,29 +78,32 @@ class ManifestDataset(Dataset):
             "labels": self.labels[i],
         }
 
-    def _load_image(self, row: Row) -> torch.Tensor:
+    def _load_image(self, row: Row, path: Path) -> torch.Tensor:
         """Grayscale image -> normalised (3, S, S) tensor for the ImageNet-style encoder."""
         try:
-            gray = read_gray(row.image)  # (H, W) in [0, 1]
+            gray = read_gray(path)  # (H, W) in [0, 1]
         except ImageReadError as err:
             # one-argument exception: a DataLoader worker re-raises it by type and message
             raise ImageReadError(f"{self.manifest}:{row.line}: {err}") from err
-        resized = Image.fromarray(gray).resize((self.image_size, self.image_size), Image.BILINEAR)
+        resized = Image.fromarray(gray).resize(
+            (self.image_size, self.image_size), Image.Resampling.BILINEAR
+        )
         x = torch.from_numpy(np.array(resized, dtype=np.float32))  # (S, S)
         # the grayscale fills the encoder's 3 input channels
         return (x.unsqueeze(0).expand(3, -1, -1) - self._mean) / self._std
 
 
-def text_length(dataset: Dataset) -> int:
+def text_length(dataset: Cases) -> int:
     """How many tokens each case of `dataset` carries (a dataset pads to its longest report)."""
     return int(dataset[0]["input_ids"].shape[0]) if len(dataset) else 0
 
 
-class PaddedText(Dataset):
+class PaddedText(Dataset[Case]):
     """Another dataset's cases, their tokens right-padded to `length` so that datasets tokenised
-    apart can be batched together; the padding is masked out, so the model's outputs are the same."""
+    apart can be batched together; the padding is masked out, so the model's outputs are the same.
+    """
 
-    def __init__(self, dataset: Dataset, length: int) -> None:
+    def __init__(self, dataset: Cases, length: int) -> None:
         self.dataset, self.length = dataset, length
 
     def __len__(self) -> int:

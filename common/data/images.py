@@ -17,18 +17,15 @@ colour converted to luma. The encoder gets the grayscale copied into its 3 input
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, SupportsFloat
 
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi,
-    get_decoder,
-    pixel_array,
-)
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.pixels.utils import pixel_array
 
 from common.errors import BadData
 
@@ -44,7 +41,7 @@ class ImageReadError(BadData):
 
 
 def is_dicom(path: Path) -> bool:
-    """A DICOM file: a .dcm/.dicom name, or (no image suffix) the 'DICM' marker after the preamble."""
+    """A DICOM file: .dcm/.dicom name, or (no image suffix) the 'DICM' marker after the preamble."""
     suffix = path.suffix.lower()
     if suffix in (*DICOM_SUFFIXES, *PIL_SUFFIXES):
         return suffix in DICOM_SUFFIXES
@@ -67,7 +64,9 @@ def read_pil_gray(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale PNG
-                return np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+                # numpy's stubs type this clip as Any
+                scaled: np.ndarray = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+                return scaled
             if img.mode == "F":
                 return _stretch(np.asarray(img, dtype=np.float64))
             return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
@@ -133,9 +132,13 @@ def _display_gray(frame: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(frame, ds)  # (H, W, 3)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # the LUT entries' bit depth
-        return (rgb @ LUMA) / float(2**bits - 1)
+        palette_gray: np.ndarray = (rgb @ LUMA) / float(2**bits - 1)  # matmul: Any in numpy's stubs
+        return palette_gray
     if frame.ndim == 3:  # RGB (pydicom converts YBR to RGB)
-        return (frame.astype(np.float64) @ LUMA) / float(2 ** int(ds.BitsStored) - 1)
+        colour_gray: np.ndarray = (frame.astype(np.float64) @ LUMA) / float(
+            2 ** int(ds.BitsStored) - 1
+        )
+        return colour_gray
     values = apply_modality_lut(frame, ds)  # stored units; still integers without a rescale
     if "WindowCenter" in ds and "WindowWidth" in ds:
         gray = window(
@@ -168,7 +171,7 @@ def window(
     return np.clip((values - center) / width + 0.5, 0.0, 1.0)
 
 
-def _first(value: object) -> float:
+def _first(value: str | SupportsFloat | pydicom.multival.MultiValue[Any]) -> float:
     """The first value of a possibly multi-valued DICOM element (DS)."""
     return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
 

@@ -196,8 +196,9 @@ def _split_conflicts(manifest: Path, rows: list[Row]) -> list[Problem]:
                 Problem(
                     row.line,
                     (
-                        f"{manifest}:{row.line}: patient {row.patient_id!r} is in split '{row.split}' here "
-                        f"but in '{other.split}' at row {other.line}; a patient's rows must share one split."
+                        f"{manifest}:{row.line}: patient {row.patient_id!r} is in split "
+                        f"'{row.split}' here but in '{other.split}' at row {other.line}; "
+                        "a patient's rows must share one split."
                     ),
                 )
             )
@@ -213,7 +214,8 @@ def split_by_patient(
     n_val = min(max(1, math.ceil(val_fraction * len(free))), len(free) - 1) if len(free) > 1 else 0
     val_patients = set(free[:n_val])
     fixed = {r.patient_id: r.split for r in rows if r.split is not None}
-    train, val = [], []
+    train: list[Row] = []
+    val: list[Row] = []
     for r in rows:
         split = r.split or ("val" if r.patient_id in val_patients else "train")
         if r.split is None and r.patient_id in fixed:

@@ -1,1 +1,1 @@
-"""The fusion model: encoders, fusion modes, the trainable set, frozen-feature caching, checkpoints."""
+"""The fusion model: encoders, fusion modes, trainable set, frozen-feature caching, checkpoints."""

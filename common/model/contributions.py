@@ -58,8 +58,11 @@ def report_reliance(auroc_both: float | None, auroc_image_only: float | None) ->
     (AUROC_both - AUROC_image_only) / (AUROC_both - 0.5): 1 means the model is at chance
     without the report, 0 means the report adds nothing; below 0, masking it helps.
     """
-    if not all(
-        isinstance(v, (int, float)) and math.isfinite(v) for v in (auroc_both, auroc_image_only)
+    if not (
+        isinstance(auroc_both, (int, float))
+        and math.isfinite(auroc_both)
+        and isinstance(auroc_image_only, (int, float))
+        and math.isfinite(auroc_image_only)
     ):
         return None
     if auroc_both <= 0.5:

@@ -17,6 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -47,7 +48,8 @@ class ModelLoadError(ConfigurationError):
 # --- image --------------------------------------------------------------------------------
 
 
-class OutOfPlaceBasicBlock(BasicBlock):
+# torchvision ships no type information (ignore_missing_imports): its classes are Any to mypy
+class OutOfPlaceBasicBlock(BasicBlock):  # type: ignore[misc]
     """torchvision BasicBlock without in-place ops, so Opacus hooks can train it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ class OutOfPlaceBasicBlock(BasicBlock):
         return torch.relu(out + identity)
 
 
-class OutOfPlaceBottleneck(Bottleneck):
+class OutOfPlaceBottleneck(Bottleneck):  # type: ignore[misc]  # torchvision: untyped, as above
     """torchvision Bottleneck without in-place ops, so Opacus hooks can train it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,7 @@ class ImageEncoder(nn.Module):
         self.out_dim = resnet.fc.in_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(torch.relu(self.bn1(self.conv1(images))))
+        x: torch.Tensor = self.maxpool(torch.relu(self.bn1(self.conv1(images))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, h, w)
         return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
 
@@ -173,9 +175,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 # --- text ---------------------------------------------------------------------------------
 
-BUILTIN_TEXT_CONFIGS: dict[str, dict[str, int]] = {
+
+class _BertShape(TypedDict, total=False):
+    """The `BertConfig` sizes a builtin text encoder sets (the others keep their defaults)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+
+
+BUILTIN_TEXT_CONFIGS: dict[str, _BertShape] = {
     # A small random-init BERT for tests: seconds on a CPU.
-    "tiny": dict(
+    "tiny": _BertShape(
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -224,7 +237,8 @@ def resolve_text_source(source: str) -> Path | None:
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"Text encoder directory {path} has no config.json: it is not a saved Hugging "
-                "Face model (save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))."
+                "Face model (save one with model.save_pretrained(dir) and "
+                "tokenizer.save_pretrained(dir))."
             )
         return path
     if source.startswith(("/", ".", "~")):
@@ -241,7 +255,8 @@ def build_text_encoder(source: str, seed: int) -> TextEncoder:
         name = source.removeprefix("builtin:")
         if name not in BUILTIN_TEXT_CONFIGS:
             raise ModelLoadError(
-                f"Unknown builtin text encoder '{name}'; choose from {sorted(BUILTIN_TEXT_CONFIGS)}."
+                f"Unknown builtin text encoder '{name}'; "
+                f"choose from {sorted(BUILTIN_TEXT_CONFIGS)}."
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -273,7 +288,7 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"Could not load a tokenizer from '{source}' ({err}).") from err
 
 
-def text_layers(model: PreTrainedModel) -> nn.ModuleList:
+def text_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer layers of a BERT-family encoder (BERT, RoBERTa, DistilBERT)."""
     for path in ("encoder.layer", "transformer.layer"):
         obj: object = model

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import ModelConfig
+from common.data.dataset import Case
 from common.errors import ConfigurationError
 from common.model.encoders import IMAGE_STAGES, text_layers
 from common.model.fusion import Features
@@ -83,12 +85,34 @@ class CacheKey:
 # --- the split of each encoder into a frozen front and a trainable rest --------------------
 
 
+class _BertFamily(Protocol):
+    """What the frozen text front uses of a BERT-family encoder (transformers' BertModel): its
+    embeddings and the attention mask its layers take."""
+
+    embeddings: nn.Module
+
+    def _create_attention_masks(
+        self,
+        attention_mask: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        embedding_output: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        cache: None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+
+def _bert(model: FusionModel) -> _BertFamily:
+    # nn.Module types every attribute it looks up as Tensor | Module; the text encoder is a
+    # BERT-family model by construction (build_text_encoder), and the cache needs one
+    return cast(_BertFamily, model.text)
+
+
 def check_front_frozen(model: FusionModel) -> None:
     """The stem and the text embeddings must be frozen, or there is no frozen front to cache."""
     stem = [
         *model.image.conv1.parameters(),
         *model.image.bn1.parameters(),
-        *model.text.embeddings.parameters(),
+        *_bert(model).embeddings.parameters(),
     ]
     if any(p.requires_grad for p in stem):
         raise ConfigurationError(
@@ -100,7 +124,7 @@ def check_front_frozen(model: FusionModel) -> None:
 def image_front(model: FusionModel, images: torch.Tensor, start: int) -> torch.Tensor:
     """Stem + frozen stages: (B, 3, H, W) -> (B, C, h, w), the input of stage `start`."""
     enc = model.image
-    x = enc.maxpool(torch.relu(enc.bn1(enc.conv1(images))))
+    x: torch.Tensor = enc.maxpool(torch.relu(enc.bn1(enc.conv1(images))))
     for stage in IMAGE_STAGES[:start]:
         x = getattr(enc, stage)(x)
     return x
@@ -117,7 +141,7 @@ def _text_mask(
     model: FusionModel, hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor | None:
     # the mask the BERT model builds from the embeddings' output (depends on shape and dtype only)
-    return model.text._create_attention_masks(
+    return _bert(model)._create_attention_masks(
         attention_mask=attention_mask,
         encoder_attention_mask=None,
         embedding_output=hidden,
@@ -130,7 +154,7 @@ def text_front(
     model: FusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
 ) -> torch.Tensor:
     """Embeddings + frozen layers: (B, T) ids -> hidden states (B, T, Dt) before layer `start`."""
-    hidden = model.text.embeddings(input_ids=input_ids)  # (B, T, Dt)
+    hidden: torch.Tensor = _bert(model).embeddings(input_ids=input_ids)  # (B, T, Dt)
     mask = _text_mask(model, hidden, attention_mask)
     for layer in text_layers(model.text)[:start]:
         hidden = layer(hidden, mask)
@@ -185,13 +209,14 @@ class CachedFusion(nn.Module):
         image_tokens = image_rest(m, image_front, self.image_start)  # (B, Ni, Di)
         text_tokens = text_rest(m, text_front, attention_mask, self.text_start)  # (B, T, Dt)
         features = Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
-        return m.head(m.fusion(features))  # (B, num_classes)
+        logits: torch.Tensor = m.head(m.fusion(features))  # (B, num_classes)
+        return logits
 
 
 # --- the cached outputs ---------------------------------------------------------------------
 
 
-class FeatureSet(Dataset):
+class FeatureSet(Dataset[Case]):
     """Cached frozen outputs of a dataset: item i is a dict with the keys of FEATURE_KEYS."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -214,8 +239,8 @@ class FeatureSet(Dataset):
 
 
 @torch.no_grad()
-def compute_features(net: CachedFusion, dataset: Dataset, device: torch.device) -> FeatureSet:
-    """Run the frozen fronts of `net` once over `dataset` (in order); the model's mode is restored."""
+def compute_features(net: CachedFusion, dataset: Dataset[Case], device: torch.device) -> FeatureSet:
+    """Run the frozen fronts of `net` once over `dataset` (in order); restores the model's mode."""
     model, wrapper = net.model, net
     was_training = model.training
     model.train()  # the frozen front is in eval mode exactly as during training
@@ -264,7 +289,7 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     def get(
-        self, key: CacheKey, model: FusionModel, dataset: Dataset, device: torch.device
+        self, key: CacheKey, model: FusionModel, dataset: Dataset[Case], device: torch.device
     ) -> FeatureSet:
         """The cached outputs for `key`, computed (or read from the disk cache) on a miss."""
         if getattr(dataset, "augments", False):

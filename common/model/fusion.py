@@ -23,7 +23,7 @@ index 0, so Opacus computes their per-sample gradients with its Embedding sample
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -65,7 +65,8 @@ class LearnedVector(nn.Module):
 
     def forward(self, like: torch.Tensor) -> torch.Tensor:
         index = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
-        return self.table(index)
+        vectors: torch.Tensor = self.table(index)  # a module's call is typed Any
+        return vectors
 
 
 def _fill_missing(
@@ -79,7 +80,7 @@ class ConcatFusion(nn.Module):
     """Concatenate normalised pooled features, then Linear + ReLU (the reference design)."""
 
     # a placeholder replaces its modality's features, so only rows lacking the modality reach it
-    REACHED_BY = {
+    REACHED_BY: ClassVar[dict[str, str]] = {
         "image_norm": "image",
         "text_norm": "text",
         "missing_image": "no-image",
@@ -103,7 +104,11 @@ class WeightedFusion(nn.Module):
     """Z = sum_i w_i * phi_i(M_i) with w = softmax of learned logits over present modalities."""
 
     # with one modality present its weight is 1 whatever the logits: they learn from `both` rows
-    REACHED_BY = {"image_phi": "image", "text_phi": "text", "logits": "both"}
+    REACHED_BY: ClassVar[dict[str, str]] = {
+        "image_phi": "image",
+        "text_phi": "text",
+        "logits": "both",
+    }
 
     def __init__(self, image_dim: int, text_dim: int, fusion_dim: int) -> None:
         super().__init__()
@@ -128,7 +133,7 @@ class AttentionFusion(nn.Module):
     """Each modality's pooled feature attends over the tokens of both modalities."""
 
     # a missing modality's tokens are masked keys and its query is dropped from the mean
-    REACHED_BY = {"image_in": "image", "text_in": "text"}
+    REACHED_BY: ClassVar[dict[str, str]] = {"image_in": "image", "text_in": "text"}
 
     def __init__(self, image_dim: int, text_dim: int, fusion_dim: int, heads: int = 4) -> None:
         super().__init__()
@@ -173,7 +178,7 @@ class AttentionFusion(nn.Module):
         return out.transpose(1, 2).reshape(b, -1, d)  # (B, 2, d)
 
 
-FUSIONS: dict[str, type[nn.Module]] = {
+FUSIONS: dict[str, type[ConcatFusion | WeightedFusion | AttentionFusion]] = {
     "concat": ConcatFusion,
     "weighted": WeightedFusion,
     "attention": AttentionFusion,

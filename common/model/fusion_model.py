@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from transformers import PreTrainedModel
 
 from common.config import ModelConfig
 from common.model.encoders import (
@@ -30,7 +31,7 @@ from common.model.lora import add_text_lora
 class FusionModel(nn.Module):
     """Image + text -> class logits (B, num_classes)."""
 
-    def __init__(self, config: ModelConfig, image: ImageEncoder, text: nn.Module) -> None:
+    def __init__(self, config: ModelConfig, image: ImageEncoder, text: PreTrainedModel) -> None:
         super().__init__()
         self.config = config
         self.image = image
@@ -66,7 +67,8 @@ class FusionModel(nn.Module):
 
     def classify(self, features: Features) -> torch.Tensor:
         """Fusion + head: encoder outputs -> class logits (B, num_classes)."""
-        return self.head(self.fusion(features))
+        logits: torch.Tensor = self.head(self.fusion(features))  # a module's call is typed Any
+        return logits
 
     def train(self, mode: bool = True) -> FusionModel:
         """Train the trainable set; frozen blocks and every BatchNorm stay in eval mode."""

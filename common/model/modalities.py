@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 from torch import nn
 
@@ -32,7 +33,17 @@ REACHES: dict[str, Callable[[bool, bool], bool]] = {
 ENCODERS_REACHED_BY = {"image": "image", "text": "text"}
 
 
-def modality_combos(rows: Iterable[object]) -> frozenset[Combo]:
+class HasModalities(Protocol):
+    """A row with an image (None: none) and a report (empty: none), as a manifest `Row`."""
+
+    @property
+    def image(self) -> object: ...
+
+    @property
+    def text(self) -> object: ...
+
+
+def modality_combos(rows: Iterable[HasModalities]) -> frozenset[Combo]:
     """The (has_image, has_text) combinations among rows (objects with `.image` and `.text`)."""
     return frozenset((r.image is not None, bool(r.text)) for r in rows)
 

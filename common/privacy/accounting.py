@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.prv import Domain
+from opacus.accountants.analysis.prv import Domain, PoissonSubsampledGaussianPRV
 from opacus.accountants.registry import create_accountant
 
 from common.errors import Refusal
@@ -54,11 +54,16 @@ class AccountingLimit(Refusal):
     default_reason = "accounting-limit"
 
 
-class _BoundedPRV(PRVAccountant):
+# opacus ships no type information (ignore_missing_imports): its classes are Any to mypy
+class _BoundedPRV(PRVAccountant):  # type: ignore[misc]
     """Opacus' PRV accountant that refuses a discretisation larger than `MAX_PRV_POINTS`."""
 
     def _get_domain(
-        self, prvs: list, num_self_compositions: list[int], eps_error: float, delta_error: float
+        self,
+        prvs: list[PoissonSubsampledGaussianPRV],
+        num_self_compositions: list[int],
+        eps_error: float,
+        delta_error: float,
     ) -> Domain:
         domain = super()._get_domain(
             prvs=prvs,
@@ -217,8 +222,9 @@ class Account:
     sample_rate: float
     history: tuple[HistoryEntry, ...] = field(default=())
     epsilon: float = 0.0  # cumulative over this run
-    # noise of every release of the run, per unit of its sensitivity (0: the account was opened
-    # before releases were accounted, or none was planned: the site releases nothing it would charge)
+    # noise of every release of the run, per unit of its sensitivity (0: the account was
+    # opened before releases were accounted, or none was planned: the site releases nothing it
+    # would charge)
     release_noise_multiplier: float = 0.0
 
     @property

@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from common.files import append_line_atomic
 from common.privacy.accounting import Account, HistoryEntry, epsilon_from_history
@@ -109,12 +110,14 @@ def audit(state_dir: Path) -> Audit:
             and x.dataset_sha256 in shares[r.dataset_sha256]
             and x.epsilon is not None
         ]
-        kw = dict(delta=r.delta, accountant=r.accountant)
+        # a receipt with an epsilon carries its account's delta too (`Books._receipt` sets both
+        # from the account), so it is a float here
+        delta = cast(float, r.delta)
         rows.append(
             AuditRow(
                 r,
-                epsilon_from_history(own, **kw),
-                epsilon_from_history([*_merged(prior), *own], **kw),
+                epsilon_from_history(own, delta=delta, accountant=r.accountant),
+                epsilon_from_history([*_merged(prior), *own], delta=delta, accountant=r.accountant),
             )
         )
     return Audit(rows, _ledger_mismatches(load_ledger(state_dir), receipts))

@@ -26,12 +26,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.data.dataset import Case
 from common.errors import Failure
 from common.privacy.accounting import Account
 
@@ -66,7 +68,7 @@ class PrivateSession:
 
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
-    loader: DataLoader
+    loader: DataLoader[Case]
     engine: PrivacyEngine
     non_finite: NonFinite = field(default_factory=NonFinite)
 
@@ -96,25 +98,33 @@ def _zero_non_finite_samples(optimizer: torch.optim.Optimizer, count: NonFinite)
     optimizer.clip_and_accumulate = guarded  # type: ignore[attr-defined]
 
 
-def _zero_non_finite_norms(hooks: nn.Module, count: NonFinite) -> None:
+class _GhostClippingHooks(Protocol):
+    """What is used here of Opacus' ghost-clipping module (GradSampleModuleFastGradientClipping)."""
+
+    max_grad_norm: float
+    get_norm_sample: Callable[[], torch.Tensor]
+    get_clipping_coef: Callable[[], torch.Tensor]
+
+
+def _zero_non_finite_norms(hooks: _GhostClippingHooks, count: NonFinite) -> None:
     """Ghost clipping: a row whose gradient norm is not finite gets a clipping factor of zero."""
-    norms = hooks.get_norm_sample  # type: ignore[attr-defined]
+    norms = hooks.get_norm_sample
 
     def coefficient() -> torch.Tensor:
         norm = norms()
         bad = ~torch.isfinite(norm)
         count.rows += int(bad.sum())
-        factor = (hooks.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # type: ignore[attr-defined]
+        factor = (hooks.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         return torch.where(bad, torch.zeros_like(factor), factor)
 
-    hooks.get_clipping_coef = coefficient  # type: ignore[attr-defined]
+    hooks.get_clipping_coef = coefficient
 
 
 @contextmanager
 def private_training(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: DataLoader[Case],
     account: Account,
     *,
     max_grad_norm: float,

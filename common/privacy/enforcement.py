@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from common.config import RunConfig
 from common.errors import Refusal
@@ -32,6 +33,15 @@ from common.privacy.release import release_entry
 
 TOLERANCE = 1e-6  # relative slack for re-computing an epsilon the calibration already bounded
 EXHAUSTED_BELOW = 0.01  # less than 1% of a dataset budget left: training would be pure noise
+
+
+class _Calibration(TypedDict):
+    """The arguments every `calibrate_noise` call of a run's account shares."""
+
+    target_delta: float
+    sample_rate: float
+    total_steps: int
+    accountant: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +133,7 @@ def open_account(
         epochs=epochs,
         steps_per_round=steps_per_round,
     )
-    common = dict(
+    common = _Calibration(
         target_delta=terms.delta, sample_rate=q, total_steps=total, accountant=terms.accountant
     )
     spent = epsilon_from_history(prior, delta=terms.delta, accountant=terms.accountant)

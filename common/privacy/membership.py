@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.stats import norm  # type: ignore[import-untyped]  # scipy ships no type information
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from common.data.dataset import PaddedText, text_length
+from common.data.dataset import Case, Cases, PaddedText, text_length
 from common.model.feature_cache import CachedFusion, FeatureSet, compute_features
 from common.model.fusion_model import FusionModel, build_model
 from common.model.trainable import load_trainable_state, trainable_state
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FPRS = (0.01, 0.001)  # the false-positive rates the audit reports TPR at
 MIN_RECORDS = 4  # members and non-members each: fewer leave the audit meaningless
+_CPU = torch.device("cpu")  # the audit's default device
 
 
 class AuditDataError(ValueError):
@@ -171,7 +172,7 @@ def _losses_and_phi(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndar
 
 
 def _logits(
-    net: CachedFusion, features: Dataset, device: torch.device
+    net: CachedFusion, features: Dataset[Case], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return predict_logits(net, DataLoader(features, batch_size=256), device, desc="audit")
 
@@ -227,7 +228,8 @@ def lira_scores(target_phi: np.ndarray, phis: np.ndarray, inside: np.ndarray) ->
     mean = np.where(np.isnan(mean), np.nanmean(mean) if np.isfinite(mean).any() else 0.0, mean)
     residuals = (phis - mean)[out]
     sigma = float(residuals.std()) if residuals.size > 1 else 1.0
-    return norm.cdf((target_phi - mean) / max(sigma, 1e-6))
+    scores: np.ndarray = norm.cdf((target_phi - mean) / max(sigma, 1e-6))
+    return scores
 
 
 # --- the audit -------------------------------------------------------------------------------
@@ -235,14 +237,14 @@ def lira_scores(target_phi: np.ndarray, phis: np.ndarray, inside: np.ndarray) ->
 
 def membership_audit(
     model: FusionModel,
-    members: Dataset,
-    non_members: Dataset,
+    members: Cases,
+    non_members: Cases,
     *,
     member_rows: list[int],
     settings: AuditSettings = AuditSettings(),
     epsilon: float | None = None,
     delta: float | None = None,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = _CPU,
 ) -> MembershipAudit:
     """Audit `model` with the site's members (training rows) and non-members (held-out rows).
 
@@ -258,7 +260,7 @@ def membership_audit(
     net = CachedFusion(model)
     target_state = trainable_state(model)
     length = max(text_length(members), text_length(non_members))  # tokenised apart: pad alike
-    pool = torch.utils.data.ConcatDataset(
+    pool: torch.utils.data.ConcatDataset[Case] = torch.utils.data.ConcatDataset(
         [PaddedText(members, length), PaddedText(non_members, length)]
     )
     features = compute_features(net, pool, device)  # (M + N) records, members first

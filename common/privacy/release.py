@@ -42,7 +42,7 @@ class CountsRelease:
 
 
 def counts_sensitivity(views: Mapping[str, ScoreCounts], views_per_row: int) -> float:
-    """L2 sensitivity of the counts: one row adds `cells_per_row` counts in up to `views_per_row` views."""
+    """Counts' L2 sensitivity: a row adds `cells_per_row` counts in up to `views_per_row` views."""
     cells = next(iter(views.values())).cells_per_row
     return math.sqrt(cells * views_per_row)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +88,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             logits, labels = forward_batch(model, batch, device)
             loss = criterion(logits, labels)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves backward unannotated
             if clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, clip_grad_norm)
             optimizer.step()  # also on an empty Poisson batch: DP noise and accounting still apply
@@ -118,7 +118,9 @@ def train(
 
 
 @torch.no_grad()
-def _proximal_step(params: list[torch.Tensor], anchor: list[torch.Tensor], rate: float) -> None:
+def _proximal_step(
+    params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], rate: float
+) -> None:
     for p, p0 in zip(params, anchor, strict=True):
         p.sub_(p - p0, alpha=rate)
 

@@ -1,4 +1,4 @@
-"""Progress of a site's local training and evaluation: a tqdm bar on a terminal, log lines otherwise.
+"""Progress of a site's local training and evaluation: a tqdm bar on a TTY, log lines otherwise.
 
 On a terminal (stderr is a TTY) a bar shows batches, rate and the running loss. Elsewhere (CI,
 Ray workers, log files) bars would fill logs with carriage returns, so the loops stay quiet and
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable
 from typing import TypeVar
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iter
     """`items` wrapped in a tqdm bar (unit: batch) when on a terminal, else `items` itself."""
     if not on_terminal():
         return items
-    return tqdm(
+    bar: Iterable[T] = tqdm(
         items,
         desc=desc,
         total=total,
@@ -35,6 +35,7 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iter
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    return bar
 
 
 def show_loss(bar: Iterable[object], loss: float) -> None:

@@ -96,7 +96,8 @@ def finite_probabilities(logits: np.ndarray) -> np.ndarray:
     safe = np.where(bad[:, None], 0.0, logits)
     safe = safe - safe.max(axis=1, keepdims=True)
     probs = np.exp(safe)
-    return probs / probs.sum(axis=1, keepdims=True)
+    out: np.ndarray = probs / probs.sum(axis=1, keepdims=True)  # numpy infers Any here
+    return out
 
 
 def _bins(p: np.ndarray) -> np.ndarray:
@@ -131,7 +132,8 @@ def _auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
 def confusion_matrix(counts: ScoreCounts) -> np.ndarray:
     """Label x prediction (C, C); a binary task's is read off class 1's histogram."""
     if counts.confusion is not None:
-        return np.clip(counts.confusion, 0.0, None)
+        clipped: np.ndarray = np.clip(counts.confusion, 0.0, None)  # numpy infers Any here
+        return clipped
     scores = np.clip(counts.scores[0], 0.0, None)
     half = BINS // 2
     return np.array(

@@ -1,5 +1,5 @@
-"""The run's curves as PNG files: loss, AUROC and accuracy per site and aggregated, epsilon per site,
-the modality ablation's AUROCs and (`weighted` fusion) the learned modality weights.
+"""The run's curves as PNG files: loss, AUROC and accuracy per site and aggregated, epsilon per
+site, the modality ablation's AUROCs and (`weighted` fusion) the learned modality weights.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global backend
 switch), from history lines, after every round.
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from matplotlib.figure import Figure
 
@@ -52,7 +52,7 @@ class Series:
 
 
 def metric_series(history: list[HistoryLine], key: str) -> dict[str, Series]:
-    """`key` per site (validation metrics) and for the aggregate (`AGGREGATE`), against the round."""
+    """`key` per site (validation metrics) and for the aggregate (`AGGREGATE`) against the round."""
     series: dict[str, Series] = {}
     for line in history:
         for site, s in line.sites.items():
@@ -73,12 +73,22 @@ def epsilon_caps(history: list[HistoryLine]) -> dict[str, float]:
     return caps
 
 
+class _LineStyle(TypedDict, total=False):
+    """Keyword arguments of `Axes.plot` that set a line's style."""
+
+    linewidth: float
+    linestyle: str
+    color: str
+
+
 def plot_metric(history: list[HistoryLine], key: str, label: str) -> Figure:
     """A figure with one line per site and a thicker dashed line for the aggregate."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
     for name, s in metric_series(history, key).items():
-        style = dict(linewidth=2.5, linestyle="--", color="black") if name == AGGREGATE else {}
+        style: _LineStyle = (
+            _LineStyle(linewidth=2.5, linestyle="--", color="black") if name == AGGREGATE else {}
+        )
         ax.plot(s.rounds, s.values, marker="o", label=name, **style)
     _decorate(ax, label, history)
     return fig

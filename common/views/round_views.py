@@ -35,7 +35,7 @@ def _count(value: Any, width: int) -> str:
 
 
 def _epsilon(s: SiteRound) -> str:
-    """A site's epsilon: `off` when it trained without DP (recorded as null), `-` if it did not train."""
+    """A site's epsilon: `off` if trained without DP (recorded as null), `-` if it did not train."""
     if s.train is None:
         return f"{'-':>8}"
     return f"{'off':>8}" if s.train.get(R.EPSILON) is None else _num(s.train[R.EPSILON], 8)
@@ -62,9 +62,7 @@ def format_round_table(line: HistoryLine) -> str:
         ]
         val_n = [m[R.NUM_EXAMPLES] for m in val.values() if isinstance(m.get(R.NUM_EXAMPLES), int)]
         seconds = [
-            m[R.TRAIN_SECONDS]
-            for m in train.values()
-            if isinstance(m.get(R.TRAIN_SECONDS), (int, float))
+            t for m in train.values() if isinstance(t := m.get(R.TRAIN_SECONDS), (int, float))
         ]
         # epsilon is never aggregated; time is the slowest site's (sites train in parallel)
         rows.append(
