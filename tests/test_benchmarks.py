@@ -322,6 +322,7 @@ def test_confidence_interval_is_students_t_over_the_seeds() -> None:
     )
 
 
+@pytest.mark.slow
 def test_side_channels_benchmark_measures_each_attack_and_the_cost(tmp_path: Path) -> None:
     out = side_channels.run(
         True,

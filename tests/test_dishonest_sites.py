@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord
 
 from common import protocol as R
@@ -67,6 +68,7 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(
     assert line.sites["hospital-2"].train is not None
 
 
+@pytest.mark.slow
 def test_a_huge_weight_is_rejected_and_a_large_one_capped(
     five_hospitals: Path, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Message
 
 from client.app import app as client_app
@@ -37,6 +38,7 @@ def blank_column(manifest: Path, column: str) -> None:
         writer.writerows(rows)
 
 
+@pytest.mark.slow
 def test_sites_missing_a_modality_both_contribute(demo_root: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     for i in range(2):

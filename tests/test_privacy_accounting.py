@@ -58,6 +58,7 @@ def test_calibrated_noise_spends_the_target_over_the_planned_steps(accountant: s
         assert sigma == pytest.approx(1.007, abs=0.005)
 
 
+@pytest.mark.slow
 def test_calibration_with_earlier_runs_fits_the_composition_under_the_cap() -> None:
     prior = [(1.0, 0.25, 40)]
     spent = epsilon_from_history(prior, delta=1e-5, accountant="rdp")
@@ -240,6 +241,7 @@ def test_dp_noise_is_not_derived_from_the_public_seed(demo_root: Path, tmp_path:
     ),
     accountant=st.sampled_from(["rdp", "prv"]),
 )
+@pytest.mark.slow
 def test_an_account_never_loses_epsilon_and_equals_opacus_stepping_its_history(
     rounds: list[tuple[float, float, int]], accountant: str
 ) -> None:
@@ -262,6 +264,7 @@ def test_an_account_never_loses_epsilon_and_equals_opacus_stepping_its_history(
         last = account.epsilon
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dp", [True, False])
 def test_local_steps_gives_every_site_the_same_steps_whatever_its_size(
     demo_root: Path, tmp_path: Path, dp: bool

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Message
 
 from client.app import app as client_app
@@ -24,6 +25,7 @@ from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
 
 
+@pytest.mark.slow
 def test_sites_send_only_trainable_arrays_and_whitelisted_scalars(
     demo_root: Path, tmp_path: Path
 ) -> None:

@@ -102,6 +102,7 @@ def test_an_unreadable_ledger_is_an_error_not_a_fresh_start(tmp_path: Path) -> N
         load_ledger(tmp_path)
 
 
+@pytest.mark.slow
 def test_data_changed_mid_run_is_refused(demo_root: Path, tmp_path: Path) -> None:
     """The same process notices the change: the dataset version is recomputed every round."""
     import shutil

@@ -113,6 +113,7 @@ def _federation(data: Path, out: Path, sites: int, **overrides: object) -> RunFo
     return RunFolder(run_federation(grid, tiny_run(data, **settings)))
 
 
+@pytest.mark.slow
 def test_a_site_trains_within_its_cap_then_refuses_and_the_others_finish(
     demo_root: Path, tmp_path: Path
 ) -> None:
@@ -235,6 +236,7 @@ def test_dataset_scope_composes_runs_and_refuses_when_spent(
     n=st.integers(20, 400),
     batch=st.sampled_from([8, 32, 64]),
 )
+@pytest.mark.slow
 def test_random_policies_never_decrease_or_exceed_the_cap(
     cap: float, target: float, max_rounds: int, server_rounds: int, n: int, batch: int
 ) -> None:

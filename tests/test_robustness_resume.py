@@ -110,6 +110,7 @@ def test_a_completed_run_is_not_resumed(demo_root: Path, tmp_path: Path) -> None
     assert [h.round for h in RunFolder(folder).read_history()] == [1]
 
 
+@pytest.mark.slow
 def test_a_new_flower_run_resuming_a_round_the_sites_trained_charges_them_once(
     demo_root: Path, tmp_path: Path
 ) -> None:

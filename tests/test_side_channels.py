@@ -209,6 +209,7 @@ def test_an_evaluation_is_a_noisy_release_charged_like_training(
     assert _composed(c.state_dir) <= 2.0 * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_the_evaluation_noise_grows_with_the_evaluations_a_run_plans(
     demo_root: Path, tmp_path: Path
 ) -> None:
@@ -310,6 +311,7 @@ def test_one_added_row_does_not_reset_the_dataset_budget(demo_root: Path, tmp_pa
     assert _composed(c.state_dir) <= 2.0 * (1 + 1e-6) and audit(c.state_dir).ok
 
 
+@pytest.mark.slow
 def test_a_dataset_with_no_record_in_common_has_its_own_budget(
     demo_root: Path, tmp_path: Path
 ) -> None:
