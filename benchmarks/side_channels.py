@@ -206,14 +206,7 @@ def nan_canary_attack(folder: Path, work: Path, trials: int) -> float:
         epochs=1,
         steps_per_round=run.train.local_steps,
     )
-    account = open_account(
-        terms,
-        [],
-        num_examples=plan.num_examples,
-        batch_size=plan.batch_size,
-        epochs=1,
-        steps_per_round=plan.steps_per_round,
-    )
+    account = open_account(terms, [], plan)
     generator = torch.Generator().manual_seed(3)
     others = torch.randn(rows - 1, 8, generator=generator)
     others[:, 0] = 0.0
@@ -374,14 +367,13 @@ def _planned_noise(run: RunConfig, share: float, rows: int) -> float:
         num_examples=rows,
     )
     try:
-        return open_account(
-            terms,
-            [],
+        plan = LocalPlan(
             num_examples=rows,
             batch_size=run.train.batch_size,
             epochs=run.train.local_epochs,
             steps_per_round=run.train.local_steps,
-        ).release_noise_multiplier
+        )
+        return open_account(terms, [], plan).release_noise_multiplier
     except FedFusionError as err:
         raise RuntimeError(f"a site of {rows} rows cannot plan its run: {err.detail}") from err
 

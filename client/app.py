@@ -129,7 +129,15 @@ def error_reply(msg: Message, site: str, err: Exception, *, detailed: bool = Fal
     """
     if isinstance(err, FedFusionError):
         kind, text, detail = err.kind, err.public, err.detail
-        log.error("site %s: %s (%s): %s", site, kind, err.reason, detail)
+        role = err.reason == "evaluate-only"  # the site's role, not a problem: train is declined
+        log.log(
+            logging.INFO if role else logging.ERROR,
+            "site %s: %s (%s): %s",
+            site,
+            kind,
+            err.reason,
+            detail,
+        )
     else:
         kind, text = Kind.BUG, public_text(Kind.BUG, "internal-error")
         detail = f"{type(err).__name__}: {err}"
@@ -232,6 +240,7 @@ def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
                     R.F1: float(m.f1),
                     **ablation,
                     R.COUNT_NOISE: float(evaluation.counts.noise_std),
+                    R.EXTERNAL: 1.0 if evaluation.external else 0.0,
                 }
             ),
             R.COUNTS: ArrayRecord(counts),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from client.rounds import (
     RoundRequest,
@@ -23,8 +23,9 @@ from client.rounds import (
     site_policy,
     site_terms,
 )
-from client.state import SiteState
+from client.state import SiteData, SiteState
 from common.config import RunConfig
+from common.data.dataset import Case, ManifestDataset
 from common.errors import Refusal
 from common.privacy.accounting import Account
 from common.privacy.ledger import exclusive
@@ -51,6 +52,13 @@ class SiteEvaluation:
     metrics: Metrics  # from the released counts (or exact, with exact-metrics)
     ablation: Ablation | None  # None: withheld (share-ablation = false, or not this round)
     counts: CountsRelease  # the score counts per view, as released (noisy unless exact)
+    external: bool = False  # an evaluation-only site: every record held out (external validation)
+
+
+def evaluation_rows(data: SiteData, policy: SitePolicy) -> ConcatDataset[Case] | ManifestDataset:
+    """The records a site evaluates on: its validation split; all of them at an evaluation-only
+    site (it never trains, so every record is held out)."""
+    return ConcatDataset([data.train, data.val]) if policy.evaluate_only else data.val
 
 
 def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> SiteEvaluation:
@@ -74,9 +82,10 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> S
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
         check_fingerprint(bundle, request.frozen_fingerprint)
-        if len(data.val) < policy.min_eval_records:
+        rows = len(evaluation_rows(data, policy))
+        if rows < policy.min_eval_records:
             raise Refusal(
-                f"the site validates on {len(data.val)} records, fewer than its policy's "
+                f"the site validates on {rows} records, fewer than its policy's "
                 f"min-eval-records = {policy.min_eval_records}.",
                 reason="too-few-records",
             )
@@ -118,8 +127,9 @@ def _evaluate(
     bundle, data, site = state.bundle(run.model), state.data(run), state.site
     device = pick_device(site.device)
     model = load_global(bundle, request.parameters, device)
+    rows = evaluation_rows(data, policy)
     loader = DataLoader(
-        data.val, batch_size=max(run.train.batch_size, 64), num_workers=run.data.num_workers
+        rows, batch_size=max(run.train.batch_size, 64), num_workers=run.data.num_workers
     )
     scores = ablation_scores(model, loader, device, desc=f"{site.site_name} evaluate")
     exact, exact_ablation = exact_metrics(scores)
@@ -145,11 +155,16 @@ def _evaluate(
             if shared
             else None
         )
-        return SiteEvaluation(metrics=released(exact, decimals), ablation=ablation, counts=counts)
+        return SiteEvaluation(
+            metrics=released(exact, decimals),
+            ablation=ablation,
+            counts=counts,
+            external=policy.evaluate_only,
+        )
     ablation = counted_ablation(counts)
     decimals = policy.metric_decimals
     return SiteEvaluation(
-        metrics=released(counted_metrics(counts, len(data.val)), decimals),
+        metrics=released(counted_metrics(counts, len(rows)), decimals),
         ablation=replace(
             ablation,
             both=released(ablation.both, decimals),
@@ -159,6 +174,7 @@ def _evaluate(
         if ablation
         else None,
         counts=counts,
+        external=policy.evaluate_only,
     )
 
 

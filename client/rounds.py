@@ -30,7 +30,7 @@ from common.model.trainable import load_trainable_state, trainable_state
 from common.privacy.accounting import Account
 from common.privacy.books import Books, DataVersion, RoundKey
 from common.privacy.dpsgd import private_training
-from common.privacy.enforcement import LocalPlan, PrivacyTerms, negotiate
+from common.privacy.enforcement import LocalPlan, PrivacyTerms, negotiate, round_steps
 from common.privacy.ledger import exclusive
 from common.privacy.policy import SitePolicy, load_policy
 from common.privacy.receipts import TRAIN_LOSS, Receipt
@@ -150,6 +150,7 @@ def local_plan(run: RunConfig, data: SiteData) -> LocalPlan:
         batch_size=run.train.batch_size,
         epochs=run.train.local_epochs,
         steps_per_round=run.train.local_steps,
+        max_noise_ratio=run.privacy.max_noise_ratio if run.privacy.dp else 0.0,
     )
 
 
@@ -161,6 +162,12 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
     """
     site = state.site
     policy = site_policy(site, run)
+    if policy.evaluate_only:  # before any row is read
+        raise Refusal(
+            "this site only evaluates the federation's model (evaluate-only = true in its "
+            "policy): it never trains.",
+            reason="evaluate-only",
+        )
     check_request(policy, run, request)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)
@@ -296,7 +303,9 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         )
         desc = f"{state.site.site_name} round {work.server_round} train"
         mu = run.aggregation.proximal_mu if run.aggregation.strategy == "fedprox" else 0.0
-        steps = run.train.local_steps  # > 0: this many steps whatever the site's size (one "epoch")
+        # > 0: this many steps whatever the site's size (one "epoch"); under DP, as many as the
+        # site's recipe chose when its account was opened (at most local-steps)
+        steps = round_steps(work.account, local_plan(run, data)) if run.train.local_steps else 0
         epochs = 1 if steps else run.train.local_epochs
         if work.account is None:
             torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible

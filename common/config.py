@@ -261,6 +261,10 @@ class PrivacyConfig:
     max_grad_norm: float = field(metadata=_range(0.0, 1e4, lo_open=True))
     accountant: str = field(metadata=_choice(*ACCOUNTANTS))
     grad_sample_mode: str = field(metadata=_choice(*GRAD_SAMPLE_MODES))
+    # the site-adaptive recipe (common.privacy.recipe): with local-steps > 0, a site takes the
+    # most steps per round, up to local-steps, whose noise per averaged gradient stays within
+    # this (per unit of max-grad-norm); 0: every site takes local-steps
+    max_noise_ratio: float = field(metadata=_range(0.0, 100.0))
 
 
 _SECTIONS: dict[str, type] = {

@@ -40,6 +40,7 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "bundle-not-accepted": "the run's bundle is not accepted at the site",
         "too-few-records": "the site holds too few validation records to release metrics",
         "evaluation-limit": "the site already evaluated this round of this run",
+        "evaluate-only": "the site only evaluates (external validation); it never trains",
         "release-not-planned": "the run's privacy plan at the site has no budget for this release",
         "labels-not-covered": "the run's class names do not cover the site's published labels",
         "state-incomplete": (

@@ -64,6 +64,8 @@ EPSILON_CAP = "epsilon-cap"
 MAX_GRAD_NORM = "max-grad-norm"
 LOSS = "loss"
 COUNT_NOISE = "count-noise"  # standard deviation of the noise on each released count (0: exact)
+# 1.0: an evaluation-only site (external validation): every record it evaluates is held out
+EXTERNAL = "external"
 ACCURACY = "accuracy"
 AUROC = "auroc"
 F1 = "f1"
@@ -95,7 +97,16 @@ TRAIN_METRICS = (
     EPSILON_CAP,
     MAX_GRAD_NORM,
 )
-EVAL_METRICS = (NUM_EXAMPLES, LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS, COUNT_NOISE)
+EVAL_METRICS = (
+    NUM_EXAMPLES,
+    LOSS,
+    ACCURACY,
+    AUROC,
+    F1,
+    *ABLATION_METRICS,
+    COUNT_NOISE,
+    EXTERNAL,
+)
 # Per-site privacy facts: reported per site, never averaged across sites.
 PRIVACY_METRICS = (
     EPSILON,
@@ -126,6 +137,7 @@ RELEASES: dict[str, str] = {
     f"{METRICS}/{EPSILON_CAP}": "public",
     f"{METRICS}/{MAX_GRAD_NORM}": "public",
     f"{METRICS}/{COUNT_NOISE}": "public",
+    f"{METRICS}/{EXTERNAL}": "public",  # the site's policy: evaluate-only
     **{f"{METRICS}/{key}": "dp" for key in (LOSS, ACCURACY, AUROC, F1, *ABLATION_METRICS)},
     f"{COUNTS}": "dp",  # the score counts with Gaussian noise, charged
     f"{SITE}/{SITE_NAME}": "public",

@@ -36,6 +36,7 @@ from server.strategy import optimizer_state
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # between pulls of the round's replies
+EXTERNAL_METRICS = (R.LOSS, R.ACCURACY, R.AUROC, R.F1)  # pooled apart for evaluation-only sites
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,13 +107,7 @@ def run_rounds(
         )
         record.add(evaluated, train=False)
         pooled: dict[str, MetricRecordValues] = dict(  # a copy: `dict` is invariant
-            pooled_metrics(
-                SiteCounts(
-                    records=int(r.metrics[R.NUM_EXAMPLES]), metrics=r.metrics, counts=r.counts
-                )
-                for r in evaluated.ok
-                if r.counts is not None
-            )
+            validation_metrics(evaluated)
         )
         evaluate_metrics = MetricRecord(pooled)
         recorder.commit(
@@ -122,6 +117,23 @@ def run_rounds(
             )
         )
     return LoopEnd(arrays)
+
+
+def validation_metrics(evaluated: Replies) -> dict[str, float]:
+    """The round's pooled validation metrics over the training sites' validation rows, and
+    apart (`external-*`) over the evaluation-only sites' records: an external validation."""
+    sites = [
+        SiteCounts(records=int(r.metrics[R.NUM_EXAMPLES]), metrics=r.metrics, counts=r.counts)
+        for r in evaluated.ok
+        if r.counts is not None
+    ]
+    external = [s for s in sites if s.metrics[R.EXTERNAL] == 1.0]
+    pooled = pooled_metrics(s for s in sites if s.metrics[R.EXTERNAL] != 1.0)
+    if external:
+        outside = pooled_metrics(external)
+        pooled.update({f"{R.EXTERNAL}-{key}": outside[key] for key in EXTERNAL_METRICS})
+        pooled[f"{R.EXTERNAL}-{R.NUM_EXAMPLES}"] = float(sum(s.records for s in external))
+    return pooled
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:

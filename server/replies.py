@@ -79,7 +79,8 @@ def read_replies(
             out.errors.append(
                 ErrorReply(node_id=node, claimed=error.site, kind=error.kind, text=error.text)
             )
-            log.warning(
+            log.log(
+                logging.INFO if error.text.startswith("evaluate-only") else logging.WARNING,
                 "node %d (%s) %s: %s",
                 node,
                 error.site or "no name given",
@@ -143,6 +144,8 @@ def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> 
             message=msg,
             update=_update(content, site, int(n)),
         )
+    if metrics[R.EXTERNAL] not in (0.0, 1.0):
+        raise MalformedReply(f"{R.EXTERNAL} is {metrics[R.EXTERNAL]!r}, not 0 or 1.")
     if R.COUNTS not in content.array_records:
         raise MalformedReply(f"no '{R.COUNTS}' record.")
     try:

@@ -193,23 +193,37 @@ def _final_metrics(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
         total = sum(
             int(_recorded(f.evaluate.get(R.NUM_EXAMPLES, 0)))
             for f in sites.values()
-            if f.evaluate and f.eval_round == last.round
+            if f.evaluate and f.eval_round == last.round and not f.evaluate.get(R.EXTERNAL)
         )
         rows.append(
             [
-                f"weighted mean (round {last.round})",
+                f"pooled (round {last.round})",
                 _fmt(last.round),
                 _fmt(total or None),
                 *(_fmt(a.get(k)) for k in (R.LOSS, R.ACCURACY, R.AUROC, R.F1)),
             ]
         )
+        if a.get(f"{R.EXTERNAL}-{R.AUROC}") is not None:
+            rows.append(
+                [
+                    f"external validation (round {last.round})",
+                    _fmt(last.round),
+                    _fmt(a.get(f"{R.EXTERNAL}-{R.NUM_EXAMPLES}")),
+                    *(
+                        _fmt(a.get(f"{R.EXTERNAL}-{k}"))
+                        for k in (R.LOSS, R.ACCURACY, R.AUROC, R.F1)
+                    ),
+                ]
+            )
     blocks: list[Block] = [
         Heading(2, "Final metrics per site"),
         Paragraph(
             "Each site evaluates the global model on its own validation split (patients "
             "held out of its training data); the row shows the last round it evaluated and "
-            "how many validation records its metrics rest on. The weighted mean is over "
-            "sites, weighted by their validation records."
+            "how many validation records its metrics rest on. The pooled row is over every "
+            "training site's validation records. Evaluation-only sites (policy "
+            "`evaluate-only`) never train and evaluate all their records: they are pooled "
+            "apart, as an external validation."
         ),
         Table(["site", "round", "validation records", "loss", "accuracy", "AUROC", "F1"], rows),
     ]

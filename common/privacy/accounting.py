@@ -226,6 +226,9 @@ class Account:
     # opened before releases were accounted, or none was planned: the site releases nothing it
     # would charge)
     release_noise_multiplier: float = 0.0
+    # DP-SGD steps in each round of the run, as the site's recipe chose them when the account
+    # was opened (common.privacy.recipe); 0: the run's local epochs decide (or an older ledger)
+    steps_per_round: int = 0
 
     @property
     def steps(self) -> int:

@@ -12,6 +12,8 @@ reason in the reply.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
@@ -29,7 +31,10 @@ from common.privacy.accounting import (
 )
 from common.privacy.ledger import RunEntry
 from common.privacy.policy import SitePolicy
+from common.privacy.recipe import adapted_steps, noise_ratio
 from common.privacy.release import release_entry
+
+log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-6  # relative slack for re-computing an epsilon the calibration already bounded
 EXHAUSTED_BELOW = 0.01  # less than 1% of a dataset budget left: training would be pure noise
@@ -58,6 +63,7 @@ class PrivacyTerms:
     accountant: str
     planned_releases: int = 0  # evaluations and training losses the run may release (charged)
     evaluation_share: float = 0.1  # of the cap, planned for those releases
+    # planned_rounds = 0: an evaluation-only site; its releases get the whole cap
     exact_metrics: bool = False  # metrics are released exactly (no account, no charge)
 
     @property
@@ -97,7 +103,7 @@ def negotiate(
         else min(target_epsilon, policy.max_epsilon)
     )
     clip = min(max(run.privacy.max_grad_norm, policy.min_max_grad_norm), policy.max_max_grad_norm)
-    planned_rounds = min(num_rounds, policy.max_rounds)
+    planned_rounds = 0 if policy.evaluate_only else min(num_rounds, policy.max_rounds)
     evaluations = num_rounds if policy.share_metrics and run.federation.fraction_evaluate > 0 else 0
     losses = planned_rounds if policy.share_train_loss else 0
     return PrivacyTerms(
@@ -110,32 +116,20 @@ def negotiate(
         budget_scope=policy.budget_scope,
         accountant=run.privacy.accountant,
         planned_releases=0 if policy.exact_metrics else evaluations + losses,
-        evaluation_share=policy.evaluation_share,
+        evaluation_share=1.0 if policy.evaluate_only else policy.evaluation_share,
         exact_metrics=policy.exact_metrics,
     )
 
 
-def open_account(
-    terms: PrivacyTerms,
-    prior: Sequence[HistoryEntry],
-    *,
-    num_examples: int,
-    batch_size: int,
-    epochs: int,
-    steps_per_round: int = 0,
-) -> Account:
+def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], plan: LocalPlan) -> Account:
     """A new run's account: noise calibrated once so that the planned rounds and releases fit
-    every cap (the releases alone spend at most `evaluation_share` of what the run may spend)."""
-    q = sample_rate(num_examples=num_examples, batch_size=batch_size)
-    total = terms.planned_rounds * local_steps(
-        num_examples=num_examples,
-        batch_size=batch_size,
-        epochs=epochs,
-        steps_per_round=steps_per_round,
-    )
-    common = _Calibration(
-        target_delta=terms.delta, sample_rate=q, total_steps=total, accountant=terms.accountant
-    )
+    every cap (the releases alone spend at most `evaluation_share` of what the run may spend).
+
+    In step mode the site first chooses its steps per round (`common.privacy.recipe`): the most,
+    up to the plan's, whose noise ratio stays within `plan.max_noise_ratio`.
+    """
+    trains = terms.planned_rounds > 0  # else an evaluation-only site
+    q = sample_rate(num_examples=plan.num_examples, batch_size=plan.batch_size) if trains else 0.0
     spent = epsilon_from_history(prior, delta=terms.delta, accountant=terms.accountant)
     if spent >= terms.scope_epsilon * (1 - EXHAUSTED_BELOW):
         raise Refusal(
@@ -146,18 +140,16 @@ def open_account(
     try:
         release_sigma = _release_noise(terms, spent)
         planned = [(release_sigma, 1.0, terms.planned_releases)] if terms.planned_releases else []
-        sigma = calibrate_noise(
-            target_epsilon=min(terms.run_epsilon, terms.scope_epsilon),
-            prior_history=planned,
-            **common,
-        )
-        if prior:
-            sigma = max(
-                sigma,
-                calibrate_noise(
-                    target_epsilon=terms.scope_epsilon, prior_history=[*prior, *planned], **common
-                ),
+        if not trains:  # no DP-SGD step is planned: none may be taken (train_round refuses)
+            return Account(
+                accountant=terms.accountant,
+                delta=terms.delta,
+                noise_multiplier=0.0,
+                sample_rate=q,
+                release_noise_multiplier=release_sigma,
             )
+        steps = _steps_per_round(terms, prior, planned, plan, q)
+        sigma = _training_noise(terms, prior, planned, q, terms.planned_rounds * steps)
     except BudgetTooLow as err:
         raise Refusal(f"the privacy budget is exhausted: {err}", reason="budget-exhausted") from err
     return Account(
@@ -166,7 +158,74 @@ def open_account(
         noise_multiplier=sigma,
         sample_rate=q,
         release_noise_multiplier=release_sigma,
+        steps_per_round=steps if plan.steps_per_round > 0 else 0,
     )
+
+
+def _training_noise(
+    terms: PrivacyTerms,
+    prior: Sequence[HistoryEntry],
+    planned: Sequence[HistoryEntry],
+    q: float,
+    total: int,
+) -> float:
+    """The DP-SGD noise multiplier for `total` steps: with the planned releases, within the run's
+    cap; with earlier runs on the same data too, within the dataset's."""
+    common = _Calibration(
+        target_delta=terms.delta, sample_rate=q, total_steps=total, accountant=terms.accountant
+    )
+    sigma = calibrate_noise(
+        target_epsilon=min(terms.run_epsilon, terms.scope_epsilon),
+        prior_history=planned,
+        **common,
+    )
+    if prior:
+        sigma = max(
+            sigma,
+            calibrate_noise(
+                target_epsilon=terms.scope_epsilon, prior_history=[*prior, *planned], **common
+            ),
+        )
+    return sigma
+
+
+def _steps_per_round(
+    terms: PrivacyTerms,
+    prior: Sequence[HistoryEntry],
+    planned: Sequence[HistoryEntry],
+    plan: LocalPlan,
+    q: float,
+) -> int:
+    """The site's steps per round: the plan's epochs, or in step mode the recipe's choice."""
+    asked = local_steps(
+        num_examples=plan.num_examples,
+        batch_size=plan.batch_size,
+        epochs=plan.epochs,
+        steps_per_round=plan.steps_per_round,
+    )
+    if plan.steps_per_round <= 0 or plan.max_noise_ratio <= 0:
+        return asked
+
+    def ratio_at(steps: int) -> float:
+        try:
+            sigma = _training_noise(terms, prior, planned, q, terms.planned_rounds * steps)
+        except BudgetTooLow:  # fewer steps may fit the budget
+            return math.inf
+        return noise_ratio(noise_multiplier=sigma, sample_rate=q, num_examples=plan.num_examples)
+
+    steps = adapted_steps(max_steps=asked, max_ratio=plan.max_noise_ratio, ratio_at=ratio_at)
+    log.info(
+        "DP recipe: %d of local-steps=%d per round at %d training records (sampling rate %.3g): "
+        "the most whose noise ratio stays within max-noise-ratio=%g (%.3g at %d steps)",
+        steps,
+        asked,
+        plan.num_examples,
+        q,
+        plan.max_noise_ratio,
+        ratio_at(steps),
+        steps,
+    )
+    return steps
 
 
 def _release_noise(terms: PrivacyTerms, spent: float) -> float:
@@ -202,7 +261,8 @@ class LocalPlan:
     num_examples: int
     batch_size: int
     epochs: int
-    steps_per_round: int = 0
+    steps_per_round: int = 0  # > 0: step mode, an upper bound on the steps per round
+    max_noise_ratio: float = 0.0  # the recipe's bound (common.privacy.recipe); 0: steps as asked
 
 
 def run_account(
@@ -211,14 +271,7 @@ def run_account(
     """The run's account: the one in the ledger, or a new one planned for the whole run."""
     if entry and entry.account:
         return entry.account
-    return open_account(
-        terms,
-        prior,
-        num_examples=plan.num_examples,
-        batch_size=plan.batch_size,
-        epochs=plan.epochs,
-        steps_per_round=plan.steps_per_round,
-    )
+    return open_account(terms, prior, plan)
 
 
 def authorize_round(
@@ -231,18 +284,22 @@ def authorize_round(
     """The account to train this round with, or a Refusal (nothing is charged)."""
     check_round_count(entry, policy)
     account = run_account(terms, entry, prior, plan)
-    step = (
-        account.noise_multiplier,
-        account.sample_rate,
-        local_steps(
-            num_examples=plan.num_examples,
-            batch_size=plan.batch_size,
-            epochs=plan.epochs,
-            steps_per_round=plan.steps_per_round,
-        ),
-    )
+    step = (account.noise_multiplier, account.sample_rate, round_steps(account, plan))
     check_caps(terms, account, prior, step, what="this round")
     return account
+
+
+def round_steps(account: Account | None, plan: LocalPlan) -> int:
+    """The DP-SGD steps of each round of the run: as its account planned them (step mode), or
+    the plan's epochs."""
+    if account is not None and account.steps_per_round > 0:
+        return account.steps_per_round
+    return local_steps(
+        num_examples=plan.num_examples,
+        batch_size=plan.batch_size,
+        epochs=plan.epochs,
+        steps_per_round=plan.steps_per_round,
+    )
 
 
 def authorize_release(

@@ -24,6 +24,9 @@ policy file (a simulated hospital without one is played by the researcher: `rese
     share-train-loss = false     # true: release a noisy mean training loss each round (charged)
     exact-metrics = false        # true: release evaluation metrics exactly, outside the accountant
                                  # (the default of a simulated hospital played by the researcher)
+    evaluate-only = false        # true: the site never trains; it evaluates each round's model on
+                                 # all its records (external validation), charged like any
+                                 # evaluation, with the whole cap planned for those releases
     labels = []                  # the site's public label vocabulary: a run must name every one
                                  # of them; empty: the labels in the site's data are public
     accept-bundles = []          # SHA-256 of the run bundles the site's node takes part with;
@@ -66,6 +69,7 @@ class SitePolicy:
     share_ablation: bool = True  # the modality ablation's metrics (with share-metrics only)
     share_train_loss: bool = False  # a noisy mean training loss each round (charged)
     exact_metrics: bool = False  # evaluation metrics released exactly, outside the accountant
+    evaluate_only: bool = False  # never trains: evaluates every record (external validation)
     labels: tuple[str, ...] = ()  # the public label vocabulary; empty: the data's labels are public
     min_eval_records: int = 20  # fewer validation records: no evaluation metrics are released
     metric_decimals: int = 3  # released metrics are rounded to this many decimals
@@ -82,6 +86,11 @@ class SitePolicy:
                 "labels must be distinct, non-empty names",
             ),
             (0 <= self.metric_decimals <= 6, "metric-decimals must be from 0 to 6"),
+            (
+                self.share_metrics or not self.evaluate_only,
+                "evaluate-only needs share-metrics = true (a site that neither trains nor "
+                "evaluates takes no part)",
+            ),
             (self.max_rounds >= 1, "max-rounds must be >= 1"),
             (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
             (

@@ -34,6 +34,10 @@ def _count(value: Any, width: int) -> str:
     return f"{value:>{width}d}" if isinstance(value, int) else f"{'-':>{width}}"
 
 
+def _whole(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _epsilon(s: SiteRound) -> str:
     """A site's epsilon: `off` if trained without DP (recorded as null), `-` if it did not train."""
     if s.train is None:
@@ -42,7 +46,10 @@ def _epsilon(s: SiteRound) -> str:
 
 
 def format_round_table(line: HistoryLine) -> str:
-    """One round as a table: per site and aggregated loss, accuracy, AUROC, epsilon, sizes, time."""
+    """One round as a table: per site and aggregated loss, accuracy, AUROC, epsilon, sizes, time.
+
+    The aggregate pools the training sites' validation rows; evaluation-only sites' records are
+    pooled apart, as an external validation (the `(external)` row)."""
     rows = [_HEADER]
     train = {n: s.train or {} for n, s in line.sites.items()}
     val = {n: s.evaluate or {} for n, s in line.sites.items()}
@@ -72,6 +79,13 @@ def format_round_table(line: HistoryLine) -> str:
             f"{_count(sum(val_n) if val_n else None, 6)} "
             f"{_num(max(seconds) if seconds else None, 7, 1)}"
         )
+        if f"{R.EXTERNAL}-{R.AUROC}" in a:  # evaluation-only sites, pooled apart
+            rows.append(
+                f"{'(external)':<16} {_num(a.get(f'{R.EXTERNAL}-{R.LOSS}'), 7)} "
+                f"{_num(a.get(f'{R.EXTERNAL}-{R.ACCURACY}'), 8)} "
+                f"{_num(a.get(f'{R.EXTERNAL}-{R.AUROC}'), 7)} {'':>8} {'':>6} {'':>7} "
+                f"{_count(_whole(a.get(f'{R.EXTERNAL}-{R.NUM_EXAMPLES}')), 6)}"
+            )
     for reasons, prefix in (
         (line.refusals, ""),
         (line.failures, "failed: "),
