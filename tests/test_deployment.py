@@ -117,6 +117,13 @@ def tampered_run(federation: LoopbackFederation) -> Started:
     )
 
 
+@pytest.fixture(scope="module")
+def tampered_folder(federation: LoopbackFederation, tampered_run: Started) -> RunFolder:
+    """Run 1, finished: a test that reads the nodes' logs or run 1's record waits for it here,
+    whatever order the tests run in."""
+    return _finish(federation, tampered_run, "tampered")
+
+
 def _submit(fed: LoopbackFederation, name: str, app: Path, run_config: str) -> Started:
     return fed.submit(name, f"{TINY} {run_config}", app)
 
@@ -175,10 +182,9 @@ def test_supernode_without_tls_cannot_connect(
 
 
 def test_a_tampered_bundle_never_runs_at_a_hospital(
-    federation: LoopbackFederation, tampered_run: Started
+    federation: LoopbackFederation, tampered_folder: RunFolder
 ) -> None:
-    fed = federation
-    folder = _finish(fed, tampered_run, "tampered")
+    fed, folder = federation, tampered_folder
     assert not (fed.root / MARKER).exists(), (fed.root / MARKER).read_text()
     history = folder.read_history()
     assert [h.round for h in history] == [1, 2] and folder.read_summary().status == "completed"
@@ -200,7 +206,7 @@ def _log_after(started: Started, offset: int) -> str:
 
 
 def test_a_bundle_of_another_publisher_is_refused_at_every_node(
-    federation: LoopbackFederation,
+    federation: LoopbackFederation, tampered_folder: RunFolder
 ) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
@@ -219,7 +225,7 @@ def test_a_bundle_of_another_publisher_is_refused_at_every_node(
 
 
 def test_the_run_config_cannot_move_a_site_off_its_node_config(
-    federation: LoopbackFederation,
+    federation: LoopbackFederation, tampered_folder: RunFolder
 ) -> None:
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
@@ -230,7 +236,7 @@ def test_the_run_config_cannot_move_a_site_off_its_node_config(
     folder = _finish(fed, _submit(fed, "overrides", ROOT, overrides), "overrides")
     (line,) = folder.read_history()
     assert line.finished and set(line.sites) == set(HOSPITALS), line
-    first = RunFolder(fed.output_dir / "tampered").read_history()[0]
+    first = tampered_folder.read_history()[0]
     for name, node in fed.nodes.items():
         # its own split (val-fraction 0.2, not 0.9), data and state folder; trained on the CPU
         assert line.sites[name].train[R.NUM_EXAMPLES] == first.sites[name].train[R.NUM_EXAMPLES]
@@ -238,7 +244,9 @@ def test_the_run_config_cannot_move_a_site_off_its_node_config(
     assert not (fed.root / "elsewhere").exists() and not (fed.root / "nowhere").exists()
 
 
-def test_a_node_killed_mid_round_never_under_counts(federation: LoopbackFederation) -> None:
+def test_a_node_killed_mid_round_never_under_counts(
+    federation: LoopbackFederation, tampered_folder: RunFolder
+) -> None:
     fed = federation
     name = "hospital-a"
     node = fed.nodes[name]
@@ -302,10 +310,9 @@ def _peak_rss(started: Started) -> int:
 
 
 def test_a_message_bomb_is_refused_unpacked_and_memory_stays_put(
-    federation: LoopbackFederation, tampered_run: Started
+    federation: LoopbackFederation, tampered_folder: RunFolder
 ) -> None:
-    fed = federation
-    fed.finish(tampered_run, "tampered", RUN_TIMEOUT)  # every node has served an honest round
+    fed = federation  # every node has served an honest round (run 1, finished)
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
     peaks = {n: _peak_rss(s) for n, s in fed.nodes.items()}
     app = bomb_app(fed.root / "bomb", BOMB_MB)
@@ -323,7 +330,7 @@ def test_a_message_bomb_is_refused_unpacked_and_memory_stays_put(
 
 
 def test_a_rogue_node_registered_through_the_control_api_takes_no_part(
-    federation: LoopbackFederation,
+    federation: LoopbackFederation, tampered_folder: RunFolder
 ) -> None:
     fed = federation
     (data,) = write_demo_hospitals(fed.root / "rogue-data", 1, seed=7, size_scale=0.1)
