@@ -67,6 +67,21 @@ def test_round_table_has_sites_aggregate_and_refusals() -> None:
     assert lines[3] == f"{'b':<16} refused: this run's epsilon would reach 5.2"
 
 
+def test_round_table_pools_evaluation_only_sites_apart() -> None:
+    external = SiteRound(
+        evaluate={R.NUM_EXAMPLES: 50, R.LOSS: 0.9, R.ACCURACY: 0.6, R.AUROC: 0.75, R.EXTERNAL: 1.0}
+    )
+    aggregate = {R.LOSS: 0.8, R.AUROC: 0.7, R.ACCURACY: 0.5}
+    aggregate |= {f"external-{k}": v for k, v in external.evaluate.items() if k != R.EXTERNAL}
+    line = HistoryLine(
+        round=1, sites={"a": _site(0.8, 0.7, 5.0), "x": external}, aggregate=aggregate
+    )
+    lines = format_round_table(line).splitlines()
+    assert lines[2].split() == ["x", "0.900", "0.600", "0.750", "-", "-", "-", "50", "-"]
+    assert lines[3].split()[:4] == ["(aggregate)", "0.800", "0.500", "0.700"]
+    assert lines[4].split() == ["(external)", "0.900", "0.600", "0.750", "50"]
+
+
 def test_round_table_says_off_without_dp() -> None:
     line = HistoryLine(round=1, sites={"a": _site(1.0, 0.5, None, cap=None)}, aggregate={})
     assert format_round_table(line).splitlines()[1].split()[4:6] == ["off", "-"]
