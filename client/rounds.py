@@ -201,6 +201,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                     result=local.result,
                 )
             )
+    log_spend(site.site_name, request.server_round, receipt, terms)
     return TrainOutcome(
         state=local.sent,
         untrained=work.untrained,
@@ -211,6 +212,27 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
         policy=policy,
         terms=terms,
         train_loss=train_loss,
+    )
+
+
+def log_spend(site: str, server_round: int, receipt: Receipt, terms: PrivacyTerms) -> None:
+    """The site's own log after a round: what it spent and what is left of its cap."""
+    if receipt.epsilon is None:
+        log.info("%s round %d: trained without DP (%d steps)", site, server_round, receipt.steps)
+        return
+    scope = receipt.scope_epsilon if receipt.scope_epsilon is not None else receipt.epsilon
+    log.info(
+        "%s round %d: %d DP-SGD steps; epsilon %.3f this run (cap %.4g); %.3f of the cap %.4g "
+        "over its budget scope (%s), %.3f left",
+        site,
+        server_round,
+        receipt.steps,
+        receipt.epsilon,
+        terms.run_epsilon,
+        scope,
+        terms.scope_epsilon,
+        terms.budget_scope,
+        max(terms.scope_epsilon - scope, 0.0),
     )
 
 

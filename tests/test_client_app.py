@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
+from client.rounds import train_round
+from client.state import SiteState
 from common import protocol as R
 from common.errors import Kind
 from common.model.fusion_model import build_model
@@ -25,7 +28,7 @@ from common.model.trainable import frozen_fingerprint, trainable_state
 from common.privacy.ledger import load_ledger
 from common.privacy.receipts import read_receipts
 from common.protocol import update_digest
-from tests.conftest import round_config, tiny_run, tiny_user_config
+from tests.conftest import hospital, request, round_config, tiny_run, tiny_user_config
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +175,18 @@ def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(
     assert third.content[R.METRICS][R.EPSILON] > first.content[R.METRICS][R.EPSILON]
     assert load_ledger(state_dir).run("run-1").rounds == (1, 1)
     assert len(read_receipts(state_dir)) == 2
+
+
+def test_the_sites_log_says_what_a_round_spent_and_what_is_left(
+    demo_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tiny_run(demo_root, num_server_rounds=1, local_steps=2)
+    state = SiteState(hospital(demo_root, tmp_path, 0))  # a deployed site: DP, its default cap 8
+    parameters = trainable_state(state.bundle(run.model).model)
+    with caplog.at_level(logging.INFO, logger="client.rounds"):
+        out = train_round(state, run, request(state, run, 1, parameters))
+    spent = out.receipt.epsilon
+    assert spent is not None and 0 < spent <= 8.0
+    line = next(r.getMessage() for r in caplog.records if "DP-SGD steps" in r.getMessage())
+    assert f"epsilon {spent:.3f} this run" in line
+    assert f"{8.0 - (out.receipt.scope_epsilon or spent):.3f} left" in line
