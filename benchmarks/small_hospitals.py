@@ -183,7 +183,7 @@ class PooledFeatures:
         rows = [self.index[_row_key(r)] for r in data.train.rows]
         subset = FeatureSet({k: self.features.tensors[k][rows] for k in FEATURE_KEYS})
         key = replace(_cache_key(run, bundle, data), split=split_name)
-        site.features._sets[key] = subset
+        site.features._sets[key] = subset  # a cache fill, exactly what a miss computes
 
     def pooled(self, site: SiteState, run: RunConfig) -> tuple[np.ndarray, np.ndarray]:
         """A site's mean-pooled frozen features (N, D_image + D_text) and labels (the probe's)."""

@@ -154,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         run, state = site_state(context)
         site = state.site.site_name
         outcome = train_round(state, run, round_request(msg, context))
-    except Exception as err:
+    except Exception as err:  # every failure becomes a reply, none a crash
         return error_reply(msg, site, err, detailed=_simulated(context))
     return Message(train_content(outcome, site), reply_to=msg)
 

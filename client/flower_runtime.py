@@ -179,7 +179,7 @@ class Task:
                 if not self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
                     log.warning("the SuperNode no longer holds this task (its token expired)")
                     return
-            except Exception as err:
+            except Exception as err:  # a missed beat is retried; the TTL is 60 s
                 log.warning("heartbeat to the SuperNode failed: %s", err)
 
     def pull_input(self) -> TaskInput:
@@ -334,7 +334,7 @@ def _bounded_pull(
     path, method = PULL_OBJECT
 
     def pull(request: PullObjectRequest) -> PullObjectResponse:
-        http = client._client.build_request(
+        http = client._client.build_request(  # ProtobufClient._unary_unary, streamed
             method="POST",
             url=f"{client._base_url}{path}",
             content=request.SerializeToString(deterministic=True),

@@ -77,7 +77,7 @@ def serve(node: Node, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             token = runtime.acquire(poller)
-        except Exception as err:
+        except Exception as err:  # the SuperNode restarts, or is not up yet
             if not unreachable:
                 log.warning(
                     "the SuperNode at %s is not reachable (%s); retrying every %.0f s",
@@ -104,7 +104,7 @@ def run_task(node: Node, token: str) -> None:
     with runtime.Task(node.supernode, token, secret=node.secret) as task:
         try:
             given = task.pull_input()
-        except Exception as err:
+        except Exception as err:  # nothing was received: nothing to answer
             log.error("could not pull the task's input from the SuperNode: %s", err)
             task.finish(context=None, completed=False, details="input unavailable")
             return
@@ -178,7 +178,7 @@ def _pulled(node: Node, task: runtime.Task, given: runtime.TaskInput) -> Message
         return task.pull_message(given, max_bytes=node.site.limits.max_message_bytes)
     except runtime.MessageTooLarge as err:
         return Refusal(f"the round message is too large: {err}", reason="message-too-large")
-    except Exception as err:
+    except Exception as err:  # a message that does not unpack is malformed input
         return ConfigurationError(
             f"the round message does not unpack ({type(err).__name__}: {err})", reason="message"
         )
@@ -188,7 +188,7 @@ def _call(node: Node, message: Message, context: Context) -> Message:
     """The installed ClientApp's reply; a message it can't handle is an error reply, not a crash."""
     try:
         return installed_app(message, context)
-    except Exception as err:
+    except Exception as err:  # e.g. a message type FedFusion does not serve
         return error_reply(message, node.site.site_name, err)
 
 

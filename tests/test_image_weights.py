@@ -38,6 +38,6 @@ def test_weight_name_missing_from_the_cache_is_a_clear_error(
 
 def test_random_initialisation_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="common.model.encoders"):
-        encoders._WARNED_RANDOM.discard("resnet10")
+        encoders._WARNED_RANDOM.discard("resnet10")  # warned once per process
         build_image_encoder("resnet10", "", seed=0)
     assert "seeded random initialisation" in caplog.text
