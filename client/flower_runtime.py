@@ -123,6 +123,7 @@ def connect(
     address: str, *, secret: bytes | None = None, token: str | None = None
 ) -> RuntimeHttpClient:
     """A client of the SuperNode's Runtime API at `address` (loopback: plain HTTP)."""
+    # each of the three is an HTTP interceptor; their common base is not in Flower's signature
     interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
     if secret:  # signs AcquireTask, so no other local process can take the hospital's tasks
         interceptors.append(

@@ -162,7 +162,7 @@ class Bounded(Generic[T]):
         self.loader, self.deadline = loader, deadline
 
     def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
+        return len(self.loader)  # type: ignore[arg-type]  # a DataLoader: Sized, not in the type
 
     def __iter__(self) -> Iterator[T]:
         for batch in self.loader:

@@ -79,6 +79,8 @@ class PrivateSession:
 
 def _zero_non_finite_samples(optimizer: torch.optim.Optimizer, count: NonFinite) -> None:
     """Before Opacus clips, zero every per-sample gradient row that holds a non-finite value."""
+    # `optimizer` is Opacus' DPOptimizer (untyped: Any to mypy, so typed as torch's Optimizer
+    # here); its `clip_and_accumulate` and `params` are unknown to torch's stubs
     clip_and_accumulate: Callable[[], None] = optimizer.clip_and_accumulate  # type: ignore[attr-defined]
 
     def guarded() -> None:

@@ -52,6 +52,6 @@ def log_line(logger: logging.Logger, message: str, *args: object) -> None:
 def batches(loader: Iterable[T]) -> int | None:
     """The number of batches of `loader` if it has a length (Poisson loaders: the expected one)."""
     try:
-        return len(loader)  # type: ignore[arg-type]
+        return len(loader)  # type: ignore[arg-type]  # may be Sized: a TypeError says not
     except TypeError:
         return None
