@@ -32,6 +32,7 @@ from benchmarks.small_hospitals import (
     MEDPIX_CLASSES,
     Case,
     PooledFeatures,
+    Split,
     ci95,
     demo_cases,
     medpix_cases,
@@ -60,6 +61,13 @@ class Bench:
         pool_run = RunConfig.from_user_config(self.config(dp=False))
         pool = site_states(work / "state" / "pool", [write_site(work / "pool", cases)])[0]
         self.features = PooledFeatures(pool, pool_run)
+        self._splits: dict[int, Split] = {}
+
+    def split(self, seed: int) -> Split:
+        """Split `seed`'s folders, written once."""
+        if seed not in self._splits:
+            self._splits[seed] = split(self.cases, self.work / f"seed-{seed}", seed)
+        return self._splits[seed]
 
     def config(self, *, dp: bool = True, **overrides: Any) -> dict[str, Any]:
         """The run config of a setting (epsilon 8 per hospital)."""
@@ -71,8 +79,7 @@ class Bench:
         self, seed: int, name: str, paths: list[Path], user_config: dict[str, Any]
     ) -> tuple[float, list[int]]:
         """Test AUROC of one setting on split `seed`, and the steps per round each site took."""
-        s = split(self.cases, self.work / f"seed-{seed}", seed)
-        test_site = site_states(self.work / f"seed-{seed}" / "state", [s.test])[0]
+        test_site = site_states(self.work / f"seed-{seed}" / "state", [self.split(seed).test])[0]
         hospitals = Hospitals(self.work / f"seed-{seed}" / "federation")
         run = RunConfig.from_user_config(user_config)
         for p in paths:
@@ -89,7 +96,7 @@ class Bench:
         """Fixed steps x batch on the dataset's own hospitals."""
         per: dict[str, list[float]] = defaultdict(list)
         for seed in range(seeds):
-            hospitals = split(self.cases, self.work / f"seed-{seed}", seed).hospitals
+            hospitals = self.split(seed).hospitals
             for k in STEPS:
                 for b in BATCHES:
                     name = f"k{k}-b{b}"
@@ -123,8 +130,7 @@ class Bench:
 
     def _two_sites(self, seed: int, n: int) -> list[Path]:
         """Two hospitals of `n` training patients' rows each (none of the split's test patients)."""
-        s = split(self.cases, self.work / f"seed-{seed}", seed)
-        with (s.test / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        with (self.split(seed).test / "manifest.csv").open(newline="", encoding="utf-8") as fh:
             held = {r["patient_id"] for r in csv.DictReader(fh)}
         train = [c for c in self.cases if c.patient not in held]
         if len(train) < 2 * n:

@@ -148,8 +148,7 @@ def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], plan: Local
                 sample_rate=q,
                 release_noise_multiplier=release_sigma,
             )
-        steps = _steps_per_round(terms, prior, planned, plan, q)
-        sigma = _training_noise(terms, prior, planned, q, terms.planned_rounds * steps)
+        steps, sigma = _steps_and_noise(terms, prior, planned, plan, q)
     except BudgetTooLow as err:
         raise Refusal(f"the privacy budget is exhausted: {err}", reason="budget-exhausted") from err
     return Account(
@@ -189,31 +188,40 @@ def _training_noise(
     return sigma
 
 
-def _steps_per_round(
+def _steps_and_noise(
     terms: PrivacyTerms,
     prior: Sequence[HistoryEntry],
     planned: Sequence[HistoryEntry],
     plan: LocalPlan,
     q: float,
-) -> int:
-    """The site's steps per round: the plan's epochs, or in step mode the recipe's choice."""
+) -> tuple[int, float]:
+    """The site's steps per round (the plan's, or in step mode the recipe's choice) and the
+    noise multiplier calibrated for them; each step count is calibrated once."""
     asked = local_steps(
         num_examples=plan.num_examples,
         batch_size=plan.batch_size,
         epochs=plan.epochs,
         steps_per_round=plan.steps_per_round,
     )
+    noise: dict[int, float] = {}
+
+    def sigma_at(steps: int) -> float:
+        if steps not in noise:
+            noise[steps] = _training_noise(terms, prior, planned, q, terms.planned_rounds * steps)
+        return noise[steps]
+
     if plan.steps_per_round <= 0 or plan.max_noise_ratio <= 0:
-        return asked
+        return asked, sigma_at(asked)
 
     def ratio_at(steps: int) -> float:
         try:
-            sigma = _training_noise(terms, prior, planned, q, terms.planned_rounds * steps)
+            sigma = sigma_at(steps)
         except BudgetTooLow:  # fewer steps may fit the budget
             return math.inf
         return noise_ratio(noise_multiplier=sigma, sample_rate=q, num_examples=plan.num_examples)
 
     steps = adapted_steps(max_steps=asked, max_ratio=plan.max_noise_ratio, ratio_at=ratio_at)
+    sigma = sigma_at(steps)  # raises BudgetTooLow when even one step does not fit
     log.info(
         "DP recipe: %d of local-steps=%d per round at %d training records (sampling rate %.3g): "
         "the most whose noise ratio stays within max-noise-ratio=%g (%.3g at %d steps)",
@@ -222,10 +230,10 @@ def _steps_per_round(
         plan.num_examples,
         q,
         plan.max_noise_ratio,
-        ratio_at(steps),
+        noise_ratio(noise_multiplier=sigma, sample_rate=q, num_examples=plan.num_examples),
         steps,
     )
-    return steps
+    return steps, sigma
 
 
 def _release_noise(terms: PrivacyTerms, spent: float) -> float:
