@@ -59,6 +59,8 @@ SUMMARY_KEYS = (
     *SMALL_HOSPITAL_KEYS,
     "lora_gain_fed_dp8",
     "dp_recipe_best_gain_demo_small",
+    "dp_recipe_rule_gain_demo_small",
+    "dp_recipe_rule_gain_medpix",
     "side_channel_advantage",
     "eval_attack_advantage",
     "dp_eval_auroc_mae",

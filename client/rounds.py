@@ -27,7 +27,7 @@ from common.model.feature_cache import CachedFusion, CacheKey, FeatureSet
 from common.model.fusion_model import FusionModel
 from common.model.modalities import frozen, untrained_parameters
 from common.model.trainable import load_trainable_state, trainable_state
-from common.privacy.accounting import Account
+from common.privacy.accounting import Account, loader_batch
 from common.privacy.books import Books, DataVersion, RoundKey
 from common.privacy.dpsgd import private_training
 from common.privacy.enforcement import LocalPlan, PrivacyTerms, negotiate, round_steps
@@ -151,6 +151,7 @@ def local_plan(run: RunConfig, data: SiteData) -> LocalPlan:
         epochs=run.train.local_epochs,
         steps_per_round=run.train.local_steps,
         max_noise_ratio=run.privacy.max_noise_ratio if run.privacy.dp else 0.0,
+        max_batch_size=run.privacy.max_batch_size,
     )
 
 
@@ -294,6 +295,14 @@ def _again(
     )
 
 
+def _batch(account: Account | None, run: RunConfig, num_examples: int) -> int:
+    """The loader's batch: at the sampling rate the site's account planned (its recipe may have
+    raised the run's batch-size), or the run's batch-size without DP."""
+    if account is None or account.sample_rate <= 0:
+        return run.train.batch_size
+    return loader_batch(num_examples=num_examples, rate=account.sample_rate)
+
+
 def check_round_number(run: RunConfig, request: RoundRequest) -> None:
     """A round number beyond the run's planned rounds is not a round of this run."""
     if not 1 <= request.server_round <= run.federation.num_server_rounds:
@@ -319,7 +328,7 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         net, train_set = _training_net(state, run, bundle, data, model, device)
         loader = DataLoader(
             train_set,
-            batch_size=run.train.batch_size,
+            batch_size=_batch(work.account, run, len(train_set)),
             shuffle=True,
             num_workers=run.data.num_workers,
         )

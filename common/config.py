@@ -261,10 +261,11 @@ class PrivacyConfig:
     max_grad_norm: float = field(metadata=_range(0.0, 1e4, lo_open=True))
     accountant: str = field(metadata=_choice(*ACCOUNTANTS))
     grad_sample_mode: str = field(metadata=_choice(*GRAD_SAMPLE_MODES))
-    # the site-adaptive recipe (common.privacy.recipe): with local-steps > 0, a site takes the
-    # most steps per round, up to local-steps, whose noise per averaged gradient stays within
-    # this (per unit of max-grad-norm); 0: every site takes local-steps
+    # the site-adaptive recipe (common.privacy.recipe): with local-steps > 0, a site raises its
+    # expected batch, up to max-batch-size, until the noise per averaged gradient (per unit of
+    # max-grad-norm) is within max-noise-ratio; 0: every site trains as the run config says
     max_noise_ratio: float = field(metadata=_range(0.0, 100.0))
+    max_batch_size: int = field(metadata=_range(0, 100_000))  # 0: batch-size (never raised)
 
 
 _SECTIONS: dict[str, type] = {

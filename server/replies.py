@@ -2,8 +2,9 @@
 
 A reply is untrusted input. An error reply becomes a refusal or a failure (by its kind's code,
 `common.protocol.ERROR_CODES`); a reply is malformed, and is recorded as rejected rather than
-used, when a record is missing, a metric is missing or not a finite number, or `num-examples`
-is not a whole number from 1 to `MAX_EXAMPLES`. Nothing here raises on a site's bad reply.
+used, when a record is missing or not of the protocol, a metric is missing, extra or not a
+number, or `num-examples` is not a whole number from 1 to `MAX_EXAMPLES`. Nothing here raises
+on a site's bad reply.
 
 A site's name is what it says it is (a ConfigRecord, or the error reason); the node it came from
 is what Flower authenticated, and `server.sites.SiteNames` decides the name it is recorded under
@@ -113,15 +114,25 @@ def _claimed_name(msg: Message) -> str | None:
     return None
 
 
+# the records a reply may hold, by kind: anything else would reach Flower's aggregation (which
+# raises on a second ArrayRecord, and cannot average a list-valued metric) or the run folder
+TRAIN_RECORDS = {"array": {R.ARRAYS}, "metric": {R.METRICS}, "config": {R.UPDATE, R.SITE}}
+EVAL_RECORDS = {"array": {R.COUNTS}, "metric": {R.METRICS}, "config": {R.SITE}}
+
+
 def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> Reply:
     content = msg.content
     keys = R.TRAIN_METRICS if train else R.EVAL_METRICS
+    _check_records(content, TRAIN_RECORDS if train else EVAL_RECORDS)
     if R.METRICS not in content.metric_records:
         raise MalformedReply(f"no '{R.METRICS}' record.")
     record = content[R.METRICS]
     missing = [k for k in keys if k not in record]
     if missing:
         raise MalformedReply(f"metric(s) {missing} missing.")
+    extra = sorted(set(record) - set(keys))
+    if extra:
+        raise MalformedReply(f"metric(s) {extra[:5]} are not in the protocol's {len(keys)}.")
     metrics: dict[str, float] = {}
     for key in keys:
         value = record[key]
@@ -154,6 +165,20 @@ def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> 
     except MalformedCounts as err:
         raise MalformedReply(f"'{R.COUNTS}': {err}") from err
     return Reply(node_id=node, site=site, metrics=metrics, update=None, message=msg, counts=counts)
+
+
+def _check_records(content: RecordDict, allowed: dict[str, set[str]]) -> None:
+    """Only the protocol's records, each of its kind (names are the site's; at most 5 shown)."""
+    held = {
+        "array": set(content.array_records),
+        "metric": set(content.metric_records),
+        "config": set(content.config_records),
+    }
+    extra = sorted(
+        f"{name} ({kind})" for kind, names in held.items() for name in names - allowed[kind]
+    )
+    if extra:
+        raise MalformedReply(f"record(s) {extra[:5]} are not in the protocol.")
 
 
 def _update(content: RecordDict, site: str, num_examples: int) -> Update:

@@ -350,18 +350,22 @@ def test_side_channels_benchmark_measures_each_attack_and_the_cost(tmp_path: Pat
     assert set(out.extra) == {"eval_attack_advantage", "dp_eval_auroc_mae"}
 
 
-@pytest.mark.slow  # 8 federations of the tiny model
-def test_dp_recipe_benchmark_reports_both_tables_with_the_rules_steps(tmp_path: Path) -> None:
+@pytest.mark.slow  # 9 federations of the tiny model
+def test_dp_recipe_benchmark_reports_both_tables_with_the_rules_rates(tmp_path: Path) -> None:
     out = dp_recipe.run(
         True, tmp_path, preset="tiny", seeds=1, medpix=tmp_path / "absent.csv", sizes=(20,)
     )
     natural = out.raw["demo_small"]["natural"]
-    assert set(natural) == {f"k{k}-b{b}" for k in dp_recipe.STEPS for b in dp_recipe.BATCHES}
+    grid = {f"k{k}-b{b}" for k in dp_recipe.STEPS for b in dp_recipe.BATCHES}
+    assert set(natural) == grid | {"rule"}
     assert all(0.0 <= v["mean"] <= 1.0 for v in natural.values())
     assert out.value == pytest.approx(
         max(v["mean"] for v in natural.values()) - natural["k20-b32"]["mean"]
     )
+    assert out.extra["dp_recipe_rule_gain_demo_small"][0] == pytest.approx(
+        natural["rule"]["mean"] - natural["k20-b32"]["mean"]
+    )
     size = out.raw["demo_small"]["sizes"]["20"]
-    # two sites of 20 rows: the rule takes fewer steps than the fixed recipe's 20, at least one
-    assert size["rule_steps"] and all(1 <= k < 20 for k in size["rule_steps"])
+    # two sites of 20 training rows at most: batch 32 already takes them all, as does the rule
+    assert size["rule_rates"] == [1.0]
     assert 0.0 <= size["fixed"]["mean"] <= 1.0 and 0.0 <= size["rule"]["mean"] <= 1.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common import protocol as R
 from common.config import default_user_config
@@ -65,6 +65,33 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on(
     assert line.finished and set(line.rejected) == {"hospital-0", "hospital-1"}
     assert "num-examples is nan" in line.rejected["hospital-0"]
     assert "no 'metrics' record" in line.rejected["hospital-1"]
+    assert line.sites["hospital-2"].train is not None
+
+
+def _extra_arrays(received: Message, reply: Message) -> Message:
+    if not reply.has_error():
+        reply.content["smuggled"] = ArrayRecord({"x": Array(np.ones(3, dtype=np.float32))})
+    return reply
+
+
+def test_extra_metrics_or_records_are_rejected_and_the_round_goes_on(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    """A metric the protocol does not have (a list, which Flower's averaging cannot add up,
+    crashed the coordinator) or an extra record is not passed on to aggregation."""
+    out = RunFolder(
+        run(
+            demo_root,
+            tmp_path,
+            3,
+            {0: _metrics(smuggled=[1.0, 2.0]), 1: _extra_arrays},
+            **{"min-nodes": 1},
+        )
+    )
+    (line,) = out.read_history()
+    assert line.finished and set(line.rejected) == {"hospital-0", "hospital-1"}
+    assert "smuggled" in line.rejected["hospital-0"]
+    assert "smuggled" in line.rejected["hospital-1"]
     assert line.sites["hospital-2"].train is not None
 
 

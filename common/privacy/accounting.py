@@ -95,6 +95,12 @@ def sample_rate(*, num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
+def loader_batch(*, num_examples: int, rate: float) -> int:
+    """A loader batch at which Opacus samples at `rate` (a `sample_rate` of this site's size):
+    ceil(N / m) for m = 1 / rate batches, which gives ceil(N / ceil(N / m)) = m batches again."""
+    return math.ceil(num_examples / round(1.0 / rate))
+
+
 def calibrate_noise(
     *,
     target_epsilon: float,

@@ -31,7 +31,7 @@ from common.privacy.accounting import (
 )
 from common.privacy.ledger import RunEntry
 from common.privacy.policy import SitePolicy
-from common.privacy.recipe import adapted_steps, noise_ratio
+from common.privacy.recipe import adapted_batch, batch_candidates, most_steps, noise_ratio
 from common.privacy.release import release_entry
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], plan: Local
     """A new run's account: noise calibrated once so that the planned rounds and releases fit
     every cap (the releases alone spend at most `evaluation_share` of what the run may spend).
 
-    In step mode the site first chooses its steps per round (`common.privacy.recipe`): the most,
-    up to the plan's, whose noise ratio stays within `plan.max_noise_ratio`.
+    In step mode, with `plan.max_noise_ratio` > 0, the site first chooses its expected batch and
+    steps per round (`common.privacy.recipe`).
     """
     trains = terms.planned_rounds > 0  # else an evaluation-only site
     q = sample_rate(num_examples=plan.num_examples, batch_size=plan.batch_size) if trains else 0.0
@@ -148,7 +148,7 @@ def open_account(terms: PrivacyTerms, prior: Sequence[HistoryEntry], plan: Local
                 sample_rate=q,
                 release_noise_multiplier=release_sigma,
             )
-        steps, sigma = _steps_and_noise(terms, prior, planned, plan, q)
+        q, steps, sigma = _recipe(terms, prior, planned, plan)
     except BudgetTooLow as err:
         raise Refusal(f"the privacy budget is exhausted: {err}", reason="budget-exhausted") from err
     return Account(
@@ -188,52 +188,77 @@ def _training_noise(
     return sigma
 
 
-def _steps_and_noise(
+def _recipe(
     terms: PrivacyTerms,
     prior: Sequence[HistoryEntry],
     planned: Sequence[HistoryEntry],
     plan: LocalPlan,
-    q: float,
-) -> tuple[int, float]:
-    """The site's steps per round (the plan's, or in step mode the recipe's choice) and the
-    noise multiplier calibrated for them; each step count is calibrated once."""
+) -> tuple[float, int, float]:
+    """The site's sampling rate, steps per round and their noise multiplier: the plan's, or in
+    step mode under `plan.max_noise_ratio` the recipe's choice. Each (rate, steps) pair is
+    calibrated once."""
     asked = local_steps(
         num_examples=plan.num_examples,
         batch_size=plan.batch_size,
         epochs=plan.epochs,
         steps_per_round=plan.steps_per_round,
     )
-    noise: dict[int, float] = {}
+    noise: dict[tuple[float, int], float] = {}
 
-    def sigma_at(steps: int) -> float:
-        if steps not in noise:
-            noise[steps] = _training_noise(terms, prior, planned, q, terms.planned_rounds * steps)
-        return noise[steps]
+    def sigma_at(q: float, steps: int) -> float:
+        if (q, steps) not in noise:
+            noise[q, steps] = _training_noise(
+                terms, prior, planned, q, terms.planned_rounds * steps
+            )
+        return noise[q, steps]
+
+    def rate(batch: int) -> float:
+        return sample_rate(num_examples=plan.num_examples, batch_size=batch)
 
     if plan.steps_per_round <= 0 or plan.max_noise_ratio <= 0:
-        return asked, sigma_at(asked)
+        q = rate(plan.batch_size)
+        return q, asked, sigma_at(q, asked)
 
-    def ratio_at(steps: int) -> float:
+    def ratio_at(batch: int) -> float:
         try:
-            sigma = sigma_at(steps)
-        except BudgetTooLow:  # fewer steps may fit the budget
+            sigma = sigma_at(rate(batch), asked)
+        except BudgetTooLow:  # a larger batch may not fit the budget at every step either
             return math.inf
-        return noise_ratio(noise_multiplier=sigma, sample_rate=q, num_examples=plan.num_examples)
+        return noise_ratio(
+            noise_multiplier=sigma, sample_rate=rate(batch), num_examples=plan.num_examples
+        )
 
-    steps = adapted_steps(max_steps=asked, max_ratio=plan.max_noise_ratio, ratio_at=ratio_at)
-    sigma = sigma_at(steps)  # raises BudgetTooLow when even one step does not fit
+    def fits(q: float, steps: int) -> bool:
+        try:
+            sigma_at(q, steps)
+        except BudgetTooLow:
+            return False
+        return True
+
+    candidates = batch_candidates(
+        batch_size=plan.batch_size,
+        max_batch_size=plan.max_batch_size,
+        num_examples=plan.num_examples,
+    )
+    batch = adapted_batch(candidates=candidates, max_ratio=plan.max_noise_ratio, ratio_at=ratio_at)
+    q = rate(batch)
+    steps = most_steps(max_steps=asked, fits=lambda k: fits(q, k))
+    sigma = sigma_at(q, steps)  # raises BudgetTooLow when even one step does not fit
     log.info(
-        "DP recipe: %d of local-steps=%d per round at %d training records (sampling rate %.3g): "
-        "the most whose noise ratio stays within max-noise-ratio=%g (%.3g at %d steps)",
+        "DP recipe: expected batch %d (batch-size=%d, max-batch-size=%d; sampling rate %.3g of "
+        "%d training records) and %d of local-steps=%d per round: noise ratio %.3g, "
+        "max-noise-ratio=%g",
+        batch,
+        plan.batch_size,
+        plan.max_batch_size,
+        q,
+        plan.num_examples,
         steps,
         asked,
-        plan.num_examples,
-        q,
-        plan.max_noise_ratio,
         noise_ratio(noise_multiplier=sigma, sample_rate=q, num_examples=plan.num_examples),
-        steps,
+        plan.max_noise_ratio,
     )
-    return steps, sigma
+    return q, steps, sigma
 
 
 def _release_noise(terms: PrivacyTerms, spent: float) -> float:
@@ -270,7 +295,8 @@ class LocalPlan:
     batch_size: int
     epochs: int
     steps_per_round: int = 0  # > 0: step mode, an upper bound on the steps per round
-    max_noise_ratio: float = 0.0  # the recipe's bound (common.privacy.recipe); 0: steps as asked
+    max_noise_ratio: float = 0.0  # the recipe's bound (common.privacy.recipe); 0: as asked
+    max_batch_size: int = 0  # the largest expected batch the recipe may take (0: batch_size)
 
 
 def run_account(
