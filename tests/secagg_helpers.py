@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.secagg.coordinator import CoordinatorSession, RoundSum
-from common.secagg.messages import UnmaskRequest
+from common.secagg.messages import KeyDirectory, UnmaskRequest
 from common.secagg.params import Layout, RoundKey, RoundParams
 from common.secagg.site import SiteSession
 
@@ -62,6 +62,7 @@ class Transcript:
     vectors: dict[int, NDArray[np.uint64]]
     masked: dict[int, NDArray[np.uint64]]
     request: UnmaskRequest
+    directory: KeyDirectory  # the public keys relayed at stage 2
 
 
 def run_to_masked(
@@ -83,7 +84,8 @@ def run_to_masked(
     alive = [n for n in alive if n not in drop_masked]
     replies = [sites[n].mask(deliveries[n], vectors[n]) for n in alive]
     request = coord.collect_masked(replies)
-    return Transcript(coord, sites, vectors, {r.node: r.vector for r in replies}, request)
+    masked = {r.node: r.vector for r in replies}
+    return Transcript(coord, sites, vectors, masked, request, directory)
 
 
 def run_round(params: RoundParams, **drops: Collection[int]) -> tuple[RoundSum, Transcript]:
