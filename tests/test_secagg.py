@@ -174,3 +174,34 @@ def test_site_noise_is_added_under_the_masks() -> None:
     result = coordinator.collect_reveals(s.reveal(request) for s in sites.values())
     # 4 x 100 + (-2 - 1 + 0 + 1)
     np.testing.assert_array_equal(result.vector, np.full(params.layout.length, 398))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"cohort": (3, 2, 1)}, "sorted"),
+        ({"cohort": (1, 1, 2)}, "sorted"),
+        ({"cohort": (1,)}, "2 to 64"),
+        ({"cohort": tuple(range(65))}, "2 to 64"),
+        ({"cohort": (-1, 2, 3)}, "unsigned"),
+        ({"threshold": 4}, "threshold"),
+        ({"threshold": 1}, "threshold"),
+        ({"bits": 63}, "bits"),
+        ({"clip": float("nan")}, "clip"),
+        ({"scale": True}, "scale"),
+        ({"max_weight": 0}, "max_weight"),
+    ],
+)
+def test_round_parameters_out_of_bounds_are_rejected(change: dict[str, object], match: str) -> None:
+    base = {
+        "round": ROUND,
+        "cohort": (1, 2, 3),
+        "threshold": 2,
+        "bits": 32,
+        "clip": 1.0,
+        "scale": 16.0,
+        "max_weight": 100,
+        "layout": Layout(shapes=(("w", (4,)),)),
+    }
+    with pytest.raises(ConfigurationError, match=match):
+        RoundParams(**{**base, **change})  # type: ignore[arg-type]

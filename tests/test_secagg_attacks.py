@@ -121,7 +121,7 @@ def test_a_policy_with_as_many_colluders_as_sites_is_rejected() -> None:
 def test_a_stage_out_of_order_is_refused_and_aborts_the_session() -> None:
     sites, directory = _stage2(4, 3)
     site = sites[101]
-    with _refused("after stage KEYS, not after SHARED"):
+    with _refused("after stage KEYS, not SHARED"):
         site.mask(ShareDelivery(round=ROUND, recipient=101, sealed={}), np.zeros(1, np.uint64))
     with _refused("after stage ABORTED"):
         site.share(directory)  # the right request, too late: the session answers nothing more
@@ -130,7 +130,7 @@ def test_a_stage_out_of_order_is_refused_and_aborts_the_session() -> None:
 def test_a_stage_asked_twice_is_refused() -> None:
     sites, directory = _stage2(4, 3)
     sites[101].share(directory)
-    with _refused("after stage SHARED, not after KEYS"):
+    with _refused("after stage SHARED, not KEYS"):
         sites[101].share(directory)  # a second sharing would hand out a second polynomial
 
 
@@ -203,6 +203,14 @@ def test_a_directory_reusing_one_key_for_two_nodes_is_refused() -> None:
     clone = dataclasses.replace(d, encryption=c.encryption)
     with _refused("share a public key"):
         sites[101].share(dataclasses.replace(directory, keys=(a, b, c, clone)))
+
+
+def test_public_keys_replayed_from_another_round_are_refused() -> None:
+    sites, directory = _stage2(4, 3)
+    a, b, c, d = directory.keys
+    old = dataclasses.replace(d, round=RoundKey(run="run-a", round=2))
+    with _refused("public keys of another round"):
+        sites[101].share(dataclasses.replace(directory, keys=(a, b, c, old)))
 
 
 def test_a_low_order_public_key_is_refused() -> None:

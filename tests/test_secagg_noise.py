@@ -23,7 +23,7 @@ def test_skellam_shares_sum_to_skellam_of_the_summed_variance() -> None:
     """Ten sites each adding variance 10 give one Skellam of variance 100 (mu = 50 per side)."""
     stats = pytest.importorskip("scipy.stats")  # the reference distribution (via scikit-learn)
     rng = np.random.default_rng(7)
-    total = sum(skellam(variance=10.0, size=100_000, rng=rng) for _ in range(10))
+    total = np.sum([skellam(variance=10.0, size=100_000, rng=rng) for _ in range(10)], axis=0)
     edges = np.arange(-30, 31)  # +-3 sigma, one bin per value, the tails merged at the ends
     observed = np.bincount(np.clip(total, -30, 30) + 30, minlength=61)
     expected = stats.skellam.pmf(edges, 50, 50)

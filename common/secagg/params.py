@@ -63,9 +63,6 @@ class Layout:
     def __post_init__(self) -> None:
         if not isinstance(self.shapes, tuple) or not self.shapes:
             raise _reject("the layout must be a non-empty tuple of (name, shape)")
-        names = [entry[0] if isinstance(entry, tuple) and entry else None for entry in self.shapes]
-        if len(set(names)) != len(names):
-            raise _reject("the layout's array names must be unique")
         for entry in self.shapes:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
                 raise _reject(f"a layout entry must be (name, shape), not {entry!r}")
@@ -74,6 +71,9 @@ class Layout:
                 raise _reject(f"array {name!r}: a name of 1 to 256 characters and a tuple shape")
             if not all(type(d) is int and 0 < d <= MAX_COORDINATES for d in shape):
                 raise _reject(f"array {name!r}: every dimension must be a positive integer")
+        names = [name for name, _ in self.shapes]
+        if len(set(names)) != len(names):
+            raise _reject("the layout's array names must be unique")
         if self.coordinates > MAX_COORDINATES:
             raise _reject(f"{self.coordinates} coordinates; at most {MAX_COORDINATES}")
 
@@ -115,7 +115,7 @@ class RoundParams:
             raise _reject(f"bits {self.bits} must be in [{MIN_BITS}, {MAX_BITS}]")
         for name in ("clip", "scale"):
             value = getattr(self, name)
-            if not isinstance(value, float | int) or not (math.isfinite(value) and value > 0):
+            if type(value) not in (float, int) or not (math.isfinite(value) and value > 0):
                 raise _reject(f"{name} must be a finite positive number, not {value!r}")
         if self.noise_bound < 0 or self.max_weight < 1:
             raise _reject("noise_bound must be >= 0 and max_weight >= 1")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -84,15 +86,19 @@ class SiteSession:
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (b share, key share)
         self._partners: tuple[int, ...] = ()  # stage 3: the sites this vector is masked with
 
-    def _enter(self, expected: Stage, round_key: RoundKey, what: str) -> None:
-        """Check a request's stage and round; any failure from here on aborts the session."""
-        if self.stage is not expected:
-            stage = self.stage
+    @contextmanager
+    def _stage(self, expected: Stage, round_key: RoundKey, what: str) -> Iterator[None]:
+        """Check a request's stage and round, then do it; any error aborts the session."""
+        try:
+            if self.stage is not expected:
+                raise _refuse(f"{what} arrived after stage {self.stage.name}, not {expected.name}")
+            if round_key != self.round_key:
+                raise _refuse(f"{what} is for {round_key}, this session is for {self.round_key}")
+            yield
+        except FedFusionError as e:
             self.stage = Stage.ABORTED
-            raise _refuse(f"{what} arrived after stage {stage.name}, not after {expected.name}")
-        if round_key != self.round_key:
-            self.stage = Stage.ABORTED
-            raise _refuse(f"{what} is for {round_key}, this session is for {self.round_key}")
+            logger.warning("secure aggregation at node %s aborted: %s", self.node, e.detail)
+            raise
 
     @property
     def params(self) -> RoundParams:
@@ -102,12 +108,10 @@ class SiteSession:
 
     def advertise(self, params: RoundParams) -> PublicKeys:
         """Stage 1: check the round's parameters against the site's rules; send the public keys."""
-        self._enter(Stage.NEW, params.round, "the round parameters")
-        try:
+        if not isinstance(params, RoundParams):
+            raise ConfigurationError("stage 1 carries RoundParams", reason="message")
+        with self._stage(Stage.NEW, params.round, "the round parameters"):
             self._check_params(params)
-        except FedFusionError:
-            self.stage = Stage.ABORTED
-            raise
         self._params, self.stage = params, Stage.KEYS
         return PublicKeys(
             round=self.round_key,
@@ -141,19 +145,16 @@ class SiteSession:
 
     def share(self, directory: KeyDirectory) -> SealedShares:
         """Stage 2: make the self-mask seed; share it and the masking key among the holders."""
-        self._enter(Stage.KEYS, directory.round, "the key directory")
-        params = self.params
-        try:
-            self._peers = self._check_directory(directory, params)
-            sealed = self._seal_shares(params)
-        except FedFusionError:
-            self.stage = Stage.ABORTED
-            raise
+        with self._stage(Stage.KEYS, directory.round, "the key directory"):
+            self._peers = self._check_directory(directory, self.params)
+            sealed = self._seal_shares(self.params)
         self.stage = Stage.SHARED
         return SealedShares(round=self.round_key, sender=self.node, sealed=sealed)
 
     def _check_directory(self, directory: KeyDirectory, params: RoundParams) -> dict[int, _Peer]:
         listed = {k.node: k for k in directory.keys}
+        if any(k.round != self.round_key for k in directory.keys):
+            raise _refuse("the directory holds public keys of another round")
         strangers = sorted(set(listed) - set(params.cohort))
         if strangers:
             raise _refuse(f"keys for nodes {strangers} outside the cohort fixed at stage 1")
@@ -199,14 +200,9 @@ class SiteSession:
 
     def mask(self, delivery: ShareDelivery, vector: NDArray[np.uint64]) -> MaskedVector:
         """Stage 3: keep the shares sent to this site; return its vector (+ noise), masked."""
-        self._enter(Stage.SHARED, delivery.round, "the share delivery")
-        params = self.params
-        try:
-            self._take_shares(delivery, params)
-            masked = self._masked(vector, params)
-        except FedFusionError:
-            self.stage = Stage.ABORTED
-            raise
+        with self._stage(Stage.SHARED, delivery.round, "the share delivery"):
+            self._take_shares(delivery, self.params)
+            masked = self._masked(vector, self.params)
         self.stage = Stage.MASKED
         return MaskedVector(round=self.round_key, node=self.node, vector=masked)
 
@@ -236,7 +232,11 @@ class SiteSession:
                 reason="message",
             )
         if int(vector.max(initial=0)) >= params.modulus:
-            raise ConfigurationError("the site's vector holds values outside the ring")
+            raise ConfigurationError(
+                f"the site's vector holds values outside the ring of {params.bits} bits (pack it "
+                "with common.secagg.vector.pack, under this round's parameters)",
+                reason="message",
+            )
         total = vector.copy()
         if self._noise is not None:
             total = (total + to_ring(self._noise, bits=params.bits)) & np.uint64(params.modulus - 1)
@@ -256,13 +256,8 @@ class SiteSession:
 
     def reveal(self, request: UnmaskRequest) -> Reveal:
         """Stage 4: per partner, its seed share if it survived or its key share if it dropped."""
-        self._enter(Stage.MASKED, request.round, "the unmask request")
-        params = self.params
-        try:
-            self._check_unmask(request, params)
-        except FedFusionError:
-            self.stage = Stage.ABORTED
-            raise
+        with self._stage(Stage.MASKED, request.round, "the unmask request"):
+            self._check_unmask(request, self.params)
         self.stage = Stage.REVEALED
         return Reveal(
             round=self.round_key,
