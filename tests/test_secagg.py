@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from common.secagg.messages import MaskedVector
 from common.secagg.params import Layout, RoundParams
 from common.secagg.site import SiteSession
 from common.secagg.vector import pack, unpack
-from tests.secagg_helpers import ROUND, make_params, plain_sum, run_round, run_to_masked
+from tests.secagg_helpers import ROUND, make_params, make_sites, plain_sum, run_round, run_to_masked
 
 
 def test_the_sum_is_exact_with_no_dropouts() -> None:
@@ -205,3 +207,16 @@ def test_round_parameters_out_of_bounds_are_rejected(change: dict[str, object], 
     }
     with pytest.raises(ConfigurationError, match=match):
         RoundParams(**{**base, **change})  # type: ignore[arg-type]
+
+
+def test_a_site_that_copies_another_sites_key_is_left_out_and_the_round_goes_on() -> None:
+    params = make_params(7, 4)
+    sites = make_sites(params)
+    coordinator = CoordinatorSession(params)
+    replies = {n: s.advertise(params) for n, s in sites.items()}
+    replies[105] = dataclasses.replace(replies[105], masking=replies[101].masking)  # a copy
+    replies[104] = dataclasses.replace(replies[104], encryption=bytes(32))  # a low-order key
+    directory = coordinator.collect_keys(replies.values())
+    assert [k.node for k in directory.keys] == [102, 103, 106, 107]  # 101's key was repeated
+    deliveries = coordinator.collect_shares(sites[n].share(directory) for n in (102, 103, 106, 107))
+    assert set(deliveries) == {102, 103, 106, 107}

@@ -8,6 +8,7 @@ masks and the dropped sites' pairwise masks are rebuilt from t shares each, and 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -64,8 +65,9 @@ class CoordinatorSession:
 
     def _accept(
         self,
-        replies: Iterable[R],
+        replies: Iterable[object],
         *,
+        kind: type[R],
         sender: Callable[[R], int],
         expected: set[int],
         check: Callable[[R], str | None],
@@ -75,6 +77,11 @@ class CoordinatorSession:
         accepted: dict[int, R] = {}
         refused: set[int] = set()
         for reply in replies:
+            if not isinstance(reply, kind):
+                logger.warning(
+                    "secure aggregation %s: a reply that is not %s", stage, kind.__name__
+                )
+                continue
             node = sender(reply)
             problem = check(reply)
             if node not in expected:
@@ -97,13 +104,36 @@ class CoordinatorSession:
         """Stage 1 -> 2: the public keys of the sites that answered, for every one of them."""
         self._keys = self._accept(
             replies,
+            kind=PublicKeys,
             sender=lambda r: r.node,
             expected=set(self.params.cohort),
             check=lambda r: None,
             stage="stage 1 (keys)",
         )
+        self._keys = self._usable_keys(self._keys)
         directory = tuple(self._keys[n] for n in sorted(self._keys))
         return KeyDirectory(round=self.params.round, keys=directory)
+
+    def _usable_keys(self, received: dict[int, PublicKeys]) -> dict[int, PublicKeys]:
+        """Drop sites whose keys repeat another's or are low-order points: honest sites would
+        refuse the whole directory for them (one faulty site must not stop the round)."""
+        blobs = Counter(b for k in received.values() for b in (k.encryption, k.masking))
+        probe = X25519PrivateKey.generate()
+        usable: dict[int, PublicKeys] = {}
+        for node, k in received.items():
+            try:
+                for blob in (k.encryption, k.masking):
+                    probe.exchange(keys.load_public(blob, owner=node))
+            except ValueError:  # a low-order point: the shared secret would be zero
+                logger.warning("secure aggregation stage 1: node %s sent a low-order key", node)
+                continue
+            if blobs[k.encryption] > 1 or blobs[k.masking] > 1:
+                logger.warning("secure aggregation stage 1: node %s repeats a public key", node)
+                continue
+            usable[node] = k
+        if len(usable) < self.params.threshold:
+            raise _too_few("stage 1 (keys)", len(usable), self.params.threshold)
+        return usable
 
     def collect_shares(self, replies: Iterable[SealedShares]) -> dict[int, ShareDelivery]:
         """Stage 2 -> 3: to each site that shared, the sealed shares the others addressed to it."""
@@ -115,7 +145,12 @@ class CoordinatorSession:
             return None
 
         self._sealed = self._accept(
-            replies, sender=lambda r: r.sender, expected=holders, check=check, stage="stage 2"
+            replies,
+            kind=SealedShares,
+            sender=lambda r: r.sender,
+            expected=holders,
+            check=check,
+            stage="stage 2 (shares)",
         )
         return {
             recipient: ShareDelivery(
@@ -137,6 +172,7 @@ class CoordinatorSession:
 
         self._masked = self._accept(
             replies,
+            kind=MaskedVector,
             sender=lambda r: r.node,
             expected=set(self._sealed),
             check=check,
@@ -163,6 +199,7 @@ class CoordinatorSession:
 
         reveals = self._accept(
             replies,
+            kind=Reveal,
             sender=lambda r: r.node,
             expected=set(request.survivors),
             check=check,

@@ -47,7 +47,11 @@ class Stage(IntEnum):
 
 
 def _refuse(what: str) -> Refusal:
-    return Refusal(f"secure aggregation: {what}", reason="secagg-unsafe")
+    return Refusal(
+        f"secure aggregation: {what}. The site answers nothing more in this round; the "
+        "coordinator must start the round again within the site's rules (docs/SECAGG.md)",
+        reason="secagg-unsafe",
+    )
 
 
 @dataclass(frozen=True)
