@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigurationError, Failure
-from common.secagg import sharing
+from common.secagg import keys, masking, sharing
 from common.secagg.coordinator import CoordinatorSession
 from common.secagg.messages import MaskedVector
 from common.secagg.params import Layout, RoundParams
@@ -220,3 +220,23 @@ def test_a_site_that_copies_another_sites_key_is_left_out_and_the_round_goes_on(
     assert [k.node for k in directory.keys] == [102, 103, 106, 107]  # 101's key was repeated
     deliveries = coordinator.collect_shares(sites[n].share(directory) for n in (102, 103, 106, 107))
     assert set(deliveries) == {102, 103, 106, 107}
+
+
+def test_any_t_shares_rebuild_a_secret_and_fewer_do_not() -> None:
+    secret = bytes(range(32))
+    shares = sharing.split(secret, threshold=3, count=5)
+    for chosen in ((1, 2, 3), (5, 3, 1), (2, 4, 5)):
+        assert sharing.combine({x: shares[x - 1] for x in chosen}, threshold=3) == secret
+    with pytest.raises(Failure, match="2 shares of a secret, 3 are needed"):
+        sharing.combine({1: shares[0], 2: shares[1]}, threshold=3)
+
+
+def test_both_ends_of_a_pair_derive_the_same_mask_key_and_a_round_changes_it() -> None:
+    a, b = keys.new_private_key(), keys.new_private_key()
+    a_pub = keys.load_public(keys.public_bytes(a), owner=1)
+    b_pub = keys.load_public(keys.public_bytes(b), owner=2)
+    at_a = masking.pair_mask_key(a, b_pub, round_key=ROUND, node=1, other=2)
+    at_b = masking.pair_mask_key(b, a_pub, round_key=ROUND, node=2, other=1)
+    later = dataclasses.replace(ROUND, round=ROUND.round + 1)
+    assert at_a == at_b != masking.pair_mask_key(a, b_pub, round_key=later, node=1, other=2)
+    assert masking.pair_sign(1, 2) == -masking.pair_sign(2, 1)

@@ -416,8 +416,8 @@ def test_a_coordinator_playing_absent_cohort_members_cannot_unmask_a_site() -> N
     stolen: dict[int, tuple[bytes, bytes]] = {}  # forged holder -> the victim's share pair
     for holder, (_, encryption, _) in forged.items():
         peer = keys.load_public(_public(directory, VICTIM).encryption, owner=VICTIM)
-        key = masking.share_key(encryption, peer, round_key=ROUND, node=holder, other=VICTIM)
-        context = masking.pair_context(ROUND, VICTIM, holder)
+        key = keys.share_key(encryption, peer, round_key=ROUND, node=holder, other=VICTIM)
+        context = keys.share_context(ROUND, VICTIM, holder)
         plain = keys.unseal(key, sealed[VICTIM].sealed[holder], context=context)
         stolen[holder] = (plain[:32], plain[32:])
     # stage 3: each real site gets the real shares and shares "from" 104 and 105
@@ -427,8 +427,8 @@ def test_a_coordinator_playing_absent_cohort_members_cannot_unmask_a_site() -> N
         delivered = {s: sealed[s].sealed[n] for s in real if s != n}
         for holder, (_, encryption, _) in forged.items():
             peer = keys.load_public(_public(directory, n).encryption, owner=n)
-            key = masking.share_key(encryption, peer, round_key=ROUND, node=holder, other=n)
-            context = masking.pair_context(ROUND, holder, n)
+            key = keys.share_key(encryption, peer, round_key=ROUND, node=holder, other=n)
+            context = keys.share_context(ROUND, holder, n)
             delivered[holder] = keys.seal(key, bytes(64), context=context)
         delivery = ShareDelivery(round=ROUND, recipient=n, sealed=delivered)
         masked[n] = sites[n].mask(delivery, vectors[n]).vector

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.errors import ConfigurationError, Refusal
+from common.secagg.params import RoundKey
 
 KEY_BYTES = 32  # X25519 public and private keys, and every derived key
 NONCE_BYTES = 12
@@ -78,3 +79,22 @@ def unseal(key: bytes, sealed: bytes, *, context: bytes) -> bytes:
             "it was altered, misaddressed or replayed from another round",
             reason="secagg-unsafe",
         ) from e
+
+
+def encode_ids(*nodes: int) -> bytes:
+    """Node ids as 8 bytes each, for key derivation and encryption contexts."""
+    return b"".join(n.to_bytes(8, "big") for n in nodes)
+
+
+def share_key(
+    private: X25519PrivateKey, peer: X25519PublicKey, *, round_key: RoundKey, node: int, other: int
+) -> bytes:
+    """The key that encrypts the shares `node` and `other` send each other in this round."""
+    low, high = sorted((node, other))
+    info = b"fedfusion-secagg share-key " + round_key.encode() + encode_ids(low, high)
+    return agree(private, peer, info=info)
+
+
+def share_context(round_key: RoundKey, sender: int, recipient: int) -> bytes:
+    """What a sealed share pair is bound to: this round, who sent it, to whom."""
+    return b"fedfusion-secagg share " + round_key.encode() + encode_ids(sender, recipient)

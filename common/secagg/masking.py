@@ -36,7 +36,7 @@ def pair_mask_key(
 ) -> bytes:
     """The key of the mask `node` and `other` share in this round (the same from either side)."""
     low, high = sorted((node, other))
-    info = b"fedfusion-secagg pair-mask " + round_key.encode() + _ids(low, high)
+    info = b"fedfusion-secagg pair-mask " + round_key.encode() + keys.encode_ids(low, high)
     return keys.agree(private, peer, info=info)
 
 
@@ -51,21 +51,3 @@ def add_mask(vector: NDArray[np.uint64], key: bytes, *, sign: int, bits: int) ->
     # uint64 arithmetic wraps modulo 2**64, a multiple of 2**bits: reduce once at the end
     total = vector + mask if sign > 0 else vector - mask
     return total & np.uint64(2**bits - 1)
-
-
-def _ids(*nodes: int) -> bytes:
-    return b"".join(n.to_bytes(8, "big") for n in nodes)
-
-
-def pair_context(round_key: RoundKey, sender: int, recipient: int) -> bytes:
-    """What a sealed share is bound to: this round, who sent it, to whom."""
-    return b"fedfusion-secagg share " + round_key.encode() + _ids(sender, recipient)
-
-
-def share_key(
-    private: X25519PrivateKey, peer: X25519PublicKey, *, round_key: RoundKey, node: int, other: int
-) -> bytes:
-    """The key that encrypts shares between `node` and `other` in this round."""
-    low, high = sorted((node, other))
-    info = b"fedfusion-secagg share-key " + round_key.encode() + _ids(low, high)
-    return keys.agree(private, peer, info=info)

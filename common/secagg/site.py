@@ -193,12 +193,12 @@ class SiteSession:
         for node, peer in self._peers.items():
             x = params.position(node) - 1
             key = self._share_key(node, peer)
-            context = masking.pair_context(self.round_key, self.node, node)
+            context = keys.share_context(self.round_key, self.node, node)
             sealed[node] = keys.seal(key, seed_shares[x] + key_shares[x], context=context)
         return sealed
 
     def _share_key(self, node: int, peer: _Peer) -> bytes:
-        return masking.share_key(
+        return keys.share_key(
             self._encryption, peer.encryption, round_key=self.round_key, node=self.node, other=node
         )
 
@@ -223,7 +223,7 @@ class SiteSession:
             )
         for sender, blob in delivery.sealed.items():
             key = self._share_key(sender, self._peers[sender])
-            context = masking.pair_context(self.round_key, sender, self.node)
+            context = keys.share_context(self.round_key, sender, self.node)
             plain = keys.unseal(key, blob, context=context)
             self._held[sender] = (plain[: sharing.SHARE_BYTES], plain[sharing.SHARE_BYTES :])
         self._partners = tuple(sorted(delivery.sealed))
