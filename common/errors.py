@@ -53,6 +53,8 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "steps, time or memory",
         "run-config-not-accepted": "the run config changes settings the site does not let a run "
         "change",
+        # secure aggregation (common.secagg): the coordinator's request breaks the site's rules
+        "secagg-unsafe": "the secure aggregation request breaks the site's safety rules",
     },
     Kind.BAD_DATA: {
         "data-unusable": "the site's data cannot be used as it is",
@@ -70,6 +72,7 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "state-folder": "the site's state folder cannot be used",
         "device": "the site's device is not available",
         "interrupted": "the site's work was interrupted",
+        "secagg-dropouts": "too few sites remained for secure aggregation to recover the sum",
     },
     Kind.BUG: {"internal-error": "an internal error (a defect in FedFusion) stopped the site"},
 }
