@@ -179,6 +179,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
             site.state_dir
         ):  # from reading the ledger to writing it: one round at a time
             books = open_books(site, request, data, terms)
+            before = books.entry.account if books.entry is not None else None
             again = books.resend(global_sha256) if books.trained else None
             if again:
                 return _again(again, request, data, policy, terms, books)
@@ -201,7 +202,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                     result=local.result,
                 )
             )
-    log_spend(site.site_name, request.server_round, receipt, terms)
+    log_spend(site.site_name, request, receipt, terms, before=before.epsilon if before else 0.0)
     return TrainOutcome(
         state=local.sent,
         untrained=work.untrained,
@@ -215,18 +216,24 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
     )
 
 
-def log_spend(site: str, server_round: int, receipt: Receipt, terms: PrivacyTerms) -> None:
-    """The site's own log after a round: what it spent and what is left of its cap."""
+def log_spend(
+    site: str, request: RoundRequest, receipt: Receipt, terms: PrivacyTerms, *, before: float
+) -> None:
+    """The site's own log after a round: what it spent (`before`: the run's epsilon until now)."""
+    where = f"{site}: run {request.run_key} (Flower run {request.flower_run_id})"
     if receipt.epsilon is None:
-        log.info("%s round %d: trained without DP (%d steps)", site, server_round, receipt.steps)
+        log.info(
+            "%s round %d: trained without DP (%d steps)", where, request.server_round, receipt.steps
+        )
         return
     scope = receipt.scope_epsilon if receipt.scope_epsilon is not None else receipt.epsilon
     log.info(
-        "%s round %d: %d DP-SGD steps; epsilon %.3f this run (cap %.4g); %.3f of the cap %.4g "
-        "over its budget scope (%s), %.3f left",
-        site,
-        server_round,
+        "%s round %d: %d DP-SGD steps; epsilon %.3f this round, %.3f this run (cap %.4g); %.3f "
+        "of the cap %.4g over its budget scope (%s), %.3f left",
+        where,
+        request.server_round,
         receipt.steps,
+        receipt.epsilon - before,
         receipt.epsilon,
         terms.run_epsilon,
         scope,

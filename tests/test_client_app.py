@@ -177,16 +177,24 @@ def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(
     assert len(read_receipts(state_dir)) == 2
 
 
-def test_the_sites_log_says_what_a_round_spent_and_what_is_left(
+def test_the_sites_log_says_what_each_round_spent_and_what_is_left(
     demo_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = tiny_run(demo_root, num_server_rounds=1, local_steps=2)
+    run = tiny_run(demo_root, num_server_rounds=2, local_steps=2)
     state = SiteState(hospital(demo_root, tmp_path, 0))  # a deployed site: DP, its default cap 8
     parameters = trainable_state(state.bundle(run.model).model)
     with caplog.at_level(logging.INFO, logger="client.rounds"):
-        out = train_round(state, run, request(state, run, 1, parameters))
-    spent = out.receipt.epsilon
-    assert spent is not None and 0 < spent <= 8.0
-    line = next(r.getMessage() for r in caplog.records if "DP-SGD steps" in r.getMessage())
-    assert f"epsilon {spent:.3f} this run" in line
-    assert f"{8.0 - (out.receipt.scope_epsilon or spent):.3f} left" in line
+        first = train_round(state, run, request(state, run, 1, parameters, flower_run_id=17))
+        second = train_round(state, run, request(state, run, 2, parameters, flower_run_id=17))
+    spent = [out.receipt.epsilon for out in (first, second)]
+    assert spent[0] is not None and spent[1] is not None and 0 < spent[0] < spent[1] <= 8.0
+    lines = [r.getMessage() for r in caplog.records if "DP-SGD steps" in r.getMessage()]
+    assert [line.split(": ")[1].split(" round")[0] for line in lines] == [
+        "run run-1 (Flower run 17)"
+    ] * 2
+    for line, server_round, this_round, run_total in zip(
+        lines, (1, 2), (spent[0], spent[1] - spent[0]), spent, strict=True
+    ):
+        assert f"round {server_round}: " in line
+        assert f"epsilon {this_round:.3f} this round, {run_total:.3f} this run (cap 8)" in line
+        assert f"{8.0 - run_total:.3f} left" in line  # a fresh site: the run is all its spend
