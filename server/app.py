@@ -58,9 +58,9 @@ def main(grid: Grid, context: Context) -> None:
     end = federate(grid, RunConfig.from_user_config(context.run_config))
     if end.stopped:  # an exception is Flower's only way to mark the run failed
         raise RunStopped(
-            f"The run stopped early: {end.stopped.splitlines()[0]} Its run folder {end.folder} "
-            "holds the rounds that finished (summary.json: stopped); fix the cause and submit "
-            "the same run again (same run-name) to resume after the last finished round."
+            f"The run stopped early: {end.stopped.splitlines()[0].rstrip('.')}. Its run folder "
+            f"{end.folder} holds the rounds that finished (summary.json: stopped); fix the cause "
+            "and submit the same run again (same run-name) to resume after the last finished round."
         )
 
 
