@@ -19,6 +19,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
+from client.evaluation import evaluate_round
 from client.rounds import train_round
 from client.state import SiteState
 from common import protocol as R
@@ -183,18 +184,24 @@ def test_the_sites_log_says_what_each_round_spent_and_what_is_left(
     run = tiny_run(demo_root, num_server_rounds=2, local_steps=2)
     state = SiteState(hospital(demo_root, tmp_path, 0))  # a deployed site: DP, its default cap 8
     parameters = trainable_state(state.bundle(run.model).model)
+    asked = [request(state, run, r, parameters, flower_run_id=17) for r in (1, 2)]
     with caplog.at_level(logging.INFO, logger="client.rounds"):
-        first = train_round(state, run, request(state, run, 1, parameters, flower_run_id=17))
-        second = train_round(state, run, request(state, run, 2, parameters, flower_run_id=17))
-    spent = [out.receipt.epsilon for out in (first, second)]
-    assert spent[0] is not None and spent[1] is not None and 0 < spent[0] < spent[1] <= 8.0
-    lines = [r.getMessage() for r in caplog.records if "DP-SGD steps" in r.getMessage()]
-    assert [line.split(": ")[1].split(" round")[0] for line in lines] == [
-        "run run-1 (Flower run 17)"
-    ] * 2
-    for line, server_round, this_round, run_total in zip(
-        lines, (1, 2), (spent[0], spent[1] - spent[0]), spent, strict=True
+        first = train_round(state, run, asked[0])
+        evaluate_round(state, run, asked[0])  # its noisy counts: a charged release
+        second = train_round(state, run, asked[1])
+    receipts = read_receipts(state.site.state_dir)
+    assert [(r.round, r.kind) for r in receipts] == [(1, "train"), (1, "evaluate"), (2, "train")]
+    totals = [r.epsilon for r in receipts]
+    assert totals[2] == second.receipt.epsilon and totals[0] == first.receipt.epsilon
+    lines = [r.getMessage() for r in caplog.records if " this run (cap " in r.getMessage()]
+    assert len(lines) == 3, lines
+    steps = [first.receipt.steps, None, second.receipt.steps]
+    for line, receipt, before, count in zip(
+        lines, receipts, [0.0, *totals[:2]], steps, strict=True
     ):
-        assert f"round {server_round}: " in line
-        assert f"epsilon {this_round:.3f} this round, {run_total:.3f} this run (cap 8)" in line
-        assert f"{8.0 - run_total:.3f} left" in line  # a fresh site: the run is all its spend
+        assert line.startswith(f"hospital-0: run run-1 (Flower run 17) round {receipt.round}: ")
+        what = f"{count} DP-SGD steps" if count else "evaluation counts released"
+        unit = "round" if count else "release"
+        assert f": {what}; epsilon {receipt.epsilon - before:.3f} this {unit}, " in line
+        assert f"{receipt.epsilon:.3f} this run (cap 8)" in line
+        assert f"{8.0 - receipt.epsilon:.3f} left" in line  # a fresh site: the run is all its spend
