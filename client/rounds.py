@@ -268,8 +268,7 @@ def log_charge(
     scope_total: float | None,
     unit: str = "round",
 ) -> None:
-    """One charge in the site's log: the run, the round, this charge, the run's total and cap,
-    and what is left of the cap over the policy's budget scope."""
+    """One charge in the site's log: run, round, this charge, run total and cap, what is left."""
     scope = run_total if scope_total is None else scope_total
     log.info(
         "%s: run %s (Flower run %d) round %d: %s; epsilon %.3f this %s, %.3f this run (cap "
