@@ -19,6 +19,7 @@ from client.rounds import (
     check_request,
     load_global,
     local_plan,
+    log_release,
     open_books,
     site_policy,
     site_terms,
@@ -102,7 +103,7 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> S
             if account is None:
                 books.record_exact_evaluation()
             else:
-                books.charge_release(
+                after = books.charge_release(
                     account,
                     kind=EVALUATE,
                     sha256=update_digest(
@@ -112,6 +113,14 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> S
                             for name, array in c.arrays().items()
                         }
                     ),
+                )
+                log_release(
+                    site.site_name,
+                    request,
+                    books,
+                    what="evaluation counts released",
+                    before=account,
+                    after=after,
                 )
     return evaluation
 

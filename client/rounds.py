@@ -180,6 +180,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
             site.state_dir
         ):  # from reading the ledger to writing it: one round at a time
             books = open_books(site, request, data, terms)
+            before = books.entry.account if books.entry is not None else None
             again = books.resend(global_sha256) if books.trained else None
             if again:
                 return _again(again, request, data, policy, terms, books)
@@ -202,7 +203,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
                     result=local.result,
                 )
             )
-    log_spend(site.site_name, request.server_round, receipt, terms)
+    log_spend(site.site_name, request, receipt, terms, before=before.epsilon if before else 0.0)
     return TrainOutcome(
         state=local.sent,
         untrained=work.untrained,
@@ -216,19 +217,71 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
     )
 
 
-def log_spend(site: str, server_round: int, receipt: Receipt, terms: PrivacyTerms) -> None:
-    """The site's own log after a round: what it spent and what is left of its cap."""
+def log_spend(
+    site: str, request: RoundRequest, receipt: Receipt, terms: PrivacyTerms, *, before: float
+) -> None:
+    """The site's own log after a round: what it spent (`before`: the run's epsilon until now)."""
     if receipt.epsilon is None:
-        log.info("%s round %d: trained without DP (%d steps)", site, server_round, receipt.steps)
+        log.info(
+            "%s: run %s (Flower run %d) round %d: trained without DP (%d steps)",
+            site,
+            request.run_key,
+            request.flower_run_id,
+            request.server_round,
+            receipt.steps,
+        )
         return
-    scope = receipt.scope_epsilon if receipt.scope_epsilon is not None else receipt.epsilon
-    log.info(
-        "%s round %d: %d DP-SGD steps; epsilon %.3f this run (cap %.4g); %.3f of the cap %.4g "
-        "over its budget scope (%s), %.3f left",
+    log_charge(
         site,
-        server_round,
-        receipt.steps,
-        receipt.epsilon,
+        request,
+        terms,
+        what=f"{receipt.steps} DP-SGD steps",
+        spent=receipt.epsilon - before,
+        run_total=receipt.epsilon,
+        scope_total=receipt.scope_epsilon,
+    )
+
+
+def log_release(
+    site: str, request: RoundRequest, books: Books, *, what: str, before: Account, after: Account
+) -> None:
+    """The site's own log after a charged release (evaluation counts, a training loss)."""
+    log_charge(
+        site,
+        request,
+        books.terms,
+        what=what,
+        spent=after.epsilon - before.epsilon,
+        run_total=after.epsilon,
+        scope_total=books.scope_epsilon(after),
+        unit="release",
+    )
+
+
+def log_charge(
+    site: str,
+    request: RoundRequest,
+    terms: PrivacyTerms,
+    *,
+    what: str,
+    spent: float,
+    run_total: float,
+    scope_total: float | None,
+    unit: str = "round",
+) -> None:
+    """One charge in the site's log: run, round, this charge, run total and cap, what is left."""
+    scope = run_total if scope_total is None else scope_total
+    log.info(
+        "%s: run %s (Flower run %d) round %d: %s; epsilon %.3f this %s, %.3f this run (cap "
+        "%.4g); %.3f of the cap %.4g over its budget scope (%s), %.3f left",
+        site,
+        request.run_key,
+        request.flower_run_id,
+        request.server_round,
+        what,
+        spent,
+        unit,
+        run_total,
         terms.run_epsilon,
         scope,
         terms.scope_epsilon,
@@ -434,8 +487,16 @@ def _released_train_loss(
     assert account is not None  # private releases: an account
     losses = _row_losses(state, run, {**request.parameters, **local.sent})
     loss = release_mean_loss(losses, noise_multiplier=account.release_noise_multiplier)
-    books.charge_release(
+    after = books.charge_release(
         account, kind=TRAIN_LOSS, sha256=update_digest({"train-loss": np.array([loss])})
+    )
+    log_release(
+        state.site.site_name,
+        request,
+        books,
+        what="training loss released",
+        before=account,
+        after=after,
     )
     return loss
 

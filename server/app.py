@@ -6,7 +6,11 @@ the nodes the run binds (`server.sites`: `site-nodes`, else their registered nam
 leaves the run folder `<output-dir>/<run-name>/` (`common.runfolder`): a checkpoint and a history
 line per round, `summary.json`, and the final full model (`model.safetensors` + `model.json`,
 loadable with `common.model.checkpoint.load_model`). When fewer than `min-nodes` sites send a
-usable update in a round, the run ends cleanly there with the last global model.
+usable update in a round, the run ends cleanly there with the last global model, and then fails
+(`RunStopped`) so that Flower records it as `finished:failed` and `fedfusion run` exits non-zero.
+
+The ServerApp process' output is what `flwr run --stream` and `flwr log` show, so `main` sends
+FedFusion's INFO lines there: each round's table, and at the end the run folder and its status.
 """
 
 from __future__ import annotations
@@ -36,13 +40,40 @@ from server.strategy import build_strategy, load_optimizer_state
 
 log = logging.getLogger(__name__)
 
+# FedFusion's loggers whose INFO lines the coordinator reads in the run's log
+_LOGGERS = ("server", "common")
+_HANDLER_NAME = "fedfusion-serverapp"
+
 app = ServerApp()
+
+
+class RunStopped(RuntimeError):
+    """A run that ended before its last round; raised after its outputs are written."""
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point that Flower calls with the run config of `[tool.flwr.app.config]`."""
-    run_federation(grid, RunConfig.from_user_config(context.run_config))
+    log_to_run_output()
+    end = federate(grid, RunConfig.from_user_config(context.run_config))
+    if end.stopped:  # an exception is Flower's only way to mark the run failed
+        raise RunStopped(
+            f"The run stopped early: {end.stopped.splitlines()[0].rstrip('.')}. Its run folder "
+            f"{end.folder} holds the rounds that finished (summary.json: stopped); fix the cause "
+            "and submit the same run again (same run-name) to resume after the last finished round."
+        )
+
+
+def log_to_run_output() -> None:
+    """Send FedFusion's INFO lines to this process' stderr, which Flower forwards to `flwr log`."""
+    handler = logging.StreamHandler()  # sys.stderr now: the ServerApp process' mirrored output
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(h.get_name() == _HANDLER_NAME for h in logger.handlers):  # once per process
+            logger.addHandler(handler)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +125,7 @@ def federate(grid: Grid, run: RunConfig) -> RunEnd:
     load_trainable_state(model, dict(end.arrays.to_torch_state_dict()))
     save_model(start.folder.path, model)
     recorder.finish(status=status, message=message)
-    log.info("final model written to %s", start.folder.path)
+    log.info("run %s; run folder %s: %s", status, start.folder.path, message)
     return RunEnd(folder=start.folder.path, arrays=end.arrays, stopped=end.stopped)
 
 

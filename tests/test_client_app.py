@@ -19,6 +19,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
+from client.evaluation import evaluate_round
 from client.rounds import train_round
 from client.state import SiteState
 from common import protocol as R
@@ -177,16 +178,30 @@ def test_a_round_asked_again_gets_the_same_update_and_costs_nothing(
     assert len(read_receipts(state_dir)) == 2
 
 
-def test_the_sites_log_says_what_a_round_spent_and_what_is_left(
+def test_the_sites_log_says_what_each_round_spent_and_what_is_left(
     demo_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = tiny_run(demo_root, num_server_rounds=1, local_steps=2)
+    run = tiny_run(demo_root, num_server_rounds=2, local_steps=2)
     state = SiteState(hospital(demo_root, tmp_path, 0))  # a deployed site: DP, its default cap 8
     parameters = trainable_state(state.bundle(run.model).model)
+    asked = [request(state, run, r, parameters, flower_run_id=17) for r in (1, 2)]
     with caplog.at_level(logging.INFO, logger="client.rounds"):
-        out = train_round(state, run, request(state, run, 1, parameters))
-    spent = out.receipt.epsilon
-    assert spent is not None and 0 < spent <= 8.0
-    line = next(r.getMessage() for r in caplog.records if "DP-SGD steps" in r.getMessage())
-    assert f"epsilon {spent:.3f} this run" in line
-    assert f"{8.0 - (out.receipt.scope_epsilon or spent):.3f} left" in line
+        first = train_round(state, run, asked[0])
+        evaluate_round(state, run, asked[0])  # its noisy counts: a charged release
+        second = train_round(state, run, asked[1])
+    receipts = read_receipts(state.site.state_dir)
+    assert [(r.round, r.kind) for r in receipts] == [(1, "train"), (1, "evaluate"), (2, "train")]
+    totals = [r.epsilon for r in receipts]
+    assert totals[2] == second.receipt.epsilon and totals[0] == first.receipt.epsilon
+    lines = [r.getMessage() for r in caplog.records if " this run (cap " in r.getMessage()]
+    assert len(lines) == 3, lines
+    steps = [first.receipt.steps, None, second.receipt.steps]
+    for line, receipt, before, count in zip(
+        lines, receipts, [0.0, *totals[:2]], steps, strict=True
+    ):
+        assert line.startswith(f"hospital-0: run run-1 (Flower run 17) round {receipt.round}: ")
+        what = f"{count} DP-SGD steps" if count else "evaluation counts released"
+        unit = "round" if count else "release"
+        assert f": {what}; epsilon {receipt.epsilon - before:.3f} this {unit}, " in line
+        assert f"{receipt.epsilon:.3f} this run (cap 8)" in line
+        assert f"{8.0 - receipt.epsilon:.3f} left" in line  # a fresh site: the run is all its spend

@@ -106,6 +106,11 @@ def test_each_hospital_runs_a_supernode_in_process_isolation_and_its_node(hospit
     assert not [v for v in supernode["volumes"] if "/app/data" in v]  # the data: the node's only
 
 
+def _unquoted(command: str) -> str:
+    """A command line without its quoted arguments (a node config holds no flags)."""
+    return re.sub(r'"[^"]*"', "", command)
+
+
 def _guide_commands() -> list[tuple[str, list[str]]]:
     """(executable, flags) of every flower-* command in the guide's bash blocks."""
     blocks = re.findall(r"```bash\n(.*?)```", GUIDE, flags=re.S)
@@ -115,7 +120,7 @@ def _guide_commands() -> list[tuple[str, list[str]]]:
         for part in line.split("&&"):
             words = part.split()
             if words and words[0] in ("flower-superlink", "flower-supernode"):
-                found.append((words[0], _FLAG.findall(part.split('"')[0])))
+                found.append((words[0], _FLAG.findall(_unquoted(part))))
     return found
 
 
@@ -141,5 +146,5 @@ def test_guide_and_readme_node_commands_use_the_nodes_options() -> None:
         lines = [ln for ln in blocks.splitlines() if ln.strip().startswith("fedfusion node")]
         assert lines, "the guide shows how a hospital starts its node"
         for line in lines:
-            flags = _FLAG.findall(line.split('"')[0])
+            flags = _FLAG.findall(_unquoted(line))
             assert set(flags) <= options and "--node-config" in flags, line

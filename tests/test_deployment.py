@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from common.privacy.ledger import load_ledger
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
-from simulations.loopback import LoopbackFederation, Started
+from simulations.loopback import CONNECTION, LoopbackFederation, Started
 
 pytestmark = [
     pytest.mark.slow,
@@ -182,7 +183,7 @@ def test_supernode_without_tls_cannot_connect(
 
 
 def test_a_tampered_bundle_never_runs_at_a_hospital(
-    federation: LoopbackFederation, tampered_folder: RunFolder
+    federation: LoopbackFederation, tampered_run: Started, tampered_folder: RunFolder
 ) -> None:
     fed, folder = federation, tampered_folder
     assert not (fed.root / MARKER).exists(), (fed.root / MARKER).read_text()
@@ -198,6 +199,26 @@ def test_a_tampered_bundle_never_runs_at_a_hospital(
         assert history[-1].sites[name].train[R.EPSILON] == pytest.approx(receipts[-1].epsilon)
         # what the coordinator received is what the site recorded sending
         assert [h.sites[name].update_sha256 for h in history] == [r.update_sha256 for r in receipts]
+        # the hospital's own log: each round's spend, this round's and the run's, and what is left
+        spends = re.findall(
+            rf"{name}: run {run_key} \(Flower run \d+\) round (\d): \d+ DP-SGD steps; "
+            r"epsilon ([\d.]+) this round, ([\d.]+) this run \(cap [\d.]+\); .*, ([\d.]+) left",
+            fed.nodes[name].log.read_text(),
+        )
+        assert [int(r) for r, *_ in spends] == [1, 2], spends
+        for (_, _, this_run, _), receipt in zip(spends, receipts, strict=True):
+            assert float(this_run) == pytest.approx(receipt.epsilon, abs=1e-3)
+        assert float(spends[1][1]) == pytest.approx(
+            receipts[1].epsilon - receipts[0].epsilon, abs=2e-3
+        )
+    # the coordinator's view: `flwr run --stream` shows each round's table and how the run ended
+    stream = tampered_run.log.read_text(errors="replace")
+    for server_round in (1, 2):
+        assert re.search(
+            rf"round {server_round}\nsite +loss +accuracy +auroc +epsilon +cap +train n", stream
+        ), stream
+    assert re.search(r"(?m)^hospital-a +- +- +- +[\d.]+ +8\.00 +\d+", stream), stream
+    assert f"run completed; run folder {folder.path}: All 2 rounds completed." in stream, stream
     _assert_federation_unharmed(fed)
 
 
@@ -211,11 +232,33 @@ def test_a_bundle_of_another_publisher_is_refused_at_every_node(
     fed = federation
     offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
     app = tampered_app(fed.root / "evil", publisher="evilcorp")
-    folder = _finish(fed, _submit(fed, "evil", app, "num-server-rounds=1 local-epochs=1"), "evil")
+    run = fed.procs.start(  # `fedfusion run`: `flwr run --stream` that exits by the run's status
+        "fedfusion-run-evil",
+        [
+            sys.executable,
+            "-m",
+            "tools",
+            "run",
+            str(app),
+            CONNECTION,
+            "--run-config",
+            f"output-dir='{fed.output_dir}' run-name='evil' {TINY} num-server-rounds=1",
+        ],
+        fed.cli_env,
+        fed.root,
+    )
+    assert fed.procs.wait_exit(run, RUN_TIMEOUT) == 1, fed.procs.report()
+    folder = RunFolder(fed.output_dir / "evil")  # written before the run failed
     (line,) = folder.read_history()
     assert set(line.refusals) == set(HOSPITALS) and not line.sites, line
     assert all("bundle-not-accepted" in reason for reason in line.refusals.values())
     assert folder.read_summary().status == "stopped"
+    last = run.log.read_text(errors="replace").strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"run \d+: finished:failed: ServerApp failed with exception: The run stopped early: "
+        r"Round 1: 0 site\(s\) sent a usable update, fewer than min-nodes=2\. .*",
+        last,
+    ), last
     run_key = folder.read_settings().run_key
     for name, node in fed.nodes.items():
         assert load_ledger(fed.state_dirs[name]).run(run_key) is None  # nothing charged

@@ -6,15 +6,17 @@ Runs the real ServerApp and ClientApp in one process through an in-process Grid 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from client.app import app as client_app
 from common import protocol as R
@@ -23,7 +25,8 @@ from common.model.trainable import trainable_state
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from common.training.score_counts import ScoreCounts, count_scores, metrics_from_counts
-from server.app import run_federation
+from server import app as server_app
+from server.app import RunStopped, run_federation
 from server.evaluation import SiteCounts, pooled_metrics
 from server.resume import ResumeError
 from server.strategy import weighted_means
@@ -174,6 +177,36 @@ def test_a_failing_site_is_named_and_stops_the_run_below_min_nodes(
     (line,) = RunFolder(out).read_history()
     assert line.round == 1 and line.stopped and "hospital-1" in line.failures
     assert (out / "model.json").is_file()  # the last global model (here: the initial one)
+
+
+@pytest.fixture
+def run_output() -> Iterator[None]:
+    """Remove the ServerApp's log handler after the test (it writes to the captured stderr)."""
+    yield
+    for name in server_app._LOGGERS:  # the handler `log_to_run_output` adds, by its name
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if h.get_name() == server_app._HANDLER_NAME]:
+            logger.removeHandler(handler)
+
+
+def test_the_serverapp_logs_each_round_and_fails_a_stopped_run_after_writing_it(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], run_output: None
+) -> None:
+    data = _broken_copy(demo_root, tmp_path / "data")
+    out = tmp_path / "out"
+    settings = {"output-dir": str(out), "run-name": "t", "state-root": str(out / "state")}
+    config = tiny_user_config(data, **settings, **{"num-server-rounds": 2})
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    with pytest.raises(RunStopped, match=r"stopped early: .*hospital-1.*Its run folder .*/out/t "):
+        server_app.main(InProcessGrid(client_app, nodes, config), context)
+    assert RunFolder(out / "t").read_summary().status == "stopped"  # written before the failure
+    stream = capsys.readouterr().err  # what Flower forwards to `flwr run --stream` / `flwr log`
+    assert re.search(r"round 1\nsite +loss +accuracy +auroc +epsilon +cap", stream), stream
+    assert re.search(r"hospital-1 +failed: ", stream) and "stopped: " in stream
+    assert re.search(
+        r"\nINFO server.app: run stopped; run folder .*/out/t: The run stopped early", stream
+    )
 
 
 def test_the_others_carry_on_when_min_nodes_allows(demo_root: Path, tmp_path: Path) -> None:

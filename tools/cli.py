@@ -291,6 +291,12 @@ def _node(argv: list[str]) -> int:
     return main(argv)
 
 
+def _run(argv: list[str]) -> int:
+    from tools.submit import main
+
+    return main(argv)
+
+
 def _simulate(argv: list[str]) -> int:
     from simulations.cli import main
 
@@ -299,6 +305,10 @@ def _simulate(argv: list[str]) -> int:
 
 COMMANDS = {
     "simulate": (_simulate, "run a local multi-hospital federation (Flower simulation runtime)"),
+    "run": (
+        _run,
+        "submit a run to a SuperLink (`flwr run --stream`); exit 1 unless it completed",
+    ),
     "node": (
         _node,
         "a hospital's node: serves its SuperNode's tasks with the FedFusion installed here",
