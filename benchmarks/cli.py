@@ -52,6 +52,8 @@ SUMMARY_KEYS = (
     "max_hospitals_simulated",
     "aggregation_vs_numpy_ratio",
     "deployment_round_ratio",
+    "deployment_round_overhead_s",
+    "flower_floor_round_overhead_s",
     "mia_auc_dp8",
     "mia_auc_nodp",
     "mia_tpr_at_1pct_fpr_dp8",

@@ -19,6 +19,11 @@ a message in two steps (`Task.pull_message`): the object tree and the small obje
 chunks first, whose Array heads declare every array's dtype and shape; only if the declared sizes
 fit the site's `max-message-mb` are the chunks pulled, each streamed against a byte budget, and
 the chunks each array would inflate to are counted again before anything is inflated.
+
+The SuperNode hands out a task as soon as it has the message's header, while it may still be
+pulling the message's objects from the SuperLink; Flower's pull then retries after 1 s, 2 s, 4 s
+... (`PULL_INITIAL_BACKOFF`, for pulls across a network). On the SuperNode's loopback the node
+retries after 20 ms, doubling to at most 0.2 s (`PULL_PACING`), within Flower's time bound.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
     SendTaskHeartbeatRequest,
 )
 from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
-from flwr.supercore.constant import TaskType
+from flwr.supercore.constant import PULL_MAX_TIME, TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
@@ -98,6 +103,19 @@ PULL_OBJECT = ("/v1/runtime/pull-object", "/flwr.proto.Runtime/PullObject")  # p
 COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
 MAX_OBJECTS = 100_000  # objects in one message (a trainable BERT-base: ~1,000)
 HEAD_BYTES = 512  # per object, beside the arrays' bytes: heads, names, a chunk's npy header
+
+
+@dataclass(frozen=True, kw_only=True)
+class PullPacing:
+    """How the node retries an object the SuperNode does not hold yet (Flower's `pull_objects`)."""
+
+    initial_backoff: float  # seconds before the first retry, doubled after each
+    backoff_cap: float  # the longest wait between two tries
+    max_time: float  # seconds for the whole message before the pull fails
+
+
+# on loopback a retry costs a millisecond: retry often rather than wait 1 s, 2 s, 4 s, ...
+PULL_PACING = PullPacing(initial_backoff=0.02, backoff_cap=0.2, max_time=PULL_MAX_TIME)
 
 
 class MessageTooLarge(Exception):
@@ -267,14 +285,14 @@ def _pull_within(
         raise MessageTooLarge(f"the message has {len(nodes):,} objects (at most {MAX_OBJECTS:,}).")
     heads = list(dict.fromkeys(t.object_id for t in nodes if t.children))
     leaves = list(dict.fromkeys(t.object_id for t in nodes if not t.children))
-    contents = pull_objects(heads, pull)
+    contents = paced_pull(heads, pull)
     declared = sum(_array_size(c).declared for c in contents.values())
     if declared > max_bytes:
         raise MessageTooLarge(
             f"its arrays declare {declared / 2**20:,.1f} MB, above the node's "
             f"max-message-mb ({max_bytes / 2**20:g} MB); none was pulled."
         )
-    contents.update(pull_objects([i for i in leaves if i not in contents], pull))
+    contents.update(paced_pull([i for i in leaves if i not in contents], pull))
     sizes = [_array_size(c, contents) for c in contents.values()]  # a head sent as a leaf too
     if any(s.joined > s.declared + HEAD_BYTES * (1 + s.chunks) for s in sizes):
         raise MessageTooLarge(
@@ -283,6 +301,20 @@ def _pull_within(
     if sum(s.declared for s in sizes) > max_bytes:
         raise MessageTooLarge("its arrays declare more than the node's max-message-mb.")
     return contents
+
+
+def paced_pull(
+    object_ids: list[str], pull: Callable[[str], bytes], pacing: PullPacing = PULL_PACING
+) -> dict[str, bytes]:
+    """Flower's `pull_objects`, retrying an object not yet there at the node's `pacing`."""
+    return pull_objects(
+        object_ids,
+        pull,
+        initial_backoff=pacing.initial_backoff,
+        backoff_cap=pacing.backoff_cap,
+        max_time=pacing.max_time,
+        max_tries_per_object=None,  # bounded by max_time: short waits take many tries
+    )
 
 
 @dataclass(frozen=True)

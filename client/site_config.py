@@ -40,8 +40,10 @@ NODE_KEYS = (
     "image-weights",
     "text-encoder",
     "run-config-keys",
+    "torch-threads",
     *LIMIT_KEYS,
 )
+MAX_TORCH_THREADS = 1024  # a bound on `torch-threads`, far above any machine's cores
 POLICY_FILE = "policy.toml"  # a simulated hospital's policy, when its folder has one
 STATE_FOLDER = "state"
 # Model sources a deployed site takes from the run config (names, never paths): a builtin
@@ -187,6 +189,8 @@ class SiteConfig:
     limits: SiteLimits = SiteLimits()  # what a round may ask of the site's machine
     run_config_keys: frozenset[str] | None = None  # keys a run may set differently from the
     # defaults installed here (`fedfusion node` checks them); None: any key
+    torch_threads: int = 1  # torch's intra-op threads in the node (0: torch's default, one per
+    # core): the SuperNode and, on a shared machine, other sites compete for the same cores
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -252,6 +256,7 @@ class SiteConfig:
             text_encoder=_text(node_config, "text-encoder"),
             limits=SiteLimits.from_node_config(node_config),
             run_config_keys=_keys(node_config),
+            torch_threads=node_config.get("torch-threads", 1),
         )
         site._check()
         return site
@@ -274,6 +279,17 @@ class SiteConfig:
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
             raise NodeConfigError(
                 f"node config split-seed={self.split_seed!r}: it must be an integer."
+            )
+        threads = self.torch_threads
+        if (
+            isinstance(threads, bool)
+            or not isinstance(threads, int)
+            or not 0 <= threads <= MAX_TORCH_THREADS
+        ):
+            raise NodeConfigError(
+                f"node config torch-threads={threads!r}: it must be a whole number from 0 "
+                f"(torch's default: one thread per core) to {MAX_TORCH_THREADS}; the default, 1, "
+                "leaves the other cores to the SuperNode and the machine's other work."
             )
 
     def localize(self, run: RunConfig) -> RunConfig:

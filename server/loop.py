@@ -3,15 +3,20 @@
 Each round, in order: Flower's strategy samples the sites and builds the train messages; the
 replies are read and checked (`server.replies`), updates screened (`server.screening`) and
 partial updates completed; too few usable updates stop the run there; Flower's strategy
-aggregates; the global state is checkpointed; the sites evaluate it; the round's history line
-commits it (`server.recorder`). A resumed run starts the loop after its last finished round.
+aggregates; the global state is checkpointed. The sites evaluate that aggregate in the next
+round's exchange: its evaluate messages are pushed just before the next round's train messages,
+so a deployed SuperNode finds the second queued when it has answered the first (Flower 1.42's
+SuperNode sleeps 3 s whenever it asks for a message and finds none, once per exchange). When the
+evaluation is in, the round's history line commits the round (`server.recorder`); the last
+round's evaluation has an exchange of its own. A resumed run starts the loop after its last
+finished round: a round whose line was not written is run again, and its sites re-send the
+update they were charged for and refuse to release a second evaluation of it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +70,16 @@ class LoopEnd:
     stopped: str | None = None  # None: every planned round finished
 
 
+@dataclass(frozen=True)
+class Aggregated:
+    """A round aggregated and checkpointed, whose history line waits for its evaluation."""
+
+    record: RoundRecord
+    arrays: ArrayRecord  # the round's aggregate: what the sites evaluate
+    train_metrics: MetricRecord | None
+    evaluate: list[Message]  # Flower's strategy's evaluate messages for it
+
+
 def run_rounds(
     grid: SiteGrid,
     strategy: FedAvg,
@@ -74,21 +89,26 @@ def run_rounds(
     first_round: int,
     arrays: ArrayRecord,
 ) -> LoopEnd:
-    """Rounds `first_round`..`plan.last_round`; a round with too few usable updates ends the run."""
+    """Rounds `first_round`..`plan.last_round`; a round with too few usable updates ends the run.
+
+    Round r's history line is committed when the sites' evaluation of its aggregate is in: with
+    round r + 1's train replies (one exchange), or alone after the last round; at once when no
+    site is asked to evaluate (`fraction-evaluate` 0).
+    """
     names = grid.names
+    waiting: Aggregated | None = None  # the previous round, until its evaluation is in
     for server_round in range(first_round, plan.last_round + 1):
+        evaluate = waiting.evaluate if waiting else []
         record = RoundRecord(server_round, names)
         messages = strategy.configure_train(server_round, arrays, plan.config(), grid)
         for node in grid.take_outsiders():  # online, but not one of the run's site-nodes
             record.reject(
                 f"node {node}", "not among the run's site-nodes: sent nothing, nothing aggregated."
             )
-        replies = read_replies(
-            exchange(grid, messages, plan.timeout),
-            train=True,
-            names=names,
-            num_classes=plan.num_classes,
-        )
+        evaluated, trained = exchange_in_turn(grid, [evaluate, list(messages)], plan.timeout)
+        if waiting is not None:
+            _commit_evaluated(recorder, waiting, evaluated, plan)
+        replies = read_replies(trained, train=True, names=names, num_classes=plan.num_classes)
         record.add(replies, train=True)
         usable = screened(replies, arrays, plan, record)
         if len(usable) < plan.min_nodes:
@@ -98,25 +118,34 @@ def run_rounds(
         aggregated, train_metrics = strategy.aggregate_train(server_round, usable)
         arrays = _like(aggregated, arrays)
         recorder.checkpoint(server_round, arrays, optimizer_state(strategy))
-        messages = strategy.configure_evaluate(server_round, arrays, plan.config(), grid)
-        evaluated = read_replies(
-            exchange(grid, messages, plan.timeout),
-            train=False,
-            names=names,
-            num_classes=plan.num_classes,
-        )
-        record.add(evaluated, train=False)
-        pooled: dict[str, MetricRecordValues] = dict(  # a copy: `dict` is invariant
-            validation_metrics(evaluated)
-        )
-        evaluate_metrics = MetricRecord(pooled)
-        recorder.commit(
-            record.line(
-                aggregate=aggregate_line(train_metrics, evaluate_metrics),
-                modality_weights=modality_weights(arrays),
-            )
-        )
+        evaluate = list(strategy.configure_evaluate(server_round, arrays, plan.config(), grid))
+        waiting = Aggregated(record, arrays, train_metrics, evaluate)
+        if not evaluate:  # nothing to wait for
+            _commit_evaluated(recorder, waiting, [], plan)
+            waiting = None
+    if waiting is not None:  # the last round's evaluation: nothing to train with it
+        evaluated, _ = exchange_in_turn(grid, [waiting.evaluate, []], plan.timeout)
+        _commit_evaluated(recorder, waiting, evaluated, plan)
     return LoopEnd(arrays)
+
+
+def _commit_evaluated(
+    recorder: Recorder, waiting: Aggregated, evaluated: list[Message], plan: RoundPlan
+) -> None:
+    """Record the sites' evaluation of a round's aggregate, then commit the round's line."""
+    replies = read_replies(
+        evaluated, train=False, names=waiting.record.names, num_classes=plan.num_classes
+    )
+    waiting.record.add(replies, train=False)
+    pooled: dict[str, MetricRecordValues] = dict(  # a copy: `dict` is invariant
+        validation_metrics(replies)
+    )
+    recorder.commit(
+        waiting.record.line(
+            aggregate=aggregate_line(waiting.train_metrics, MetricRecord(pooled)),
+            modality_weights=modality_weights(waiting.arrays),
+        )
+    )
 
 
 def validation_metrics(evaluated: Replies) -> dict[str, float]:
@@ -136,24 +165,30 @@ def validation_metrics(evaluated: Replies) -> dict[str, float]:
     return pooled
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Send `messages` and collect the replies that are in within `timeout` seconds.
+def exchange_in_turn(
+    grid: Grid, groups: list[list[Message]], timeout: float
+) -> list[list[Message]]:
+    """Push each group of messages in turn, then collect the replies in within `timeout` s.
 
-    Flower's `send_and_receive`, but polling for replies every `POLL_SECONDS`: Flower's
-    deployment grid waits 3 s between pulls, which would add seconds to every phase of a round.
+    A node given messages of several groups finds them queued in that order. Flower's
+    `send_and_receive`, but polling for replies every `POLL_SECONDS`: Flower's deployment grid
+    waits 3 s between pulls, which would add seconds to every round. Returns each group's
+    replies.
     """
-    pending = dict.fromkeys(grid.push_messages(list(messages)))  # ordered: reproducible runs
+    sent = [list(grid.push_messages(group)) if group else [] for group in groups]
+    pending = dict.fromkeys(i for ids in sent for i in ids)  # ordered: reproducible runs
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
+    replies: dict[str, Message] = {}
     while pending:
-        got = list(grid.pull_messages(list(pending)))
-        replies += got
-        for reply in got:
-            pending.pop(reply.metadata.reply_to_message_id, None)
+        for reply in grid.pull_messages(list(pending)):
+            asked = reply.metadata.reply_to_message_id
+            if asked in pending:
+                replies[asked] = reply
+                del pending[asked]
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
-    return replies
+    return [[replies[i] for i in ids if i in replies] for ids in sent]
 
 
 def screened(

@@ -255,8 +255,53 @@ class LoopbackFederation:
 
     def start(self, manifests: dict[str, Path], policies: dict[str, str]) -> None:
         """The SuperLink, then per hospital its key, SuperNode, node; wait until all are online."""
+        self._start_coordinator(list(manifests))
+        for name, manifest in manifests.items():
+            self.join(name, manifest, policies.get(name), wait=False)
+        self.procs.wait_until(
+            "every SuperNode online",
+            lambda: len(self.online_nodes()) == len(manifests),
+            START_TIMEOUT,
+            [self._running_superlink(), *self.nodes.values()],
+        )
+
+    def start_plain(self, names: list[str], env: dict[str, str] | None = None) -> None:
+        """The SuperLink and per name a SuperNode that runs each task with Flower's own runner
+        (`--isolation subprocess`: a `flwr-clientapp` process per task), no FedFusion node.
+
+        `env`: more environment for the SuperNodes and the runners they start.
+        """
+        self._start_coordinator(names)
         creds = CredentialLayout(self.creds)
-        write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=list(manifests))
+        for name in names:
+            self._register(name, name)
+            self.supernodes[name] = self.start_supernode(
+                f"{name}-supernode",
+                [
+                    "--root-certificates",
+                    str(creds.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(creds.node_key(name)),
+                    "--isolation",
+                    "subprocess",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                ],
+                env,
+            )
+        self.procs.wait_until(
+            "every SuperNode online",
+            lambda: len(self.online_nodes()) == len(names),
+            START_TIMEOUT,
+            [self._running_superlink(), *self.supernodes.values()],
+        )
+
+    def _start_coordinator(self, hospitals: list[str]) -> None:
+        """Credentials for the SuperLink and `hospitals`, the SuperLink, the coordinator's CLI."""
+        creds = CredentialLayout(self.creds)
+        write_credentials(creds.root, sans=["localhost", "127.0.0.1"], hospitals=hospitals)
         self.port = free_port()
         self.superlink_argv = [
             executable("flower-superlink"),
@@ -282,14 +327,6 @@ class LoopbackFederation:
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{creds.ca_cert}"\n'
         )
         self.cli_env = base_env(home)
-        for name, manifest in manifests.items():
-            self.join(name, manifest, policies.get(name), wait=False)
-        self.procs.wait_until(
-            "every SuperNode online",
-            lambda: len(self.online_nodes()) == len(manifests),
-            START_TIMEOUT,
-            [self._running_superlink(), *self.nodes.values()],
-        )
 
     def join(
         self,
@@ -302,6 +339,19 @@ class LoopbackFederation:
     ) -> int:
         """A new key pair, registered through the Control API (as anyone reaching its port can,
         under `registered_as`, default `name`), and its hospital started; its node id."""
+        self._register(name, registered_as or name)
+        self._start_hospital(name, manifest, policy_text, CredentialLayout(self.creds))
+        if wait:
+            self.procs.wait_until(
+                f"{name} online",
+                lambda: self.node_ids[name] in {int(n["node-id"]) for n in self.online_nodes()},
+                START_TIMEOUT,
+                [self._running_superlink(), self.nodes[name]],
+            )
+        return self.node_ids[name]
+
+    def _register(self, name: str, registered_as: str) -> None:
+        """`name`'s key pair (made if missing), registered through the Control API."""
         creds = CredentialLayout(self.creds)
         if not creds.node_key(name).exists():
             write_credentials(creds.root, sans=[], hospitals=[name], server=False)
@@ -312,7 +362,7 @@ class LoopbackFederation:
                 str(creds.node_public_key(name)),
                 CONNECTION,
                 "--name",
-                registered_as or name,
+                registered_as,
             ],
             self.cli_env,
             self.root,
@@ -320,15 +370,6 @@ class LoopbackFederation:
         if not answer.get("success"):
             raise LoopbackError(f"registering {name}: {answer}\n{self.procs.report()}")
         self.node_ids[name] = int(answer["node-id"])
-        self._start_hospital(name, manifest, policy_text, creds)
-        if wait:
-            self.procs.wait_until(
-                f"{name} online",
-                lambda: self.node_ids[name] in {int(n["node-id"]) for n in self.online_nodes()},
-                START_TIMEOUT,
-                [self._running_superlink(), self.nodes[name]],
-            )
-        return self.node_ids[name]
 
     def leave(self, name: str) -> None:
         """Stop a hospital's node and SuperNode, and unregister its key."""
@@ -409,10 +450,13 @@ class LoopbackFederation:
         ]
         self.start_node(name)
 
-    def start_supernode(self, name: str, extra: list[str]) -> Started:
-        """A flower-supernode process connecting to this SuperLink."""
+    def start_supernode(
+        self, name: str, extra: list[str], env: dict[str, str] | None = None
+    ) -> Started:
+        """A flower-supernode process connecting to this SuperLink (`env`: more environment)."""
         argv = [executable("flower-supernode"), *extra, "--superlink", f"127.0.0.1:{self.port}"]
-        return self.procs.start(name, argv, base_env(self.root / name / "flwr-home"), self.root)
+        environment = {**base_env(self.root / name / "flwr-home"), **(env or {})}
+        return self.procs.start(name, argv, environment, self.root)
 
     def start_node(self, name: str, label: str = "node") -> Started:
         """(Re)start a hospital's FedFusion node, running the checkout's installed code."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.common.config import validate_fields_in_config
 
 from benchmarks import deployment, dp_recipe, side_channels, small_hospitals, utility
 from benchmarks.cli import SUMMARY_KEYS, main
@@ -104,6 +107,24 @@ def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
         tmp_path, preset="tiny", rounds=2, scale=0.1, overrides=SMOKE
     )
     assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
+
+
+def test_the_flower_floor_is_a_plain_flower_app_without_fedfusion_code(tmp_path: Path) -> None:
+    bundle = deployment.floor_bundle(tmp_path / "app")
+    config = tomllib.loads((bundle / "pyproject.toml").read_text())
+    valid, errors, _ = validate_fields_in_config(config)
+    assert valid, errors
+    tree = ast.parse((bundle / "floor_app.py").read_text())
+    used = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    used |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    plain = {"__future__", "json", "time", "pathlib", "numpy", "flwr"}  # no FedFusion package
+    assert {m.split(".")[0] for m in used} == plain
+
+
+@pytest.mark.slow  # a real loopback federation of plain SuperNodes
+def test_the_flower_floor_times_a_plain_app_round(tmp_path: Path) -> None:
+    rounds = deployment.flower_floor(tmp_path, rounds=2, messages=1)
+    assert len(rounds) == 1 and rounds[0] > 0
 
 
 def test_sampling_asks_at_most_a_hundred_sites_a_round() -> None:

@@ -99,6 +99,16 @@ def test_site_from_deployment_node_config(tmp_path: Path) -> None:
         SiteConfig.from_node_config({"manifest": str(manifest)}, run)
 
 
+def test_a_deployed_site_runs_one_torch_thread_unless_its_node_config_says_otherwise() -> None:
+    base = {"manifest": "m.csv", "state-dir": "s"}
+    assert SiteConfig.deployed(base).torch_threads == 1
+    assert SiteConfig.deployed({**base, "torch-threads": 4}).torch_threads == 4
+    assert SiteConfig.deployed({**base, "torch-threads": 0}).torch_threads == 0  # torch's own
+    for bad in (-1, 1.5, True, "2", 1025):
+        with pytest.raises(NodeConfigError, match="torch-threads"):
+            SiteConfig.deployed({**base, "torch-threads": bad})
+
+
 def test_site_from_simulation_partition(tmp_path: Path) -> None:
     run = run_config_with({"data-root": str(tmp_path)})
     site = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, run)

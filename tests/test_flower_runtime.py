@@ -10,18 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
+import types
 from pathlib import Path
 
 import flwr
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import Status, SubStatus
 from flwr.proto.message_pb2 import ObjectTree
-from flwr.supercore.constant import TASK_TOKEN_HEADER, TaskType
+from flwr.supercore.constant import PULL_MAX_TIME, TASK_TOKEN_HEADER, TaskType
 from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_object import (
     HEAD_BODY_DIVIDER,
     HEAD_VALUE_DIVIDER,
@@ -29,7 +33,10 @@ from flwr.supercore.inflatable.inflatable_object import (
     get_object_tree,
     iterate_object_tree,
 )
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectUnavailableError,
+    inflate_object_from_contents,
+)
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -184,6 +191,21 @@ def _round(run_config: dict, server_round: int, **extra: np.ndarray) -> RecordDi
     return RecordDict({R.ARRAYS: arrays, R.CONFIG: config})
 
 
+def test_the_node_runs_torch_with_the_threads_its_node_config_sets(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    before = torch.get_num_threads()
+    try:
+        hospital.apply_threads(_node(demo_root, tmp_path, **{"torch-threads": 3}).site)
+        assert torch.get_num_threads() == 3
+        hospital.apply_threads(_node(demo_root, tmp_path, **{"torch-threads": 0}).site)
+        assert torch.get_num_threads() == 3  # 0: torch's own setting, left as it is
+        hospital.apply_threads(_node(demo_root, tmp_path).site)
+        assert torch.get_num_threads() == 1  # the default: one thread for the site
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_node_runs_the_installed_app_with_its_own_node_config(
     demo_root: Path, tmp_path: Path, wired: dict
 ) -> None:
@@ -305,6 +327,40 @@ def test_an_array_that_inflates_beyond_what_it_declares_is_refused_unjoined() ->
     with pytest.raises(runtime.MessageTooLarge, match="none was pulled"):
         runtime._pull_within(tree, lambda i: (asked.append(i), pull(i))[1], 2**20)
     assert asked == [get_object_id(array)]
+
+
+def test_an_object_not_yet_at_the_supernode_is_retried_at_the_node_pacing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retried after 20 ms, then 40 ms (+-20% jitter), beyond Flower's 500 tries."""
+    waits: list[float] = []
+
+    class Recorded(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(float(timeout or 0.0))
+            return False  # not stopped: retry at once, the wait recorded
+
+    fake = types.SimpleNamespace(Event=Recorded, Lock=threading.Lock)
+    monkeypatch.setattr(inflatable_utils, "threading", fake)
+    answers = iter([None] * 600 + [b"content"])
+
+    def pull(object_id: str) -> bytes:
+        answer = next(answers)
+        if answer is None:
+            raise ObjectUnavailableError(object_id)
+        return answer
+
+    assert runtime.paced_pull(["a"], pull) == {"a": b"content"}
+    assert len(waits) == 600
+    assert 0.016 <= waits[0] <= 0.024 and 0.032 <= waits[1] <= 0.048
+    assert max(waits) <= 0.2 * 1.2 and waits[-1] >= 0.2 * 0.8  # capped at 0.2 s
+    assert runtime.PULL_PACING.max_time == PULL_MAX_TIME  # Flower's bound on the whole pull
+
+
+def test_the_node_polls_its_supernode_often_only_while_a_run_is_active() -> None:
+    assert hospital.poll_interval(0.0) == hospital.BUSY_POLL_SECONDS == 0.05
+    assert hospital.poll_interval(59.9) == 0.05
+    assert hospital.poll_interval(60.0) == hospital.IDLE_SECONDS == 0.5
 
 
 def test_a_site_can_bound_which_run_config_keys_a_run_changes(

@@ -22,12 +22,14 @@ from client.app import app as client_app
 from common import protocol as R
 from common.model.checkpoint import load_model, load_tensors
 from common.model.trainable import trainable_state
+from common.privacy.ledger import load_ledger
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from common.training.score_counts import ScoreCounts, count_scores, metrics_from_counts
 from server import app as server_app
 from server.app import RunStopped, run_federation
 from server.evaluation import SiteCounts, pooled_metrics
+from server.loop import exchange_in_turn
 from server.resume import ResumeError
 from server.strategy import weighted_means
 from simulations.inprocess import InProcessGrid
@@ -146,6 +148,102 @@ def test_rounds_are_averaged_recorded_and_checkpointed(demo_root: Path, tmp_path
     final = load_tensors(out / "round-002.safetensors")
     for name, value in trainable_state(model).items():
         torch.testing.assert_close(value, final[name])
+
+
+def test_each_round_is_evaluated_with_the_next_rounds_training_and_recorded_as_its_own(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    """Round r's aggregate is evaluated in round r + 1's exchange, just before its training, at
+    every site, and the evaluation lands in round r's history line; the last round's alone."""
+    asked: dict[str, tuple[str, int]] = {}  # message id: (type, server-round)
+    replies: dict[tuple[str, int], list[Message]] = {}
+    models: dict[int, dict[str, np.ndarray]] = {}  # server-round: the parameters evaluated
+
+    def spy(msg: Message, context) -> Message:
+        key = (msg.metadata.message_type, int(msg.content[R.CONFIG][R.SERVER_ROUND]))
+        asked[msg.metadata.message_id] = key
+        if key[0] == "evaluate":
+            models[key[1]] = {k: v.numpy() for k, v in msg.content[R.ARRAYS].items()}
+        replies.setdefault(key, []).append(reply := client_app(msg, context))
+        return reply
+
+    grid, run = federation(demo_root, tmp_path, 2, **{"num-server-rounds": 3})
+    grid.client_app = spy
+    exchanges: list[list[tuple[str, int]]] = []
+    pull = grid.pull_messages
+
+    def pulled(ids):
+        got = list(pull(ids))
+        exchanges.append([asked[m.metadata.reply_to_message_id] for m in got])
+        return got
+
+    grid.pull_messages = pulled
+    out = run_federation(grid, run)
+    assert exchanges == [  # every reply is in at the first pull on this grid
+        [("train", 1)] * 2,
+        [("evaluate", 1)] * 2 + [("train", 2)] * 2,
+        [("evaluate", 2)] * 2 + [("train", 3)] * 2,
+        [("evaluate", 3)] * 2,
+    ]
+    history = RunFolder(out).read_history()
+    for line in history:
+        sent = sorted(m.content[R.METRICS][R.AUROC] for m in replies[("evaluate", line.round)])
+        assert sorted(s.evaluate[R.AUROC] for s in line.sites.values()) == sent
+        checkpoint = load_tensors(out / f"round-{line.round:03d}.safetensors")
+        for name, value in checkpoint.items():  # the evaluated model is the round's aggregate
+            np.testing.assert_array_equal(models[line.round][name], value.numpy())
+    for site in ("hospital-0", "hospital-1"):  # each evaluation released (and recorded) once
+        ledger = load_ledger(tmp_path / "state" / site / "state")
+        assert ledger.run(RunFolder(out).read_settings().run_key).evaluated == (1, 2, 3)
+
+
+def test_without_evaluation_a_round_is_committed_before_the_next_one_trains(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    committed: list[list[int]] = []  # the rounds in the history when each train message ran
+
+    def spy(msg: Message, context) -> Message:
+        committed.append([h.round for h in RunFolder(tmp_path / "t").read_history()])
+        return client_app(msg, context)
+
+    grid, run = federation(
+        demo_root, tmp_path, 2, **{"num-server-rounds": 2, "fraction-evaluate": 0.0}
+    )
+    grid.client_app = spy
+    run_federation(grid, run)
+    assert committed == [[], [], [1], [1]]  # only train messages: none waits for an evaluation
+
+
+def test_an_exchange_pushes_its_groups_in_turn_and_sorts_the_replies_back() -> None:
+    class Grid:
+        def __init__(self) -> None:
+            self.pushed: list[list[str]] = []
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            self.pushed.append([m.metadata.message_type for m in messages])
+            return [f"{m.metadata.message_type}-{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids: list[str]) -> list[Message]:
+            return [_reply(i) for i in reversed(ids)]  # in any order
+
+    def ask(kind: str, node: int) -> Message:
+        return Message(RecordDict(), dst_node_id=node, message_type=kind)
+
+    grid = Grid()
+    evaluated, trained = exchange_in_turn(
+        grid, [[ask("evaluate", 1), ask("evaluate", 2)], [ask("train", 1)]], 5.0
+    )
+    assert grid.pushed == [["evaluate", "evaluate"], ["train"]]
+    assert [m.metadata.reply_to_message_id for m in evaluated] == ["evaluate-1", "evaluate-2"]
+    assert [m.metadata.reply_to_message_id for m in trained] == ["train-1"]
+    assert exchange_in_turn(grid, [[], []], 5.0) == [[], []] and len(grid.pushed) == 2
+
+
+def _reply(to: str) -> Message:
+    """A reply to the message with id `to`."""
+    reply = Message(RecordDict(), dst_node_id=1, message_type="train")
+    reply.metadata.__dict__["_reply_to_message_id"] = to
+    return reply
 
 
 def _broken_copy(demo_root: Path, dest: Path) -> Path:
