@@ -245,10 +245,10 @@ def _recipe(
     steps = most_steps(max_steps=asked, fits=lambda k: fits(q, k))
     sigma = sigma_at(q, steps)  # raises BudgetTooLow when even one step does not fit
     log.info(
-        "DP recipe: expected batch %d (batch-size=%d, max-batch-size=%d; sampling rate %.3g of "
-        "%d training records) and %d of local-steps=%d per round: noise ratio %.3g, "
+        "DP recipe: expected batch %.0f (batch-size=%d, max-batch-size=%d; sampling rate %.3g "
+        "of %d training records) and %d of local-steps=%d per round: noise ratio %.3g, "
         "max-noise-ratio=%g",
-        batch,
+        q * plan.num_examples,
         plan.batch_size,
         plan.max_batch_size,
         q,
