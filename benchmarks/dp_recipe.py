@@ -92,13 +92,15 @@ class Bench:
         rates = [float((site.train or {}).get(R.SAMPLE_RATE, 0)) for site in first.sites.values()]
         return classification_metrics(labels, probs, 0.0).auroc, rates
 
-    def natural(self, seeds: int) -> dict[str, Any]:
-        """Fixed steps x batch on the dataset's own hospitals."""
+    def natural(
+        self, seeds: int, steps: tuple[int, ...] = STEPS, batches: tuple[int, ...] = BATCHES
+    ) -> dict[str, Any]:
+        """Fixed steps x batch, and the rule, on the dataset's own hospitals."""
         per: dict[str, list[float]] = defaultdict(list)
         for seed in range(seeds):
             hospitals = self.split(seed).hospitals
             settings = {
-                f"k{k}-b{b}": {"local_steps": k, "batch_size": b} for k in STEPS for b in BATCHES
+                f"k{k}-b{b}": {"local_steps": k, "batch_size": b} for k in steps for b in batches
             }
             settings["rule"] = RULE  # on the defaults (20 steps from batch 32)
             for name, changes in settings.items():
@@ -151,6 +153,8 @@ def run(
     demo_seeds: int | None = None,
     medpix: Path = MEDPIX,
     sizes: tuple[int, ...] = SIZES,
+    steps: tuple[int, ...] = STEPS,
+    batches: tuple[int, ...] = BATCHES,
 ) -> Outcome:
     """Both tables; the headline: the small demo hospitals' best fixed setting minus the default.
 
@@ -161,10 +165,13 @@ def run(
         demo_seeds = seeds if quick else max(seeds, 10)
     results: dict[str, Any] = {}
     demo = Bench(demo_cases(work / "demo-data", 0.12), work / "demo", DEMO_CLASSES, preset)
-    results["demo_small"] = {"natural": demo.natural(demo_seeds)}
+    results["demo_small"] = {"natural": demo.natural(demo_seeds, steps, batches)}
     if medpix.is_file():
         mp = Bench(medpix_cases(medpix), work / "medpix", MEDPIX_CLASSES, preset)
-        results["medpix"] = {"natural": mp.natural(seeds), "sizes": mp.sizes(seeds, sizes)}
+        results["medpix"] = {
+            "natural": mp.natural(seeds, steps, batches),
+            "sizes": mp.sizes(seeds, sizes),
+        }
     else:
         results["demo_small"]["sizes"] = demo.sizes(demo_seeds, tuple(n for n in sizes if n <= 100))
     print(table(results), flush=True)
@@ -188,8 +195,8 @@ def run(
             "preset": preset,
             "seeds": seeds,
             "demo_seeds": demo_seeds,
-            "steps": STEPS,
-            "batches": BATCHES,
+            "steps": steps,
+            "batches": batches,
             "rule": RULE,
         },
         raw=results,

@@ -371,14 +371,20 @@ def test_side_channels_benchmark_measures_each_attack_and_the_cost(tmp_path: Pat
     assert set(out.extra) == {"eval_attack_advantage", "dp_eval_auroc_mae"}
 
 
-@pytest.mark.slow  # 9 federations of the tiny model
+@pytest.mark.slow  # 5 federations of the tiny model
 def test_dp_recipe_benchmark_reports_both_tables_with_the_rules_rates(tmp_path: Path) -> None:
     out = dp_recipe.run(
-        True, tmp_path, preset="tiny", seeds=1, medpix=tmp_path / "absent.csv", sizes=(20,)
+        True,
+        tmp_path,
+        preset="tiny",
+        seeds=1,
+        medpix=tmp_path / "absent.csv",
+        sizes=(20,),
+        steps=(5, 20),
+        batches=(32,),
     )
     natural = out.raw["demo_small"]["natural"]
-    grid = {f"k{k}-b{b}" for k in dp_recipe.STEPS for b in dp_recipe.BATCHES}
-    assert set(natural) == grid | {"rule"}
+    assert set(natural) == {"k5-b32", "k20-b32", "rule"}
     assert all(0.0 <= v["mean"] <= 1.0 for v in natural.values())
     assert out.value == pytest.approx(
         max(v["mean"] for v in natural.values()) - natural["k20-b32"]["mean"]
