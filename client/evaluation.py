@@ -98,7 +98,7 @@ def evaluate_round(state: SiteState, run: RunConfig, request: RoundRequest) -> S
                     f"round {request.server_round} of this run was evaluated already.",
                     reason="evaluation-limit",
                 )
-            account = books.authorize_release(local_plan(run, data))
+            account = books.authorize_release(local_plan(run, data, site))
             evaluation = _evaluate(state, run, request, policy, account)
             if account is None:
                 books.record_exact_evaluation()

@@ -143,15 +143,16 @@ def load_global(bundle: ModelBundle, parameters: Parameters, device: torch.devic
     return model
 
 
-def local_plan(run: RunConfig, data: SiteData) -> LocalPlan:
-    """How this site trains each round of the run (what its account is planned for)."""
+def local_plan(run: RunConfig, data: SiteData, site: SiteConfig) -> LocalPlan:
+    """How this site trains each round of the run (what its account is planned for); the
+    recipe raises the batch at most to the node's `max-batch`."""
     return LocalPlan(
         num_examples=len(data.train),
         batch_size=run.train.batch_size,
         epochs=run.train.local_epochs,
         steps_per_round=run.train.local_steps,
         max_noise_ratio=run.privacy.max_noise_ratio if run.privacy.dp else 0.0,
-        max_batch_size=run.privacy.max_batch_size,
+        max_batch_size=min(run.privacy.max_batch_size, site.limits.max_batch),
     )
 
 
@@ -184,7 +185,7 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
             again = books.resend(global_sha256) if books.trained else None
             if again:
                 return _again(again, request, data, policy, terms, books)
-            account = books.authorize_training(policy, local_plan(run, data))  # plan
+            account = books.authorize_training(policy, local_plan(run, data, site))  # plan
             work = LocalWork(
                 server_round=request.server_round,
                 start=request.parameters,
@@ -389,7 +390,11 @@ def train_locally(state: SiteState, run: RunConfig, work: LocalWork) -> LocalRes
         mu = run.aggregation.proximal_mu if run.aggregation.strategy == "fedprox" else 0.0
         # > 0: this many steps whatever the site's size (one "epoch"); under DP, as many as the
         # site's recipe chose when its account was opened (at most local-steps)
-        steps = round_steps(work.account, local_plan(run, data)) if run.train.local_steps else 0
+        steps = (
+            round_steps(work.account, local_plan(run, data, state.site))
+            if run.train.local_steps
+            else 0
+        )
         epochs = 1 if steps else run.train.local_epochs
         if work.account is None:
             torch.manual_seed(run.model.seed * 100_003 + work.server_round)  # reproducible
@@ -483,7 +488,7 @@ def _released_train_loss(
         return math.nan
     if not books.terms.private_releases or local.account is None:
         return round(float(local.result.loss), policy.metric_decimals)
-    account = books.authorize_release(local_plan(run, state.data(run)))
+    account = books.authorize_release(local_plan(run, state.data(run), state.site))
     assert account is not None  # private releases: an account
     losses = _row_losses(state, run, {**request.parameters, **local.sent})
     loss = release_mean_loss(losses, noise_multiplier=account.release_noise_multiplier)

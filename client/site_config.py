@@ -28,7 +28,13 @@ from common.privacy.accounting import local_steps
 log = logging.getLogger(__name__)
 
 NODE_KEYS_FLOWER = ("partition-id", "num-partitions")  # set by Flower's simulation runtime
-LIMIT_KEYS = ("max-message-mb", "max-image-size", "max-steps", "max-round-seconds")
+LIMIT_KEYS = (
+    "max-message-mb",
+    "max-image-size",
+    "max-steps",
+    "max-batch",
+    "max-round-seconds",
+)
 NODE_KEYS = (
     "manifest",
     "site-name",
@@ -70,6 +76,8 @@ class SiteLimits:
     # declared sizes, read from the message's object tree before any array is pulled)
     max_image_size: int = 512  # image side in pixels: activations grow with its square
     max_steps: int = 10_000  # optimizer steps in one round (local-steps, or epochs x batches)
+    max_batch: int = 4096  # expected batch of one step: memory grows with it (per-sample
+    # gradients of every trainable parameter); the DP recipe raises a batch at most to it
     max_round_seconds: float = 3600.0  # local training in one round; stopped past it, unsent
 
     @classmethod
@@ -100,6 +108,8 @@ class SiteLimits:
 
     def check_run(self, run: RunConfig) -> None:
         """Refuse a run config that asks more than these bounds, before anything else runs."""
+        if run.train.batch_size > self.max_batch:
+            raise _beyond(f"batch-size {run.train.batch_size}", "max-batch", self.max_batch)
         if run.model.image_size > self.max_image_size:
             raise _beyond(
                 f"image-size {run.model.image_size}", "max-image-size", self.max_image_size

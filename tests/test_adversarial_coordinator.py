@@ -335,7 +335,7 @@ def test_a_round_beyond_the_sites_resource_bounds_is_refused_uncharged(
 ) -> None:
     """Attack 11: valid but abusive settings (image size, steps, epochs x batches, a long round)."""
     site = _site(demo_root, tmp_path)
-    bounds = {"max-image-size": 128, "max-steps": 50}
+    bounds = {"max-image-size": 128, "max-steps": 50, "max-batch": 64}
     c = Coordinator(site, tmp_path / "state", node=bounds, num_server_rounds=2)
     limit = public_text(Kind.REFUSAL, "resource-limit")
     for kind, attack in (
@@ -344,6 +344,7 @@ def test_a_round_beyond_the_sites_resource_bounds_is_refused_uncharged(
         (MessageType.TRAIN, {"local_steps": 51}),
         (MessageType.TRAIN, {"local_steps": 0, "local_epochs": 51}),
         (MessageType.TRAIN, {"local_steps": 0, "local_epochs": 30, "batch_size": 8}),
+        (MessageType.TRAIN, {"batch_size": 65}),
     ):  # 30 x ceil(N / 8) steps
         assert c.send(kind, 1, **attack).error.reason.endswith(limit), attack
     assert not (c.state_dir / LEDGER_FILE).exists()

@@ -191,11 +191,12 @@ def test_a_sites_resource_bounds_come_from_its_node_config() -> None:
             "max-message-mb": 8,
             "max-image-size": 96,
             "max-steps": 40,
+            "max-batch": 64,
             "max-round-seconds": 600,
         }
     )
     assert site.limits == SiteLimits(
-        max_message_mb=8.0, max_image_size=96, max_steps=40, max_round_seconds=600.0
+        max_message_mb=8.0, max_image_size=96, max_steps=40, max_batch=64, max_round_seconds=600.0
     )
     assert site.limits.max_message_bytes == 8 * 2**20
     assert SiteConfig.deployed(node).limits == SiteLimits()  # the defaults
@@ -206,6 +207,7 @@ def test_a_sites_resource_bounds_come_from_its_node_config() -> None:
         ("max-message-mb", math.nan),
         ("max-round-seconds", -1),
         ("max-steps", "9"),
+        ("max-batch", 0),
     ):
         with pytest.raises(NodeConfigError, match=f"{key}="):
             SiteConfig.deployed({**node, key: value})

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.rounds import train_round
+from client.site_config import SiteLimits
 from client.state import SiteState
 from common.model.trainable import trainable_state
 from common.privacy.accounting import calibrate_noise, loader_batch, sample_rate
@@ -165,6 +166,26 @@ def test_a_site_trains_at_the_batch_its_recipe_chose_and_records_it(
     assert [(r.sample_rate, r.steps) for r in receipts] == [(1.0, 4), (1.0, 4)]
     # the account was planned for that rate: the two rounds spend within the cap
     assert outcomes[-1].account is not None and outcomes[-1].account.epsilon <= 8.0 * (1 + 1e-6)
+
+
+@pytest.mark.slow
+def test_the_node_caps_the_batch_its_recipe_may_raise_to(demo_root: Path, tmp_path: Path) -> None:
+    """A node's max-batch bounds the recipe (its memory), whatever the run's max-batch-size."""
+    run = tiny_run(
+        demo_root,
+        num_server_rounds=1,
+        local_steps=2,
+        batch_size=2,
+        **{"max-noise-ratio": 0.001, "max-batch-size": 10_000},
+    )
+    site = hospital(demo_root, tmp_path, 0, limits=SiteLimits(max_batch=4))
+    state = SiteState(site)
+    parameters = trainable_state(state.bundle(run.model).model)
+    out = train_round(state, run, request(state, run, 1, parameters))
+    assert out.account is not None
+    rows = len(state.data(run).train)
+    assert out.account.sample_rate == sample_rate(num_examples=rows, batch_size=4)  # not all rows
+    assert out.account.sample_rate < 1.0
 
 
 @pytest.mark.parametrize(("ratio", "max_batch"), [(0.0, MAX_BATCH), (RATIO, 0), (10.0, MAX_BATCH)])
