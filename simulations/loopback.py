@@ -225,6 +225,23 @@ CONNECTION = "fedfusion-loopback"
 START_TIMEOUT = 60.0  # seconds for the SuperLink to listen / the SuperNodes to come online
 
 
+def hospital_supernode(creds: CredentialLayout, name: str, isolation: str, port: int) -> list[str]:
+    """A hospital's flower-supernode options: TLS to the SuperLink, its registered key, its
+    runtime on loopback at `port`, the given isolation."""
+    return [
+        "--root-certificates",
+        str(creds.ca_cert),
+        "--auth-supernode-private-key",
+        str(creds.node_key(name)),
+        "--isolation",
+        isolation,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 @dataclass
 class LoopbackFederation:
     """A real federation on loopback: TLS, SuperNode authentication, one node per hospital.
@@ -276,20 +293,7 @@ class LoopbackFederation:
         for name in names:
             self._register(name, name)
             self.supernodes[name] = self.start_supernode(
-                f"{name}-supernode",
-                [
-                    "--root-certificates",
-                    str(creds.ca_cert),
-                    "--auth-supernode-private-key",
-                    str(creds.node_key(name)),
-                    "--isolation",
-                    "subprocess",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(free_port()),
-                ],
-                env,
+                f"{name}-supernode", hospital_supernode(creds, name, "subprocess", free_port()), env
             )
         self.procs.wait_until(
             "every SuperNode online",
@@ -422,16 +426,7 @@ class LoopbackFederation:
         self.supernodes[name] = self.start_supernode(
             f"{name}-supernode",
             [
-                "--root-certificates",
-                str(creds.ca_cert),
-                "--auth-supernode-private-key",
-                str(creds.node_key(name)),
-                "--isolation",
-                "process",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(runtime_port),
+                *hospital_supernode(creds, name, "process", runtime_port),
                 "--superexec-auth-secret-file",
                 str(secret),
             ],

@@ -37,7 +37,7 @@ from common.privacy.ledger import load_ledger
 from common.privacy.receipts import read_receipts
 from common.runfolder import RunFolder
 from simulations.demo_data import write_demo_hospitals
-from simulations.loopback import CONNECTION, LoopbackFederation, Started
+from simulations.loopback import CONNECTION, LoopbackFederation, Started, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -142,6 +142,11 @@ def _assert_federation_unharmed(fed: LoopbackFederation) -> None:
     assert not dead, f"{dead} exited\n{fed.procs.report()}"
 
 
+def _own_port() -> list[str]:
+    """A free runtime port: Flower's default (9094) may be another test's SuperNode's."""
+    return ["--host", "127.0.0.1", "--port", str(free_port())]
+
+
 def test_supernode_with_unregistered_key_is_refused(
     federation: LoopbackFederation, tampered_run: Started
 ) -> None:
@@ -159,6 +164,7 @@ def test_supernode_with_unregistered_key_is_refused(
             "1",
             "--max-wait-time",
             "10",
+            *_own_port(),
         ],
     )
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
@@ -173,7 +179,7 @@ def test_supernode_without_tls_cannot_connect(
 ) -> None:
     fed = federation
     node = fed.start_supernode(
-        "plaintext", ["--insecure", "--max-retries", "1", "--max-wait-time", "10"]
+        "plaintext", ["--insecure", "--max-retries", "1", "--max-wait-time", "10", *_own_port()]
     )
     assert fed.procs.wait_exit(node, REFUSED_TIMEOUT) != 0
     assert "could not establish a connection to the SuperLink" in node.log.read_text(), (
