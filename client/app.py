@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import replace
 
 import torch
 from flwr.app import (
@@ -33,16 +34,21 @@ from flwr.clientapp import ClientApp
 
 from client.evaluation import SiteEvaluation, evaluate_round
 from client.rounds import RoundRequest, TrainOutcome, train_round
+from client.secure import SecureTerms, mask_update, offer_keys, reveal_shares, share_secrets
 from client.site_config import SiteConfig
 from client.state import SiteState, SiteStates
 from common import protocol as R
 from common.config import RunConfig, parse_run_config
-from common.errors import ConfigurationError, FedFusionError, Kind, public_text
+from common.errors import ConfigurationError, FedFusionError, Kind, Refusal, public_text
+from common.secagg import wire
+from common.secagg.params import MAX_COHORT
+from common.secagg.wire import Fields
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 SITES = SiteStates()  # this process' warm site states (a simulation worker serves several)
+SESSION = "fedfusion-secagg"  # Context.state: the site's open secure session (never sent)
 
 
 def site_state(context: Context) -> tuple[RunConfig, SiteState]:
@@ -67,15 +73,7 @@ def round_request(msg: Message, context: Context) -> RoundRequest:
         raise _malformed(
             f"the round message needs exactly its '{R.ARRAYS}' and '{R.CONFIG}' records."
         )
-    config = content[R.CONFIG]
-    server_round, run_key = config.get(R.SERVER_ROUND), config.get(R.RUN_KEY)
-    fingerprint = config.get(R.FROZEN_FINGERPRINT)
-    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 1:
-        raise _malformed(f"its {R.SERVER_ROUND} is not a round number.")
-    if not isinstance(run_key, str) or not RUN_KEY.fullmatch(run_key):
-        raise _malformed(f"its {R.RUN_KEY} is not 1 to 128 letters, digits, '.', '_' or '-'.")
-    if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
-        raise _malformed(f"its {R.FROZEN_FINGERPRINT} is not a SHA-256 (64 hex digits).")
+    facts = round_facts(content[R.CONFIG], context)
     parameters = content.array_records[R.ARRAYS].to_torch_state_dict()
     bad = [
         n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()
@@ -91,11 +89,24 @@ def round_request(msg: Message, context: Context) -> RoundRequest:
             f"parameter(s) {huge[:3]} exceed {R.MAX_PARAMETER_ABS:g} in magnitude, "
             "beyond any model trained honestly."
         )
+    return replace(facts, parameters=parameters)
+
+
+def round_facts(config: ConfigRecord, context: Context) -> RoundRequest:
+    """The per-round facts of a message's config record (no parameters)."""
+    server_round, run_key = config.get(R.SERVER_ROUND), config.get(R.RUN_KEY)
+    fingerprint = config.get(R.FROZEN_FINGERPRINT)
+    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 1:
+        raise _malformed(f"its {R.SERVER_ROUND} is not a round number.")
+    if not isinstance(run_key, str) or not RUN_KEY.fullmatch(run_key):
+        raise _malformed(f"its {R.RUN_KEY} is not 1 to 128 letters, digits, '.', '_' or '-'.")
+    if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
+        raise _malformed(f"its {R.FROZEN_FINGERPRINT} is not a SHA-256 (64 hex digits).")
     return RoundRequest(
         server_round=server_round,
         run_key=run_key,
         frozen_fingerprint=fingerprint,
-        parameters=parameters,
+        parameters={},
         flower_run_id=int(context.run_id),
     )
 
@@ -247,3 +258,202 @@ def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
             R.SITE: ConfigRecord({R.SITE_NAME: site}),
         }
     )
+
+
+# --- secure aggregation: four stages, the site's session kept in its own Context.state --------
+
+
+def _stage(msg: Message, context: Context, *, arrays: bool) -> tuple[RoundRequest, Fields]:
+    """A stage message's round facts (and parameters at stage 3) and its protocol fields."""
+    content = msg.content
+    expected = {R.CONFIG, R.SECAGG}
+    if set(content.config_records) != expected or len(content.metric_records):
+        raise _malformed(f"a secure-aggregation stage carries exactly the records {expected}.")
+    if arrays:
+        request = round_request(
+            Message(
+                RecordDict({R.ARRAYS: content[R.ARRAYS], R.CONFIG: content[R.CONFIG]}),
+                reply_to=msg,
+            ),
+            context,
+        )
+    elif content.array_records:
+        raise _malformed("only stage 3 of secure aggregation carries arrays.")
+    else:
+        request = round_facts(content[R.CONFIG], context)
+    return request, dict(content[R.SECAGG])
+
+
+def _kept(context: Context) -> ConfigRecord:
+    """The site's secure session, as an earlier stage of this round left it."""
+    if SESSION not in context.state.config_records:
+        raise Refusal(
+            "the site has no open secure session: a secure round runs its four stages in order",
+            reason="secagg-unsafe",
+        )
+    return context.state.config_records[SESSION]
+
+
+def _keep(context: Context, **fields: bytes | float | int) -> None:
+    record = context.state.config_records.get(SESSION, ConfigRecord())
+    for key, value in fields.items():
+        record[key] = value
+    context.state.config_records[SESSION] = record
+
+
+def _forget(context: Context) -> None:
+    """A stage failed: the session's secrets are dropped (nothing more is answered)."""
+    context.state.config_records.pop(SESSION, None)
+
+
+def _secure_terms(fields: Fields) -> SecureTerms:
+    clip, shares = fields.get(R.SECAGG_MAX_GRAD_NORM), fields.get(R.SECAGG_NOISE_SHARES)
+    if not isinstance(clip, float) or not (math.isfinite(clip) and clip > 0):
+        raise _malformed(f"its {R.SECAGG_MAX_GRAD_NORM} is not a positive number.")
+    if isinstance(shares, bool) or not isinstance(shares, int) or not 1 <= shares <= MAX_COHORT:
+        raise _malformed(f"its {R.SECAGG_NOISE_SHARES} is not a whole number from 1 to 64.")
+    return SecureTerms(max_grad_norm=clip, noise_shares=shares)
+
+
+def _secure_reply(
+    msg: Message, site: str, **records: ConfigRecord | MetricRecord | ArrayRecord
+) -> Message:
+    return Message(RecordDict({**records, R.SITE: ConfigRecord({R.SITE_NAME: site})}), reply_to=msg)
+
+
+@app.train(R.SECAGG_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Stage 1: the round's parameters in, the site's signed public keys out."""
+    site = _site_name(context)
+    _forget(context)  # a new round: whatever an unfinished one left is dropped
+    try:
+        run, state = site_state(context)
+        site = state.site.site_name
+        request, fields = _stage(msg, context, arrays=False)
+        secure = _secure_terms(fields)
+        offer = offer_keys(
+            state, run, request, wire.params_from_fields(fields), secure, node=context.node_id
+        )
+    except Exception as err:
+        return error_reply(msg, site, err, detailed=_simulated(context))
+    _keep(
+        context,
+        session=offer.session,
+        **{
+            R.SECAGG_MAX_GRAD_NORM: secure.max_grad_norm,
+            R.SECAGG_NOISE_SHARES: secure.noise_shares,
+        },
+    )
+    return _secure_reply(
+        msg,
+        site,
+        **{
+            R.SECAGG: ConfigRecord(wire.public_keys_fields(offer.keys)),
+            R.METRICS: MetricRecord(
+                {R.NOISE_MULTIPLIER: offer.noise_multiplier, R.SAMPLE_RATE: offer.sample_rate}
+            ),
+        },
+    )
+
+
+@app.train(R.SECAGG_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Stage 2: the key directory and the round's noise multiplier in, sealed shares out."""
+    site = _site_name(context)
+    try:
+        _run, state = site_state(context)
+        site = state.site.site_name
+        request, fields = _stage(msg, context, arrays=False)
+        z = fields.get(R.SECAGG_NOISE_MULTIPLIER)
+        if not isinstance(z, float):
+            raise _malformed(f"its {R.SECAGG_NOISE_MULTIPLIER} is not a number.")
+        sealed, session = share_secrets(
+            state,
+            request,
+            wire.directory_from_fields(fields),
+            noise_multiplier=z,
+            session=_session_bytes(_kept(context)),
+        )
+    except Exception as err:
+        _forget(context)
+        return error_reply(msg, site, err, detailed=_simulated(context))
+    _keep(context, session=session, **{R.SECAGG_NOISE_MULTIPLIER: z})
+    return _secure_reply(msg, site, **{R.SECAGG: ConfigRecord(wire.sealed_fields(sealed))})
+
+
+@app.train(R.SECAGG_MASK)
+def secagg_mask(msg: Message, context: Context) -> Message:
+    """Stage 3: the global parameters and this site's shares in; one noisy step, masked, out."""
+    site = _site_name(context)
+    try:
+        run, state = site_state(context)
+        site = state.site.site_name
+        request, fields = _stage(msg, context, arrays=True)
+        kept = _kept(context)
+        outcome = mask_update(
+            state,
+            run,
+            request,
+            wire.delivery_from_fields(fields),
+            SecureTerms(
+                max_grad_norm=float(kept[R.SECAGG_MAX_GRAD_NORM]),  # as accepted at stage 1
+                noise_shares=int(kept[R.SECAGG_NOISE_SHARES]),
+            ),
+            noise_multiplier=float(kept[R.SECAGG_NOISE_MULTIPLIER]),  # as accepted at stage 2
+            session=_session_bytes(kept),
+        )
+    except Exception as err:
+        _forget(context)
+        return error_reply(msg, site, err, detailed=_simulated(context))
+    _keep(context, session=outcome.session)
+    account = outcome.account
+    return _secure_reply(
+        msg,
+        site,
+        **{
+            R.MASKED: ArrayRecord({R.MASKED_VECTOR: Array(outcome.masked.vector)}),
+            R.SECAGG: ConfigRecord(wire.round_key_fields(outcome.masked.round)),
+            R.METRICS: MetricRecord(
+                {
+                    R.NUM_EXAMPLES: outcome.num_examples,
+                    R.TRAIN_LOSS: math.nan,  # one step's loss would be one more release
+                    R.EPSILON: _spent(outcome.receipt.epsilon) if account else math.inf,
+                    R.DELTA: float(account.delta) if account else 0.0,
+                    R.NOISE_MULTIPLIER: float(account.noise_multiplier) if account else 0.0,
+                    R.SAMPLE_RATE: float(account.sample_rate) if account else 0.0,
+                    R.STEPS: 1,
+                    R.TRAIN_SECONDS: float(outcome.seconds),
+                    R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if account else math.inf,
+                    R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
+                }
+            ),
+        },
+    )
+
+
+@app.train(R.SECAGG_REVEAL)
+def secagg_reveal(msg: Message, context: Context) -> Message:
+    """Stage 4: who survived and who dropped in; the shares that unmask the sum out."""
+    site = _site_name(context)
+    try:
+        _run, state = site_state(context)
+        site = state.site.site_name
+        request, fields = _stage(msg, context, arrays=False)
+        reveal = reveal_shares(
+            state,
+            request,
+            wire.unmask_from_fields(fields),
+            session=_session_bytes(_kept(context)),
+        )
+    except Exception as err:
+        return error_reply(msg, site, err, detailed=_simulated(context))
+    finally:
+        _forget(context)  # the round is over at the site whatever happened
+    return _secure_reply(msg, site, **{R.SECAGG: ConfigRecord(wire.reveal_fields(reveal))})
+
+
+def _session_bytes(kept: ConfigRecord) -> bytes:
+    blob = kept.get("session")
+    if not isinstance(blob, bytes):
+        raise Refusal("the site's secure session is missing its state", reason="secagg-unsafe")
+    return blob

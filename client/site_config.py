@@ -47,6 +47,8 @@ NODE_KEYS = (
     "text-encoder",
     "run-config-keys",
     "torch-threads",
+    "secagg-identity",
+    "secagg-roster",
     *LIMIT_KEYS,
 )
 MAX_TORCH_THREADS = 1024  # a bound on `torch-threads`, far above any machine's cores
@@ -201,6 +203,10 @@ class SiteConfig:
     # defaults installed here (`fedfusion node` checks them); None: any key
     torch_threads: int = 1  # torch's intra-op threads in the node (0: torch's default, one per
     # core): the SuperNode and, on a shared machine, other sites compete for the same cores
+    # secure aggregation: the key this site signs its round keys with (its SuperNode's
+    # authentication key), and the consortium's public keys it accepts (one per line)
+    secagg_identity: Path | None = None
+    secagg_roster: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -267,6 +273,8 @@ class SiteConfig:
             limits=SiteLimits.from_node_config(node_config),
             run_config_keys=_keys(node_config),
             torch_threads=node_config.get("torch-threads", 1),
+            secagg_identity=_path(node_config, "secagg-identity"),
+            secagg_roster=_path(node_config, "secagg-roster"),
         )
         site._check()
         return site
@@ -390,6 +398,15 @@ def _keys(node_config: Mapping[str, Any]) -> frozenset[str] | None:
             f"{unknown}; see the README's configuration reference."
         )
     return keys
+
+
+def _path(node_config: Mapping[str, Any], key: str) -> Path | None:
+    value = node_config.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise NodeConfigError(f"node config {key}={value!r}: it must be a file path.")
+    return Path(value).expanduser()
 
 
 def _text(node_config: Mapping[str, Any], key: str) -> str | None:

@@ -266,6 +266,12 @@ class PrivacyConfig:
     # max-grad-norm) is within max-noise-ratio; 0: every site trains as the run config says
     max_noise_ratio: float = field(metadata=_range(0.0, 100.0))
     max_batch_size: int = field(metadata=_range(0, 100_000))  # 0: batch-size (never raised)
+    # secure aggregation with distributed DP (server.secure, client.secure): each round is one
+    # DP-SGD step whose clipped gradient sums the coordinator sees only in sum, with each site
+    # adding a share of the noise; secagg-colluders is the most colluding sites the coordinator's
+    # threshold is chosen for (a site checks the threshold against its own policy's number)
+    secure_aggregation: bool = field(metadata={})
+    secagg_colluders: int = field(metadata=_range(0, 63))
 
 
 _SECTIONS: dict[str, type] = {
@@ -402,7 +408,19 @@ class RunConfig:
             values[section][f.name] = value
         sections = {name: _SECTIONS[name](**vals) for name, vals in values.items()}
         sections["model"] = sections["model"].resolved()
-        return cls(**sections)
+        config = cls(**sections)
+        config.check_secure_aggregation()
+        return config
+
+    def check_secure_aggregation(self) -> None:
+        """Secure aggregation hides each update, so only a plain (weighted) mean of them fits."""
+        if self.privacy.secure_aggregation and self.aggregation.strategy != "fedavg":
+            raise ConfigError(
+                f'Run config: secure-aggregation = true needs strategy = "fedavg", not '
+                f'"{self.aggregation.strategy}": the coordinator sees only the sum of the '
+                "sites' updates, so a strategy that screens or weighs each update cannot run. "
+                'Set strategy = "fedavg" or secure-aggregation = false.'
+            )
 
 
 @functools.lru_cache(maxsize=8)

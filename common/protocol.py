@@ -24,6 +24,20 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"  # ConfigRecord in replies: the site's self-chosen name, nothing else
+# secure aggregation (server.secure, client.secure): each stage's message type is
+# "train.<action>"; its protocol fields travel in a ConfigRecord (common.secagg.wire)
+SECAGG = "secagg"
+MASKED = "masked"  # ArrayRecord of stage 3's reply: the masked vector, under MASKED_VECTOR
+MASKED_VECTOR = "vector"
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_MASK, SECAGG_REVEAL = (
+    "secagg_keys",
+    "secagg_shares",
+    "secagg_mask",
+    "secagg_reveal",
+)
+SECAGG_MAX_GRAD_NORM = "max-grad-norm"  # stage 1: the clipping norm the sum is calibrated to
+SECAGG_NOISE_SHARES = "noise-shares"  # stage 1: d, the honest shares the noise is split into
+SECAGG_NOISE_MULTIPLIER = "noise-multiplier"  # stage 2: z, the sum's noise multiplier
 # ConfigRecord in train replies: which global trainable parameters the site did not train this
 # round (e.g. text-side ones at a site without reports). Its ArrayRecord then holds only the
 # others; the server aggregates each parameter over the sites that trained it.

@@ -35,6 +35,7 @@ from server.loop import RoundPlan, run_rounds
 from server.recorder import Recorder
 from server.resume import open_run
 from server.screening import UpdateBounds
+from server.secure import SecurePlan
 from server.sites import SiteGrid
 from server.strategy import build_strategy, load_optimizer_state
 
@@ -141,4 +142,12 @@ def round_plan(run: RunConfig, *, run_key: str, fingerprint: str) -> RoundPlan:
         bounds=UpdateBounds(max_norm=agg.max_update_norm, median_factor=agg.update_norm_factor),
         weight_factor=agg.max_weight_factor,
         num_classes=len(run.model.class_names),
+        secure=SecurePlan(
+            colluders=run.privacy.secagg_colluders,
+            max_grad_norm=run.privacy.max_grad_norm,
+            learning_rate=run.train.learning_rate,
+            momentum=run.train.momentum,
+        )
+        if run.privacy.secure_aggregation
+        else None,
     )

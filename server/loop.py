@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as R
 from common.model.contributions import modality_weights
+from common.secagg.params import RoundKey as SecureRoundKey
 from server.evaluation import SiteCounts, pooled_metrics
 from server.recorder import Recorder, RoundRecord, aggregate_line
 from server.replies import Replies, read_replies
@@ -35,6 +36,7 @@ from server.screening import (
     complete_partial_updates,
     screen_updates,
 )
+from server.secure import SecureOutcome, SecurePlan, ServerStep, secure_round
 from server.sites import SiteGrid
 from server.strategy import optimizer_state
 
@@ -56,6 +58,7 @@ class RoundPlan:
     run_key: str
     fingerprint: str
     num_classes: int = 2  # fixes the shapes of the sites' released score counts
+    secure: SecurePlan | None = None  # each round inside secure aggregation (server.secure)
 
     def config(self) -> ConfigRecord:
         """The per-round facts every site is told (Flower's strategy adds the round number)."""
@@ -97,6 +100,7 @@ def run_rounds(
     """
     names = grid.names
     waiting: Aggregated | None = None  # the previous round, until its evaluation is in
+    step = ServerStep(plan.secure.learning_rate, plan.secure.momentum) if plan.secure else None
     for server_round in range(first_round, plan.last_round + 1):
         evaluate = waiting.evaluate if waiting else []
         record = RoundRecord(server_round, names)
@@ -105,18 +109,39 @@ def run_rounds(
             record.reject(
                 f"node {node}", "not among the run's site-nodes: sent nothing, nothing aggregated."
             )
-        evaluated, trained = exchange_in_turn(grid, [evaluate, list(messages)], plan.timeout)
-        if waiting is not None:
-            _commit_evaluated(recorder, waiting, evaluated, plan)
-        replies = read_replies(trained, train=True, names=names, num_classes=plan.num_classes)
-        record.add(replies, train=True)
-        usable = screened(replies, arrays, plan, record)
-        if len(usable) < plan.min_nodes:
-            why = _too_few(server_round, len(usable), plan.min_nodes, record)
-            recorder.commit(record.line(stopped=why))
-            return LoopEnd(arrays, stopped=why)
-        aggregated, train_metrics = strategy.aggregate_train(server_round, usable)
-        arrays = _like(aggregated, arrays)
+        train_metrics: MetricRecord | None = None
+        if plan.secure is not None and step is not None:
+            outcome = secure_round(
+                lambda groups: exchange_in_turn(grid, groups, plan.timeout),
+                cohort=[m.metadata.dst_node_id for m in messages],
+                arrays=arrays,
+                config=ConfigRecord({**dict(plan.config()), R.SERVER_ROUND: server_round}),
+                round_key=SecureRoundKey(run=plan.run_key, round=server_round),
+                plan=plan.secure,
+                names=names,
+                record=record,
+                evaluate=evaluate,
+            )
+            if waiting is not None:
+                _commit_evaluated(recorder, waiting, outcome.evaluated, plan)
+            if outcome.update is None or outcome.sites < plan.min_nodes:
+                why = _no_secure_sum(server_round, outcome, plan.min_nodes, record)
+                recorder.commit(record.line(stopped=why))
+                return LoopEnd(arrays, stopped=why)
+            arrays = step.apply(arrays, outcome.update)
+        else:
+            evaluated, trained = exchange_in_turn(grid, [evaluate, list(messages)], plan.timeout)
+            if waiting is not None:
+                _commit_evaluated(recorder, waiting, evaluated, plan)
+            replies = read_replies(trained, train=True, names=names, num_classes=plan.num_classes)
+            record.add(replies, train=True)
+            usable = screened(replies, arrays, plan, record)
+            if len(usable) < plan.min_nodes:
+                why = _too_few(server_round, len(usable), plan.min_nodes, record)
+                recorder.commit(record.line(stopped=why))
+                return LoopEnd(arrays, stopped=why)
+            aggregated, train_metrics = strategy.aggregate_train(server_round, usable)
+            arrays = _like(aggregated, arrays)
         recorder.checkpoint(server_round, arrays, optimizer_state(strategy))
         evaluate = list(strategy.configure_evaluate(server_round, arrays, plan.config(), grid))
         waiting = Aggregated(record, arrays, train_metrics, evaluate)
@@ -228,8 +253,29 @@ def _like(aggregated: ArrayRecord | None, arrays: ArrayRecord) -> ArrayRecord:
     )
 
 
+def _no_secure_sum(
+    server_round: int, outcome: SecureOutcome, min_nodes: int, record: RoundRecord
+) -> str:
+    """Why the run stops after a secure round without a usable sum."""
+    if outcome.update is not None:
+        return _too_few(server_round, outcome.sites, min_nodes, record)
+    return (
+        f"Round {server_round}: no secure sum: {outcome.why}. "
+        f"{_problems(record) or 'No replies before the round timeout.'}"
+    )
+
+
 def _too_few(server_round: int, usable: int, min_nodes: int, record: RoundRecord) -> str:
     """Why the run stops: every refusal, failure and rejected update, each naming its site."""
+    why = _problems(record) or "No replies before the round timeout."
+    return (
+        f"Round {server_round}: {usable} site(s) sent a usable update, fewer than "
+        f"min-nodes={min_nodes}. {why}"
+    )
+
+
+def _problems(record: RoundRecord) -> str:
+    """Every refusal, failure and rejected update of the round, each naming its site."""
     parts = [
         f"Refused: {'; '.join(f'{s}: {r}' for s, r in record.refusals.items())}"
         if record.refusals
@@ -241,8 +287,4 @@ def _too_few(server_round: int, usable: int, min_nodes: int, record: RoundRecord
         if record.rejected
         else "",
     ]
-    why = " ".join(p for p in parts if p) or "No replies before the round timeout."
-    return (
-        f"Round {server_round}: {usable} site(s) sent a usable update, fewer than "
-        f"min-nodes={min_nodes}. {why}"
-    )
+    return " ".join(p for p in parts if p)

@@ -66,6 +66,12 @@ class RoundRecord:
         for site, reason in replies.malformed.items():
             self.reject(site, reason)
 
+    def add_problems(self, replies: Replies) -> None:
+        """Record a secure-aggregation stage's refusals, failures and malformed replies."""
+        self.errors += replies.errors
+        for site, reason in replies.malformed.items():
+            self.reject(site, reason)
+
     def reject(self, site: str, reason: str) -> None:
         """Record that the coordinator screened out a site's update (or reply) this round."""
         self.rejected[site] = reason

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from flwr.app import Message, RecordDict
 
 from common import protocol as R
-from common.errors import Kind
+from common.errors import ConfigurationError, Kind
 from common.training.score_counts import ScoreCounts
 from server.evaluation import MalformedCounts, read_counts
 from server.screening import Update
@@ -30,6 +31,7 @@ from server.sites import SiteNames
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MAX_EXAMPLES = 10**8  # records at one site: a weight beyond this is not believed
 
 
@@ -122,31 +124,10 @@ EVAL_RECORDS = {"array": {R.COUNTS}, "metric": {R.METRICS}, "config": {R.SITE}}
 
 def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> Reply:
     content = msg.content
-    keys = R.TRAIN_METRICS if train else R.EVAL_METRICS
     _check_records(content, TRAIN_RECORDS if train else EVAL_RECORDS)
-    if R.METRICS not in content.metric_records:
-        raise MalformedReply(f"no '{R.METRICS}' record.")
-    record = content[R.METRICS]
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise MalformedReply(f"metric(s) {missing} missing.")
-    extra = sorted(set(record) - set(keys))
-    if extra:
-        raise MalformedReply(f"metric(s) {extra[:5]} are not in the protocol's {len(keys)}.")
-    metrics: dict[str, float] = {}
-    for key in keys:
-        value = record[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MalformedReply(f"metric {key} is not a number.")
-        metrics[key] = value
+    metrics = _metrics(content, R.TRAIN_METRICS if train else R.EVAL_METRICS)
+    _check_examples(metrics)
     n = metrics[R.NUM_EXAMPLES]
-    if not (isinstance(n, int) or (math.isfinite(n) and float(n).is_integer())) or not (
-        1 <= n <= MAX_EXAMPLES
-    ):
-        raise MalformedReply(
-            f"{R.NUM_EXAMPLES} is {n!r}, not a whole number from 1 to {MAX_EXAMPLES}."
-        )
-    metrics[R.NUM_EXAMPLES] = int(n)
     if train:
         return Reply(
             node_id=node,
@@ -165,6 +146,83 @@ def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> 
     except MalformedCounts as err:
         raise MalformedReply(f"'{R.COUNTS}': {err}") from err
     return Reply(node_id=node, site=site, metrics=metrics, update=None, message=msg, counts=counts)
+
+
+def _metrics(content: RecordDict, keys: tuple[str, ...]) -> dict[str, float]:
+    """Exactly the metrics `keys`, each a number."""
+    if R.METRICS not in content.metric_records:
+        raise MalformedReply(f"no '{R.METRICS}' record.")
+    record = content[R.METRICS]
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise MalformedReply(f"metric(s) {missing} missing.")
+    extra = sorted(set(record) - set(keys))
+    if extra:
+        raise MalformedReply(f"metric(s) {extra[:5]} are not in the protocol's {len(keys)}.")
+    metrics: dict[str, float] = {}
+    for key in keys:
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedReply(f"metric {key} is not a number.")
+        metrics[key] = value
+    return metrics
+
+
+# a secure-aggregation stage's reply: its protocol fields, stage 3's masked vector, the metrics
+SECURE_RECORDS = {"array": {R.MASKED}, "metric": {R.METRICS}, "config": {R.SECAGG, R.SITE}}
+
+
+def read_stage(
+    messages: Iterable[Message],
+    *,
+    names: SiteNames,
+    parse: Callable[[RecordDict], T],
+    metrics: tuple[str, ...] = (),
+) -> tuple[dict[int, T], Replies]:
+    """A secure-aggregation stage's replies: each usable one parsed (by node), with its
+    `metrics` checked as a train reply's are; refusals, failures and malformed replies apart.
+
+    `parse` reads the protocol's fields; a ConfigurationError or MalformedReply from it makes
+    the reply malformed (the coordinator's session then counts the site as dropped).
+    """
+    out, parsed = Replies(), {}
+    for msg in messages:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            one = read_replies([msg], train=True, names=names)
+            out.errors += one.errors
+            continue
+        site = names.name(node, _claimed_name(msg))
+        if not names.known(node):
+            out.malformed[site] = (
+                "the node is not among the run's site-nodes; its reply is not used."
+            )
+            continue
+        try:
+            _check_records(msg.content, SECURE_RECORDS)
+            values = _metrics(msg.content, metrics) if metrics else {}
+            if R.NUM_EXAMPLES in values:
+                _check_examples(values)
+            parsed[node] = parse(msg.content)
+        except (MalformedReply, ConfigurationError) as err:
+            detail = err.detail if isinstance(err, ConfigurationError) else str(err)
+            out.malformed[site] = f"malformed reply: {detail}"
+            log.warning("site %s: malformed secure-aggregation reply: %s", site, detail)
+            continue
+        if metrics:
+            out.ok.append(Reply(node_id=node, site=site, metrics=values, update=None, message=msg))
+    return parsed, out
+
+
+def _check_examples(metrics: dict[str, float]) -> None:
+    n = metrics[R.NUM_EXAMPLES]
+    if not (isinstance(n, int) or (math.isfinite(n) and float(n).is_integer())) or not (
+        1 <= n <= MAX_EXAMPLES
+    ):
+        raise MalformedReply(
+            f"{R.NUM_EXAMPLES} is {n!r}, not a whole number from 1 to {MAX_EXAMPLES}."
+        )
+    metrics[R.NUM_EXAMPLES] = int(n)
 
 
 def _check_records(content: RecordDict, allowed: dict[str, set[str]]) -> None:

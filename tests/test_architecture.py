@@ -39,6 +39,7 @@ FLOWER_EDGE = {
     "server/loop.py",
     "server/recorder.py",
     "server/replies.py",
+    "server/secure.py",
     "server/sites.py",
     "server/strategy.py",
 }

@@ -9,6 +9,7 @@ the one round: every decision about the site's budget is made here, on what the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -133,14 +134,20 @@ class Books:
         """Keep what this round sends, so that the round asked again sends it again."""
         save_sent(self.state_dir, self.key.run_key, sent)
 
-    def charge_training(self, account: Account | None, *, sent_sha256: str) -> Receipt:
+    def charge_training(
+        self, account: Account | None, *, sent_sha256: str, secure: SecureStep | None = None
+    ) -> Receipt:
         """Persist the round's spend (`account` after its steps; None: trained without DP).
 
         A round without DP keeps the run's DP account (its history is never lost) and is
-        recorded as unprotected.
+        recorded as unprotected. `secure`: the round was one step inside secure aggregation,
+        its last history entry the noise the sum carries under the stated assumption.
         """
         entry = self._entry()
         before = entry.account.steps if entry.account else 0
+        steps = entry.secure_steps
+        if secure is not None and account is not None:
+            steps = (*steps, (len(account.history) - 1, secure.own_noise_multiplier))
         self._save(
             replace(
                 entry,
@@ -148,6 +155,7 @@ class Books:
                 rounds=(*entry.rounds, self.key.server_round),
                 unprotected_rounds=entry.unprotected_rounds
                 + (() if account else (self.key.server_round,)),
+                secure_steps=steps,
             )
         )
         last = account.history[-1] if account else (0.0, 0.0, 0)
@@ -158,6 +166,7 @@ class Books:
             noise=last[0],
             sample_rate=last[1],
             steps=(account.steps - before) if account else 0,
+            secure=secure,
         )
 
     def charge_release(self, account: Account, *, kind: str, sha256: str) -> Account:
@@ -211,6 +220,7 @@ class Books:
         noise: float,
         sample_rate: float,
         steps: int,
+        secure: SecureStep | None = None,
     ) -> Receipt:
         receipt = Receipt(
             run_id=self.key.run_key,
@@ -227,6 +237,10 @@ class Books:
             dataset_sha256=self.data.version,
             time=Receipt.now(),
             kind=kind,
+            cohort=secure.cohort if secure else 0,
+            noise_shares=secure.noise_shares if secure else 0,
+            colluders=secure.colluders if secure else 0,
+            fallback_epsilon=self.fallback_epsilon(account) if account and secure else None,
         )
         append_receipt(self.state_dir, receipt)
         return receipt
@@ -240,6 +254,27 @@ class Books:
         return epsilon_from_history(
             [*self.prior, *account.history], delta=account.delta, accountant=account.accountant
         )
+
+    def fallback_epsilon(self, account: Account) -> float:
+        """The epsilon over the budget scope if the secure sums' other sites all colluded: each
+        secure step at the noise of the site's own share alone."""
+        own = dict(self._entry().secure_steps)
+        history = [(own.get(i, sigma), q, n) for i, (sigma, q, n) in enumerate(account.history)]
+        if any(sigma <= 0 for sigma, _, _ in history):
+            return math.inf
+        return epsilon_from_history(
+            [*self.prior, *history], delta=account.delta, accountant=account.accountant
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureStep:
+    """A round trained inside secure aggregation, as the ledger and the receipt record it."""
+
+    cohort: int  # sites in the round's cohort
+    noise_shares: int  # d: honest shares the sum's noise multiplier z assumes
+    colluders: int  # the site's policy's assumption
+    own_noise_multiplier: float  # z / sqrt(d): the site's own share alone
 
 
 def open_ledger(state_dir: Path) -> Ledger:

@@ -45,6 +45,9 @@ class RunEntry:
     unprotected_rounds: tuple[int, ...] = ()  # of those, the rounds trained without DP
     evaluated: tuple[int, ...] = ()  # server rounds this site released evaluation metrics for
     flower_runs: tuple[int, ...] = ()  # the Flower runs that used this run key (one, or resumes)
+    # the run's secure-aggregation steps: (index in the account's history, the noise multiplier
+    # of the site's own share alone), for the fallback guarantee (`Books.fallback_epsilon`)
+    secure_steps: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def _entry_to_json(rec: RunEntry) -> dict[str, Any]:
         "unprotected_rounds": list(rec.unprotected_rounds),
         "evaluated": list(rec.evaluated),
         "flower_runs": list(rec.flower_runs),
+        "secure_steps": [list(step) for step in rec.secure_steps],
     }
 
 
@@ -102,6 +106,7 @@ def _entry_from_json(rec: dict[str, Any]) -> RunEntry:
         unprotected_rounds=tuple(rec["unprotected_rounds"]),
         evaluated=tuple(rec["evaluated"]),
         flower_runs=tuple(rec["flower_runs"]),
+        secure_steps=tuple((int(i), float(z)) for i, z in rec.get("secure_steps", [])),
     )
 
 

@@ -31,6 +31,10 @@ policy file (a simulated hospital without one is played by the researcher: `rese
                                  # of them; empty: the labels in the site's data are public
     accept-bundles = []          # SHA-256 of the run bundles the site's node takes part with;
                                  # empty: the FedFusion app at the installed version (client.bundle)
+    secure-aggregation = "allow" # "require": train only inside secure aggregation (the coordinator
+                                 # sees only the cohort's sum); "off": never take part in it
+    min-secagg-sites = 3         # the fewest sites whose sum the site's update may hide in
+    secagg-colluders = 1         # the most sites the site assumes collude with the coordinator
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from typing import Any
 from common.errors import ConfigurationError
 
 BUDGET_SCOPES = ("run", "dataset")
+SECURE_AGGREGATION = ("require", "allow", "off")
+MAX_SECAGG_SITES = 64  # common.secagg.params.MAX_COHORT: the protocol's complete graph
 
 
 class PolicyError(ConfigurationError):
@@ -74,6 +80,9 @@ class SitePolicy:
     min_eval_records: int = 20  # fewer validation records: no evaluation metrics are released
     metric_decimals: int = 3  # released metrics are rounded to this many decimals
     accept_bundles: tuple[str, ...] = ()  # SHA-256 of the only run bundles to take part with
+    secure_aggregation: str = "allow"  # "require" | "allow" | "off"
+    min_secagg_sites: int = 3  # the fewest sites a secure sum of its update may have
+    secagg_colluders: int = 1  # the most sites it assumes collude with the coordinator
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +101,19 @@ class SitePolicy:
                 "evaluates takes no part)",
             ),
             (self.max_rounds >= 1, "max-rounds must be >= 1"),
+            (
+                self.secure_aggregation in SECURE_AGGREGATION,
+                f"secure-aggregation must be one of {SECURE_AGGREGATION}",
+            ),
+            (
+                2 <= self.min_secagg_sites <= MAX_SECAGG_SITES,
+                f"min-secagg-sites must be from 2 to {MAX_SECAGG_SITES}",
+            ),
+            (
+                0 <= self.secagg_colluders < self.min_secagg_sites,
+                "secagg-colluders must be >= 0 and below min-secagg-sites (with as many "
+                "colluders as sites, the sum hides nothing)",
+            ),
             (self.budget_scope in BUDGET_SCOPES, f"budget-scope must be one of {BUDGET_SCOPES}"),
             (
                 0 <= self.min_max_grad_norm <= self.max_max_grad_norm,

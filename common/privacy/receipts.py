@@ -40,6 +40,13 @@ class Receipt:
     dataset_sha256: str
     time: str
     kind: str = TRAIN  # what was charged: a round's training, or a release (KINDS)
+    # a secure-aggregation round (0: none): the sites its masked vector was summed with, the
+    # honest noise shares its epsilon assumes, the colluders its policy assumes, and the run's
+    # epsilon over the budget scope if every other site colluded (its own noise share alone)
+    cohort: int = 0
+    noise_shares: int = 0
+    colluders: int = 0
+    fallback_epsilon: float | None = None
 
     @staticmethod
     def now() -> str:
