@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import torch
 
 from client.rounds import (
@@ -45,7 +46,11 @@ from common.errors import ConfigurationError, Refusal
 from common.model.modalities import frozen, untrained_parameters
 from common.privacy.accounting import Account
 from common.privacy.books import SecureStep
-from common.privacy.distributed import DistributedNoise, clipped_gradient_sum
+from common.privacy.distributed import (
+    MAX_NOISE_MULTIPLIER,
+    DistributedNoise,
+    clipped_gradient_sum,
+)
 from common.privacy.enforcement import LocalPlan, PrivacyTerms
 from common.privacy.ledger import exclusive
 from common.privacy.policy import SitePolicy
@@ -69,7 +74,6 @@ from common.training.loop import pick_device
 log = logging.getLogger(__name__)
 
 SIMULATED_IDENTITY = b"fedfusion simulated hospital identity "  # the researcher plays every site
-MAX_NOISE_MULTIPLIER = 1_000.0  # a z beyond this is not a calibration, it is a mistake
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +128,8 @@ def _simulated_identity(site: SiteConfig) -> tuple[Signer, Roster]:
     folders = sorted(p.name for p in Path(site.manifest).parent.glob("hospital-*") if p.is_dir())
 
     def signer(name: str) -> Signer:
-        return Signer.derive(hashlib.sha256(SIMULATED_IDENTITY + name.encode()).digest())
+        seed = hashlib.sha256(SIMULATED_IDENTITY + name.encode()).digest()
+        return Signer(Ed25519PrivateKey.from_private_bytes(seed))
 
     roster = Roster.of([signer(name).public_bytes() for name in folders])
     return signer(Path(site.manifest).name), roster

@@ -19,7 +19,6 @@ sensitivity; a ring large enough for every site's largest honest value.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -28,7 +27,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common import protocol as R
-from common.errors import FedFusionError
+from common.errors import ConfigurationError, FedFusionError
+from common.privacy.distributed import (
+    MAX_NOISE_MULTIPLIER,
+    DistributedNoise,
+    choose_scale,
+    ring_bits,
+)
 from common.secagg import wire
 from common.secagg.coordinator import CoordinatorSession
 from common.secagg.messages import MaskedVector
@@ -43,10 +48,6 @@ log = logging.getLogger(__name__)
 Exchange = Callable[[list[list[Message]]], list[list[Message]]]
 
 MAX_WEIGHT = 2**17  # the largest expected batch a site may weigh in with (max batch-size 100,000)
-MAX_NOISE_MULTIPLIER = 1_000.0  # as client.secure: the ring's headroom is sized for it
-ROUNDING_SHARE = 0.01  # stochastic rounding may add sqrt(D) to a sum's norm: 1% of scale x C
-NOISE_TAIL = 14.0  # a site's noise stays within this many standard deviations (common.privacy)
-MAX_BITS = 62
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,31 +94,39 @@ def round_params(
             f"colluders (threshold {t} > {n}); sample more sites or lower secagg-colluders"
         )
     layout = Layout(shapes=tuple((name, tuple(a.shape)) for name, a in arrays.items()))
-    d = t - plan.colluders
-    sqrt_d = math.sqrt(layout.coordinates)
-    scale = sqrt_d / (ROUNDING_SHARE * plan.max_grad_norm)
-    clip = MAX_WEIGHT * plan.max_grad_norm  # a coordinate of a sum of clipped gradients
-    sensitivity = scale * plan.max_grad_norm + sqrt_d
-    noise_bound = math.ceil(NOISE_TAIL * MAX_NOISE_MULTIPLIER * sensitivity)
-    per_site = math.ceil(clip * scale) + 1 + noise_bound
-    bits = max(16, math.ceil(math.log2(n * per_site + 1)) + 2)
-    if bits > MAX_BITS:
-        raise ValueError(
-            f"a model of {layout.coordinates} coordinates needs a ring of {bits} bits; the "
-            f"protocol takes at most {MAX_BITS}: train fewer parameters under secure aggregation"
+    clip = plan.max_grad_norm
+    scale = choose_scale(max_grad_norm=clip, coordinates=layout.coordinates)
+    # the ring holds the largest noise share any site could add (z at its bound, d = 1)
+    widest = DistributedNoise(
+        noise_multiplier=MAX_NOISE_MULTIPLIER,
+        shares=1,
+        max_grad_norm=clip,
+        scale=scale,
+        coordinates=layout.coordinates,
+    )
+    try:
+        bits = ring_bits(
+            sites=n,
+            max_batch=MAX_WEIGHT,
+            max_grad_norm=clip,
+            scale=scale,
+            noise_bound=widest.noise_bound,
+            max_weight=MAX_WEIGHT,
         )
+    except ConfigurationError as err:
+        raise ValueError(err.detail) from err
     params = RoundParams(
         round=round_key,
         cohort=tuple(sorted(cohort)),
         threshold=t,
         bits=bits,
-        clip=clip,
+        clip=MAX_WEIGHT * clip,  # a coordinate of a sum of clipped gradients
         scale=scale,
-        noise_bound=noise_bound,
+        noise_bound=widest.noise_bound,
         max_weight=MAX_WEIGHT,
         layout=layout,
     )
-    return params, d
+    return params, t - plan.colluders
 
 
 def _message(node: int, action: str, config: ConfigRecord, fields: wire.Fields) -> Message:
