@@ -1,5 +1,9 @@
 """One SecAgg+ round in process (common/secagg): wall time per stage, bytes per site per stage.
 
+Each site signs its public keys with an EC P-384 identity key (as FedFusion's SuperNode keys are)
+and checks every relayed key against the roster; `identity_seconds` is the part of a stage's time
+spent on that (all sites together), measured by repeating the signatures and checks.
+
 `python -m benchmarks.secagg_round [--sites 10] [--coordinates 30000] [--dropped 0]`. Not yet one
 of the runner's benchmarks: the protocol is not wired into the round loop's messages.
 """
@@ -17,6 +21,7 @@ from typing import TypeVar
 import numpy as np
 
 from common.secagg.coordinator import CoordinatorSession
+from common.secagg.identity import Roster, Signer
 from common.secagg.messages import (
     KeyDirectory,
     MaskedVector,
@@ -42,6 +47,7 @@ class StageCost:
     seconds: float
     site_upload_bytes: int
     site_download_bytes: int
+    identity_seconds: float = 0.0  # signing (stage 1) or checking signatures (stage 2)
 
 
 def payload_bytes(message: object) -> int:
@@ -85,9 +91,18 @@ def measure(*, sites: int, coordinates: int, dropped: int = 0) -> dict[str, Stag
         n: pack({"update": rng.normal(0, 0.1, coordinates)}, weight=100, params=params, rng=rng)
         for n in params.cohort
     }
+    signers = {n: Signer.generate(algorithm="ecdsa-p384") for n in params.cohort}
+    roster = Roster.of(s.public_bytes() for s in signers.values())
     sessions, s0 = _timed(
         lambda: {
-            n: SiteSession(node=n, round_key=params.round, min_cohort=3, colluders=0)
+            n: SiteSession(
+                node=n,
+                round_key=params.round,
+                min_cohort=3,
+                colluders=0,
+                signer=signers[n],
+                roster=roster,
+            )
             for n in params.cohort
         }
     )  # each session makes its two key pairs
@@ -103,9 +118,18 @@ def measure(*, sites: int, coordinates: int, dropped: int = 0) -> dict[str, Stag
     result, c4 = _timed(lambda: coordinator.collect_reveals(reveals))
     expected = sum((vectors[n] for n in senders), np.zeros_like(vectors[1])) & np.uint64(2**32 - 1)
     assert np.array_equal(result.vector, expected), "the sum is exact"
+    # the identity part of stages 1 and 2: every site signs once, and checks every entry
+    _, signing = _timed(lambda: [signers[k.node].sign(k.statement()) for k in keys])
+
+    def check_all() -> None:
+        for _ in sessions:
+            for k in directory.keys:
+                roster.verify(k.identity, k.signature, k.statement())
+
+    _, checking = _timed(check_all)
     return {
-        "1-keys": _cost(s0 + s1 + c1, keys[0], params),
-        "2-shares": _cost(s2 + c2, sealed[0], directory),
+        "1-keys": _cost(s0 + s1 + c1, keys[0], params, identity=signing),
+        "2-shares": _cost(s2 + c2, sealed[0], directory, identity=checking),
         "3-masked": _cost(s3 + c3, masked[-1], deliveries[senders[-1]]),
         "4-reveal": _cost(s4 + c4, reveals[-1], request),
     }
@@ -115,13 +139,18 @@ def _cost(
     seconds: float,
     upload: PublicKeys | SealedShares | MaskedVector | Reveal,
     download: RoundParams | KeyDirectory | ShareDelivery | UnmaskRequest,
+    *,
+    identity: float = 0.0,
 ) -> StageCost:
     if isinstance(download, RoundParams):
         down = len(download.cohort) * ID_BYTES + 64  # the cohort and a few numbers
     else:
         down = payload_bytes(download)
     return StageCost(
-        seconds=seconds, site_upload_bytes=payload_bytes(upload), site_download_bytes=down
+        seconds=seconds,
+        site_upload_bytes=payload_bytes(upload),
+        site_download_bytes=down,
+        identity_seconds=identity,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -9,12 +10,43 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.secagg.coordinator import CoordinatorSession, RoundSum
+from common.secagg.identity import Roster, Signer
 from common.secagg.messages import KeyDirectory, UnmaskRequest
 from common.secagg.params import Layout, RoundKey, RoundParams
 from common.secagg.site import SiteSession
 
 ROUND = RoundKey(run="run-a", round=3)
 LAYOUT = Layout(shapes=(("fusion.weight", (2, 3)), ("head.bias", (2,))))
+
+
+@functools.cache
+def signer_for(node: int) -> Signer:
+    """The identity key of the hospital behind `node` (Ed25519: fast; one per node id)."""
+    return Signer.generate()
+
+
+# the consortium: the hospitals behind nodes 101 to 132, and 999 (a site outside the cohorts)
+ROSTER = Roster.of(signer_for(n).public_bytes() for n in (*range(101, 133), 999))
+
+
+def make_site(
+    node: int,
+    *,
+    round_key: RoundKey = ROUND,
+    min_cohort: int = 3,
+    colluders: int = 0,
+    noise_shares: int = 0,
+) -> SiteSession:
+    """An honest site with its hospital's identity key and the consortium's roster."""
+    return SiteSession(
+        node=node,
+        round_key=round_key,
+        min_cohort=min_cohort,
+        colluders=colluders,
+        noise_shares=noise_shares,
+        signer=signer_for(node),
+        roster=ROSTER,
+    )
 
 
 def make_params(
@@ -35,12 +67,16 @@ def make_params(
 
 
 def make_sites(
-    params: RoundParams, *, min_cohort: int = 3, colluders: int = 0
+    params: RoundParams, *, min_cohort: int = 3, colluders: int = 0, noise_shares: int = 0
 ) -> dict[int, SiteSession]:
     """One honest session per cohort member."""
     return {
-        node: SiteSession(
-            node=node, round_key=params.round, min_cohort=min_cohort, colluders=colluders
+        node: make_site(
+            node,
+            round_key=params.round,
+            min_cohort=min_cohort,
+            colluders=colluders,
+            noise_shares=noise_shares,
         )
         for node in params.cohort
     }
@@ -71,9 +107,10 @@ def run_to_masked(
     drop_keys: Collection[int] = (),
     drop_shares: Collection[int] = (),
     drop_masked: Collection[int] = (),
+    noise_shares: int = 0,
 ) -> Transcript:
     """Stages 1 to 3, with the sites in each drop set silent from that stage on."""
-    sites = make_sites(params)
+    sites = make_sites(params, noise_shares=noise_shares)
     vectors = random_vectors(params)
     coord = CoordinatorSession(params)
     directory = coord.collect_keys(
@@ -88,9 +125,15 @@ def run_to_masked(
     return Transcript(coord, sites, vectors, masked, request, directory)
 
 
-def run_round(params: RoundParams, **drops: Collection[int]) -> tuple[RoundSum, Transcript]:
+def run_round(
+    params: RoundParams,
+    *,
+    drop_keys: Collection[int] = (),
+    drop_shares: Collection[int] = (),
+    drop_masked: Collection[int] = (),
+) -> tuple[RoundSum, Transcript]:
     """A whole honest round; the sites that sent a vector all reveal."""
-    t = run_to_masked(params, **drops)
+    t = run_to_masked(params, drop_keys=drop_keys, drop_shares=drop_shares, drop_masked=drop_masked)
     reveals = [t.sites[n].reveal(t.request) for n in t.request.survivors]
     return t.coordinator.collect_reveals(reveals), t
 

@@ -12,7 +12,6 @@ from common.secagg import keys, masking, sharing
 from common.secagg.coordinator import CoordinatorSession
 from common.secagg.messages import MaskedVector
 from common.secagg.params import Layout, RoundParams
-from common.secagg.site import SiteSession
 from common.secagg.vector import pack, unpack
 from tests.secagg_helpers import ROUND, make_params, make_sites, plain_sum, run_round, run_to_masked
 
@@ -164,15 +163,14 @@ def test_site_noise_is_added_under_the_masks() -> None:
     noise = {
         n: np.full(params.layout.length, k - 2, dtype=np.int64) for k, n in enumerate(params.cohort)
     }
-    sites = {
-        n: SiteSession(node=n, round_key=ROUND, min_cohort=3, colluders=0, noise=noise[n])
-        for n in params.cohort
-    }
+    sites = make_sites(params)
     coordinator = CoordinatorSession(params)
     directory = coordinator.collect_keys(s.advertise(params) for s in sites.values())
     deliveries = coordinator.collect_shares(s.share(directory) for s in sites.values())
     vector = np.full(params.layout.length, 100, dtype=np.uint64)
-    request = coordinator.collect_masked(s.mask(deliveries[n], vector) for n, s in sites.items())
+    request = coordinator.collect_masked(
+        s.mask(deliveries[n], vector, noise=noise[n]) for n, s in sites.items()
+    )
     result = coordinator.collect_reveals(s.reveal(request) for s in sites.values())
     # 4 x 100 + (-2 - 1 + 0 + 1)
     np.testing.assert_array_equal(result.vector, np.full(params.layout.length, 398))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from numpy.typing import NDArray
 from common.errors import ConfigurationError, Refusal
 from common.secagg import keys, masking, sharing
 from common.secagg.coordinator import CoordinatorSession
+from common.secagg.identity import Roster, Signer
 from common.secagg.messages import (
     KeyDirectory,
     PublicKeys,
@@ -26,9 +28,11 @@ from tests.secagg_helpers import (
     ROUND,
     Transcript,
     make_params,
+    make_site,
     make_sites,
     random_vectors,
     run_to_masked,
+    signer_for,
 )
 
 VICTIM = 101
@@ -82,7 +86,7 @@ def _no_stage4_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_cohort_below_the_sites_minimum_is_refused() -> None:
     params = make_params(3, 3)
-    site = SiteSession(node=101, round_key=ROUND, min_cohort=5, colluders=0)
+    site = make_site(101, min_cohort=5)
     with _refused("the site's policy needs 5"):
         site.advertise(params)
     assert site.stage is Stage.ABORTED
@@ -96,7 +100,7 @@ def test_a_threshold_below_half_the_cohort_plus_colluders_is_refused(
     n: int, t: int, colluders: int, safe: bool
 ) -> None:
     params = make_params(n, t)
-    site = SiteSession(node=101, round_key=ROUND, min_cohort=3, colluders=colluders)
+    site = make_site(101, colluders=colluders)
     if safe:
         site.advertise(params)
     else:
@@ -105,14 +109,14 @@ def test_a_threshold_below_half_the_cohort_plus_colluders_is_refused(
 
 
 def test_a_site_not_in_the_cohort_refuses() -> None:
-    site = SiteSession(node=999, round_key=ROUND, min_cohort=3, colluders=0)
+    site = make_site(999)
     with _refused("not in the round's cohort"):
         site.advertise(make_params(4, 3))
 
 
 def test_a_policy_with_as_many_colluders_as_sites_is_rejected() -> None:
     with pytest.raises(ConfigurationError, match="colluders"):
-        SiteSession(node=101, round_key=ROUND, min_cohort=3, colluders=3)
+        make_site(101, colluders=3)
 
 
 # --- order and rounds --------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def test_messages_of_another_round_are_refused() -> None:
         sites[101].share(replayed)
     params = make_params(4, 3, round_key=RoundKey(run="run-b", round=3))
     with _refused("this session is for"):
-        SiteSession(node=101, round_key=ROUND, min_cohort=3, colluders=0).advertise(params)
+        make_site(101).advertise(params)
 
 
 def test_shares_replayed_from_an_earlier_round_do_not_decrypt() -> None:
@@ -154,10 +158,7 @@ def test_shares_replayed_from_an_earlier_round_do_not_decrypt() -> None:
 
     new_round = RoundKey(run="run-a", round=4)
     params = make_params(4, 3, round_key=new_round)
-    sites = {
-        n: SiteSession(node=n, round_key=new_round, min_cohort=3, colluders=0)
-        for n in params.cohort
-    }
+    sites = {n: make_site(n, round_key=new_round) for n in params.cohort}
     directory = CoordinatorSession(params).collect_keys(s.advertise(params) for s in sites.values())
     for s in sites.values():
         s.share(directory)
@@ -169,17 +170,34 @@ def test_shares_replayed_from_an_earlier_round_do_not_decrypt() -> None:
 # --- stage 2: the key directory ----------------------------------------------------------------
 
 
+def _signed(
+    entry: PublicKeys, *, signer: Signer | None = None, **changes: bytes | int | RoundKey
+) -> PublicKeys:
+    """`entry` with `changes`, signed again by `signer` (by default the hospital behind its
+    node: a roster member colluding with the coordinator)."""
+    changed = dataclasses.replace(entry, **changes)  # type: ignore[arg-type]
+    signer = signer or signer_for(changed.node)
+    return dataclasses.replace(
+        changed, identity=signer.public_bytes(), signature=signer.sign(changed.statement())
+    )
+
+
 def test_keys_of_the_wrong_size_or_type_are_malformed() -> None:
+    good = {"round": ROUND, "node": 1, "identity": b"\x03" * 51, "signature": b"\x04" * 64}
     for bad in (b"\x01" * 31, b"\x01" * 33, "a" * 32):
         with pytest.raises(ConfigurationError, match="32 bytes"):
-            PublicKeys(round=ROUND, node=1, encryption=bad, masking=b"\x02" * 32)  # type: ignore[arg-type]
+            PublicKeys(encryption=bad, masking=b"\x02" * 32, **good)  # type: ignore[arg-type]
+    keys32 = {"encryption": b"\x01" * 32, "masking": b"\x02" * 32}
+    for name, bad in (("identity", b""), ("identity", b"\x03" * 257), ("signature", "a")):
+        with pytest.raises(ConfigurationError, match=f"{name} must be 1 to 256 bytes"):
+            PublicKeys(**{**good, **keys32, name: bad})  # type: ignore[arg-type]
 
 
 def test_keys_for_nodes_outside_the_cohort_are_refused() -> None:
-    """A coordinator cannot enlarge the cohort after stage 1 with keys it made itself."""
+    """A coordinator cannot enlarge the cohort after stage 1, even with a roster member's keys."""
     sites, directory = _stage2(4, 3)
-    sybil = PublicKeys(
-        round=ROUND,
+    sybil = _signed(
+        directory.keys[-1],
         node=999,
         encryption=keys.public_bytes(X25519PrivateKey.generate()),
         masking=keys.public_bytes(X25519PrivateKey.generate()),
@@ -200,7 +218,7 @@ def test_a_directory_that_swaps_the_sites_own_keys_is_refused() -> None:
 def test_a_directory_reusing_one_key_for_two_nodes_is_refused() -> None:
     sites, directory = _stage2(4, 3)
     a, b, c, d = directory.keys
-    clone = dataclasses.replace(d, encryption=c.encryption)
+    clone = _signed(d, encryption=c.encryption)  # a colluding member copies 103's key
     with _refused("share a public key"):
         sites[101].share(dataclasses.replace(directory, keys=(a, b, c, clone)))
 
@@ -217,7 +235,7 @@ def test_a_low_order_public_key_is_refused() -> None:
     """An all-zero X25519 key would make the shared secret public: the share would be readable."""
     sites, directory = _stage2(4, 3)
     a, b, c, d = directory.keys
-    zero = dataclasses.replace(d, encryption=bytes(32))
+    zero = _signed(d, encryption=bytes(32))  # signed by a colluding member: still refused
     with _refused("low-order point"):
         sites[101].share(dataclasses.replace(directory, keys=(a, b, c, zero)))
 
@@ -383,36 +401,96 @@ def test_splitting_the_sites_between_two_lists_does_not_unmask_the_victim() -> N
     assert np.mean(unmasked == t.vectors[VICTIM]) < 0.01
 
 
-# --- the limitation: public keys are not yet signed --------------------------------------------
+# --- stage 2: who signed the public keys (the roster) ------------------------------------------
 
 
-def _forge_keys(node: int) -> tuple[PublicKeys, X25519PrivateKey, X25519PrivateKey]:
+@pytest.mark.parametrize(
+    ("resign", "match"),
+    [(False, "does not match the keys it claims"), (True, "is not in the roster")],
+    ids=["keeps-102s-signature", "signs-with-its-own-key"],
+)
+def test_keys_substituted_by_the_coordinator_are_refused(resign: bool, match: str) -> None:
+    """Man in the middle: the coordinator swaps 102's encryption key for its own (to read the
+    shares sent to 102), keeping 102's signature or signing with its own identity key."""
+    sites, directory = _stage2(4, 3)
+    mine = keys.public_bytes(X25519PrivateKey.generate())
+    swapped = dataclasses.replace(_public(directory, 102), encryption=mine)
+    if resign:
+        swapped = _signed(swapped, signer=Signer.generate())
+    entries = tuple(swapped if k.node == 102 else k for k in directory.keys)
+    with _refused(match) as e:
+        sites[VICTIM].share(dataclasses.replace(directory, keys=entries))
+    assert e.value.reason == "secagg-unsafe" and sites[VICTIM].stage is Stage.ABORTED
+    sites[103].share(directory)  # the control: the directory as relayed is accepted
+
+
+def test_one_hospitals_identity_behind_two_nodes_is_refused() -> None:
+    """Sybil: a hospital colluding with the coordinator signs keys for two cohort slots (nodes
+    103 and 104), so the victim would count one colluder as two honest sites."""
+    sites, directory = _stage2(4, 3)
+    double = _signed(_public(directory, 104), signer=signer_for(103))  # a valid signature
+    entries = tuple(double if k.node == 104 else k for k in directory.keys)
+    with _refused(r"nodes \[103, 104\] carry one hospital's identity key"):
+        sites[VICTIM].share(dataclasses.replace(directory, keys=entries))
+    sites[102].share(directory)  # the control: one hospital per node is accepted
+
+
+@pytest.mark.parametrize(
+    ("relabel", "match"),
+    [(False, "public keys of another round"), (True, "does not match the keys it claims")],
+    ids=["as-is", "relabelled"],
+)
+def test_signed_keys_replayed_from_another_round_are_refused(relabel: bool, match: str) -> None:
+    """A signature binds the keys to their round: 104's signed round-2 keys, replayed in round
+    3 (as they are, or relabelled as round 3's), are refused."""
+    sites, directory = _stage2(4, 3)
+    earlier = RoundKey(run="run-a", round=2)
+    old = make_site(104, round_key=earlier).advertise(make_params(4, 3, round_key=earlier))
+    replay = dataclasses.replace(old, round=ROUND) if relabel else old
+    entries = tuple(replay if k.node == 104 else k for k in directory.keys)
+    with _refused(match):
+        sites[VICTIM].share(dataclasses.replace(directory, keys=entries))
+
+
+def _forge_keys(
+    node: int, identity: bytes, signer: Signer
+) -> tuple[PublicKeys, X25519PrivateKey, X25519PrivateKey]:
     encryption, mask_key = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-    forged = PublicKeys(
+    unsigned = PublicKeys(
         round=ROUND,
         node=node,
         encryption=keys.public_bytes(encryption),
         masking=keys.public_bytes(mask_key),
+        identity=identity,
+        signature=b"\x00",
     )
+    forged = dataclasses.replace(unsigned, signature=signer.sign(unsigned.statement()))
     return forged, encryption, mask_key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (docs/SECAGG.md): the relayed public keys are not signed with the "
-    "nodes' authentication keys, so a coordinator can play absent cohort members; the next step "
-    "signs them, and this test then passes (remove the marker)",
-)
-def test_a_coordinator_playing_absent_cohort_members_cannot_unmask_a_site() -> None:
+def _outsider(node: int) -> tuple[bytes, Signer]:
+    """The coordinator's own identity key, one per forged node: not in the roster."""
+    signer = Signer.generate()
+    return signer.public_bytes(), signer
+
+
+def _impostor(node: int) -> tuple[bytes, Signer]:
+    """The absent hospital's identity, signed with a key that is not the hospital's."""
+    return signer_for(node).public_bytes(), Signer.generate()
+
+
+def _play_absent_members(
+    sites: dict[int, SiteSession], forger: Callable[[int], tuple[bytes, Signer]]
+) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
     """Cohort 101-105, t=3, but only 101-103 exist: the coordinator makes keys for 104 and 105,
-    reads the shares sent to them, and needs one honest share of each of the victim's secrets."""
+    reads the shares sent to them, and needs one honest share of each of the victim's secrets.
+    Returns its guess of the victim's vector, and the vector."""
     params = make_params(5, 3)
     real = (101, 102, 103)
-    sites = {n: SiteSession(node=n, round_key=ROUND, min_cohort=3, colluders=0) for n in real}
-    forged = {n: _forge_keys(n) for n in (104, 105)}
+    forged = {n: _forge_keys(n, *forger(n)) for n in (104, 105)}
     published = [sites[n].advertise(params) for n in real] + [f[0] for f in forged.values()]
     directory = KeyDirectory(round=ROUND, keys=tuple(sorted(published, key=lambda k: k.node)))
-    sealed = {n: sites[n].share(directory) for n in real}
+    sealed = {n: sites[n].share(directory) for n in real}  # the victim (101) is asked first
     stolen: dict[int, tuple[bytes, bytes]] = {}  # forged holder -> the victim's share pair
     for holder, (_, encryption, _) in forged.items():
         peer = keys.load_public(_public(directory, VICTIM).encryption, owner=VICTIM)
@@ -458,4 +536,56 @@ def test_a_coordinator_playing_absent_cohort_members_cannot_unmask_a_site() -> N
         peer = keys.load_public(_public(directory, x).masking, owner=x)
         pair = masking.pair_mask_key(victim_key, peer, round_key=ROUND, node=VICTIM, other=x)
         guess = masking.add_mask(guess, pair, sign=-masking.pair_sign(VICTIM, x), bits=params.bits)
-    assert not np.array_equal(guess, vectors[VICTIM])
+    return guess, vectors[VICTIM]
+
+
+def test_a_coordinator_playing_absent_cohort_members_unmasks_a_site_that_checks_no_signature(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The control: a site that accepted any signature would hand its vector over."""
+    monkeypatch.setattr(Roster, "verify", lambda self, identity_bytes, signature, data: None)
+    guess, vector = _play_absent_members({n: make_site(n) for n in (101, 102, 103)}, _outsider)
+    np.testing.assert_array_equal(guess, vector)
+
+
+@pytest.mark.parametrize(
+    ("forger", "match"),
+    [(_outsider, "is not in the roster"), (_impostor, "does not match the keys it claims")],
+    ids=["identity-outside-the-roster", "roster-identity-forged-signature"],
+)
+def test_a_coordinator_playing_absent_cohort_members_cannot_unmask_a_site(
+    forger: Callable[[int], tuple[bytes, Signer]], match: str
+) -> None:
+    """The coordinator cannot sign for the absent hospitals 104 and 105: the victim refuses its
+    directory at stage 2, before any share leaves it."""
+    sites = {n: make_site(n) for n in (101, 102, 103)}
+    with _refused(match) as e:
+        _play_absent_members(sites, forger)
+    assert e.value.reason == "secagg-unsafe"
+    assert sites[VICTIM].stage is Stage.ABORTED
+
+
+# --- the site's noise rule: enough honest noise in the sum ------------------------------------
+
+
+def test_a_cohort_too_small_for_the_sites_noise_shares_is_refused() -> None:
+    params = make_params(5, 4)
+    make_site(101, colluders=1, noise_shares=4).advertise(params)  # 5 - 1 >= 4: the control
+    with _refused("fewer than the 5 honest noise shares"):
+        make_site(101, colluders=1, noise_shares=5).advertise(params)
+
+
+def test_claiming_sites_dropped_to_thin_the_noise_gets_no_reveal() -> None:
+    """Six sites each add 1/5 of the noise a site's DP guarantee needs (it counts on 5 shares).
+    The coordinator claims 105 and 106 dropped: 4 >= t survivors, but their sum would carry only
+    4 shares of noise, less than the site was charged for."""
+    params = make_params(6, 4)
+    t = run_to_masked(params, noise_shares=5)
+    claim = UnmaskRequest(round=ROUND, dropped=(105, 106), survivors=(101, 102, 103, 104))
+    for node in claim.survivors:
+        with _refused("4 survivors with up to 0 colluders carry fewer than the 5") as e:
+            t.sites[node].reveal(claim)
+        assert e.value.reason == "secagg-unsafe"
+    # the control: a site that needs 4 noise shares answers the same claim
+    control = run_to_masked(params, noise_shares=4)
+    assert control.sites[101].reveal(claim).key_shares.keys() == {105, 106}

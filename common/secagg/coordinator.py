@@ -17,8 +17,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
-from common.errors import Failure
+from common.errors import Failure, Refusal
 from common.secagg import keys, masking, sharing
+from common.secagg.identity import Roster
 from common.secagg.messages import (
     KeyDirectory,
     MaskedVector,
@@ -56,8 +57,9 @@ def _too_few(stage: str, count: int, threshold: int) -> Failure:
 class CoordinatorSession:
     """The coordinator's one round of secure aggregation over `params.cohort`."""
 
-    def __init__(self, params: RoundParams) -> None:
+    def __init__(self, params: RoundParams, *, roster: Roster | None = None) -> None:
         self.params = params
+        self._roster = roster  # with one, keys no roster member signed are dropped at stage 1
         self._keys: dict[int, PublicKeys] = {}  # U1: answered stage 1
         self._sealed: dict[int, SealedShares] = {}  # U2: shared their secrets
         self._masked: dict[int, MaskedVector] = {}  # U3: sent a masked vector
@@ -115,12 +117,23 @@ class CoordinatorSession:
         return KeyDirectory(round=self.params.round, keys=directory)
 
     def _usable_keys(self, received: dict[int, PublicKeys]) -> dict[int, PublicKeys]:
-        """Drop sites whose keys repeat another's or are low-order points: honest sites would
-        refuse the whole directory for them (one faulty site must not stop the round)."""
+        """Drop sites whose keys repeat another's or are low-order points, that share one
+        identity, or (with a roster) whose signature does not verify: honest sites would refuse
+        the whole directory for them (one faulty site must not stop the round)."""
         blobs = Counter(b for k in received.values() for b in (k.encryption, k.masking))
+        identities = Counter(k.identity for k in received.values())
         probe = X25519PrivateKey.generate()
         usable: dict[int, PublicKeys] = {}
         for node, k in received.items():
+            if identities[k.identity] > 1:
+                logger.warning("secure aggregation stage 1: node %s shares an identity", node)
+                continue
+            if self._roster is not None:
+                try:
+                    self._roster.verify(k.identity, k.signature, k.statement())
+                except Refusal as e:
+                    logger.warning("secure aggregation stage 1: node %s: %s", node, e.detail)
+                    continue
             try:
                 for blob in (k.encryption, k.masking):
                     probe.exchange(keys.load_public(blob, owner=node))

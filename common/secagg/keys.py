@@ -34,6 +34,16 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
+def raw_public(key: X25519PublicKey) -> bytes:
+    """The raw 32 bytes of a public key."""
+    return key.public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+def load_private(raw: bytes) -> X25519PrivateKey:
+    """A private key from its raw 32 bytes (a session restored from the site's memory)."""
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
 def load_public(raw: object, *, owner: int) -> X25519PublicKey:
     """A peer's public key from untrusted bytes: exactly 32 bytes."""
     if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:

@@ -15,11 +15,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.errors import ConfigurationError
-from common.secagg.keys import KEY_BYTES, NONCE_BYTES, TAG_BYTES
+from common.secagg.identity import MAX_IDENTITY_BYTES, MAX_SIGNATURE_BYTES
+from common.secagg.keys import KEY_BYTES, NONCE_BYTES, TAG_BYTES, encode_ids
 from common.secagg.params import MAX_COHORT, MAX_NODE_ID, RoundKey
 from common.secagg.sharing import SHARE_BYTES
 
 SEALED_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES  # a share pair, encrypted
+_KEYS_TAG = b"fedfusion-secagg public-keys v1\x00"  # what a site's identity signature is for
 
 
 def _malformed(what: str) -> ConfigurationError:
@@ -58,14 +60,24 @@ def _check_nodes(nodes: object, what: str) -> None:
         raise _malformed(f"{what} lists a node twice")
 
 
+def signed_statement(*, round_key: RoundKey, node: int, encryption: bytes, masking: bytes) -> bytes:
+    """What a site's identity key signs: its two public keys, for this node, in this round."""
+    # the tag keeps the signature from serving any other protocol the identity key is used for;
+    # the round's encoding is length-prefixed and every other field has a fixed size
+    return _KEYS_TAG + round_key.encode() + encode_ids(node) + encryption + masking
+
+
 @dataclass(frozen=True, kw_only=True)
 class PublicKeys:
-    """Stage 1 reply: a site's public keys for encrypting shares and for pairwise masks."""
+    """Stage 1 reply: a site's public keys for encrypting shares and for pairwise masks, signed
+    by its hospital's identity key."""
 
     round: RoundKey
     node: int
     encryption: bytes  # X25519, 32 bytes
     masking: bytes  # X25519, 32 bytes
+    identity: bytes  # the hospital's identity public key, OpenSSH wire encoding (P-384: 136)
+    signature: bytes  # of `statement()` by `identity` (P-384: 96 bytes, r || s)
 
     def __post_init__(self) -> None:
         _check_round(self.round)
@@ -73,6 +85,16 @@ class PublicKeys:
         for key in (self.encryption, self.masking):
             if not isinstance(key, bytes) or len(key) != KEY_BYTES:
                 raise _malformed(f"node {self.node}'s public keys must be {KEY_BYTES} bytes each")
+        for name, limit in (("identity", MAX_IDENTITY_BYTES), ("signature", MAX_SIGNATURE_BYTES)):
+            blob = getattr(self, name)
+            if not isinstance(blob, bytes) or not 0 < len(blob) <= limit:
+                raise _malformed(f"node {self.node}'s {name} must be 1 to {limit} bytes")
+
+    def statement(self) -> bytes:
+        """The bytes `signature` signs."""
+        return signed_statement(
+            round_key=self.round, node=self.node, encryption=self.encryption, masking=self.masking
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
