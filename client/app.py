@@ -73,7 +73,7 @@ def round_request(msg: Message, context: Context) -> RoundRequest:
         raise _malformed(
             f"the round message needs exactly its '{R.ARRAYS}' and '{R.CONFIG}' records."
         )
-    facts = round_facts(content[R.CONFIG], context)
+    facts = round_facts(content.config_records[R.CONFIG], context)
     parameters = content.array_records[R.ARRAYS].to_torch_state_dict()
     bad = [
         n for n, t in parameters.items() if t.dtype != torch.float32 or not torch.isfinite(t).all()
@@ -280,7 +280,7 @@ def _stage(msg: Message, context: Context, *, arrays: bool) -> tuple[RoundReques
     elif content.array_records:
         raise _malformed("only stage 3 of secure aggregation carries arrays.")
     else:
-        request = round_facts(content[R.CONFIG], context)
+        request = round_facts(content.config_records[R.CONFIG], context)
     return request, dict(content[R.SECAGG])
 
 
@@ -316,9 +316,10 @@ def _secure_terms(fields: Fields) -> SecureTerms:
 
 
 def _secure_reply(
-    msg: Message, site: str, **records: ConfigRecord | MetricRecord | ArrayRecord
+    msg: Message, site: str, records: dict[str, ConfigRecord | MetricRecord | ArrayRecord]
 ) -> Message:
-    return Message(RecordDict({**records, R.SITE: ConfigRecord({R.SITE_NAME: site})}), reply_to=msg)
+    content = RecordDict({**records, R.SITE: ConfigRecord({R.SITE_NAME: site})})
+    return Message(content, reply_to=msg)
 
 
 @app.train(R.SECAGG_KEYS)
@@ -347,7 +348,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     return _secure_reply(
         msg,
         site,
-        **{
+        {
             R.SECAGG: ConfigRecord(wire.public_keys_fields(offer.keys)),
             R.METRICS: MetricRecord(
                 {R.NOISE_MULTIPLIER: offer.noise_multiplier, R.SAMPLE_RATE: offer.sample_rate}
@@ -378,7 +379,7 @@ def secagg_shares(msg: Message, context: Context) -> Message:
         _forget(context)
         return error_reply(msg, site, err, detailed=_simulated(context))
     _keep(context, session=session, **{R.SECAGG_NOISE_MULTIPLIER: z})
-    return _secure_reply(msg, site, **{R.SECAGG: ConfigRecord(wire.sealed_fields(sealed))})
+    return _secure_reply(msg, site, {R.SECAGG: ConfigRecord(wire.sealed_fields(sealed))})
 
 
 @app.train(R.SECAGG_MASK)
@@ -395,11 +396,8 @@ def secagg_mask(msg: Message, context: Context) -> Message:
             run,
             request,
             wire.delivery_from_fields(fields),
-            SecureTerms(
-                max_grad_norm=float(kept[R.SECAGG_MAX_GRAD_NORM]),  # as accepted at stage 1
-                noise_shares=int(kept[R.SECAGG_NOISE_SHARES]),
-            ),
-            noise_multiplier=float(kept[R.SECAGG_NOISE_MULTIPLIER]),  # as accepted at stage 2
+            _secure_terms(dict(kept)),  # as accepted at stage 1
+            noise_multiplier=_kept_number(kept, R.SECAGG_NOISE_MULTIPLIER),  # as at stage 2
             session=_session_bytes(kept),
         )
     except Exception as err:
@@ -410,7 +408,7 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     return _secure_reply(
         msg,
         site,
-        **{
+        {
             R.MASKED: ArrayRecord({R.MASKED_VECTOR: Array(outcome.masked.vector)}),
             R.SECAGG: ConfigRecord(wire.round_key_fields(outcome.masked.round)),
             R.METRICS: MetricRecord(
@@ -449,7 +447,16 @@ def secagg_reveal(msg: Message, context: Context) -> Message:
         return error_reply(msg, site, err, detailed=_simulated(context))
     finally:
         _forget(context)  # the round is over at the site whatever happened
-    return _secure_reply(msg, site, **{R.SECAGG: ConfigRecord(wire.reveal_fields(reveal))})
+    return _secure_reply(msg, site, {R.SECAGG: ConfigRecord(wire.reveal_fields(reveal))})
+
+
+def _kept_number(kept: ConfigRecord, key: str) -> float:
+    value = kept.get(key)
+    if not isinstance(value, float):
+        raise Refusal(
+            f"the site's secure session has no {key}: stages run in order", reason="secagg-unsafe"
+        )
+    return value
 
 
 def _session_bytes(kept: ConfigRecord) -> bytes:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.rounds import (
     RoundRequest,
@@ -46,8 +46,8 @@ from common.errors import ConfigurationError, Refusal
 from common.model.modalities import frozen, untrained_parameters
 from common.privacy.accounting import Account
 from common.privacy.books import SecureStep
+from common.privacy.accounting import MAX_NOISE_MULTIPLIER
 from common.privacy.distributed import (
-    MAX_NOISE_MULTIPLIER,
     DistributedNoise,
     clipped_gradient_sum,
 )

@@ -28,8 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common import protocol as R
 from common.errors import ConfigurationError, FedFusionError
+from common.privacy.accounting import MAX_NOISE_MULTIPLIER
 from common.privacy.distributed import (
-    MAX_NOISE_MULTIPLIER,
     DistributedNoise,
     choose_scale,
     ring_bits,

@@ -8,19 +8,28 @@ attack: the site answers nothing that would unmask it beyond its policy.
 
 from __future__ import annotations
 
-import math
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from common import protocol as R
+from common.model.fusion_model import build_model
+from common.model.trainable import frozen_fingerprint, trainable_state
 from common.privacy.accounting import epsilon_from_history
-from common.privacy.receipts import read_receipts
+from common.privacy.receipts import Receipt, read_receipts
 from common.runfolder import RunFolder
+from common.secagg import keys, wire
+from common.secagg.coordinator import CoordinatorSession
+from common.secagg.identity import Signer
+from common.secagg.messages import KeyDirectory, PublicKeys, UnmaskRequest, signed_statement
+from common.secagg.params import RoundKey, RoundParams
 from server.app import run_federation
+from server.secure import SecurePlan, _message, round_params
+from simulations.demo_data import write_demo_hospitals
 from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_run, tiny_user_config
 
@@ -38,57 +47,83 @@ def _settings(tmp_path: Path, **more: object) -> dict[str, object]:
     }
 
 
-class Tap:
-    """What the coordinator received from each node: every reply's content."""
+@pytest.fixture(scope="module")
+def four_hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small demo hospitals (read-only)."""
+    root = tmp_path_factory.mktemp("four")
+    write_demo_hospitals(root, 4, seed=0, size_scale=0.15)
+    return root
+
+
+class DroppingSites:
+    """The sites' ClientApp, but node 4 drops out of round 2 at stage 3 (it never trains);
+    every reply the coordinator gets is kept."""
 
     def __init__(self) -> None:
         self.replies: list[tuple[int, Message]] = []
 
-    def __call__(self, node: int, reply: Message) -> None:
+    def __call__(self, message: Message, context: Context) -> Message:
+        config = message.content.config_records.get(R.CONFIG)
+        if (
+            context.node_id == 4
+            and message.metadata.message_type == f"train.{R.SECAGG_MASK}"
+            and config is not None
+            and config[R.SERVER_ROUND] == 2
+        ):
+            raise ConnectionError("hospital 4 went offline")
+        return client_app(message, context)
+
+    def tap(self, node: int, reply: Message) -> None:
         self.replies.append((node, reply))
 
 
-def test_a_secure_federation_trains_and_charges_each_site_one_noisy_step_a_round(
-    demo_root: Path, tmp_path: Path
+def test_a_secure_federation_trains_one_noisy_step_a_round_and_survives_a_dropout(
+    four_hospitals: Path, tmp_path: Path
 ) -> None:
+    """4 sites, 1 colluder assumed: t = 3, d = 2; one site drops mid-round in round 2 and the
+    round's sum still comes out of the 3 others."""
     settings = _settings(tmp_path)
-    tap = Tap()
+    sites = DroppingSites()
     grid = InProcessGrid(
-        client_app,
-        [{"partition-id": i} for i in range(SITES)],
-        tiny_user_config(demo_root, **settings),
-        tap=tap,
+        sites,  # type: ignore[arg-type]  # a ClientApp's call
+        [{"partition-id": i} for i in range(4)],
+        tiny_user_config(four_hospitals, **settings),
+        tap=sites.tap,
     )
-    folder = RunFolder(run_federation(grid, tiny_run(demo_root, **settings)))
+    folder = RunFolder(run_federation(grid, tiny_run(four_hospitals, **settings)))
     history = folder.read_history()
     assert folder.read_summary().status == "completed", folder.read_summary().message
     assert [h.round for h in history] == [1, 2]
+    assert not history[0].failures and "hospital-3" in history[1].failures
     for line in history:
-        assert not line.refusals and not line.failures and not line.rejected
+        assert not line.refusals and not line.rejected
+        trained = {name for name, site in line.sites.items() if site.train is not None}
+        assert trained == ({f"hospital-{i}" for i in range(4 if line.round == 1 else 3)})
         for site in line.sites.values():
-            assert site.train is not None and site.train[R.STEPS] == 1
             assert site.update_sha256 is None  # no update of its own reached the coordinator
-    # no reply carried a site's update: only masked ring vectors, keys, shares and metrics
-    masked = [m for _, m in tap.replies if R.MASKED in m.content.array_records]
-    assert len(masked) == SITES * 2
-    assert not any(R.ARRAYS in m.content.array_records for _, m in tap.replies)
-    for i in range(SITES):
+            assert site.train is None or site.train[R.STEPS] == 1
+    # nothing the coordinator received holds a site's update: masked ring vectors only
+    contents = [m.content for _, m in sites.replies if m.has_content()]
+    assert not any(R.ARRAYS in c.array_records for c in contents)
+    assert sum(R.MASKED in c.array_records for c in contents) == 4 + 3
+    for i in range(4):
         receipts = [
             r
             for r in read_receipts(tmp_path / "state" / f"hospital-{i}" / "state")
             if r.kind == "train"
         ]
+        rounds = [1] if i == 3 else [1, 2]
         assert [(r.round, r.steps, r.cohort, r.noise_shares) for r in receipts] == [
-            (1, 1, 3, 2),
-            (2, 1, 3, 2),
+            (n, 1, 4, 2) for n in rounds
         ]
         last = receipts[-1]
         assert last.epsilon is not None and last.fallback_epsilon is not None
-        # the fallback (own share alone, z / sqrt(2)) is the weaker guarantee
+        # the fallback (its own share alone: z / sqrt(2)) is the weaker guarantee
         assert last.fallback_epsilon > last.epsilon
         z, q = last.noise_multiplier, last.sample_rate
-        expected = epsilon_from_history([(z, q, 1), (z, q, 1)], delta=last.delta or 0.0,
-                                        accountant="rdp")
+        expected = epsilon_from_history(
+            [(z, q, 1)] * len(rounds), delta=last.delta or 0.0, accountant="rdp"
+        )
         assert last.epsilon == pytest.approx(expected, rel=1e-6)
 
 
@@ -101,6 +136,8 @@ class Coordinator:
 
     def __init__(self, demo_root: Path, tmp_path: Path, *, policy: str = "") -> None:
         settings = _settings(tmp_path)
+        # a Message is made inside a Flower task (run 7, the coordinator's node 0)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
         self.run_config = tiny_user_config(demo_root, **settings)
         self.run = tiny_run(demo_root, **settings)
         self.state_root = tmp_path / "state"
@@ -122,19 +159,22 @@ class Coordinator:
             for node in range(1, SITES + 1)
         }
         model = build_model(self.run.model)
-        self.arrays = ArrayRecord(
-            {k: Array(v.numpy()) for k, v in trainable_state(model).items()}
-        )
-        self.fingerprint = frozen_fingerprint(model, self.run.model)
+        self.arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(model).items()})
+        self.fingerprint = frozen_fingerprint(model)
         self.plan = SecurePlan(colluders=1, max_grad_norm=1.0, learning_rate=0.1, momentum=0.0)
 
     def config(self, server_round: int) -> ConfigRecord:
         return ConfigRecord(
-            {R.RUN_KEY: "secure", R.FROZEN_FINGERPRINT: self.fingerprint, R.SERVER_ROUND: server_round}
+            {
+                R.RUN_KEY: "secure",
+                R.FROZEN_FINGERPRINT: self.fingerprint,
+                R.SERVER_ROUND: server_round,
+            }
         )
 
-    def send(self, node: int, action: str, fields: dict, server_round: int = 1,
-             arrays: bool = False) -> Message:
+    def send(
+        self, node: int, action: str, fields: dict, server_round: int = 1, arrays: bool = False
+    ) -> Message:
         message = _message(node, action, self.config(server_round), fields)
         if arrays:
             message.content[R.ARRAYS] = self.arrays
@@ -146,10 +186,14 @@ class Coordinator:
         return round_params(round_key=key, cohort=cohort, arrays=self.arrays, plan=self.plan)
 
     def stage1(self, params: RoundParams, d: int, nodes: list[int]) -> dict[int, Message]:
-        fields = {**wire.params_fields(params), R.SECAGG_MAX_GRAD_NORM: 1.0, R.SECAGG_NOISE_SHARES: d}
+        fields = {
+            **wire.params_fields(params),
+            R.SECAGG_MAX_GRAD_NORM: 1.0,
+            R.SECAGG_NOISE_SHARES: d,
+        }
         return {n: self.send(n, R.SECAGG_KEYS, fields, params.round.round) for n in nodes}
 
-    def receipts(self, node: int) -> list:
+    def receipts(self, node: int) -> list[Receipt]:
         return read_receipts(self.state_root / f"hospital-{node - 1}" / "state")
 
 
@@ -171,8 +215,8 @@ def test_a_cohort_below_the_sites_minimum_gets_no_keys(demo_root: Path, tmp_path
     """The site's policy asks for 3 sites at least; the coordinator asks 2."""
     coordinator = Coordinator(demo_root, tmp_path)
     params, d = coordinator.params([1, 2])
-    for reply in coordinator.stage1(params, 1, [1, 2]).values():
-        assert "secagg-unsafe" in _refused(reply)
+    for reply in coordinator.stage1(params, d, [1, 2]).values():
+        assert "a cohort of 2 sites; the site's policy needs 3" in _refused(reply)
     assert coordinator.receipts(1) == []
 
 
@@ -186,21 +230,25 @@ def test_a_coordinator_claiming_a_larger_cohort_than_it_has_gets_no_shares(
     real = {n: _keys(r) for n, r in coordinator.stage1(params, d, [1, 2]).items()}
     outsider = Signer.generate()
     encryption, masking = keys.new_private_key(), keys.new_private_key()
+    statement = signed_statement(
+        round_key=params.round,
+        node=3,
+        encryption=keys.public_bytes(encryption),
+        masking=keys.public_bytes(masking),
+    )
     forged = PublicKeys(
         round=params.round,
         node=3,
         encryption=keys.public_bytes(encryption),
         masking=keys.public_bytes(masking),
         identity=outsider.public_bytes(),
-        signature=b"",
+        signature=outsider.sign(statement),
     )
-    forged = replace(forged, signature=outsider.sign(signed_bytes(forged)))
     directory = KeyDirectory(round=params.round, keys=(real[1], real[2], forged))
     fields = {**wire.directory_fields(directory), R.SECAGG_NOISE_MULTIPLIER: 5.0}
     for node in (1, 2):
-        assert "secagg-unsafe" in _refused(coordinator.send(node, R.SECAGG_SHARES, fields))
-    # control: with only the hospitals' own keys the same directory is answered... by nobody
-    # either, since two sites are below the policy's minimum: the forged slot was the only way
+        reply = coordinator.send(node, R.SECAGG_SHARES, fields)
+        assert "is not in the roster" in _refused(reply)
     assert coordinator.receipts(1) == [] and coordinator.receipts(2) == []
 
 
@@ -217,7 +265,9 @@ def test_dropping_sites_to_unmask_one_gets_no_reveal_and_a_replay_gets_nothing(
     directory = session.collect_keys(_keys(r) for r in offers.values())
     stage2 = {**wire.directory_fields(directory), R.SECAGG_NOISE_MULTIPLIER: _z(offers)}
     sealed = {
-        n: wire.sealed_from_fields(dict(coordinator.send(n, R.SECAGG_SHARES, stage2).content[R.SECAGG]))
+        n: wire.sealed_from_fields(
+            dict(coordinator.send(n, R.SECAGG_SHARES, stage2).content[R.SECAGG])
+        )
         for n in (1, 2, 3)
     }
     deliveries = session.collect_shares(sealed.values())
@@ -230,18 +280,15 @@ def test_dropping_sites_to_unmask_one_gets_no_reveal_and_a_replay_gets_nothing(
     assert charged == {1: 1, 2: 1, 3: 1}
     victim = 1
     cheat = UnmaskRequest(round=params.round, dropped=(2, 3), survivors=(victim,))
-    assert "secagg-unsafe" in _refused(
-        coordinator.send(victim, R.SECAGG_REVEAL, wire.unmask_fields(cheat))
-    )
+    reply = coordinator.send(victim, R.SECAGG_REVEAL, wire.unmask_fields(cheat))
+    assert "1 survivors, fewer than t=3" in _refused(reply)
     # one claimed dropout: 2 survivors < t = 3 (and < d + colluders = 3)
     cheat = UnmaskRequest(round=params.round, dropped=(3,), survivors=(1, 2))
-    for node in (1, 2):
-        assert "secagg-unsafe" in _refused(
-            coordinator.send(node, R.SECAGG_REVEAL, wire.unmask_fields(cheat))
-        )
+    reply = coordinator.send(2, R.SECAGG_REVEAL, wire.unmask_fields(cheat))
+    assert "2 survivors, fewer than t=3" in _refused(reply)
     # the replay: the same round's masked stage again, to the site that still has a session
     replay = coordinator.send(3, R.SECAGG_MASK, wire.delivery_fields(deliveries[3]), arrays=True)
-    assert "secagg-unsafe" in _refused(replay)
+    assert "already trained and charged" in _refused(replay)
     assert {n: len(coordinator.receipts(n)) for n in (1, 2, 3)} == charged
 
 
@@ -255,10 +302,12 @@ def test_a_noise_multiplier_below_the_sites_need_is_refused_before_any_charge(
     directory = session.collect_keys(_keys(r) for r in offers.values())
     low = {**wire.directory_fields(directory), R.SECAGG_NOISE_MULTIPLIER: _z(offers) / 10}
     sealed = {
-        n: wire.sealed_from_fields(dict(coordinator.send(n, R.SECAGG_SHARES, low).content[R.SECAGG]))
+        n: wire.sealed_from_fields(
+            dict(coordinator.send(n, R.SECAGG_SHARES, low).content[R.SECAGG])
+        )
         for n in (1, 2, 3)
     }
     deliveries = session.collect_shares(sealed.values())
     reply = coordinator.send(1, R.SECAGG_MASK, wire.delivery_fields(deliveries[1]), arrays=True)
-    assert "secagg-unsafe" in _refused(reply)
+    assert "below the" in _refused(reply) and "budget needs" in _refused(reply)
     assert coordinator.receipts(1) == []
