@@ -148,7 +148,7 @@ def test_a_site_whose_own_key_is_not_in_the_roster_is_a_configuration_error() ->
 def test_a_coordinator_with_the_roster_drops_unsigned_and_doubled_keys_and_goes_on() -> None:
     """One faulty site must not stop the round: the entries honest sites would refuse the whole
     directory for are left out at stage 1."""
-    params = make_params(6, 4)
+    params = make_params(7, 4)
     sites = make_sites(params)
     replies = {n: s.advertise(params) for n, s in sites.items()}
     replies[102] = dataclasses.replace(replies[102], signature=bytes(64))  # a bad signature
@@ -158,6 +158,8 @@ def test_a_coordinator_with_the_roster_drops_unsigned_and_doubled_keys_and_goes_
         identity=outsider.public_bytes(),
         signature=outsider.sign(replies[103].statement()),
     )
+    # 107 claims 106's identity (it cannot sign as 106): it drops itself, not 106 with it
+    replies[107] = dataclasses.replace(replies[107], identity=replies[106].identity)
     coordinator = CoordinatorSession(params, roster=ROSTER)
     directory = coordinator.collect_keys(replies.values())
     assert [k.node for k in directory.keys] == [101, 104, 105, 106]
