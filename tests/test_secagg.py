@@ -238,3 +238,24 @@ def test_both_ends_of_a_pair_derive_the_same_mask_key_and_a_round_changes_it() -
     later = dataclasses.replace(ROUND, round=ROUND.round + 1)
     assert at_a == at_b != masking.pair_mask_key(a, b_pub, round_key=later, node=1, other=2)
     assert masking.pair_sign(1, 2) == -masking.pair_sign(2, 1)
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [np.zeros(3, dtype=np.int64), np.full(11, 1001, dtype=np.int64), np.zeros(11, dtype=float)],
+    ids=["wrong-length", "above-noise-bound", "not-integers"],
+)
+def test_noise_out_of_bounds_is_refused_at_stage_3(noise: np.ndarray) -> None:
+    """The noise is given with the vector (stage 3) and checked against the round's layout and
+    noise bound then (the vector here has 6 + 2 coordinates, 2 indicators and the weight;
+    noise_bound 1000)."""
+    params = make_params(4, 3)
+    sites = make_sites(params)
+    coordinator = CoordinatorSession(params)
+    directory = coordinator.collect_keys(s.advertise(params) for s in sites.values())
+    deliveries = coordinator.collect_shares(s.share(directory) for s in sites.values())
+    vector = np.zeros(params.layout.length, dtype=np.uint64)
+    with pytest.raises(ConfigurationError, match="noise_bound 1000") as e:
+        sites[101].mask(deliveries[101], vector, noise=noise)
+    assert e.value.reason == "node-config"
+    sites[102].mask(deliveries[102], vector, noise=np.full(11, -1000, dtype=np.int64))

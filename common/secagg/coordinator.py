@@ -120,6 +120,10 @@ class CoordinatorSession:
         """Drop sites whose keys repeat another's or are low-order points, that share one
         identity, or (with a roster) whose signature does not verify: honest sites would refuse
         the whole directory for them (one faulty site must not stop the round)."""
+        if self._roster is not None:
+            # first, so that a site copying another's identity (without its signature) drops
+            # itself only, not the site it copied
+            received = {n: k for n, k in received.items() if self._signed(n, k, self._roster)}
         blobs = Counter(b for k in received.values() for b in (k.encryption, k.masking))
         identities = Counter(k.identity for k in received.values())
         probe = X25519PrivateKey.generate()
@@ -128,12 +132,6 @@ class CoordinatorSession:
             if identities[k.identity] > 1:
                 logger.warning("secure aggregation stage 1: node %s shares an identity", node)
                 continue
-            if self._roster is not None:
-                try:
-                    self._roster.verify(k.identity, k.signature, k.statement())
-                except Refusal as e:
-                    logger.warning("secure aggregation stage 1: node %s: %s", node, e.detail)
-                    continue
             try:
                 for blob in (k.encryption, k.masking):
                     probe.exchange(keys.load_public(blob, owner=node))
@@ -147,6 +145,15 @@ class CoordinatorSession:
         if len(usable) < self.params.threshold:
             raise _too_few("stage 1 (keys)", len(usable), self.params.threshold)
         return usable
+
+    @staticmethod
+    def _signed(node: int, k: PublicKeys, roster: Roster) -> bool:
+        try:
+            roster.verify(k.identity, k.signature, k.statement())
+        except Refusal as e:
+            logger.warning("secure aggregation stage 1: node %s: %s", node, e.detail)
+            return False
+        return True
 
     def collect_shares(self, replies: Iterable[SealedShares]) -> dict[int, ShareDelivery]:
         """Stage 2 -> 3: to each site that shared, the sealed shares the others addressed to it."""

@@ -1,8 +1,10 @@
 """One site's side of a SecAgg+ round (Bell et al. 2020; Bonawitz et al. 2017), as a state machine.
 
 The coordinator is untrusted: every request is checked against the round the site expects and
-its own rules (minimum cohort, safe threshold, never both shares of one neighbour, at least t
-survivors). A refused request aborts the session: it answers nothing afterwards.
+its own rules (minimum cohort, safe threshold, every relayed key signed by a roster member and
+one hospital per node, never both shares of one neighbour, at least t survivors, enough honest
+noise shares). A refused request aborts the session: it answers nothing afterwards. Between the
+round's messages a session lives in the site's memory as `dump()` bytes (versioned JSON).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from common.secagg.params import Layout, RoundKey, RoundParams, min_safe_thresho
 from common.secagg.quantization import to_ring
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_FORMAT, _VERSION = "fedfusion-secagg-site", 1  # what `dump` writes; `load` reads only this
 
 
 class Stage(IntEnum):
@@ -443,24 +447,25 @@ class SiteSession:
         self._params = None if raw_params is None else _params_from(_State(raw_params))
         if (self._params is None) != (stage is Stage.NEW) and stage is not Stage.ABORTED:
             raise ValueError(f"stage {stage.name} and the round parameters disagree")
-        for node, pair in state.get("peers", dict).items():
+        if self._params is not None and self._params.round != self.round_key:
+            raise ValueError("the round parameters are for another round than the session")
+        if stage in (Stage.SHARED, Stage.MASKED, Stage.REVEALED) and not self._seed:
+            raise ValueError(f"stage {stage.name} needs the self-mask seed")
+        for text, pair in state.get("peers", dict).items():
+            node = _node(text)
             encryption, masking_key = _pair(pair, size=keys.KEY_BYTES)
-            self._peers[_node(node)] = _Peer(
-                encryption=keys.load_public(encryption, owner=_node(node)),
-                masking=keys.load_public(masking_key, owner=_node(node)),
+            self._peers[node] = _Peer(
+                encryption=keys.load_public(encryption, owner=node),
+                masking=keys.load_public(masking_key, owner=node),
             )
-        for owner, pair in state.get("held", dict).items():
-            self._held[_node(owner)] = _pair(pair, size=sharing.SHARE_BYTES)
+        for text, pair in state.get("held", dict).items():
+            owner = _node(text)
+            self._held[owner] = _pair(pair, size=sharing.SHARE_BYTES)
         partners = state.get("partners", list)
         if not all(type(n) is int for n in partners) or not set(partners) <= set(self._peers):
             raise ValueError("the masking partners must be node ids of the stage 2 peers")
         self._partners = tuple(partners)
         self.stage = stage
-
-
-_FORMAT = "fedfusion-secagg-site"
-_VERSION = 1
-T = TypeVar("T")
 
 
 def _b64(blob: bytes) -> str:
@@ -476,6 +481,8 @@ class _State:
         self._raw: dict[str, object] = raw
 
     def get(self, name: str, kind: type[T], *, optional: bool = False) -> T:
+        if name not in self._raw:
+            raise ValueError(f"field {name!r} is missing")
         value = self._raw[name]
         if value is None and optional:
             return value  # type: ignore[return-value]  # the caller asked for an optional field
@@ -485,7 +492,7 @@ class _State:
         return value
 
     def number(self, name: str) -> float:
-        value = self._raw[name]
+        value = self._raw.get(name)
         if type(value) not in (int, float):
             raise TypeError(f"field {name!r} must be a number")
         return value  # type: ignore[return-value]  # checked just above
