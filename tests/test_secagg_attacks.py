@@ -246,6 +246,22 @@ def test_a_directory_with_fewer_than_t_sites_is_refused() -> None:
         sites[101].share(dataclasses.replace(directory, keys=directory.keys[:2]))
 
 
+def test_a_cohort_named_larger_than_the_hospitals_that_signed_is_refused() -> None:
+    """The coordinator names 5 nodes (the site's policy needs 4) but only 3 hospitals exist:
+    the directory holds 3 signed entries, enough for t=3, yet fewer than the site's minimum."""
+    params = make_params(5, 3)
+    sites = make_sites(params, min_cohort=4)
+    real = [sites[n] for n in params.cohort[:3]]
+    directory = CoordinatorSession(params).collect_keys(s.advertise(params) for s in real)
+    with _refused("3 hospitals signed keys for this round; the site's policy needs 4"):
+        real[0].share(directory)
+    # control: a site whose policy needs 3 takes the same directory
+    control = make_sites(params, min_cohort=3)
+    kept = [control[n] for n in params.cohort[:3]]
+    directory = CoordinatorSession(params).collect_keys(s.advertise(params) for s in kept)
+    assert kept[0].share(directory).sender == params.cohort[0]
+
+
 # --- stage 3: the delivered shares -------------------------------------------------------------
 
 

@@ -203,6 +203,18 @@ class SiteSession:
             raise _refuse("the directory does not hold this site's own public keys unchanged")
         if len(listed) < params.threshold:
             raise _refuse(f"{len(listed)} sites in the directory, fewer than t={params.threshold}")
+        # the cohort is the hospitals that signed keys, not the node ids the coordinator named:
+        # a coordinator claiming a larger cohort than answered is held to the site's rules here
+        if len(listed) < self.min_cohort:
+            raise _refuse(
+                f"{len(listed)} hospitals signed keys for this round; the site's policy needs "
+                f"{self.min_cohort} (the coordinator named {len(params.cohort)})"
+            )
+        if len(listed) - self.colluders < self.noise_shares:
+            raise _refuse(
+                f"{len(listed)} hospitals signed keys; with {self.colluders} colluders fewer "
+                f"than the {self.noise_shares} honest noise shares the site's noise assumes"
+            )
         blobs = [k.encryption for k in directory.keys] + [k.masking for k in directory.keys]
         if len(set(blobs)) != len(blobs):
             raise _refuse("two directory entries share a public key; every key must be fresh")
