@@ -170,6 +170,13 @@ def train_round(state: SiteState, run: RunConfig, request: RoundRequest) -> Trai
             "policy): it never trains.",
             reason="evaluate-only",
         )
+    if policy.secure_aggregation == "require":  # before any row is read
+        raise Refusal(
+            'this site trains only inside secure aggregation (secure-aggregation = "require" '
+            "in its policy): the coordinator must not see its update alone. Run with "
+            "secure-aggregation = true.",
+            reason="secagg-required",
+        )
     check_request(policy, run, request)
     with state.lock:
         bundle, data = state.bundle(run.model), state.data(run)

@@ -55,6 +55,7 @@ REASON_TEXT: dict[Kind, dict[str, str]] = {
         "change",
         # secure aggregation (common.secagg): the coordinator's request breaks the site's rules
         "secagg-unsafe": "the secure aggregation request breaks the site's safety rules",
+        "secagg-required": "the site trains only inside secure aggregation",
     },
     Kind.BAD_DATA: {
         "data-unusable": "the site's data cannot be used as it is",

@@ -415,9 +415,15 @@ class LoopbackFederation:
         secret = folder / "superexec.secret"
         secret.write_bytes(os.urandom(32))
         self.state_dirs[name] = folder / "state"
+        # secure aggregation: the hospital signs with its SuperNode key; the consortium's roster
+        # is every hospital's public key, one per line (appended as each joins)
+        roster = self.root / "roster.pub"
+        with roster.open("ab") as fh:
+            fh.write(creds.node_public_key(name).read_bytes().rstrip(b"\n") + b"\n")
         node_config = (
             f"manifest='{manifest}' state-dir='{self.state_dirs[name]}' "
-            f"site-name='{name}' device='cpu' {self.node_options}"
+            f"site-name='{name}' device='cpu' secagg-identity='{creds.node_key(name)}' "
+            f"secagg-roster='{roster}' {self.node_options}"
         ).strip()
         if policy_text is not None:
             (folder / "policy.toml").write_text(policy_text)

@@ -293,6 +293,31 @@ def test_the_run_config_cannot_move_a_site_off_its_node_config(
     assert not (fed.root / "elsewhere").exists() and not (fed.root / "nowhere").exists()
 
 
+def test_a_secure_round_with_a_cohort_below_the_sites_minimum_gets_nothing(
+    federation: LoopbackFederation, tampered_folder: RunFolder
+) -> None:
+    """The coordinator asks the 2 hospitals for a secure round; each hospital's policy needs a
+    cohort of 3 (min-secagg-sites, default). Real processes over TLS: each hospital signs with
+    its SuperNode key against the consortium's roster, but here refuses at stage 1: no key, no
+    share, no masked vector leaves it, and nothing is charged."""
+    fed = federation
+    offsets = {n: s.log.stat().st_size for n, s in fed.nodes.items()}
+    folder = _finish(
+        fed,
+        _submit(fed, "secure", ROOT, "num-server-rounds=1 secure-aggregation=true"),
+        "secure",
+    )
+    (line,) = folder.read_history()
+    assert folder.read_summary().status == "stopped" and not line.sites, line
+    assert set(line.refusals) == set(HOSPITALS), line
+    assert all("secagg-unsafe" in reason for reason in line.refusals.values()), line
+    run_key = folder.read_settings().run_key
+    for name, node in fed.nodes.items():
+        assert load_ledger(fed.state_dirs[name]).run(run_key) is None  # nothing charged
+        assert "a cohort of 2 sites; the site's policy needs 3" in _log_after(node, offsets[name])
+    _assert_federation_unharmed(fed)
+
+
 def test_a_node_killed_mid_round_never_under_counts(
     federation: LoopbackFederation, tampered_folder: RunFolder
 ) -> None:

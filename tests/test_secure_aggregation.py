@@ -9,6 +9,7 @@ attack: the site answers nothing that would unmask it beyond its policy.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from client.rounds import train_round
+from client.secure import SecureTerms, offer_keys
+from client.state import SiteState
 from common import protocol as R
+from common.errors import Refusal
 from common.model.fusion_model import build_model
 from common.model.trainable import frozen_fingerprint, trainable_state
 from common.privacy.accounting import epsilon_from_history
@@ -31,7 +36,7 @@ from server.app import run_federation
 from server.secure import SecurePlan, _message, round_params
 from simulations.demo_data import write_demo_hospitals
 from simulations.inprocess import InProcessGrid
-from tests.conftest import tiny_run, tiny_user_config
+from tests.conftest import hospital, request, tiny_run, tiny_user_config
 
 SITES = 3
 
@@ -311,3 +316,30 @@ def test_a_noise_multiplier_below_the_sites_need_is_refused_before_any_charge(
     reply = coordinator.send(1, R.SECAGG_MASK, wire.delivery_fields(deliveries[1]), arrays=True)
     assert "below the" in _refused(reply) and "budget needs" in _refused(reply)
     assert coordinator.receipts(1) == []
+
+
+def test_a_site_requiring_secure_aggregation_refuses_a_plain_round_and_off_refuses_a_secure_one(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    run = tiny_run(demo_root)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('secure-aggregation = "require"\n')
+    state = SiteState(hospital(demo_root, tmp_path / "state", policy=policy))
+    with pytest.raises(Refusal) as refused:
+        train_round(state, run, request(state, run, 1))
+    assert refused.value.reason == "secagg-required"
+    assert read_receipts(tmp_path / "state" / "hospital-0") == []  # nothing trained or charged
+    # "off": the site takes part in no secure round (stage 1 is refused before its keys exist)
+    policy.write_text('secure-aggregation = "off"\n')
+    secure = tiny_run(demo_root, **{"secure-aggregation": True})
+    coordinator = Coordinator(demo_root, tmp_path / "c")
+    params, d = coordinator.params([1, 2, 3])
+    with pytest.raises(Refusal, match='secure-aggregation = "off"'):
+        offer_keys(
+            state,
+            secure,
+            replace(request(state, secure, 1, run_key="secure"), parameters={}),
+            params,
+            SecureTerms(max_grad_norm=1.0, noise_shares=d),
+            node=1,
+        )
