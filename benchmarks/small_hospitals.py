@@ -177,13 +177,16 @@ class PooledFeatures:
         )
         self.index = {_row_key(r): i for i, r in enumerate(data.train.rows)}
 
+    def of(self, site: SiteState, run: RunConfig) -> FeatureSet:
+        """The frozen features of this site's training rows, in its order (what a miss computes)."""
+        rows = [self.index[_row_key(r)] for r in site.data(run).train.rows]
+        return FeatureSet({k: self.features.tensors[k][rows] for k in FEATURE_KEYS})
+
     def prime(self, site: SiteState, run: RunConfig, *, split_name: str = "train") -> None:
         """Put this site's rows' features into its cache under the key its rounds look up."""
         bundle, data = site.bundle(run.model), site.data(run)
-        rows = [self.index[_row_key(r)] for r in data.train.rows]
-        subset = FeatureSet({k: self.features.tensors[k][rows] for k in FEATURE_KEYS})
         key = replace(_cache_key(run, bundle, data), split=split_name)
-        site.features._sets[key] = subset  # a cache fill, exactly what a miss computes
+        site.features._sets[key] = self.of(site, run)  # a cache fill, exactly what a miss computes
 
     def pooled(self, site: SiteState, run: RunConfig) -> tuple[np.ndarray, np.ndarray]:
         """A site's mean-pooled frozen features (N, D_image + D_text) and labels (the probe's)."""

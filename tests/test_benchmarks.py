@@ -13,7 +13,14 @@ import pytest
 import torch
 from flwr.common.config import validate_fields_in_config
 
-from benchmarks import deployment, dp_recipe, side_channels, small_hospitals, utility
+from benchmarks import (
+    deployment,
+    dp_recipe,
+    secagg_utility,
+    side_channels,
+    small_hospitals,
+    utility,
+)
 from benchmarks.cli import SUMMARY_KEYS, main
 from benchmarks.federation import Hospitals
 from benchmarks.record import meets
@@ -396,3 +403,21 @@ def test_dp_recipe_benchmark_reports_both_tables_with_the_rules_rates(tmp_path: 
     # two sites of 20 training rows at most: batch 32 already takes them all, as does the rule
     assert size["rule_rates"] == [1.0]
     assert 0.0 <= size["fixed"]["mean"] <= 1.0 and 0.0 <= size["rule"]["mean"] <= 1.0
+
+
+@pytest.mark.slow  # 2 rounds of DP-FedSGD through SecAgg+ and 2 DP-SGD steps, tiny model (~12 s)
+def test_secagg_utility_quick_runs_both_settings_through_secure_aggregation(
+    tmp_path: Path,
+) -> None:
+    out = secagg_utility.run(
+        True,
+        tmp_path,
+        preset="tiny",
+        recipe=secagg_utility.Recipe(rounds=2, sample_rate=0.5, learning_rate=1.0),
+    )
+    demo = out.raw["demo_small"]
+    assert set(demo["settings"]) == {"fed-ddp8", "central-dp8"}  # --quick: no local-DP runs
+    assert out.key == "secagg_auroc_fed_ddp8_demo_small" and out.key in SUMMARY_KEYS
+    assert out.value == demo["settings"]["fed-ddp8"]["mean"]
+    assert set(out.extra) == {"secagg_auroc_central_dp8_demo_small"}
+    assert 0.0 <= out.value <= 1.0 and demo["epsilon"] <= 8.0 and demo["sites"] == 5

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from client.state import SiteState
 from common.errors import ConfigurationError
+from common.model.feature_cache import CachedFusion, compute_features
 from common.model.modalities import frozen
-from common.privacy.accounting import calibrate_noise, epsilon_from_history
+from common.model.trainable import trainable_state
+from common.privacy.accounting import epsilon_from_history
 from common.privacy.distributed import (
     DistributedNoise,
     choose_scale,
@@ -22,6 +26,7 @@ from common.privacy.distributed import (
     ring_bits,
     server_step,
 )
+from tests.conftest import hospital, tiny_run
 
 CPU = torch.device("cpu")
 
@@ -96,6 +101,28 @@ def test_frozen_parameters_are_left_out() -> None:
     assert set(got.sums) == {"head.weight", "head.bias"}
     for name in want:
         torch.testing.assert_close(got.sums[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_fusion_model_and_its_cached_features_give_the_same_sum(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    run = tiny_run(demo_root)
+    site = SiteState(hospital(demo_root, tmp_path))
+    model, data = site.bundle(run.model).model, site.data(run).train  # a ManifestDataset
+    rows = Subset(data, range(6))
+    net = CachedFusion(model)
+    features = compute_features(net, rows, CPU)
+    names = set(trainable_state(model))
+    full = clipped_gradient_sum(model, rows, sample_rate=1.0, max_grad_norm=0.1, device=CPU)
+    cached = clipped_gradient_sum(net, features, sample_rate=1.0, max_grad_norm=0.1, device=CPU)
+    assert set(full.sums) == set(cached.sums) == names  # FusionModel names, not "model.*"
+    assert full.sampled == cached.sampled == len(rows)
+    for name in names:
+        torch.testing.assert_close(full.sums[name], cached.sums[name], rtol=1e-4, atol=1e-5)
+    assert _norm(full.sums) <= 0.1 * len(rows) * (1 + 1e-5)
+    assert all(
+        p.grad is None and getattr(p, "grad_sample", None) is None for p in model.parameters()
+    )
 
 
 def _norm(sums: dict[str, torch.Tensor]) -> float:
@@ -237,7 +264,3 @@ def test_ddp_epsilon_is_the_accountants() -> None:
     assert eps == epsilon_from_history([(2.0, 0.2, 30)], delta=1e-5, accountant="rdp")
     more = ddp_epsilon(noise_multiplier=4.0, sample_rate=0.2, steps=30, delta=1e-5)
     assert 0 < more < eps
-    z = calibrate_noise(
-        target_epsilon=8.0, target_delta=1e-5, sample_rate=0.2, total_steps=30, accountant="rdp"
-    )
-    assert ddp_epsilon(noise_multiplier=z, sample_rate=0.2, steps=30, delta=1e-5) <= 8.0

@@ -1,0 +1,422 @@
+"""Distributed DP under secure aggregation against centralized DP: test AUROC at epsilon 8.
+
+Issue 26. With local DP each small hospital adds the full noise to its own update; under secure
+aggregation each adds a share and only the sum carries the full noise
+(`common.privacy.distributed`). On the small demo hospitals (5 of 20 to 100 rows) and on
+medpix-dev's 5 natural hospitals (skipped with a message when absent), for each of `seeds`
+patient-level splits of `benchmarks.small_hospitals` (a fifth of the patients held out as the
+common test set no site trains on), from the run's initial model, on the cached frozen features:
+
+- **federated DDP** (`fed-ddp8`): T rounds of DP-FedSGD; each site Poisson-samples its rows at
+  rate q, sums its per-sample clipped gradients (`clipped_gradient_sum`), quantizes the sum and
+  adds its discrete Gaussian share of the noise (d = the number of sites), and the vectors go
+  through a whole SecAgg+ round of `common.secagg` (`secure_sum`: sites' and coordinator's
+  sessions, masks, shares and unmasking); the coordinator divides the revealed sum by the
+  expected batch q N and takes a server SGD step (`server_step`). z is calibrated
+  (`calibrate_noise`, the run config's accountant and delta) so that T steps at rate q spend
+  epsilon 8 at every site (every site samples at the same rate: the largest rate sets z);
+- **centralized DP** (`central-dp8`): the same T steps of DP-SGD on the pooled training rows of
+  the same sites, the same rate q and z, continuous Gaussian noise of std z C, through the same
+  `clipped_gradient_sum`;
+- **local DP, federated** (`fed-ldp8`): the product's federation at epsilon 8 per hospital with
+  its defaults (3 rounds of 20 local DP-SGD steps, batch 32: `benchmarks.dp_recipe.Bench`),
+  on the same splits (full mode; `--quick` leaves it out and cites the README's number).
+
+With one rate q at every site the two DP settings differ only by quantization (1% more noise:
+`choose_scale`'s inflation) and the noise's discreteness, so the target is federated DDP within
+0.02 AUROC of centralized DP. Each value: mean test AUROC over the seeds [95% Student-t interval].
+
+The recipe (T, q, server learning rate, C = the run config's max-grad-norm) was chosen on a
+small grid on the demo hospitals' tuning splits (seeds 100 and 101, never reported), by the
+centralized DP setting's mean AUROC: `TUNE_GRID`, `tune()`; `python -m benchmarks.secagg_utility
+--tune` reruns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import ConcatDataset
+
+from benchmarks.dp_recipe import Bench
+from benchmarks.federation import initial_state, site_states, test_probabilities
+from benchmarks.record import Outcome
+from benchmarks.small_hospitals import (
+    DEMO_CLASSES,
+    MEDPIX,
+    MEDPIX_CLASSES,
+    ci95,
+    demo_cases,
+    medpix_cases,
+)
+from common.config import RunConfig
+from common.model.feature_cache import CachedFusion, FeatureSet
+from common.model.trainable import load_trainable_state
+from common.privacy.accounting import calibrate_noise, epsilon_from_history
+from common.privacy.distributed import (
+    DistributedNoise,
+    choose_scale,
+    clipped_gradient_sum,
+    ring_bits,
+    server_step,
+)
+from common.secagg.coordinator import CoordinatorSession
+from common.secagg.noise import secure_generator
+from common.secagg.params import Layout, RoundKey, RoundParams, min_safe_threshold
+from common.secagg.site import SiteSession
+from common.secagg.vector import UpdateSum, pack
+from common.training.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+EPSILON = 8.0
+DEMO_SCALE = 0.12  # benchmarks.small_hospitals' small demo hospitals (20 to 100 rows)
+TUNE_SEEDS = (100, 101, 102)  # the demo splits the recipe was chosen on (never reported)
+# README (small_hospitals, federated DP epsilon 8, 3 seeds): the local-DP baseline --quick cites
+README_LOCAL_DP8 = {"demo_small": 0.728, "medpix": 0.864}
+State = dict[str, NDArray[np.float32]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """DP-FedSGD's schedule: T exchanges (one noisy step each) at rate q, the server's step."""
+
+    rounds: int  # T
+    sample_rate: float  # q, the same at every site
+    learning_rate: float  # the server's SGD step on the mean clipped gradient
+
+
+RECIPE = Recipe(rounds=50, sample_rate=0.5, learning_rate=1.0)  # chosen by tune() on TUNE_SEEDS
+TUNE_GRID = tuple(
+    Recipe(rounds=t, sample_rate=q, learning_rate=lr)
+    for t in (25, 50, 100)
+    for q in (0.25, 0.5, 1.0)
+    for lr in (0.5, 1.0, 2.0, 4.0)
+)
+
+
+def secure_sum(
+    params: RoundParams,
+    vectors: Mapping[int, NDArray[np.uint64]],
+    noises: Mapping[int, NDArray[np.int64]],
+) -> UpdateSum:
+    """One whole SecAgg+ round in process: each site masks its packed vector plus its noise share;
+    the coordinator learns only the unmasked sum (every session's construction and masking is
+    here, the one place to adapt when SiteSession's signature changes)."""
+    cohort = params.cohort
+    sessions = {
+        node: SiteSession(
+            node=node,
+            round_key=params.round,
+            min_cohort=len(cohort),
+            colluders=0,
+            noise=noises[node],
+        )
+        for node in cohort
+    }
+    coordinator = CoordinatorSession(params)
+    directory = coordinator.collect_keys(s.advertise(params) for s in sessions.values())
+    deliveries = coordinator.collect_shares(s.share(directory) for s in sessions.values())
+    request = coordinator.collect_masked(
+        sessions[n].mask(deliveries[n], vectors[n]) for n in cohort
+    )
+    return coordinator.collect_reveals(
+        sessions[n].reveal(request) for n in request.survivors
+    ).update
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """One split's training sites (cached frozen features), its test site and the model."""
+
+    run: RunConfig
+    sites: list[FeatureSet]
+    net: CachedFusion  # the model the gradients are taken of (its trainable part loaded per step)
+    start: State  # the run's initial global trainable parameters
+    evaluate: Callable[[State], float]  # test AUROC of a global state
+
+
+def task(bench: Bench, seed: int) -> Task:
+    """Split `seed` of `bench`'s dataset as DP-FedSGD trains on it."""
+    run = RunConfig.from_user_config(bench.config())
+    s = bench.split(seed)
+    root = bench.work / f"seed-{seed}" / "ddp-state"
+    sites = [bench.features.of(site, run) for site in site_states(root, s.hospitals)]
+    test_site = site_states(root, [s.test])[0]
+    bench.features.prime(test_site, run, split_name="test")
+    net = CachedFusion(site_states(root / "model", [s.hospitals[0]])[0].bundle(run.model).model)
+    start = {k: v.numpy().astype(np.float32) for k, v in initial_state(run).items()}
+
+    def evaluate(state: State) -> float:
+        probs, labels = test_probabilities(
+            run, test_site, {k: torch.from_numpy(v) for k, v in state.items()}
+        )
+        return float(classification_metrics(labels, probs, 0.0).auroc)
+
+    return Task(run=run, sites=sites, net=net, start=start, evaluate=evaluate)
+
+
+def noise_multiplier(run: RunConfig, recipe: Recipe) -> float:
+    """z: T exchanges at rate q spend `EPSILON` at the run's delta (the run's accountant)."""
+    return calibrate_noise(
+        target_epsilon=EPSILON,
+        target_delta=run.privacy.target_delta,
+        sample_rate=recipe.sample_rate,
+        total_steps=recipe.rounds,
+        accountant=run.privacy.accountant,
+    )
+
+
+def _gradient_sum(t: Task, state: State, rows: Any, q: float) -> dict[str, NDArray[np.float64]]:
+    load_trainable_state(t.net.model, {k: torch.from_numpy(v) for k, v in state.items()})
+    g = clipped_gradient_sum(
+        t.net, rows, sample_rate=q, max_grad_norm=t.run.privacy.max_grad_norm, device=CPU
+    )
+    return {k: v.double().numpy() for k, v in g.sums.items()}
+
+
+def federated_ddp(t: Task, recipe: Recipe, z: float, *, run_id: str) -> State:
+    """T rounds of DP-FedSGD with each site's noisy quantized sum through secure aggregation."""
+    c, q = t.run.privacy.max_grad_norm, recipe.sample_rate
+    shapes = tuple((k, tuple(int(d) for d in v.shape)) for k, v in t.start.items())
+    coordinates = sum(int(v.size) for v in t.start.values())
+    scale = choose_scale(max_grad_norm=c, coordinates=coordinates)
+    noise = DistributedNoise(
+        noise_multiplier=z,
+        shares=len(t.sites),
+        max_grad_norm=c,
+        scale=scale,
+        coordinates=coordinates,
+    )
+    largest = max(len(rows) for rows in t.sites)
+    cohort = tuple(range(1, len(t.sites) + 1))
+    layout = Layout(shapes=shapes)
+    bits = ring_bits(
+        sites=len(cohort),
+        max_batch=largest,
+        max_grad_norm=c,
+        scale=scale,
+        noise_bound=noise.noise_bound,
+    )
+    expected_batch = q * sum(len(rows) for rows in t.sites)
+    state = dict(t.start)
+    for r in range(1, recipe.rounds + 1):
+        params = RoundParams(
+            round=RoundKey(run=run_id, round=r),
+            cohort=cohort,
+            threshold=min_safe_threshold(cohort_size=len(cohort), colluders=0),
+            bits=bits,
+            clip=largest * c,  # a sum of `largest` clipped rows: never binds
+            scale=scale,
+            noise_bound=noise.noise_bound,
+            max_weight=1,
+            layout=layout,
+        )
+        vectors, noises = {}, {}
+        for node, rows in zip(cohort, t.sites, strict=True):
+            rng = secure_generator()
+            sums = _gradient_sum(t, state, rows, q)
+            vectors[node] = pack(sums, weight=0, params=params, rng=rng)
+            share = np.zeros(layout.length, dtype=np.int64)
+            share[:coordinates] = noise.sample(coordinates, rng)
+            noises[node] = share
+        total = secure_sum(params, vectors, noises)
+        state = _step(state, total.sums, expected_batch, recipe.learning_rate)
+    return state
+
+
+def centralized_dp(t: Task, recipe: Recipe, z: float) -> State:
+    """T steps of DP-SGD on the pooled rows: the same rate, clipping and z, Gaussian noise."""
+    c, q = t.run.privacy.max_grad_norm, recipe.sample_rate
+    pooled = ConcatDataset(t.sites)
+    rng = secure_generator()
+    state = dict(t.start)
+    for _ in range(recipe.rounds):
+        sums = _gradient_sum(t, state, pooled, q)
+        noisy = {k: v + rng.normal(0.0, z * c, v.shape) for k, v in sums.items()}
+        state = _step(state, noisy, q * len(pooled), recipe.learning_rate)
+    return state
+
+
+def _step(state: State, sums: Mapping[str, NDArray[np.floating]], batch: float, lr: float) -> State:
+    out = server_step(state, sums, expected_batch=batch, learning_rate=lr)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def measure(
+    bench: Bench, seeds: tuple[int, ...], recipe: Recipe, *, local_dp: bool
+) -> dict[str, Any]:
+    """Every setting on each split; per setting: mean, CI and values; and the recipe's noise."""
+    per: dict[str, list[float]] = defaultdict(list)
+    z, sites = math.nan, 0
+    for seed in seeds:
+        t = task(bench, seed)
+        z, sites = noise_multiplier(t.run, recipe), len(t.sites)
+        start = time.perf_counter()
+        per["fed-ddp8"].append(t.evaluate(federated_ddp(t, recipe, z, run_id=f"seed-{seed}")))
+        fed_s = time.perf_counter() - start
+        per["central-dp8"].append(t.evaluate(centralized_dp(t, recipe, z)))
+        if local_dp:
+            s = bench.split(seed)
+            per["fed-ldp8"].append(bench.auroc(seed, "fed-ldp8", s.hospitals, bench.config())[0])
+        log.info(
+            "seed %d: %s (federated DDP %.0f s)",
+            seed,
+            {k: round(v[-1], 3) for k, v in per.items()},
+            fed_s,
+        )
+    return {
+        "settings": {k: ci95(v) for k, v in per.items()},
+        "noise_multiplier": z,
+        "epsilon": _epsilon_check(bench, recipe, z),
+        "sites": sites,
+        "fallback_multiplier": z / math.sqrt(max(sites, 1)),
+        "seeds": list(seeds),
+    }
+
+
+def tune(work: Path, preset: str = "demo") -> list[dict[str, Any]]:
+    """Centralized DP's mean test AUROC for every recipe of `TUNE_GRID` on the tuning splits.
+
+    Only the centralized setting is run (federated DDP is the same mechanism up to quantization,
+    and is then measured on splits the recipe never saw).
+    """
+    cases = demo_cases(work / "demo-data", DEMO_SCALE)
+    bench = Bench(cases, work / "demo_small", DEMO_CLASSES, preset)
+    per: dict[Recipe, list[float]] = defaultdict(list)
+    for seed in TUNE_SEEDS:
+        t = task(bench, seed)
+        for recipe in TUNE_GRID:
+            per[recipe].append(
+                t.evaluate(centralized_dp(t, recipe, noise_multiplier(t.run, recipe)))
+            )
+            log.info("tune seed %d %s: %.3f", seed, recipe, per[recipe][-1])
+    rows = [{**asdict(r), "central_dp8": float(np.mean(v))} for r, v in per.items()]
+    for row in sorted(rows, key=lambda row: -row["central_dp8"]):
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run(
+    quick: bool,
+    work: Path,
+    *,
+    preset: str = "demo",
+    seeds: int = 3,
+    medpix: Path = MEDPIX,
+    recipe: Recipe = RECIPE,
+    local_dp: bool | None = None,
+) -> Outcome:
+    """Both datasets (medpix-dev when present); the headline: the demo's federated DDP AUROC.
+
+    `quick`: the demo hospitals only, 1 split, and the README's local-DP numbers (medpix-dev's
+    frozen features alone take minutes); `local_dp` None: the local-DP baseline is measured in
+    full mode only.
+    """
+    if quick:
+        seeds = 1
+    if local_dp is None:
+        local_dp = not quick
+    results: dict[str, Any] = {}
+    notes = []
+    datasets = [("demo_small", demo_cases(work / "demo-data", DEMO_SCALE), DEMO_CLASSES)]
+    if quick:
+        notes.append("--quick: medpix-dev left out")
+    elif medpix.is_file():
+        datasets.append(("medpix", medpix_cases(medpix), MEDPIX_CLASSES))
+    else:
+        notes.append(f"medpix-dev not found at {medpix}: skipped")
+        print(f"secagg_utility: {notes[-1]}", flush=True)
+    for name, cases, classes in datasets:
+        bench = Bench(cases, work / name, classes, preset)
+        results[name] = measure(bench, tuple(range(seeds)), recipe, local_dp=local_dp)
+        if not local_dp:
+            results[name]["local_dp8_readme"] = README_LOCAL_DP8[name]
+    extra: dict[str, tuple[float, str]] = {}
+    for name, r in results.items():
+        m = {k: v["mean"] for k, v in r["settings"].items()}
+        central = m["central-dp8"]
+        extra[f"secagg_auroc_fed_ddp8_{name}"] = (m["fed-ddp8"], f">= {central - 0.02:.3f}")
+        extra[f"secagg_auroc_central_dp8_{name}"] = (central, ">= 0")
+    print(table(results, recipe), flush=True)
+    value, target = extra.pop("secagg_auroc_fed_ddp8_demo_small")
+    return Outcome(
+        key="secagg_auroc_fed_ddp8_demo_small",
+        value=value,
+        target=target,
+        note=f"small demo hospitals, epsilon 8, {seeds} split(s): mean test AUROC of federated "
+        "DP-FedSGD under secure aggregation (distributed discrete Gaussian noise); target: "
+        f"centralized DP-SGD at the same epsilon, T, q and z minus 0.02; recipe {asdict(recipe)} "
+        f"tuned on the demo's splits {TUNE_SEEDS} (centralized DP). " + "; ".join(notes),
+        settings={
+            "preset": preset,
+            "seeds": seeds,
+            "epsilon": EPSILON,
+            "recipe": asdict(recipe),
+            "tuned_on": f"demo_small splits {TUNE_SEEDS}, by mean centralized-DP AUROC",
+            "local_dp_measured": local_dp,
+        },
+        raw=results,
+        extra=extra,
+    )
+
+
+def table(results: dict[str, Any], recipe: Recipe) -> str:
+    """Mean test AUROC [95% CI] per setting and dataset."""
+    lines = [
+        f"DP-FedSGD recipe: T={recipe.rounds} rounds, rate q={recipe.sample_rate}, server lr "
+        f"{recipe.learning_rate} (tuned on demo splits {TUNE_SEEDS}); epsilon {EPSILON:g}"
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"{name}: z {r['noise_multiplier']:.3f} (epsilon {r['epsilon']:.3f}; fallback "
+            f"z/sqrt(d) {r['fallback_multiplier']:.3f}); mean test AUROC [95% CI] over seeds "
+            f"{r['seeds']}"
+        )
+        for setting, v in r["settings"].items():
+            lo, hi = v["ci95"]
+            lines.append(f"  {setting:<14}{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]")
+        if "local_dp8_readme" in r:
+            lines.append(f"  {'fed-ldp8':<14}{r['local_dp8_readme']:.3f} (README, not measured)")
+    return "\n".join(lines)
+
+
+def _epsilon_check(bench: Bench, recipe: Recipe, z: float) -> float:
+    """What T exchanges at rate q with noise multiplier z spend (the run's accountant)."""
+    run = RunConfig.from_user_config(bench.config())
+    return epsilon_from_history(
+        [(z, recipe.sample_rate, recipe.rounds)],
+        delta=run.privacy.target_delta,
+        accountant=run.privacy.accountant,
+    )
+
+
+def main() -> None:
+    """`python -m benchmarks.secagg_utility --tune [--work-dir DIR]`: the recipe grid."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.secagg_utility")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/secagg-utility"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    if args.tune:
+        tune(args.work_dir)
+    else:
+        run(True, args.work_dir)
+
+
+if __name__ == "__main__":
+    main()
