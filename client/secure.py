@@ -44,9 +44,8 @@ from client.state import SiteState
 from common.config import RunConfig
 from common.errors import ConfigurationError, Refusal
 from common.model.modalities import frozen, untrained_parameters
-from common.privacy.accounting import Account
+from common.privacy.accounting import MAX_NOISE_MULTIPLIER, Account
 from common.privacy.books import SecureStep
-from common.privacy.accounting import MAX_NOISE_MULTIPLIER
 from common.privacy.distributed import (
     DistributedNoise,
     clipped_gradient_sum,
