@@ -15,15 +15,21 @@ over the same warm sites:
 A round's time is the interval between consecutive round checkpoints (as in
 `benchmarks.deployment`: it holds the previous round's evaluation and this round's training);
 round 1 is left out (it fills the frozen-feature caches), the median of the others is the
-round's time. The key is the same-work ratio secure / plain-one-step; the ratio against the
-defaults is reported beside it (a plain round then does 20 steps of work, a secure one 1).
+round's time. The full run makes two passes over the settings, the second in reverse order
+(the machine's load drifts), and pools their rounds; `--quick` one pass. The key is the
+same-work ratio secure / plain-one-step; the ratio against the defaults is reported beside it
+(a plain round then does 20 steps of work, a secure one 1).
 
 Where the time goes: the grid delivers messages one at a time in process, so a push's wall time
 is the sites' time on those messages (plus a deep copy of each), and the gap until the next push
 is the coordinator's work on the replies (for the last exchange of a round also the server
-step, checkpoint and history line). The protocol's share of a secure round: the keys, shares and
-reveal exchanges, the coordinator's gaps after keys, shares and mask, and the mask exchange less
-the sites' gradient computation (`train-seconds` in its replies).
+step, checkpoint and history line); `train-seconds` in the replies is the sites' gradient
+computation. The protocol's share of a secure round, two ways: its computations (`TIMED`,
+wrapped while the run lasts and restored after: the sites' and coordinator's SecAgg sessions,
+the sites' identities, quantizing and noise; the server's SGD step on the sum is left out, it
+stands in for FedAvg), and the exchanges a plain round has not (stages 1, 2 and 4 at the sites,
+the coordinator's gaps after stages 1 to 3). The mask exchange holds the site's usual round work
+(model, ledger, one DP step) and is reported by itself.
 
 Bytes: every request and reply's content serialised as Flower sends it
 (`flwr.common.serde.recorddict_to_proto(...).ByteSize()`: ArrayRecords, ConfigRecords,
@@ -75,7 +81,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 STAGES = tuple(f"train.{s}" for s in (R.SECAGG_KEYS, R.SECAGG_SHARES, R.SECAGG_MASK))
 REVEAL = f"train.{R.SECAGG_REVEAL}"
-MASK = f"train.{R.SECAGG_MASK}"
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -202,9 +207,11 @@ class Setting:
         return statistics.median(self.round_s)
 
 
-def measure(work: Path, name: str, user_config: dict[str, Any], rounds: int) -> Setting:
+def measure(
+    work: Path, name: str, user_config: dict[str, Any], rounds: int, run_name: str
+) -> Setting:
     """Run one setting; split each measured round's time into its pushes and the gaps."""
-    config = {**user_config, "run-name": name, "num-server-rounds": rounds}
+    config = {**user_config, "run-name": run_name, "num-server-rounds": rounds}
     grid = MeteredGrid([{"partition-id": i} for i in range(HOSPITALS)], config)
     with Stopwatch().running() as watch:
         folder = RunFolder(run_federation(grid, RunConfig.from_user_config(config)))
@@ -235,8 +242,22 @@ def measure(work: Path, name: str, user_config: dict[str, Any], rounds: int) -> 
         kind: {way: statistics.mean(v) for way, v in ways.items()} for kind, ways in sizes.items()
     }
     setting = Setting(name, [r["round"] for r in per_round], per_round, bytes_per_site)
-    log.info("secagg_overhead %s: rounds %s", name, setting.round_s)
+    log.info("secagg_overhead %s: rounds %s", run_name, setting.round_s)
     return setting
+
+
+def merged(runs: list[Setting]) -> Setting:
+    """One setting's runs (passes) as one: their measured rounds pooled."""
+    kinds = {k: ways for r in runs for k, ways in r.bytes_per_site.items()}
+    return Setting(
+        runs[0].name,
+        [t for r in runs for t in r.round_s],
+        [p for r in runs for p in r.per_round],
+        {
+            kind: {way: statistics.mean(r.bytes_per_site[kind][way] for r in runs) for way in ways}
+            for kind, ways in kinds.items()
+        },
+    )
 
 
 def protocol_exchanges_s(parts: dict[str, float]) -> float:
@@ -269,7 +290,7 @@ def _total_bytes(setting: Setting, way: str, evaluate: bool = True) -> float:
 
 def run(quick: bool, work: Path) -> Outcome:
     """Three runs over the same ten warm sites; the key is secure / plain-one-step."""
-    scale, rounds = (0.05, 3) if quick else (0.2, 6)
+    scale, rounds, passes = (0.05, 3, 1) if quick else (0.2, 6, 2)
     preset = PRESETS[quick]
     demo_hospitals(work / "data", HOSPITALS, size_scale=scale)
     # every site warm in this one process, as a simulation's workers keep theirs (the default
@@ -283,13 +304,18 @@ def run(quick: bool, work: Path) -> Outcome:
         state_root=str(work / "state"),
         output_dir=str(work / "outputs"),
     )
+    runs: dict[str, list[Setting]] = defaultdict(list)
     try:
-        results = {
-            name: measure(work, name, {**base, **changes}, rounds)
-            for name, changes in SETTINGS.items()
-        }
+        # passes in alternating order (the machine's load drifts): plain, one step, secure, then
+        # secure, one step, plain
+        for i in range(passes):
+            order = list(SETTINGS) if i % 2 == 0 else list(reversed(SETTINGS))
+            for name in order:
+                config = {**base, **SETTINGS[name]}
+                runs[name].append(measure(work, name, config, rounds, f"{name}-{i + 1}"))
     finally:
         client.app.SITES = sites
+    results = {name: merged(runs[name]) for name in SETTINGS}
     plain, one, secure = (results[n] for n in SETTINGS)
     same_work = secure.median_round_s / one.median_round_s
     default = secure.median_round_s / plain.median_round_s
@@ -326,16 +352,18 @@ def run(quick: bool, work: Path) -> Outcome:
         key="secagg_round_overhead_ratio",
         value=same_work,
         target="<= 1.5",
-        note=f"median round time (rounds 2..{rounds}) with secure aggregation over plain rounds "
-        f"of the same training work (local-steps 1, local DP-SGD), {HOSPITALS} simulated "
-        f"{preset}-preset demo hospitals in process; secagg_round_time_ratio_default: over "
-        "plain rounds as the defaults train (local-steps 20, so not the same work); bytes per "
-        "site and round and the protocol's share of a secure round in raw",
+        note=f"median round time (rounds 2..{rounds} of {passes} run(s) each) with secure "
+        "aggregation over plain rounds of the same training work (local-steps 1, local DP-SGD), "
+        f"{HOSPITALS} simulated {preset}-preset demo hospitals in process; "
+        "secagg_round_time_ratio_default: over plain rounds as the defaults train (local-steps "
+        "20, so not the same work); bytes per site and round and the protocol's share of a "
+        "secure round in raw",
         settings={
             "preset": preset,
             "hospitals": HOSPITALS,
             "rounds": rounds,
-            "measured_rounds": rounds - 1,
+            "passes": passes,
+            "measured_rounds": passes * (rounds - 1),
             "data_scale": scale,
             "grid": "simulations.inprocess.InProcessGrid, sites served in turn in one process",
             "warm_sites": warm,
