@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "framework_overhead": "framework_overhead_fraction",
     "scale": "max_hospitals_simulated",
     "deployment": "deployment_round_ratio",
+    "secagg_overhead": "secagg_round_overhead_ratio",
     "membership": "mia_auc_dp8",
     "side_channels": "side_channel_advantage",
 }
@@ -71,6 +72,8 @@ SUMMARY_KEYS = (
     "side_channel_advantage",
     "eval_attack_advantage",
     "dp_eval_auroc_mae",
+    "secagg_round_overhead_ratio",
+    "secagg_round_time_ratio_default",
 )
 
 
