@@ -72,7 +72,8 @@ class GradientSum:
     """
 
     sums: dict[str, torch.Tensor]  # name -> sum over the sampled rows (CPU, float32)
-    sampled: int  # rows in the Poisson sample (stays at the site: it is not private)
+    sampled: int  # rows in the Poisson sample: private, it stays at the site (the coordinator
+    # divides by the public expected batch)
     non_finite: int = 0  # sampled rows whose logits or gradient were not finite: contributed 0
 
 
@@ -121,7 +122,7 @@ def clipped_gradient_sum(
     of them, C / max(norm, C). A row whose logits or gradient is not finite contributes exactly
     zero (as in `common.privacy.dpsgd`), so every row's contribution has norm at most C whatever
     the model. The sum is a pure function of the data and the sample: no noise is added here.
-    The parameters' `.grad` are left as they were found (None).
+    Afterwards every parameter's `.grad` and `.grad_sample` are None.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ConfigurationError(
