@@ -91,6 +91,7 @@ from common.privacy.distributed import (
     server_step,
 )
 from common.secagg.coordinator import CoordinatorSession
+from common.secagg.identity import Roster, Signer
 from common.secagg.noise import secure_generator
 from common.secagg.params import Layout, RoundKey, RoundParams, min_safe_threshold
 from common.secagg.site import SiteSession
@@ -135,21 +136,25 @@ def secure_sum(
     the coordinator learns only the unmasked sum (every session's construction and masking is
     here, the one place to adapt when SiteSession's signature changes)."""
     cohort = params.cohort
+    signers = {node: Signer.generate() for node in cohort}  # each hospital's identity key
+    roster = Roster.of(signer.public_bytes() for signer in signers.values())
     sessions = {
         node: SiteSession(
             node=node,
             round_key=params.round,
             min_cohort=len(cohort),
             colluders=0,
-            noise=noises[node],
+            signer=signers[node],
+            roster=roster,
+            noise_shares=len(cohort),  # d: every site's share is in the sum
         )
         for node in cohort
     }
-    coordinator = CoordinatorSession(params)
+    coordinator = CoordinatorSession(params, roster=roster)
     directory = coordinator.collect_keys(s.advertise(params) for s in sessions.values())
     deliveries = coordinator.collect_shares(s.share(directory) for s in sessions.values())
     request = coordinator.collect_masked(
-        sessions[n].mask(deliveries[n], vectors[n]) for n in cohort
+        sessions[n].mask(deliveries[n], vectors[n], noise=noises[n]) for n in cohort
     )
     return coordinator.collect_reveals(
         sessions[n].reveal(request) for n in request.survivors
