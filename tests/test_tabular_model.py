@@ -15,9 +15,11 @@ from common.model.feature_cache import CachedFusion, compute_features
 from common.model.fusion_model import FusionModel, build_model
 from common.model.modalities import untrained_parameters
 from common.model.trainable import trainable_names
+from common.training.ablation import ablation_scores, exact_metrics
 from tests.conftest import tiny_run
 
 FUSIONS = ("concat", "weighted", "attention")
+CPU = torch.device("cpu")
 SCHEMA = "age:numeric:0:120;sex:categorical:F|M;temp:numeric:34:42;site:categorical:a|b|c"
 
 # The two-modality model at the commit before the tabular modality (tiny preset, seed 0): the
@@ -203,3 +205,19 @@ def test_cached_features_give_the_full_models_logits(fusion: str) -> None:
     with torch.no_grad():
         items = {k: v for k, v in cached.tensors.items() if k != "labels"}
         torch.testing.assert_close(net(**items), model(**x, **t), atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_scores_the_fields_only_and_every_modality_but_them() -> None:
+    model = three("weighted").eval()
+    x, t = batch(), fields(4)
+    scores = ablation_scores(model, [{**x, **t, "labels": torch.tensor([0, 1, 2, 0])}], CPU)
+    assert set(scores.logits) == {"both", "image", "text", "tabular", "no-tabular"}
+    no = torch.zeros(4, dtype=torch.bool)
+    with torch.no_grad():
+        without = model(**x, **{**t, "has_tabular": no})
+        only = model(**{**x, "has_image": no, "has_text": no}, **t)
+    torch.testing.assert_close(scores.logits["no-tabular"], without, atol=0, rtol=0)
+    torch.testing.assert_close(scores.logits["tabular"], only, atol=0, rtol=0)
+    _, ablation = exact_metrics(scores)
+    assert ablation.num_examples == 2 and ablation.tabular is not None  # rows 0 and 3 have both
+    assert ablation.no_tabular is not None

@@ -55,6 +55,21 @@ class TabularEncoder(nn.Module):
         categorical: torch.Tensor,  # (B, F_cat) long category index within its field
         missing: torch.Tensor,  # (B, F) bool, schema order
     ) -> torch.Tensor:
+        return self.from_field_tokens(self.field_tokens(numeric, categorical, missing))
+
+    def from_field_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder's output from its per-field tokens (B, F, D) -> (B, F, D)."""
+        return torch.relu(self.mix(tokens))
+
+    def missing_tokens(self, batch: int) -> torch.Tensor:
+        """The per-field tokens of rows whose every field is missing (B, F, D)."""
+        tokens: torch.Tensor = self.missing(self.field_ids.expand(batch, -1))
+        return tokens
+
+    def field_tokens(
+        self, numeric: torch.Tensor, categorical: torch.Tensor, missing: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per field before the mix (B, F, D): value + field, or the missing one."""
         b = missing.shape[0]
         values = []
         if self.numeric is not None:
@@ -65,5 +80,4 @@ class TabularEncoder(nn.Module):
         tokens = torch.cat(values, dim=1)[:, self.schema_order]  # (B, F, D)
         fields = self.field_ids.expand(b, -1)  # (B, F)
         tokens = tokens + self.field_embedding(fields)
-        tokens = torch.where(missing.unsqueeze(-1), self.missing(fields), tokens)
-        return torch.relu(self.mix(tokens))  # (B, F, D)
+        return torch.where(missing.unsqueeze(-1), self.missing(fields), tokens)  # (B, F, D)
