@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "deployment": "deployment_round_ratio",
     "membership": "mia_auc_dp8",
     "side_channels": "side_channel_advantage",
+    "tabular_fields": "medpix_auroc_fed_dp8_three_modalities",
 }
 # summary.json keys, in order; utility also reports the gain over local-only training,
 # small_hospitals its reference (the linear probe) and the other targets per dataset
@@ -66,6 +67,7 @@ SUMMARY_KEYS = (
     "side_channel_advantage",
     "eval_attack_advantage",
     "dp_eval_auroc_mae",
+    "medpix_auroc_fed_dp8_three_modalities",
 )
 
 

@@ -45,7 +45,6 @@ from client.rounds import _cache_key
 from client.state import SiteState
 from common.config import RunConfig
 from common.model.feature_cache import (
-    FEATURE_KEYS,
     CachedFusion,
     FeatureSet,
     image_rest,
@@ -62,6 +61,7 @@ MEDPIX_CLASSES = "other,neoplasm"
 DEMO_CLASSES = "normal,pneumonia,effusion"
 TEST_FRACTION = 0.2
 EPSILONS = (1.0, 3.0, 8.0)
+CASE_COLUMNS = ("image", "text", "label", "patient_id", "split")  # a demo manifest's own columns
 Key = tuple[str, str, str]  # (image path, text, patient): a row's identity across manifests
 
 
@@ -74,6 +74,7 @@ class Case:
     label: str
     patient: str
     hospital: str
+    fields: tuple[tuple[str, str], ...] = ()  # structured fields (name, raw cell), if any
 
     @property
     def key(self) -> Key:
@@ -110,6 +111,7 @@ def demo_cases(root: Path, scale: float) -> list[Case]:
                     label=r["label"],
                     patient=f"{folder.name}/{r['patient_id']}",
                     hospital=folder.name,
+                    fields=tuple((k, r[k]) for k in r if k not in CASE_COLUMNS),
                 )
                 for r in csv.DictReader(fh)
             ]
@@ -121,7 +123,8 @@ def write_site(folder: Path, cases: list[Case]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "text", "label", "patient_id", "split"])
+        names = [name for name, _ in cases[0].fields] if cases else []
+        writer.writerow(["image", "text", "label", "patient_id", "split", *names])
         for c in cases:
             writer.writerow(
                 [
@@ -130,6 +133,7 @@ def write_site(folder: Path, cases: list[Case]) -> Path:
                     c.label,
                     c.patient,
                     "train",
+                    *(value for _, value in c.fields),
                 ]
             )
     return folder
@@ -181,7 +185,7 @@ class PooledFeatures:
         """Put this site's rows' features into its cache under the key its rounds look up."""
         bundle, data = site.bundle(run.model), site.data(run)
         rows = [self.index[_row_key(r)] for r in data.train.rows]
-        subset = FeatureSet({k: self.features.tensors[k][rows] for k in FEATURE_KEYS})
+        subset = FeatureSet({k: v[rows] for k, v in self.features.tensors.items()})
         key = replace(_cache_key(run, bundle, data), split=split_name)
         site.features._sets[key] = subset  # a cache fill, exactly what a miss computes
 

@@ -396,3 +396,22 @@ def test_dp_recipe_benchmark_reports_both_tables_with_the_rules_rates(tmp_path: 
     # two sites of 20 training rows at most: batch 32 already takes them all, as does the rule
     assert size["rule_rates"] == [1.0]
     assert 0.0 <= size["fixed"]["mean"] <= 1.0 and 0.0 <= size["rule"]["mean"] <= 1.0
+
+
+@pytest.mark.slow  # 2 federations of the tiny model
+def test_tabular_fields_benchmark_compares_two_and_three_modalities(tmp_path: Path) -> None:
+    from benchmarks import tabular_fields
+
+    out = tabular_fields.run(
+        False,
+        tmp_path,
+        medpix=tmp_path / "absent.csv",
+        preset="tiny",
+        seeds=1,
+        demo_scale=0.1,
+        overrides={**SMOKE, "num-server-rounds": 1},
+    )
+    two, three = out.raw["two-modalities"], out.raw["three-modalities"]
+    assert set(two) == {"all"} and set(three) == {"all", "without-fields", "fields-only"}
+    assert out.value == three["all"]["mean"] and out.target == f">= {two['all']['mean']:.4f}"
+    assert all(0.0 <= v["mean"] <= 1.0 for r in out.raw.values() for v in r.values())
