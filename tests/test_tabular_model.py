@@ -221,3 +221,37 @@ def test_ablation_scores_the_fields_only_and_every_modality_but_them() -> None:
     _, ablation = exact_metrics(scores)
     assert ablation.num_examples == 2 and ablation.tabular is not None  # rows 0 and 3 have both
     assert ablation.no_tabular is not None
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_dp_step_trains_the_tabular_encoder_in_both_opacus_modes(mode: str) -> None:
+    from torch.utils.data import DataLoader
+
+    from common.model.trainable import trainable_state
+    from common.privacy.accounting import Account
+    from common.privacy.dpsgd import private_training
+
+    model = three("weighted")
+    x, t = batch(4), fields(4)
+    t["tabular_missing"][:, 0] = False  # age present everywhere: its direction has a gradient
+    t["has_tabular"][:] = True
+    rows = [
+        {**{k: v[i] for k, v in {**x, **t}.items()}, "labels": torch.tensor(i % 3)}
+        for i in range(4)
+    ]
+    before = trainable_state(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    account = Account(accountant="rdp", delta=1e-5, noise_multiplier=1.0, sample_rate=1.0)
+    loader = DataLoader(rows, batch_size=4)
+    with private_training(
+        model, optimizer, loader, account, max_grad_norm=1.0, grad_sample_mode=mode
+    ) as session:
+        for b in session.loader:
+            session.optimizer.zero_grad()
+            labels = b.pop("labels")
+            session.criterion(model(**b), labels).backward()
+            session.optimizer.step()
+        assert session.engine.accountant.history == [(1.0, 1.0, 1)]
+    after = trainable_state(model)
+    tabular = [n for n in after if n.startswith("tabular.")]
+    assert tabular and all(not torch.equal(after[n], before[n]) for n in tabular)

@@ -7,7 +7,8 @@ the field's learned missing indicator instead (so missingness itself can carry s
 linear layer + ReLU then acts on every token. The fusion pools the tokens like the image's.
 
 Only layers Opacus computes per-sample gradients for (Embedding, Linear) hold parameters, so the
-encoder trains under DP-SGD like the rest of the trainable set. Index tensors are non-persistent
+encoder trains under DP-SGD like the rest of the trainable set (index tensors are made contiguous:
+Opacus' ghost-clipping norm of an Embedding views them). Index tensors are non-persistent
 buffers: they follow from the schema, which `ModelConfig.tabular_fields` stores.
 """
 
@@ -63,7 +64,7 @@ class TabularEncoder(nn.Module):
 
     def missing_tokens(self, batch: int) -> torch.Tensor:
         """The per-field tokens of rows whose every field is missing (B, F, D)."""
-        tokens: torch.Tensor = self.missing(self.field_ids.expand(batch, -1))
+        tokens: torch.Tensor = self.missing(self.field_ids.expand(batch, -1).contiguous())
         return tokens
 
     def field_tokens(
@@ -73,11 +74,11 @@ class TabularEncoder(nn.Module):
         b = missing.shape[0]
         values = []
         if self.numeric is not None:
-            ids = self.numeric_ids.expand(b, -1)  # (B, F_num)
+            ids = self.numeric_ids.expand(b, -1).contiguous()  # (B, F_num)
             values.append(self.numeric(ids) * numeric.unsqueeze(-1))  # (B, F_num, D)
         if self.categories is not None:
             values.append(self.categories(categorical + self.category_offsets))  # (B, F_cat, D)
         tokens = torch.cat(values, dim=1)[:, self.schema_order]  # (B, F, D)
-        fields = self.field_ids.expand(b, -1)  # (B, F)
+        fields = self.field_ids.expand(b, -1).contiguous()  # (B, F)
         tokens = tokens + self.field_embedding(fields)
         return torch.where(missing.unsqueeze(-1), self.missing(fields), tokens)  # (B, F, D)
