@@ -172,3 +172,23 @@ def test_dataset_carries_encoded_fields_and_without_a_schema_is_unchanged(
     # the fields' values are part of the dataset version only when declared
     images = ImageDigests()
     assert dataset_version(rows, images) != dataset_version(plain_rows, images)
+
+
+def test_simulate_on_generated_demo_data_declares_its_fields(tmp_path: Path) -> None:
+    from common.config import RunConfig, default_user_config
+    from simulations.cli import build_parser, user_config_from_args
+    from simulations.demo_data import DEMO_TABULAR_FIELDS, write_demo_hospitals
+
+    defaults = default_user_config()
+    demo = user_config_from_args(build_parser(defaults).parse_args([]), tmp_path, defaults)
+    assert RunConfig.from_user_config(demo).model.tabular_fields == DEMO_TABULAR_FIELDS
+    two = build_parser(defaults).parse_args(["-c", "tabular-fields="])
+    assert user_config_from_args(two, tmp_path, defaults)["tabular-fields"] == ""
+    own = build_parser(defaults).parse_args(["--data-root", str(tmp_path)])
+    assert user_config_from_args(own, tmp_path, defaults)["tabular-fields"] == ""
+    # the demo hospitals' fields pass their own schema's checks
+    write_demo_hospitals(tmp_path, 1, seed=0, size_scale=0.05)
+    fields = parse_tabular_fields(DEMO_TABULAR_FIELDS)
+    report = check_manifest(tmp_path / "hospital-0", CLASSES, fields=fields)
+    assert report.ok and not report.absent_fields
+    assert all(n < report.rows for n in report.missing_by_field.values())
