@@ -44,6 +44,7 @@ from benchmarks.workloads import bench_config, bench_user_config
 from client.rounds import _cache_key
 from client.state import SiteState
 from common.config import RunConfig
+from common.data.tabular import TABULAR_KEYS
 from common.model.feature_cache import (
     CachedFusion,
     FeatureSet,
@@ -185,7 +186,9 @@ class PooledFeatures:
         """Put this site's rows' features into its cache under the key its rounds look up."""
         bundle, data = site.bundle(run.model), site.data(run)
         rows = [self.index[_row_key(r)] for r in data.train.rows]
-        subset = FeatureSet({k: v[rows] for k, v in self.features.tensors.items()})
+        # a pool read with structured fields also serves a run without them (same frozen fronts)
+        keys = [k for k in self.features.tensors if run.model.tabular or k not in TABULAR_KEYS]
+        subset = FeatureSet({k: self.features.tensors[k][rows] for k in keys})
         key = replace(_cache_key(run, bundle, data), split=split_name)
         site.features._sets[key] = subset  # a cache fill, exactly what a miss computes
 

@@ -113,18 +113,22 @@ def measure(
     """Per setting (two / three modalities): test AUROC per view over `seeds` splits."""
     pool_folder = write_site(work / "pool", cases)
     splits = {seed: split(cases, work / f"seed-{seed}", seed) for seed in range(seeds)}
-    results: dict[str, Any] = {}
-    for name, fields in (("two-modalities", ""), ("three-modalities", schema)):
-        user_config = bench_user_config(
+    configs = {
+        name: bench_user_config(
             preset,
             class_names=classes,
             dp=True,
             target_epsilon=8.0,
             **{**(overrides or {}), "tabular-fields": fields},
         )
+        for name, fields in (("two-modalities", ""), ("three-modalities", schema))
+    }
+    # the frozen fronts (and the fields' inputs), computed once for both settings
+    pool = site_states(work / "state" / "pool", [pool_folder])[0]
+    features = PooledFeatures(pool, RunConfig.from_user_config(configs["three-modalities"]))
+    results: dict[str, Any] = {}
+    for name, user_config in configs.items():
         run = RunConfig.from_user_config(user_config)
-        pool = site_states(work / "state" / name / "pool", [pool_folder])[0]
-        features = PooledFeatures(pool, run)  # the frozen fronts, computed once per setting
         aurocs: dict[str, list[float]] = {}
         for seed, s in splits.items():
             hospitals = Hospitals(work / "federation" / name / f"seed-{seed}")
