@@ -119,6 +119,17 @@ def test_out_of_schema_cells_name_file_row_and_column_never_the_value(tmp_path: 
     assert report.missing_by_field == {"age": 3, "sex": 2, "temp": 1}  # out of schema: missing
 
 
+def test_data_check_command_takes_the_schema(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.cli import main
+
+    assert main(["data", "check", str(site), "--tabular-fields", SCHEMA]) == 0
+    assert "field temp         2 rows missing (0 out of schema)" in capsys.readouterr().out
+    assert main(["data", "check", str(site), "--tabular-fields", "age:numeric:1"]) == 2
+    assert "'tabular-fields'" in capsys.readouterr().err
+
+
 def test_data_check_counts_missing_per_column_and_warns_of_absent_columns(
     tmp_path: Path,
 ) -> None:
