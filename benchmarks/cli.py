@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "secagg_overhead": "secagg_round_overhead_ratio",
     "membership": "mia_auc_dp8",
     "side_channels": "side_channel_advantage",
+    "tabular_fields": "medpix_auroc_fed_dp8_three_modalities",
 }
 # summary.json keys, in order; utility also reports the gain over local-only training,
 # small_hospitals its reference (the linear probe) and the other targets per dataset
@@ -74,6 +75,7 @@ SUMMARY_KEYS = (
     "dp_eval_auroc_mae",
     "secagg_round_overhead_ratio",
     "secagg_round_time_ratio_default",
+    "medpix_auroc_fed_dp8_three_modalities",
 )
 
 

@@ -44,8 +44,8 @@ from benchmarks.workloads import bench_config, bench_user_config
 from client.rounds import _cache_key
 from client.state import SiteState
 from common.config import RunConfig
+from common.data.tabular import TABULAR_KEYS
 from common.model.feature_cache import (
-    FEATURE_KEYS,
     CachedFusion,
     FeatureSet,
     image_rest,
@@ -62,6 +62,7 @@ MEDPIX_CLASSES = "other,neoplasm"
 DEMO_CLASSES = "normal,pneumonia,effusion"
 TEST_FRACTION = 0.2
 EPSILONS = (1.0, 3.0, 8.0)
+CASE_COLUMNS = ("image", "text", "label", "patient_id", "split")  # a demo manifest's own columns
 Key = tuple[str, str, str]  # (image path, text, patient): a row's identity across manifests
 
 
@@ -74,6 +75,7 @@ class Case:
     label: str
     patient: str
     hospital: str
+    fields: tuple[tuple[str, str], ...] = ()  # structured fields (name, raw cell), if any
 
     @property
     def key(self) -> Key:
@@ -110,6 +112,7 @@ def demo_cases(root: Path, scale: float) -> list[Case]:
                     label=r["label"],
                     patient=f"{folder.name}/{r['patient_id']}",
                     hospital=folder.name,
+                    fields=tuple((k, r[k]) for k in r if k not in CASE_COLUMNS),
                 )
                 for r in csv.DictReader(fh)
             ]
@@ -121,7 +124,8 @@ def write_site(folder: Path, cases: list[Case]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "text", "label", "patient_id", "split"])
+        names = [name for name, _ in cases[0].fields] if cases else []
+        writer.writerow(["image", "text", "label", "patient_id", "split", *names])
         for c in cases:
             writer.writerow(
                 [
@@ -130,6 +134,7 @@ def write_site(folder: Path, cases: list[Case]) -> Path:
                     c.label,
                     c.patient,
                     "train",
+                    *(value for _, value in c.fields),
                 ]
             )
     return folder
@@ -180,7 +185,9 @@ class PooledFeatures:
     def of(self, site: SiteState, run: RunConfig) -> FeatureSet:
         """The frozen features of this site's training rows, in its order (what a miss computes)."""
         rows = [self.index[_row_key(r)] for r in site.data(run).train.rows]
-        return FeatureSet({k: self.features.tensors[k][rows] for k in FEATURE_KEYS})
+        # a pool read with structured fields also serves a run without them (same frozen fronts)
+        keys = [k for k in self.features.tensors if run.model.tabular or k not in TABULAR_KEYS]
+        return FeatureSet({k: self.features.tensors[k][rows] for k in keys})
 
     def prime(self, site: SiteState, run: RunConfig, *, split_name: str = "train") -> None:
         """Put this site's rows' features into its cache under the key its rounds look up."""

@@ -79,6 +79,7 @@ def _data_key(site: SiteConfig, run: RunConfig) -> tuple[object, ...]:
         m.text_encoder,
         m.image_size,
         m.max_text_length,
+        m.tabular_fields,
         site.val_fraction,
         site.split_seed,
     )
@@ -104,7 +105,9 @@ class SiteState:
 
     def data(self, run: RunConfig) -> SiteData:
         """This site's checked, split and tokenised data (re-read if the rows' content changes)."""
-        manifest, rows = read_manifest(self.site.manifest, run.model.class_names)
+        manifest, rows = read_manifest(
+            self.site.manifest, run.model.class_names, fields=run.model.tabular
+        )
         version = dataset_version(rows, self.images)
         key = (*_data_key(self.site, run), version)
         if self._data is None or self._data[0] != key:
@@ -122,7 +125,13 @@ class SiteState:
 
         def dataset(part: list[Row]) -> ManifestDataset:
             return ManifestDataset(
-                manifest, part, m.class_names, tokenizer, m.image_size, m.max_text_length
+                manifest,
+                part,
+                m.class_names,
+                tokenizer,
+                m.image_size,
+                m.max_text_length,
+                fields=m.tabular,
             )
 
         log.info(

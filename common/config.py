@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.data.tabular import TabularField, TabularSchemaError, parse_tabular_fields
 from common.errors import ConfigurationError
 
 # The model presets: the values a run config leaves at "" or 0 (ModelConfig.resolved).
@@ -192,8 +193,14 @@ class ModelConfig:
     # Defaults let a model.json written before they existed load unchanged.
     lora_rank: int = field(default=0, metadata=_range(0, 256))
     lora_layers: int = field(default=0, metadata=_range(0, 64))
+    # the structured fields' schema (common.data.tabular); "" = none: the two-modality model
+    tabular_fields: str = field(default="", metadata={"max_len": 4096})
 
     def __post_init__(self) -> None:
+        try:
+            self.tabular  # noqa: B018  a malformed schema is an error when the config is parsed
+        except TabularSchemaError as err:
+            raise ConfigError(err.detail) from err
         if self.lora_rank and not self.lora_layers:
             raise ConfigError(
                 "lora-rank is set but lora-layers is 0: name how many top text layers "
@@ -205,6 +212,11 @@ class ModelConfig:
                 "that train in full add nothing. Choose one trainable set: set "
                 "trainable-text-layers = 0 or lora-rank = 0."
             )
+
+    @property
+    def tabular(self) -> tuple[TabularField, ...]:
+        """The declared structured fields, in schema order (empty: none)."""
+        return parse_tabular_fields(self.tabular_fields)
 
     @property
     def trained_text_layers(self) -> int:

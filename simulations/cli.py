@@ -14,6 +14,7 @@ from common.config import FUSION_MODES, PRESET_NAMES, ConfigError, default_user_
 from common.errors import FedFusionError
 from common.runfolder import STATUS_COMPLETED, HistoryLine, Summary
 from common.views.round_views import format_round_table
+from simulations.demo_data import DEMO_TABULAR_FIELDS
 
 log = logging.getLogger(__name__)
 OUR_PACKAGES = ("common", "client", "server", "simulations")
@@ -24,7 +25,8 @@ def build_parser(defaults: dict[str, Any]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedfusion simulate",
         description="Run a federation of simulated hospitals on this machine (Flower simulation "
-        "runtime). Without --data-root, demo hospitals are generated in ./demo-data. "
+        "runtime). Without --data-root, demo hospitals are generated in ./demo-data "
+        "and their structured fields declared (tabular-fields). "
         "Options left out take their run-config defaults from [tool.flwr.app.config].",
     )
     p.add_argument(
@@ -138,6 +140,8 @@ def user_config_from_args(
         cfg["dp"] = False
     cfg["data-root"] = str(data_root.resolve())
     cfg["min-nodes"] = min(args.hospitals, cfg["min-nodes"])  # a smaller federation can still run
+    if args.data_root is None:  # the generated demo hospitals: three modalities (-c overrides)
+        cfg["tabular-fields"] = DEMO_TABULAR_FIELDS
     cfg.update(dict(parse_override(item, defaults) for item in args.run_config))
     for key in ("output-dir", "state-root"):  # the apps do not run in this working directory
         if cfg[key]:

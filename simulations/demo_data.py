@@ -8,6 +8,12 @@ effusion") with some probability, independently, so fusing both beats either one
 
 Hospitals differ as real ones do: number of cases, label prevalence, scanner (contrast,
 brightness, noise) and report phrasing.
+
+Each case also has structured fields (`DEMO_TABULAR_FIELDS`, the run config's `tabular-fields`
+for the demo): age (older patients with effusions), sex (no signal), temperature (fever with
+pneumonia) and SpO2 (lower with pneumonia and effusion), each missing at a rate that differs per
+hospital. They are drawn from a generator of their own after the images and reports, so a run
+that declares no fields sees exactly the two-modality demo data.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ BASE_SIZES = (720, 510, 360, 600, 420, 300)  # rows per hospital, cycled
 P_IMAGE_UNINFORMATIVE = 0.3
 P_TEXT_UNINFORMATIVE = 0.4
 P_TEXT_HEDGED = 0.2
+# the demo's structured fields (run config tabular-fields) and, per class, each numeric one's
+# mean and standard deviation: the overlap keeps them a hint, never a diagnosis by themselves
+DEMO_TABULAR_FIELDS = "age:numeric:0:110;sex:categorical:F|M;temp:numeric:34:42;spo2:numeric:70:100"
+FIELD_SIGNAL: dict[str, dict[str, tuple[float, float]]] = {
+    "age": {"normal": (50.0, 18.0), "pneumonia": (55.0, 20.0), "effusion": (68.0, 14.0)},
+    "temp": {"normal": (36.9, 0.5), "pneumonia": (38.2, 0.9), "effusion": (37.1, 0.6)},
+    "spo2": {"normal": (97.0, 1.5), "pneumonia": (93.0, 3.0), "effusion": (94.5, 2.5)},
+}
+FIELD_RANGES = {"age": (0.0, 110.0), "temp": (34.0, 42.0), "spo2": (70.0, 100.0)}
+MAX_MISSING = {"age": 0.05, "sex": 0.05, "temp": 0.35, "spo2": 0.5}  # per hospital: up to this
 
 # Two phrasing styles (hospitals alternate), each with findings per class.
 PHRASES: tuple[dict[str, tuple[str, ...]], ...] = (
@@ -204,12 +220,29 @@ def write_hospital(folder: Path, hospital: Hospital, seed: int) -> Path:
                 "patient_id": f"{hospital.name}-p{patient:05d}",
             }
         )
+    add_fields(rows, np.random.default_rng([seed, 27]))
     manifest = folder / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "text", "label", "patient_id"])
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def add_fields(rows: list[dict[str, str]], rng: np.random.Generator) -> None:
+    """Add the structured fields to each row (in place), with this hospital's missing rates."""
+    missing = {name: float(rng.uniform(0.0, top)) for name, top in MAX_MISSING.items()}
+    for row in rows:
+        label = row["label"]
+        for name, by_class in FIELD_SIGNAL.items():
+            mean, sd = by_class[label]
+            low, high = FIELD_RANGES[name]
+            value = float(np.clip(rng.normal(mean, sd), low, high))
+            row[name] = f"{value:.0f}" if name in ("age", "spo2") else f"{value:.1f}"
+        row["sex"] = str(rng.choice(("F", "M")))
+        for name, rate in missing.items():
+            if rng.random() < rate:
+                row[name] = ""
 
 
 def write_demo_hospitals(

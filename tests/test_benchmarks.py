@@ -455,3 +455,22 @@ def test_secagg_overhead_splits_a_round_and_restores_what_it_times() -> None:
     )
     # the float32 payload, its .npy header, the names
     assert 4000 < secagg_overhead.record_bytes(content) < 4300
+
+
+@pytest.mark.slow  # 2 federations of the tiny model
+def test_tabular_fields_benchmark_compares_two_and_three_modalities(tmp_path: Path) -> None:
+    from benchmarks import tabular_fields
+
+    out = tabular_fields.run(
+        False,
+        tmp_path,
+        medpix=tmp_path / "absent.csv",
+        preset="tiny",
+        seeds=1,
+        demo_scale=0.1,
+        overrides={**SMOKE, "num-server-rounds": 1},
+    )
+    two, three = out.raw["two-modalities"], out.raw["three-modalities"]
+    assert set(two) == {"all"} and set(three) == {"all", "without-fields", "fields-only"}
+    assert out.value == three["all"]["mean"] and out.target == f">= {two['all']['mean']:.4f}"
+    assert all(0.0 <= v["mean"] <= 1.0 for r in out.raw.values() for v in r.values())

@@ -68,7 +68,7 @@ def test_a_list_or_a_non_finite_number_in_any_key_is_a_configuration_error() -> 
     """Every key: a list, a dict, None; every float key: NaN, +-inf, an int beyond float range."""
     defaults = default_user_config()
     floats = [k for k, v in defaults.items() if isinstance(v, float)]
-    assert len(defaults) == 53 and len(floats) == 17
+    assert len(defaults) == 54 and len(floats) == 17
     for key, value in defaults.items():
         bad = [[value], {"v": value}, None] + (
             [math.nan, math.inf, -math.inf, 10**400] if key in floats else []

@@ -97,3 +97,40 @@ def test_predict_explain_command(
     assert code == 0
     assert "2 explanation(s) written" in capsys.readouterr().out
     assert len(list(out.glob("case-*-image.png"))) == 2 and (out / "explanations.html").is_file()
+
+
+def test_structured_fields_are_explained_and_a_missing_one_gets_nothing(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    from tests.test_tabular_training import SCHEMA, with_fields
+
+    model = build_model(tiny_run(fusion="concat", tabular_fields=SCHEMA).model)
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    save_model(tmp_path / "three", model)
+    predictor = load_predictor(tmp_path / "three", "cpu")
+    site = with_fields(
+        demo_root / "hospital-0", tmp_path / "site", keep=("image", "text", "tabular")
+    )
+    manifest, rows = read_manifest(site, predictor.class_names, fields=model.config.tabular)
+    # no image: a random-init ResNet is rough along the path, and the fields are what is tested
+    cases = [
+        replace(rows[0], image=None, tabular=(64.0, None)),
+        replace(rows[1], tabular=(None, None)),
+    ]
+    dataset = cases_dataset(predictor, manifest, cases)
+    item = dataset[0]
+    case = {k: v.unsqueeze(0) for k, v in item.items() if k != "labels"}
+    a = integrated_gradients(predictor.model, case, 0, steps=128)
+    assert a.tabular is not None and a.tabular[1] == 0.0  # sex is missing: no attribution
+    assert abs(float(a.tabular[0])) > 0  # age is what it adds over an unknown age
+    assert sum(a.totals.values()) == pytest.approx(a.logit - a.baseline_logit, abs=5e-3)
+
+    explained = explain_cases(predictor, dataset, tmp_path / "why", steps=4)
+    assert [name for name, _ in explained[0].fields] == ["age", "sex"]
+    assert set(explained[0].with_modalities) == {"both", "image", "text", "tabular", "no-tabular"}
+    assert explained[0].heatmap is None
+    assert all(v == 0.0 for _, v in explained[1].fields)  # no field at all: masked
+    numbers = json.loads((tmp_path / "why" / "explanations.json").read_text())
+    assert set(numbers[0]["field_attributions"]) == {"age", "sex"}
+    assert "fields only" in (tmp_path / "why" / "explanations.html").read_text()

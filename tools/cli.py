@@ -152,7 +152,9 @@ def _explain(args: argparse.Namespace, predictor: Predictor) -> None:
     if args.manifest is None:
         dataset = cases_dataset(predictor, Path.cwd() / "case", [case_row(args.image, args.text)])
     else:
-        manifest, rows = read_cases(args.manifest, predictor.class_names)
+        manifest, rows = read_cases(
+            args.manifest, predictor.class_names, fields=predictor.model.config.tabular
+        )
         dataset = cases_dataset(predictor, manifest, rows)
     cases = explain_cases(
         predictor, dataset, args.explain, steps=args.ig_steps, max_cases=args.explain_max

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_classes,
         help="the run's labels, comma-separated (run config key class-names)",
     )
+    check.add_argument(
+        "--tabular-fields",
+        default=str(default_user_config()["tabular-fields"]),
+        help="the structured fields' schema (run config key tabular-fields), "
+        'for example "age:numeric:0:120;sex:categorical:F|M"',
+    )
     part = sub.add_parser(
         "partition",
         formatter_class=fmt,
@@ -101,7 +107,8 @@ def main(argv: list[str]) -> int:
 def _check(args: argparse.Namespace, class_names: tuple[str, ...]) -> int:
     from common.data.check import check_manifest, format_report
 
-    report = check_manifest(args.manifest, class_names)
+    fields = run_config_with({"tabular-fields": args.tabular_fields}).model.tabular
+    report = check_manifest(args.manifest, class_names, fields=fields)
     print(format_report(report))
     return 0 if report.ok else 1
 

@@ -12,6 +12,11 @@ For the predicted class of each case:
   (`Attribution.delta` is what numerical integration leaves of it). The image's attributions are
   drawn as a heatmap over the image (PNG per case), the tokens' as highlights (one HTML page).
 
+With structured fields declared (`tabular-fields`), the fields are a third input: their
+probability with the fields only, and integrated gradients over each field's token (before the
+tabular encoder's mix) from the baseline of every field missing (the learned missing indicators),
+so a field's attribution is what its value adds over not knowing it; a missing field gets none.
+
 A missing modality is masked exactly as in training, so it gets no attribution (its gradient is
 zero); it has no heatmap or no highlighted report.
 """
@@ -20,15 +25,16 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from common.data.dataset import ManifestDataset
+from common.data.tabular import TABULAR_KEYS
 from common.files import atomic_write_bytes
-from common.model.contributions import KEEP, masked, modality_weights
+from common.model.contributions import keeps, masked, modality_weights
 from common.model.fusion import Features
 from common.model.fusion_model import FusionModel
 from common.model.trainable import trainable_state
@@ -48,11 +54,15 @@ class Attribution:
     logit: float  # F(x)
     baseline_logit: float  # F(baseline)
     delta: float  # sum of attributions - (F(x) - F(baseline)): the integration's error
+    tabular: torch.Tensor | None = None  # (F,) per structured field; None: none declared
 
     @property
     def totals(self) -> dict[str, float]:
         """The attribution of each modality (sums to the logit's change up to `delta`)."""
-        return {"image": float(self.image.sum()), "text": float(self.text.sum())}
+        totals = {"image": float(self.image.sum()), "text": float(self.text.sum())}
+        if self.tabular is not None:
+            totals["tabular"] = float(self.tabular.sum())
+        return totals
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,9 +79,12 @@ class CaseExplanation:
     attribution: Attribution
     tokens: list[tuple[str, float]]  # the report's tokens (no special ones) and attributions
     heatmap: str | None  # the PNG's file name; None without an image
+    # (field name, attribution) per declared structured field; empty: none declared
+    fields: list[tuple[str, float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         """The case's numbers (explanations.json)."""
+        fields = {"field_attributions": dict(self.fields)} if self.fields else {}
         return {
             "line": self.line,
             "image": self.image,
@@ -85,6 +98,7 @@ class CaseExplanation:
             "completeness_delta": self.attribution.delta,
             "top_tokens": sorted(self.tokens, key=lambda t: -abs(t[1]))[:MAX_TOKENS_SHOWN],
             "heatmap": self.heatmap,
+            **fields,
         }
 
 
@@ -95,15 +109,20 @@ def _logits_from_embeddings(
     attention_mask: torch.Tensor,
     has_image: torch.Tensor,
     has_text: torch.Tensor,
+    field_tokens: torch.Tensor | None = None,
+    has_tabular: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The model's logits (B, C) with the report given as word embeddings (B, T, Dt)."""
+    """The model's logits (B, C) with the report given as word embeddings (B, T, Dt) and the
+    structured fields as their per-field tokens (B, F, D)."""
     image_tokens = model.image(images)
     text_tokens = model.text(
         inputs_embeds=word_embeds, attention_mask=attention_mask
     ).last_hidden_state
-    return model.classify(
-        Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
-    )
+    features = Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+    if model.tabular is not None and field_tokens is not None:
+        tokens = model.tabular.from_field_tokens(field_tokens)  # (B, F, D)
+        features = features._replace(tabular_tokens=tokens, has_tabular=has_tabular)
+    return model.classify(features)
 
 
 def integrated_gradients(
@@ -120,20 +139,29 @@ def integrated_gradients(
     model.eval()
     words = model.text.get_input_embeddings()
     images, ids, mask = case["images"], case["input_ids"], case["attention_mask"]
-    flags = (mask, case["has_image"], case["has_text"])
+    flags: tuple[torch.Tensor, ...] = (mask, case["has_image"], case["has_text"])
     with torch.no_grad():
         embeds = words(ids)  # (1, T, Dt)
         baseline_embeds = words(torch.full_like(ids, pad_token_id))
+        inputs = [images, embeds]
+        baselines = [torch.zeros_like(images), baseline_embeds]
+        if model.tabular is not None:  # the fields' tokens; baseline: every field missing
+            t = model.tabular
+            fields = (case["tabular_numeric"], case["tabular_categorical"], case["tabular_missing"])
+            inputs.append(t.field_tokens(*fields))  # (1, F, D)
+            baselines.append(t.missing_tokens(1))
+            flags = (*flags, case["has_tabular"])
 
-    def forward(
-        x: torch.Tensor, e: torch.Tensor, m: torch.Tensor, hi: torch.Tensor, ht: torch.Tensor
-    ) -> torch.Tensor:
-        return _logits_from_embeddings(model, x, e, m, hi, ht)
+    def forward(x: torch.Tensor, e: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        if model.tabular is None:
+            return _logits_from_embeddings(model, x, e, *rest)
+        tokens, m, hi, ht, htab = rest
+        return _logits_from_embeddings(model, x, e, m, hi, ht, tokens, htab)
 
     ig = IntegratedGradients(forward)
-    (image_attr, text_attr), delta = ig.attribute(
-        (images, embeds),
-        baselines=(torch.zeros_like(images), baseline_embeds),
+    attributions, delta = ig.attribute(
+        tuple(inputs),
+        baselines=tuple(baselines),
         target=target,
         additional_forward_args=flags,
         n_steps=steps,
@@ -142,14 +170,15 @@ def integrated_gradients(
         return_convergence_delta=True,
     )
     with torch.no_grad():
-        logit = float(forward(images, embeds, *flags)[0, target])
-        base = float(forward(torch.zeros_like(images), baseline_embeds, *flags)[0, target])
+        logit = float(forward(*inputs, *flags)[0, target])
+        base = float(forward(*baselines, *flags)[0, target])
     return Attribution(
-        image=image_attr[0].detach().cpu(),
-        text=text_attr[0].sum(-1).detach().cpu(),
+        image=attributions[0][0].detach().cpu(),
+        text=attributions[1][0].sum(-1).detach().cpu(),
         logit=logit,
         baseline_logit=base,
         delta=float(delta.abs().max()),
+        tabular=attributions[2][0].sum(-1).detach().cpu() if len(inputs) > 2 else None,
     )
 
 
@@ -157,16 +186,19 @@ def integrated_gradients(
 def modality_probabilities(
     model: FusionModel, case: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Class probabilities (C,) of one case with both modalities, image only, report only."""
+    """Class probabilities (C,) of one case with every modality, image only, report only (and
+    fields only, when declared)."""
     features = model.encode(
         case["images"],
         case["input_ids"],
         case["attention_mask"],
         case["has_image"],
         case["has_text"],
+        **{k: case[k] for k in TABULAR_KEYS if k in case},
     )
     return {
-        keep: torch.softmax(model.classify(masked(features, keep)), -1)[0].cpu() for keep in KEEP
+        keep: torch.softmax(model.classify(masked(features, keep)), -1)[0].cpu()
+        for keep in keeps(features)
     }
 
 
@@ -244,6 +276,7 @@ def explain_cases(
                 attribution=attribution,
                 tokens=tokens,
                 heatmap=heatmap,
+                fields=_field_attributions(model, attribution),
             )
         )
     atomic_write_bytes(
@@ -251,6 +284,23 @@ def explain_cases(
     )
     atomic_write_bytes(out_dir / "explanations.html", explanation_page(cases).encode())
     return cases
+
+
+def _field_attributions(model: FusionModel, a: Attribution) -> list[tuple[str, float]]:
+    """(name, attribution) per declared structured field, in schema order."""
+    if a.tabular is None:
+        return []
+    names = [f.name for f in model.config.tabular]
+    return [(n, float(v)) for n, v in zip(names, a.tabular.tolist(), strict=True)]
+
+
+VIEW_HEADERS = {
+    "both": "both",
+    "image": "image only",
+    "text": "report only",
+    "tabular": "fields only",
+    "no-tabular": "without fields",
+}
 
 
 def _highlight(tokens: list[tuple[str, float]]) -> str:
@@ -297,14 +347,24 @@ def explanation_page(cases: list[CaseExplanation]) -> str:
         parts += [
             f"<h2>Row {c.line}: {html.escape(c.prediction)} "
             f"({c.probabilities[c.prediction]:.3f})</h2>",
-            "<table><tr><th></th><th>both</th><th>image only</th><th>report only</th></tr>"
-            f"<tr><td>p({html.escape(c.prediction)})</td>"
-            + "".join(f"<td>{c.with_modalities[k]:.3f}</td>" for k in KEEP)
+            "<table><tr><th></th>"
+            + "".join(f"<th>{VIEW_HEADERS[k]}</th>" for k in c.with_modalities)
+            + f"</tr><tr><td>p({html.escape(c.prediction)})</td>"
+            + "".join(f"<td>{p:.3f}</td>" for p in c.with_modalities.values())
             + "</tr></table>",
             weights,
             f"<p>Integrated gradients: image {a.totals['image']:+.3f}, report "
-            f"{a.totals['text']:+.3f}; logit {a.logit:.3f} vs {a.baseline_logit:.3f} at the "
+            f"{a.totals['text']:+.3f}"
+            + (f", fields {a.totals['tabular']:+.3f}" if "tabular" in a.totals else "")
+            + f"; logit {a.logit:.3f} vs {a.baseline_logit:.3f} at the "
             f"baseline (completeness gap {a.delta:.1e}).</p>",
+            (
+                "<p><b>Structured fields:</b> "
+                + ", ".join(f"{html.escape(n)} {v:+.3f}" for n, v in c.fields)
+                + "</p>"
+            )
+            if c.fields
+            else "",
             f"<p><b>Report:</b> {_highlight(c.tokens) if c.tokens else '<i>no report</i>'}</p>",
             f"<p>Most influential tokens: {top}</p>" if top else "",
             f"<img src='{html.escape(c.heatmap)}' alt='image attribution'>"

@@ -61,13 +61,19 @@ def site_datasets(
 ) -> tuple[ManifestDataset, ManifestDataset, list[Row]]:
     """The site's training (members) and held-out (non-members) datasets, as its node split them."""
     cfg = model.config
-    manifest, rows = read_manifest(manifest_path, cfg.class_names)
+    manifest, rows = read_manifest(manifest_path, cfg.class_names, fields=cfg.tabular)
     train_rows, val_rows = split_by_patient(rows, val_fraction, split_seed)
     tokenizer = load_tokenizer(cfg.text_encoder)
 
     def dataset(part: list[Row]) -> ManifestDataset:
         return ManifestDataset(
-            manifest, part, cfg.class_names, tokenizer, cfg.image_size, cfg.max_text_length
+            manifest,
+            part,
+            cfg.class_names,
+            tokenizer,
+            cfg.image_size,
+            cfg.max_text_length,
+            fields=cfg.tabular,
         )
 
     return dataset(train_rows), dataset(val_rows), train_rows

@@ -78,7 +78,13 @@ def cases_dataset(predictor: Predictor, manifest: Path, rows: list[Row]) -> Mani
     """The model's inputs for `rows` (paths relative to `manifest`), as in training."""
     cfg = predictor.model.config
     return ManifestDataset(
-        manifest, rows, cfg.class_names, predictor.tokenizer, cfg.image_size, cfg.max_text_length
+        manifest,
+        rows,
+        cfg.class_names,
+        predictor.tokenizer,
+        cfg.image_size,
+        cfg.max_text_length,
+        fields=cfg.tabular,
     )
 
 
@@ -96,7 +102,7 @@ def predict_rows(
 
 def predict_manifest(predictor: Predictor, path: Path, batch_size: int = 64) -> Predictions:
     """Read a manifest (labels optional) and predict every row."""
-    manifest, rows = read_cases(path, predictor.class_names)
+    manifest, rows = read_cases(path, predictor.class_names, fields=predictor.model.config.tabular)
     return predict_rows(predictor, manifest, rows, batch_size)
 
 

@@ -2,18 +2,22 @@
 
 `check_manifest` runs the manifest checks of `common.data.manifest` (the same ones training runs),
 then opens every image the way training reads it, so corrupt or undecodable files are found now
-rather than in the middle of a round. Warnings (a tiny site, a class with no rows, a modality absent
+rather than in the middle of a round. With structured fields declared it counts, per column, the
+missing cells and the out-of-schema ones (each also a problem naming file, row and column; values
+are never shown). Warnings (a tiny site, a class with no rows, a modality absent
 at the site) do not make the data unusable.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from common.data.images import ImageReadError, read_gray
-from common.data.manifest import Problem, Row, scan_manifest
+from common.data.manifest import Problem, Row, raw_records, scan_manifest
+from common.data.tabular import TabularField
 
 # Below this many rows a site's DP noise swamps its gradient and its validation split holds a
 # handful of patients: training still runs, but the site's updates and metrics are mostly noise.
@@ -33,6 +37,11 @@ class CheckReport:
     missing_image: int  # rows without an image (text only)
     missing_text: int  # rows without a report (image only)
     images_read: int  # distinct image files opened and decoded
+    # declared structured fields (tabular-fields), by column: rows whose cell is empty, rows
+    # whose cell is out of schema (also counted as missing), and columns absent from the file
+    missing_by_field: dict[str, int] = field(default_factory=dict)
+    out_of_schema_by_field: dict[str, int] = field(default_factory=dict)
+    absent_fields: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -40,13 +49,16 @@ class CheckReport:
         return not self.problems
 
 
-def check_manifest(path: Path, class_names: tuple[str, ...]) -> CheckReport:
+def check_manifest(
+    path: Path, class_names: tuple[str, ...], *, fields: tuple[TabularField, ...] = ()
+) -> CheckReport:
     """Check every row, open every image; raises ManifestError only if the file is unparseable."""
-    scan = scan_manifest(path, class_names)
+    scan = scan_manifest(path, class_names, fields=fields)
     image_problems, images_read = _image_problems(scan.manifest, scan.rows)
     problems = sorted([*scan.problems, *image_problems], key=lambda p: p.line)
     rows = scan.rows
     labels = Counter(r.label for r in rows)
+    counts = _field_counts(scan.manifest, rows, fields) if fields else FieldCounts({}, {}, ())
     report = CheckReport(
         manifest=scan.manifest,
         problems=[p.text for p in problems],
@@ -57,9 +69,32 @@ def check_manifest(path: Path, class_names: tuple[str, ...]) -> CheckReport:
         missing_image=sum(r.image is None for r in rows),
         missing_text=sum(not r.text for r in rows),
         images_read=images_read,
+        missing_by_field=counts.missing_by_field,
+        out_of_schema_by_field=counts.out_of_schema_by_field,
+        absent_fields=counts.absent_fields,
     )
     report.warnings.extend(_warnings(report))
     return report
+
+
+class FieldCounts(NamedTuple):
+    """Per declared column: missing cells, out-of-schema cells; the columns the file lacks."""
+
+    missing_by_field: dict[str, int]
+    out_of_schema_by_field: dict[str, int]
+    absent_fields: tuple[str, ...]
+
+
+def _field_counts(manifest: Path, rows: list[Row], fields: tuple[TabularField, ...]) -> FieldCounts:
+    """Count each declared field's missing and out-of-schema cells (values are not kept)."""
+    records = raw_records(manifest, ())
+    columns = set().union(*(rec.keys() for _, rec in records))
+    out = {
+        f.name: sum(f.check(rec.get(f.name, ""))[1] is not None for _, rec in records)
+        for f in fields
+    }
+    missing = {f.name: sum(r.tabular[i] is None for r in rows) for i, f in enumerate(fields)}
+    return FieldCounts(missing, out, tuple(f.name for f in fields if f.name not in columns))
 
 
 def _image_problems(manifest: Path, rows: list[Row]) -> tuple[list[Problem], int]:
@@ -95,6 +130,15 @@ def _warnings(report: CheckReport) -> list[str]:
         out.append("no row has a report: the text side of the model is not trained at this site.")
     if report.missing_image == report.rows:
         out.append("no row has an image: the image side of the model is not trained at this site.")
+    if report.absent_fields:
+        out.append(
+            f"no column for structured field(s) {list(report.absent_fields)}: every row lacks "
+            "them (check the column names against tabular-fields)."
+        )
+    if report.missing_by_field and all(n == report.rows for n in report.missing_by_field.values()):
+        out.append(
+            "no row has a structured field: the tabular side of the model is not trained here."
+        )
     return out
 
 
@@ -113,6 +157,9 @@ def format_report(report: CheckReport) -> str:
         f"  no text   {report.missing_text} rows (image only)",
         f"  images    {report.images_read} distinct files read",
     ]
+    for name, missing in report.missing_by_field.items():
+        bad = report.out_of_schema_by_field.get(name, 0)
+        lines.append(f"  field {name:<12} {missing} rows missing ({bad} out of schema)")
     lines += [f"warning: {w}" for w in report.warnings]
     verdict = (
         f"FAILED: {len(report.problems)} problem(s); fix them and run the check again."

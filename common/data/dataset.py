@@ -1,4 +1,8 @@
-"""The torch Dataset over a site's manifest rows: images read lazily, reports tokenised once."""
+"""The torch Dataset over a site's manifest rows: images read lazily, reports tokenised once.
+
+With structured fields declared, each case also carries them (`common.data.tabular.
+encode_cells`); with none, a case holds exactly the image and text tensors.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.data.images import ImageReadError, read_gray
 from common.data.manifest import Row
+from common.data.tabular import TabularField, encode_cells
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,8 +44,13 @@ class ManifestDataset(Dataset[Case]):
         tokenizer: PreTrainedTokenizerBase,
         image_size: int,
         max_text_length: int,
+        *,
+        fields: tuple[TabularField, ...] = (),
     ) -> None:
         self.manifest, self.rows, self.image_size = manifest, rows, image_size
+        assert all(len(r.tabular) == len(fields) for r in rows), "rows read with another schema"
+        # the structured fields, encoded once: name -> (N, ...) (empty: none declared)
+        self.tabular = encode_cells(fields, [r.tabular for r in rows]) if fields else {}
         # -1: an unlabelled case (prediction only; training and evaluation rows always have one)
         self.labels = torch.tensor(
             [class_names.index(r.label) if r.label else -1 for r in rows], dtype=torch.long
@@ -76,6 +86,7 @@ class ManifestDataset(Dataset[Case]):
             "has_image": torch.tensor(has_image),
             "has_text": torch.tensor(bool(row.text)),
             "labels": self.labels[i],
+            **{name: t[i] for name, t in self.tabular.items()},  # (F_num,), (F_cat,), (F,), ()
         }
 
     def _load_image(self, row: Row, path: Path) -> torch.Tensor:

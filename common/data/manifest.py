@@ -5,6 +5,8 @@ columns `image` (PNG/JPEG/DICOM path relative to the manifest, read by `common.d
 empty), `text` (report text; may be empty), `label` (one of the run's class names), optional
 `patient_id` (rows of one patient always land in the same split; without it each row is its own
 patient) and optional `split` (`train` or `val`, overriding the random patient-level split).
+With structured fields declared (run config `tabular-fields`, `common.data.tabular`), a column per
+field; an empty cell or an absent column is a missing value, and a row may then hold fields only.
 Every problem is reported with its file and row. The torch Dataset over the rows is
 `common.data.dataset`.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from common.data.tabular import Cell, TabularField
 from common.errors import BadData
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,12 @@ class Row:
     label: str
     patient_id: str
     split: str | None
+    tabular: tuple[Cell, ...] = ()  # the declared fields' checked cells (None: missing)
+
+    @property
+    def has_tabular(self) -> bool:
+        """At least one declared structured field is present."""
+        return any(c is not None for c in self.tabular)
 
 
 def find_manifest(path: Path) -> Path:
@@ -119,32 +128,44 @@ class ManifestScan:
     problems: list[Problem]
 
 
-def read_manifest(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
+def read_manifest(
+    path: Path, class_names: tuple[str, ...], *, fields: tuple[TabularField, ...] = ()
+) -> tuple[Path, list[Row]]:
     """Read and check a site's manifest; raise ManifestError listing every problem found."""
-    return _read_rows(path, class_names, REQUIRED_COLUMNS)
+    return _read_rows(path, class_names, REQUIRED_COLUMNS, fields)
 
 
-def read_cases(path: Path, class_names: tuple[str, ...]) -> tuple[Path, list[Row]]:
+def read_cases(
+    path: Path, class_names: tuple[str, ...], *, fields: tuple[TabularField, ...] = ()
+) -> tuple[Path, list[Row]]:
     """Read and check cases to predict: a manifest whose `label` may be missing or empty ("")."""
-    return _read_rows(path, class_names, ("image", "text"))
+    return _read_rows(path, class_names, ("image", "text"), fields)
 
 
 def _read_rows(
-    path: Path, class_names: tuple[str, ...], required: tuple[str, ...]
+    path: Path,
+    class_names: tuple[str, ...],
+    required: tuple[str, ...],
+    fields: tuple[TabularField, ...],
 ) -> tuple[Path, list[Row]]:
-    scan = scan_manifest(path, class_names, required)
+    scan = scan_manifest(path, class_names, required, fields=fields)
     if scan.problems:
         raise ManifestError(scan.manifest, [p.text for p in scan.problems])
     return scan.manifest, scan.rows
 
 
 def scan_manifest(
-    path: Path, class_names: tuple[str, ...], required: tuple[str, ...] = REQUIRED_COLUMNS
+    path: Path,
+    class_names: tuple[str, ...],
+    required: tuple[str, ...] = REQUIRED_COLUMNS,
+    *,
+    fields: tuple[TabularField, ...] = (),
 ) -> ManifestScan:
     """Read a manifest and list the problems of its rows (a file that cannot be parsed raises).
 
     Without `label` in `required` (cases to predict) a row may have no label, and duplicate
-    rows and split conflicts are not problems.
+    rows and split conflicts are not problems. A declared field's out-of-schema cell is a
+    problem naming its column (never its value) and counts as missing.
     """
     labelled = "label" in required
     manifest = find_manifest(path)
@@ -159,8 +180,15 @@ def scan_manifest(
         image_rel, text = rec.get("image", "").strip(), rec.get("text", "").strip()
         label, split = rec.get("label", "").strip(), rec.get("split", "").strip() or None
         patient_raw = rec.get("patient_id", "").strip()
-        if not image_rel and not text:
-            found.append("empty row (no image and no text).")
+        cells: list[Cell] = []
+        for f in fields:
+            value, why = f.check(rec.get(f.name, ""))
+            cells.append(value)
+            if why is not None:
+                found.append(f"column '{f.name}': the value is {why} (tabular-fields).")
+        if not image_rel and not text and all(c is None for c in cells):
+            some = "no image, no text and no structured field" if fields else "no image and no text"
+            found.append(f"empty row ({some}).")
         if label not in class_names and (label or labelled):
             found.append(
                 f"unknown label {label!r}; the run's class names are {list(class_names)} "
@@ -171,14 +199,15 @@ def scan_manifest(
         image = (manifest.parent / image_rel) if image_rel else None
         if image is not None and not image.is_file():
             found.append(f"image file {image} does not exist.")
-        key = (image_rel, text, label, patient_raw, split or "")
+        key = (image_rel, text, label, patient_raw, split or "", *map(repr, cells))
         if labelled and key in seen and (image_rel or text):
             found.append(
                 f"duplicate of row {seen[key]} (same image, text, label, patient and split)."
             )
         seen.setdefault(key, line)
         problems += [Problem(line, f"{where}: {message}") for message in found]
-        rows.append(Row(line, image, text, label, patient_raw or f"row-{line}", split))
+        row = Row(line, image, text, label, patient_raw or f"row-{line}", split, tuple(cells))
+        rows.append(row)
     problems += _split_conflicts(manifest, rows) if labelled else []
     return ManifestScan(manifest, rows, sorted(problems, key=lambda p: p.line))
 

@@ -43,7 +43,9 @@ def row_digest(row: Row, images: ImageDigests) -> str:
     image = images.digest(row.image) if row.image is not None else ""
     # a row without a patient id is named after its line: that name is not content
     patient = "" if row.patient_id == f"row-{row.line}" else row.patient_id
-    fields = (image, row.text, row.label, patient, row.split or "")
+    fields: tuple[str, ...] = (image, row.text, row.label, patient, row.split or "")
+    # the structured fields' cells (none declared: the digest is the two-modality one)
+    fields += tuple("" if c is None else repr(c) for c in row.tabular)
     return hashlib.sha256("".join(f"{len(f)}:{f}" for f in fields).encode()).hexdigest()
 
 
@@ -65,4 +67,8 @@ def record_keys(rows: Iterable[Row], images: ImageDigests) -> frozenset[str]:
         if row.text:
             report = f"report:{len(row.patient_id)}:{row.patient_id}:{row.text}"
             keys.add(hashlib.sha256(report.encode()).hexdigest())
+        if row.has_tabular:  # structured fields: a record of their patient, like a report
+            cells = "|".join("" if c is None else repr(c) for c in row.tabular)
+            record = f"tabular:{len(row.patient_id)}:{row.patient_id}:{cells}"
+            keys.add(hashlib.sha256(record.encode()).hexdigest())
     return frozenset(keys)

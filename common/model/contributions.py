@@ -21,35 +21,48 @@ import torch
 
 from common.model.fusion import Features
 
-MODALITIES = ("image", "text")
-KEEP = ("both", "image", "text")
-WEIGHT_LOGITS = "fusion.logits.table.weight"  # WeightedFusion's logits (1, 2) in the model state
+MODALITIES = ("image", "text", "tabular")  # in the order of the fusion's modalities
+KEEP = ("both", "image", "text")  # `both`: every modality the row has
+WEIGHT_LOGITS = "fusion.logits.table.weight"  # WeightedFusion's logits (1, M) in the model state
+
+
+def keeps(features: Features) -> tuple[str, ...]:
+    """The ablation's views for these features: KEEP, and with declared fields `tabular` (the
+    fields only) and `no-tabular` (every modality but the fields: what the fields add)."""
+    return KEEP if features.has_tabular is None else (*KEEP, "tabular", "no-tabular")
 
 
 def masked(features: Features, keep: str) -> Features:
-    """The features with every modality but `keep` masked as missing (`both`: unchanged)."""
-    if keep not in KEEP:
-        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
-    if keep == "image":
-        return features._replace(has_text=torch.zeros_like(features.has_text))
-    if keep == "text":
-        return features._replace(has_image=torch.zeros_like(features.has_image))
-    return features
+    """The features with every modality but `keep` masked as missing (`both`: unchanged;
+    `no-tabular`: only the structured fields masked)."""
+    if keep not in keeps(features):
+        raise ValueError(f"keep must be one of {keeps(features)}, got {keep!r}")
+    if keep == "both":
+        return features
+    if keep == "no-tabular" and features.has_tabular is not None:
+        return features._replace(has_tabular=torch.zeros_like(features.has_tabular))
+    flags = {"image": features.has_image, "text": features.has_text}
+    if features.has_tabular is not None:
+        flags["tabular"] = features.has_tabular
+    return features._replace(
+        **{f"has_{m}": torch.zeros_like(flag) for m, flag in flags.items() if m != keep}
+    )
 
 
 def modality_weights(state: Mapping[str, Any]) -> dict[str, float] | None:
-    """The weighted fusion's weights {image, text} from a trainable state; None for other modes."""
+    """The weighted fusion's weights {image, text[, tabular]} from a trainable state; None for
+    other modes."""
     logits = state.get(WEIGHT_LOGITS)
     if logits is None:
         return None
     values = np.asarray(
         logits.numpy() if hasattr(logits, "numpy") else logits, dtype=np.float64
     ).reshape(-1)
-    if values.shape != (2,) or not np.isfinite(values).all():
+    if values.shape not in ((2,), (3,)) or not np.isfinite(values).all():
         return None
     weights = np.exp(values - values.max())
     weights /= weights.sum()
-    return {name: float(w) for name, w in zip(MODALITIES, weights, strict=True)}
+    return {name: float(w) for name, w in zip(MODALITIES, weights, strict=False)}
 
 
 def report_reliance(auroc_both: float | None, auroc_image_only: float | None) -> float | None:

@@ -17,6 +17,9 @@ keeps its sets on disk in its state folder (owner-only files), so a restarted no
 The cache assumes the inputs are the same every epoch. A dataset that augments (draws fresh
 random inputs per epoch) must say so with a true `augments` attribute: it is then never cached.
 Set `feature-cache = false` in the run config to turn the cache off altogether.
+
+Structured fields (`tabular-fields`) have no frozen front: a feature set keeps their input
+tensors beside the frozen outputs, and the tabular encoder runs in every epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.config import ModelConfig
 from common.data.dataset import Case
+from common.data.tabular import TABULAR_KEYS
 from common.errors import ConfigurationError
 from common.model.encoders import IMAGE_STAGES, text_layers
 from common.model.fusion import Features
@@ -60,6 +64,7 @@ class CacheKey:
     trained_text_layers: int  # trained in full or through LoRA adapters: the front stops below them
     image_size: int
     max_text_length: int
+    tabular_fields: str = ""  # the schema of the fields a set carries ("": none)
 
     @classmethod
     def for_model(
@@ -74,11 +79,14 @@ class CacheKey:
             trained_text_layers=config.trained_text_layers,
             image_size=config.image_size,
             max_text_length=config.max_text_length,
+            tabular_fields=config.tabular_fields,
         )
 
     def digest(self) -> str:
         """A short stable name for this key (the on-disk file name)."""
-        text = "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        # without fields, the name of a two-modality set as before they existed
+        items = sorted((k, v) for k, v in asdict(self).items() if v != "" or k != "tabular_fields")
+        text = "|".join(f"{k}={v}" for k, v in items)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -204,11 +212,13 @@ class CachedFusion(nn.Module):
         attention_mask: torch.Tensor,  # (B, T)
         has_image: torch.Tensor,  # (B,) bool
         has_text: torch.Tensor,  # (B,) bool
+        **tabular: torch.Tensor,  # the structured fields' inputs (TABULAR_KEYS), when declared
     ) -> torch.Tensor:
         m = self.model
         image_tokens = image_rest(m, image_front, self.image_start)  # (B, Ni, Di)
         text_tokens = text_rest(m, text_front, attention_mask, self.text_start)  # (B, T, Dt)
         features = Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+        features = m.with_tabular(features, tabular)
         logits: torch.Tensor = m.head(m.fusion(features))  # (B, num_classes)
         return logits
 
@@ -217,12 +227,14 @@ class CachedFusion(nn.Module):
 
 
 class FeatureSet(Dataset[Case]):
-    """Cached frozen outputs of a dataset: item i is a dict with the keys of FEATURE_KEYS."""
+    """Cached frozen outputs of a dataset: item i is a dict with the keys of FEATURE_KEYS (and
+    the structured fields' TABULAR_KEYS when declared)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        if set(tensors) != set(FEATURE_KEYS):
+        if set(tensors) not in (set(FEATURE_KEYS), {*FEATURE_KEYS, *TABULAR_KEYS}):
             raise ValueError(
-                f"A feature set needs exactly the tensors {FEATURE_KEYS}, got {sorted(tensors)}."
+                f"A feature set needs exactly the tensors {FEATURE_KEYS} (and {TABULAR_KEYS} "
+                f"with structured fields), got {sorted(tensors)}."
             )
         self.tensors = tensors
 
@@ -245,6 +257,8 @@ def compute_features(net: CachedFusion, dataset: Dataset[Case], device: torch.de
     was_training = model.training
     model.train()  # the frozen front is in eval mode exactly as during training
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURE_KEYS}
+    if model.tabular is not None:
+        parts |= {k: [] for k in TABULAR_KEYS}
     try:
         for batch in DataLoader(dataset, batch_size=FEATURE_BATCH, shuffle=False):
             b = {k: v.to(device) for k, v in batch.items()}
@@ -252,7 +266,7 @@ def compute_features(net: CachedFusion, dataset: Dataset[Case], device: torch.de
             parts["text_front"].append(
                 text_front(model, b["input_ids"], b["attention_mask"], wrapper.text_start).cpu()
             )
-            for k in ("attention_mask", "has_image", "has_text", "labels"):
+            for k in parts.keys() - {"image_front", "text_front"}:
                 parts[k].append(batch[k])
     finally:
         model.train(was_training)

@@ -1,4 +1,9 @@
-"""The fusion model: ResNet image encoder + BERT-family text encoder + fusion + classifier head.
+"""The fusion model: ResNet image encoder + BERT-family text encoder [+ tabular encoder] + fusion
++ classifier head.
+
+The tabular encoder (`common.model.tabular`) exists only when the run declares structured fields
+(`tabular-fields`); it is built after the head, so a model without fields is the two-modality
+model: the same parameter names, the same seeded values, the same outputs.
 
 Read top to bottom: the model, its builder, and the choice of its trainable set (what travels;
 `common.model.trainable`). The model's configuration and its presets are `common.config.
@@ -16,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from transformers import PreTrainedModel
 
 from common.config import ModelConfig
+from common.data.tabular import TABULAR_KEYS
 from common.model.encoders import (
     IMAGE_STAGES,
     ImageEncoder,
@@ -26,10 +32,11 @@ from common.model.encoders import (
 )
 from common.model.fusion import FUSIONS, Features
 from common.model.lora import add_text_lora
+from common.model.tabular import TabularEncoder
 
 
 class FusionModel(nn.Module):
-    """Image + text -> class logits (B, num_classes)."""
+    """Image + text [+ structured fields] -> class logits (B, num_classes)."""
 
     def __init__(self, config: ModelConfig, image: ImageEncoder, text: PreTrainedModel) -> None:
         super().__init__()
@@ -37,8 +44,12 @@ class FusionModel(nn.Module):
         self.image = image
         self.text = text
         fusion_cls = FUSIONS[config.fusion]
-        self.fusion = fusion_cls(image.out_dim, text.config.hidden_size, config.fusion_dim)
+        tabular_dim = config.fusion_dim if config.tabular else 0  # phi(M_tab): (B, F, fusion_dim)
+        self.fusion = fusion_cls(
+            image.out_dim, text.config.hidden_size, config.fusion_dim, tabular_dim=tabular_dim
+        )
         self.head = nn.Linear(config.fusion_dim, len(config.class_names))
+        self.tabular = TabularEncoder(config.tabular, tabular_dim) if tabular_dim else None
 
     def forward(
         self,
@@ -47,8 +58,10 @@ class FusionModel(nn.Module):
         attention_mask: torch.Tensor,  # (B, T)
         has_image: torch.Tensor,  # (B,) bool
         has_text: torch.Tensor,  # (B,) bool
+        **tabular: torch.Tensor,  # the fields' tensors (common.data.tabular.TABULAR_KEYS)
     ) -> torch.Tensor:
-        return self.classify(self.encode(images, input_ids, attention_mask, has_image, has_text))
+        features = self.encode(images, input_ids, attention_mask, has_image, has_text, **tabular)
+        return self.classify(features)
 
     def encode(
         self,
@@ -57,13 +70,34 @@ class FusionModel(nn.Module):
         attention_mask: torch.Tensor,
         has_image: torch.Tensor,
         has_text: torch.Tensor,
+        **tabular: torch.Tensor,
     ) -> Features:
         """The encoders' token outputs and the modality masks (the inputs of the fusion)."""
         image_tokens = self.image(images)  # (B, Ni, Di)
         text_tokens = self.text(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
-        return Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+        features = Features(image_tokens, text_tokens, attention_mask.bool(), has_image, has_text)
+        return self.with_tabular(features, tabular)
+
+    def with_tabular(self, features: Features, tabular: dict[str, torch.Tensor]) -> Features:
+        """`features` with the structured fields' tokens (B, F, D) when the model has fields."""
+        if self.tabular is None:
+            if tabular:
+                raise ValueError(
+                    f"the batch holds structured fields {sorted(tabular)} but the model "
+                    "declares none (run config key tabular-fields)."
+                )
+            return features
+        if set(tabular) != set(TABULAR_KEYS):
+            raise ValueError(
+                f"the model declares structured fields, so a batch needs {list(TABULAR_KEYS)}; "
+                f"got {sorted(tabular)}. Read the data with the run's tabular-fields."
+            )
+        tokens = self.tabular(
+            tabular["tabular_numeric"], tabular["tabular_categorical"], tabular["tabular_missing"]
+        )
+        return features._replace(tabular_tokens=tokens, has_tabular=tabular["has_tabular"])
 
     def classify(self, features: Features) -> torch.Tensor:
         """Fusion + head: encoder outputs -> class logits (B, num_classes)."""
@@ -98,8 +132,8 @@ def build_model(config: ModelConfig) -> FusionModel:
 
 
 def configure_trainable(model: FusionModel, text_layers_n: int, image_blocks_n: int) -> None:
-    """Train fusion + head, any LoRA adapters, the top `text_layers_n` text layers and top
-    `image_blocks_n` image stages.
+    """Train fusion + head (+ the tabular encoder), any LoRA adapters, the top `text_layers_n`
+    text layers and top `image_blocks_n` image stages.
 
     Text embeddings are always frozen (trainable position embeddings break Opacus, issue 841).
     In a trainable image stage the convolutions train and the BatchNorms stay frozen.
@@ -107,6 +141,8 @@ def configure_trainable(model: FusionModel, text_layers_n: int, image_blocks_n: 
     model.requires_grad_(False)
     model.fusion.requires_grad_(True)
     model.head.requires_grad_(True)
+    if model.tabular is not None:
+        model.tabular.requires_grad_(True)
     for name, p in model.text.named_parameters():
         if ".lora_" in name:  # the adapters (common.model.lora); the layers under them stay frozen
             p.requires_grad_(True)

@@ -5,7 +5,8 @@ model (its trainable text layers, the fusion's text normalisation or projection)
 rows all have reports never uses the `missing_text` placeholder. Such parameters would receive
 only DP noise (and momentum from nothing), so the site freezes them for the round and sends
 only the parameters it trained, naming the others (`protocol.UNTRAINED`); the server averages
-each parameter over the sites that trained it.
+each parameter over the sites that trained it. The same holds for the structured fields: a site
+without them (an image-only site) freezes the tabular encoder and the fusion's tabular parts.
 """
 
 from __future__ import annotations
@@ -19,18 +20,26 @@ from torch import nn
 from common.model.fusion_model import FusionModel
 from common.model.trainable import trainable_names
 
-Combo = tuple[bool, bool]  # (has_image, has_text) of a row
+# (has_image, has_text) of a row, and has_tabular when the run declares structured fields
+Combo = tuple[bool, ...]
+
+
+def _has_tabular(combo: Combo) -> bool:
+    return len(combo) > 2 and combo[2]
+
 
 # The rows whose gradient reaches a part of the model (names used by the fusions' REACHED_BY).
-REACHES: dict[str, Callable[[bool, bool], bool]] = {
-    "image": lambda has_image, has_text: has_image,
-    "text": lambda has_image, has_text: has_text,
-    "no-image": lambda has_image, has_text: not has_image,
-    "no-text": lambda has_image, has_text: not has_text,
-    "both": lambda has_image, has_text: has_image and has_text,
+REACHES: dict[str, Callable[[Combo], bool]] = {
+    "image": lambda c: c[0],
+    "text": lambda c: c[1],
+    "tabular": _has_tabular,
+    "no-image": lambda c: not c[0],
+    "no-text": lambda c: not c[1],
+    "no-tabular": lambda c: not _has_tabular(c),
+    "several": lambda c: c[0] + c[1] + _has_tabular(c) >= 2,
 }
 # The encoders only see their own modality: a missing one's features are masked in every fusion.
-ENCODERS_REACHED_BY = {"image": "image", "text": "text"}
+ENCODERS_REACHED_BY = {"image": "image", "text": "text", "tabular": "tabular"}
 
 
 class HasModalities(Protocol):
@@ -44,8 +53,14 @@ class HasModalities(Protocol):
 
 
 def modality_combos(rows: Iterable[HasModalities]) -> frozenset[Combo]:
-    """The (has_image, has_text) combinations among rows (objects with `.image` and `.text`)."""
-    return frozenset((r.image is not None, bool(r.text)) for r in rows)
+    """The (has_image, has_text[, has_tabular]) combinations among rows (objects with `.image`,
+    `.text` and, read with declared fields, `.tabular`)."""
+    combos = set()
+    for r in rows:
+        cells = getattr(r, "tabular", ())
+        tabular = (any(c is not None for c in cells),) if cells else ()
+        combos.add((r.image is not None, bool(r.text), *tabular))
+    return frozenset(combos)
 
 
 def untrained_parameters(model: FusionModel, combos: Iterable[Combo]) -> list[str]:
@@ -61,7 +76,7 @@ def untrained_parameters(model: FusionModel, combos: Iterable[Combo]) -> list[st
         if prefix is None:
             continue  # reached by every row (projections, attention, head)
         reaches = REACHES[parts[prefix]]
-        if not any(reaches(has_image, has_text) for has_image, has_text in combos):
+        if not any(reaches(combo) for combo in combos):
             untrained.append(name)
     return untrained
 

@@ -4,7 +4,9 @@ modalities scored with both, with the image only and with the report only.
 One pass over the validation split: the encoders run once per batch; the fusion and the head run
 once more per masked modality (`common.model.contributions.masked`), so the ablation costs two
 small forwards. Rows lacking a modality are left out of the ablation (masking what is missing
-measures nothing) but count in the usual metrics.
+measures nothing) but count in the usual metrics. With structured fields declared, the same rows
+are also scored with the fields only and with every modality but the fields (what the fields add);
+those two stay in the site's log (the released views are the image and report ones).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.model.contributions import KEEP, masked
+from common.model.contributions import KEEP, keeps, masked
 from common.model.fusion_model import FusionModel
 from common.training.loop import Batch, metrics_from_logits
 from common.training.metrics import Metrics
@@ -35,6 +37,8 @@ class Ablation:
     both: Metrics
     image: Metrics  # the report masked
     text: Metrics  # the image masked
+    tabular: Metrics | None = None  # the structured fields only (None: none declared)
+    no_tabular: Metrics | None = None  # every modality but the structured fields
 
 
 @torch.no_grad()
@@ -47,7 +51,9 @@ def ablation_logits(
     b = {k: v.to(device) for k, v in batch.items()}
     labels = b.pop("labels")
     features = model.encode(**b)
-    logits = {keep: model.classify(masked(features, keep)).float().cpu() for keep in KEEP}
+    logits = {
+        keep: model.classify(masked(features, keep)).float().cpu() for keep in keeps(features)
+    }
     both = (features.has_image & features.has_text).cpu()
     return logits, labels.cpu(), both
 
@@ -56,7 +62,7 @@ def ablation_logits(
 class AblationScores:
     """The logits of every validation row per kept modality, its label and whether it has both."""
 
-    logits: dict[str, torch.Tensor]  # keep -> (N, C)
+    logits: dict[str, torch.Tensor]  # keep (KEEP, and `keeps` with fields) -> (N, C)
     labels: torch.Tensor  # (N,)
     both: torch.Tensor  # (N,) bool: the row has an image and a report
 
@@ -67,11 +73,11 @@ def ablation_scores(
 ) -> AblationScores:
     """One pass over `loader`: the logits with both modalities, the image only, the report only."""
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*KEEP, "labels", "rows")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("labels", "rows")}
     for batch in progress(loader, desc=desc, total=batches(loader)):
         logits, labels, both = ablation_logits(model, batch, device)
-        for keep in KEEP:
-            parts[keep].append(logits[keep])
+        for keep, value in logits.items():
+            parts.setdefault(keep, []).append(value)
         parts["labels"].append(labels)
         parts["rows"].append(both)
     if not parts["labels"]:
@@ -82,7 +88,8 @@ def ablation_scores(
             both=torch.zeros(0, dtype=torch.bool),
         )
     cat = {k: torch.cat(v) for k, v in parts.items()}
-    return AblationScores(logits={k: cat[k] for k in KEEP}, labels=cat["labels"], both=cat["rows"])
+    views = {k: v for k, v in cat.items() if k not in ("labels", "rows")}
+    return AblationScores(logits=views, labels=cat["labels"], both=cat["rows"])
 
 
 def exact_metrics(scores: AblationScores) -> tuple[Metrics, Ablation]:
@@ -91,12 +98,17 @@ def exact_metrics(scores: AblationScores) -> tuple[Metrics, Ablation]:
     metrics = metrics_from_logits(scores.logits["both"], labels)
     if not len(labels):
         return metrics, Ablation(num_examples=0, both=metrics, image=metrics, text=metrics)
-    scored = {keep: metrics_from_logits(scores.logits[keep][rows], labels[rows]) for keep in KEEP}
+    scored = {
+        keep: metrics_from_logits(logits[rows], labels[rows])
+        for keep, logits in scores.logits.items()
+    }
     return metrics, Ablation(
         num_examples=int(rows.sum()),
         both=scored["both"],
         image=scored["image"],
         text=scored["text"],
+        tabular=scored.get("tabular"),
+        no_tabular=scored.get("no-tabular"),
     )
 
 
@@ -128,6 +140,14 @@ def log_ablation(desc: str, metrics: Metrics, ablation: Ablation, seconds: float
         ablation.text.auroc,
         seconds,
     )
+    if ablation.tabular is not None and ablation.no_tabular is not None:
+        log_line(
+            log,
+            "%s: AUROC on the same rows: %.3f structured fields only, %.3f without them",
+            desc,
+            ablation.tabular.auroc,
+            ablation.no_tabular.auroc,
+        )
 
 
 # The rows of a release's views: every validation row is in "lacking" (it lacks a modality) or
