@@ -30,7 +30,7 @@ model, on the cached frozen features:
   one batch-size B (`loop_batch`: a site samples at q_j = 1 / ceil(N_j / B); B is the largest
   at which the smallest site samples at q = 0.5, so z is the recipe's, and a larger site samples
   at 0.5 too unless it has more than 2B rows, then at 1/3 or less). Judged on the same test set;
-  about 50 s a demo split once warm (full mode only);
+  about 50 s a demo split and 100 s a medpix-dev one once warm (full mode only);
 - **local DP, federated** (`fed-ldp8`): the product's federation at epsilon 8 per hospital with
   its defaults (3 rounds of 20 local DP-SGD steps, batch 32: `benchmarks.dp_recipe.Bench`),
   on the same splits (full mode; `--quick` leaves it out and cites the README's number).
@@ -57,9 +57,9 @@ frozen features already cached; z = 2.277 at epsilon 7.996, delta 1e-5, PRV; fal
 | federated local DP (product defaults) | 0.735 [0.694, 0.777] | 0.853 [0.774, 0.931] |
 
 The product's round loop (`fed-ddp8-loop`, measured later on the same splits, 2 shared cores;
-z 2.277, epsilon 7.996 at every site; B 25 to 38 on the demo: q_j 0.5 at every site on 3
-splits, 1/3 at one or two sites on the others, expected batch 0.82 to 1.0 of the recipe's;
-medpix-dev B 112 to 131: q_j from 0.14 to 0.5, expected batch 0.52 to 0.64 of the recipe's):
+z 2.277 (the largest q_j, 0.5), epsilon at most 7.996; B 25 to 38 on the demo: q_j 0.5 at
+every site on 3 splits, 1/3 at one or two sites on the others, expected batch 0.82 to 1.0 of
+the recipe's; medpix-dev B 112 to 131: q_j from 0.14 to 0.5, expected batch 0.52 to 0.64):
 
 | setting | small demo hospitals, 10 splits | medpix-dev, 3 splits |
 |---|---|---|
