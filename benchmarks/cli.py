@@ -70,6 +70,8 @@ SUMMARY_KEYS = (
     "secagg_auroc_central_dp8_demo_small",
     "secagg_auroc_fed_ddp8_medpix",
     "secagg_auroc_central_dp8_medpix",
+    "secagg_auroc_fed_ddp8_loop_demo_small",
+    "secagg_auroc_fed_ddp8_loop_medpix",
     "side_channel_advantage",
     "eval_attack_advantage",
     "dp_eval_auroc_mae",
