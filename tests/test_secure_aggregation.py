@@ -47,6 +47,7 @@ def _settings(tmp_path: Path, **more: object) -> dict[str, object]:
         "run-name": "secure",
         "state-root": str(tmp_path / "state"),
         "num-server-rounds": 2,
+        "fraction-evaluate": 0.0,  # evaluation is the same in a secure run: covered elsewhere
         "secure-aggregation": True,
         **more,
     }
