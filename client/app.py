@@ -391,12 +391,13 @@ def secagg_mask(msg: Message, context: Context) -> Message:
         site = state.site.site_name
         request, fields = _stage(msg, context, arrays=True)
         kept = _kept(context)
+        secure = _secure_terms(dict(kept))  # as accepted at stage 1
         outcome = mask_update(
             state,
             run,
             request,
             wire.delivery_from_fields(fields),
-            _secure_terms(dict(kept)),  # as accepted at stage 1
+            secure,
             noise_multiplier=_kept_number(kept, R.SECAGG_NOISE_MULTIPLIER),  # as at stage 2
             session=_session_bytes(kept),
         )
@@ -422,7 +423,7 @@ def secagg_mask(msg: Message, context: Context) -> Message:
                     R.STEPS: 1,
                     R.TRAIN_SECONDS: float(outcome.seconds),
                     R.EPSILON_CAP: float(outcome.terms.epsilon_cap) if account else math.inf,
-                    R.MAX_GRAD_NORM: float(outcome.terms.max_grad_norm),
+                    R.MAX_GRAD_NORM: float(secure.max_grad_norm),  # the round's clip
                 }
             ),
         },

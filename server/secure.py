@@ -96,15 +96,15 @@ def round_params(
     layout = Layout(shapes=tuple((name, tuple(a.shape)) for name, a in arrays.items()))
     clip = plan.max_grad_norm
     scale = choose_scale(max_grad_norm=clip, coordinates=layout.coordinates)
-    # the ring holds the largest noise share any site could add (z at its bound, d = 1)
-    widest = DistributedNoise(
-        noise_multiplier=MAX_NOISE_MULTIPLIER,
-        shares=1,
-        max_grad_norm=clip,
-        scale=scale,
-        coordinates=layout.coordinates,
-    )
     try:
+        # the ring holds the largest noise share any site could add (z at its bound, d = 1)
+        widest = DistributedNoise(
+            noise_multiplier=MAX_NOISE_MULTIPLIER,
+            shares=1,
+            max_grad_norm=clip,
+            scale=scale,
+            coordinates=layout.coordinates,
+        )
         bits = ring_bits(
             sites=n,
             max_batch=MAX_WEIGHT,

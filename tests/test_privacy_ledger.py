@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -116,8 +117,11 @@ def test_data_changed_mid_run_is_refused(demo_root: Path, tmp_path: Path) -> Non
     state = SiteState(hospital(tmp_path, tmp_path / "state", 2, manifest=tmp_path / "h2"))
     train_round(state, run, request(state, run, 1, run_key="r"))
     manifest = tmp_path / "h2" / "manifest.csv"
-    one_more = manifest.read_text().splitlines()[1].rsplit(",", 1)[0] + ",a-new-patient\n"
-    manifest.write_text(manifest.read_text() + one_more)
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns, first = reader.fieldnames or [], next(reader)
+    with manifest.open("a", newline="", encoding="utf-8") as fh:  # one more row: a new patient
+        csv.DictWriter(fh, columns).writerow({**first, "patient_id": "a-new-patient"})
     with pytest.raises(Refusal, match="changed during this run") as refused:
         train_round(state, run, request(state, run, 2, run_key="r"))
     assert refused.value.reason == "data-changed"
