@@ -224,17 +224,11 @@ def evaluate_content(evaluation: SiteEvaluation, site: str) -> RecordDict:
     """The evaluate reply: EVAL_METRICS (the ablation's are nan when the site withholds them)
     and the released score counts they were computed from (R.COUNTS)."""
     m, a = evaluation.metrics, evaluation.ablation
-    ablation = {
-        key: float(getattr(getattr(a, keep), metric)) if a else math.nan
-        for key, keep, metric in (
-            (R.ACCURACY_BOTH, "both", "accuracy"),
-            (R.AUROC_BOTH, "both", "auroc"),
-            (R.ACCURACY_IMAGE_ONLY, "image", "accuracy"),
-            (R.AUROC_IMAGE_ONLY, "image", "auroc"),
-            (R.ACCURACY_TEXT_ONLY, "text", "accuracy"),
-            (R.AUROC_TEXT_ONLY, "text", "auroc"),
-        )
-    }
+    ablation: dict[str, float] = {}
+    for keep, (accuracy, auroc) in R.ABLATION_KEYS.items():
+        scored = getattr(a, keep.replace("-", "_")) if a else None
+        ablation[accuracy] = float(scored.accuracy) if scored is not None else math.nan
+        ablation[auroc] = float(scored.auroc) if scored is not None else math.nan
     counts = {
         f"{view}/{name}": Array(array)
         for view, c in evaluation.counts.views.items()

@@ -35,11 +35,14 @@ from common.privacy.receipts import EVALUATE
 from common.privacy.release import CountsRelease, release_counts
 from common.protocol import update_digest
 from common.training.ablation import (
+    ABLATION_VIEWS,
+    FIELDS_VIEWS,
     Ablation,
     ablation_scores,
     exact_metrics,
     log_ablation,
     view_counts,
+    views_per_row,
 )
 from common.training.loop import pick_device
 from common.training.metrics import Metrics
@@ -149,39 +152,21 @@ def _evaluate(
     counts = release_counts(
         views,
         noise_multiplier=account.release_noise_multiplier if account else 0.0,
-        views_per_row=3 if with_ablation else 1,
+        views_per_row=views_per_row(views),
     )
+    decimals = policy.metric_decimals
     if account is None:  # exact: the metrics themselves, rounded as the policy says
-        decimals = policy.metric_decimals
         shared = with_ablation and exact_ablation.num_examples >= policy.min_eval_records
-        ablation = (
-            Ablation(
-                num_examples=exact_ablation.num_examples,
-                both=released(exact_ablation.both, decimals),
-                image=released(exact_ablation.image, decimals),
-                text=released(exact_ablation.text, decimals),
-            )
-            if shared
-            else None
-        )
         return SiteEvaluation(
             metrics=released(exact, decimals),
-            ablation=ablation,
+            ablation=released_ablation(exact_ablation, decimals) if shared else None,
             counts=counts,
             external=policy.evaluate_only,
         )
     ablation = counted_ablation(counts)
-    decimals = policy.metric_decimals
     return SiteEvaluation(
         metrics=released(counted_metrics(counts, len(rows)), decimals),
-        ablation=replace(
-            ablation,
-            both=released(ablation.both, decimals),
-            image=released(ablation.image, decimals),
-            text=released(ablation.text, decimals),
-        )
-        if ablation
-        else None,
+        ablation=released_ablation(ablation, decimals) if ablation else None,
         counts=counts,
         external=policy.evaluate_only,
     )
@@ -199,13 +184,35 @@ def counted_ablation(counts: CountsRelease) -> Ablation | None:
     if "image" not in views:
         return None
     rows = max(round(float(views["both"].scores[0].sum())), 0)
+    scored = {
+        keep: metrics_from_counts(views[keep], num_examples=max(rows, 1))
+        for keep in ("both", *ABLATION_VIEWS, *FIELDS_VIEWS)
+        if keep in views
+    }
     return Ablation(
         num_examples=rows,
-        **{
-            keep: metrics_from_counts(views[keep], num_examples=max(rows, 1))
-            for keep in ("both", "image", "text")
-        },
+        both=scored["both"],
+        image=scored["image"],
+        text=scored["text"],
+        tabular=scored.get("tabular"),
+        no_tabular=scored.get("no-tabular"),
     )
+
+
+def released_ablation(ablation: Ablation, decimals: int) -> Ablation:
+    """An ablation as a site releases it: every view's metrics rounded to `decimals`."""
+    return replace(
+        ablation,
+        both=released(ablation.both, decimals),
+        image=released(ablation.image, decimals),
+        text=released(ablation.text, decimals),
+        tabular=_released_view(ablation.tabular, decimals),
+        no_tabular=_released_view(ablation.no_tabular, decimals),
+    )
+
+
+def _released_view(metrics: Metrics | None, decimals: int) -> Metrics | None:
+    return None if metrics is None else released(metrics, decimals)
 
 
 def released(metrics: Metrics, decimals: int) -> Metrics:

@@ -85,11 +85,15 @@ AUROC = "auroc"
 F1 = "f1"
 
 # Modality ablation: a site scores its validation rows that have both modalities three times,
-# with both, with the image only (the report masked) and with the report only (the image masked).
-# nan when its policy withholds them (share-ablation = false) or too few rows have both.
+# with both, with the image only (the report masked) and with the report only (the image masked);
+# with structured fields declared, twice more: the fields only, and every modality but the fields.
+# nan when its policy withholds them (share-ablation = false) or too few rows have both, and the
+# fields' two when the run declares no fields.
 ACCURACY_BOTH, AUROC_BOTH = "accuracy-both", "auroc-both"
 ACCURACY_IMAGE_ONLY, AUROC_IMAGE_ONLY = "accuracy-image-only", "auroc-image-only"
 ACCURACY_TEXT_ONLY, AUROC_TEXT_ONLY = "accuracy-text-only", "auroc-text-only"
+ACCURACY_FIELDS_ONLY, AUROC_FIELDS_ONLY = "accuracy-fields-only", "auroc-fields-only"
+ACCURACY_WITHOUT_FIELDS, AUROC_WITHOUT_FIELDS = "accuracy-without-fields", "auroc-without-fields"
 ABLATION_METRICS = (
     ACCURACY_BOTH,
     AUROC_BOTH,
@@ -97,7 +101,19 @@ ABLATION_METRICS = (
     AUROC_IMAGE_ONLY,
     ACCURACY_TEXT_ONLY,
     AUROC_TEXT_ONLY,
+    ACCURACY_FIELDS_ONLY,
+    AUROC_FIELDS_ONLY,
+    ACCURACY_WITHOUT_FIELDS,
+    AUROC_WITHOUT_FIELDS,
 )
+# The ablation's view (common.training.ablation) behind each pair of metrics above.
+ABLATION_KEYS = {
+    "both": (ACCURACY_BOTH, AUROC_BOTH),
+    "image": (ACCURACY_IMAGE_ONLY, AUROC_IMAGE_ONLY),
+    "text": (ACCURACY_TEXT_ONLY, AUROC_TEXT_ONLY),
+    "tabular": (ACCURACY_FIELDS_ONLY, AUROC_FIELDS_ONLY),
+    "no-tabular": (ACCURACY_WITHOUT_FIELDS, AUROC_WITHOUT_FIELDS),
+}
 
 TRAIN_METRICS = (
     NUM_EXAMPLES,

@@ -142,6 +142,7 @@ def round_plan(run: RunConfig, *, run_key: str, fingerprint: str) -> RoundPlan:
         bounds=UpdateBounds(max_norm=agg.max_update_norm, median_factor=agg.update_norm_factor),
         weight_factor=agg.max_weight_factor,
         num_classes=len(run.model.class_names),
+        fields=bool(run.model.tabular),
         secure=SecurePlan(
             colluders=run.privacy.secagg_colluders,
             max_grad_norm=run.privacy.max_grad_norm,

@@ -1,16 +1,17 @@
 """The coordinator's view of an evaluation: the sites' released score counts, checked and pooled.
 
 A site releases noisy score counts per view of its validation rows (`common.training.ablation`:
-rows lacking a modality, rows with both, and, with the last round's ablation, those rows with
-the image only and the report only). The coordinator reads them as untrusted input (known views,
-the run's shapes, finite and bounded values). When the sites released noisy counts, the round's
-validation accuracy, AUROC and F1 are computed from their sum over the sites: metrics over every
-evaluated row, not a mean of the sites' own (with noisy counts, a pooled AUROC errs about half as
-much as the mean of the sites' AUROCs: measured on synthetic scores, 0.041 vs 0.076 at a noise
-of 2 counts). When every site released exactly (`exact-metrics`: a researcher's simulation),
-they are the means of the sites' own metrics weighted by validation records, as the sites
-computed them from every score (the counts' 10 bins would blur a model whose scores crowd into
-one bin). The loss is always that weighted mean: the loss over every row.
+rows lacking a modality, rows with both, and, with the last round's ablation, those rows with the
+image only and the report only, and with the run's structured fields, the fields only and every
+modality but the fields). The coordinator reads them as untrusted input (known views, the run's
+modalities and shapes, finite and bounded values). When the sites released noisy counts, the
+round's validation accuracy, AUROC and F1 are computed from their sum over the sites: metrics over
+every evaluated row, not a mean of the sites' own (with noisy counts, a pooled AUROC errs about
+half as much as the mean of the sites' AUROCs: measured on synthetic scores, 0.041 vs 0.076 at a
+noise of 2 counts). When every site released exactly (`exact-metrics`: a researcher's simulation),
+they are the means of the sites' own metrics weighted by validation records, as the sites computed
+them from every score (the counts' 10 bins would blur a model whose scores crowd into one bin). The
+loss is always that weighted mean: the loss over every row.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import protocol as R
+from common.training.ablation import ABLATION_VIEWS, FIELDS_VIEWS, VIEWS
 from common.training.metrics import Metrics
 from common.training.score_counts import ScoreCounts, metrics_from_counts
 
-VIEWS = ("lacking", "both")  # always released
-ABLATION_VIEWS = ("both", "image", "text")  # image and text: released with the ablation only
 MAX_COUNT = 1e9  # a noisy count beyond this is not believed
 
 
@@ -34,14 +34,18 @@ class MalformedCounts(Exception):
     """Released counts that do not follow the protocol."""
 
 
-def read_counts(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, ScoreCounts]:
-    """A reply's counts per view, checked: known views/names, the run's shapes, finite values."""
+def read_counts(
+    arrays: Mapping[str, np.ndarray], num_classes: int, *, fields: bool = False
+) -> dict[str, ScoreCounts]:
+    """A reply's counts per view, checked: the views the run's modalities allow (`fields`: the
+    run declares structured fields), the run's shapes, finite values."""
     shapes = ScoreCounts.shapes(num_classes)
     views = sorted({name.split("/", 1)[0] for name in arrays})
-    allowed = ({*VIEWS}, {*VIEWS, "image", "text"})
-    if set(views) not in allowed:
+    ablation = {*VIEWS, *ABLATION_VIEWS, *(FIELDS_VIEWS if fields else ())}
+    if set(views) not in ({*VIEWS}, ablation):
         raise MalformedCounts(
-            f"views {views} are not {sorted(allowed[0])} (with or without 'image' and 'text')."
+            f"views {views} are not {sorted(VIEWS)}, nor with the ablation's "
+            f"{sorted(ablation - {*VIEWS})}."
         )
     expected = {f"{v}/{name}" for v in views for name in shapes}
     if set(arrays) != expected:
@@ -90,11 +94,12 @@ def pooled_metrics(sites: Iterable[SiteCounts]) -> dict[str, float]:
         R.AUROC: metrics.auroc,
         R.F1: metrics.f1,
     }
-    with_ablation = [s.counts for s in sites if "image" in s.counts]
-    ablation = {keep: _ablation(with_ablation, keep) for keep in ABLATION_VIEWS}
-    for keep, key in (("both", "both"), ("image", "image-only"), ("text", "text-only")):
-        out[f"accuracy-{key}"] = ablation[keep].accuracy
-        out[f"auroc-{key}"] = ablation[keep].auroc
+    for keep, (accuracy, auroc) in R.ABLATION_KEYS.items():
+        # the sites that released this view (every site of a run with fields releases them all)
+        scored = _ablation(
+            [s.counts for s in sites if "image" in s.counts and keep in s.counts], keep
+        )
+        out[accuracy], out[auroc] = scored.accuracy, scored.auroc
     return out
 
 

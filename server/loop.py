@@ -58,6 +58,7 @@ class RoundPlan:
     run_key: str
     fingerprint: str
     num_classes: int = 2  # fixes the shapes of the sites' released score counts
+    fields: bool = False  # the run declares structured fields (their ablation views are allowed)
     secure: SecurePlan | None = None  # each round inside secure aggregation (server.secure)
 
     def config(self) -> ConfigRecord:
@@ -159,7 +160,11 @@ def _commit_evaluated(
 ) -> None:
     """Record the sites' evaluation of a round's aggregate, then commit the round's line."""
     replies = read_replies(
-        evaluated, train=False, names=waiting.record.names, num_classes=plan.num_classes
+        evaluated,
+        train=False,
+        names=waiting.record.names,
+        num_classes=plan.num_classes,
+        fields=plan.fields,
     )
     waiting.record.add(replies, train=False)
     pooled: dict[str, MetricRecordValues] = dict(  # a copy: `dict` is invariant

@@ -67,11 +67,17 @@ class Replies:
 
 
 def read_replies(
-    messages: Iterable[Message], *, train: bool, names: SiteNames, num_classes: int = 2
+    messages: Iterable[Message],
+    *,
+    train: bool,
+    names: SiteNames,
+    num_classes: int = 2,
+    fields: bool = False,
 ) -> Replies:
     """Sort a phase's replies (train or evaluate) into usable ones, refusals, failures, malformed.
 
-    `num_classes`: the run's, which fixes the shapes of an evaluate reply's counts.
+    `num_classes`: the run's, which fixes the shapes of an evaluate reply's counts; `fields`:
+    the run declares structured fields, which allows their ablation views.
     """
     out = Replies()
     for msg in messages:
@@ -98,7 +104,7 @@ def read_replies(
             )
             continue
         try:
-            out.ok.append(_read(msg, node, site, train, num_classes))
+            out.ok.append(_read(msg, node, site, train, num_classes, fields))
         except MalformedReply as err:
             out.malformed[site] = f"malformed reply: {err}"
             log.warning("site %s: malformed reply: %s", site, err)
@@ -122,7 +128,7 @@ TRAIN_RECORDS = {"array": {R.ARRAYS}, "metric": {R.METRICS}, "config": {R.UPDATE
 EVAL_RECORDS = {"array": {R.COUNTS}, "metric": {R.METRICS}, "config": {R.SITE}}
 
 
-def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> Reply:
+def _read(msg: Message, node: int, site: str, train: bool, num_classes: int, fields: bool) -> Reply:
     content = msg.content
     _check_records(content, TRAIN_RECORDS if train else EVAL_RECORDS)
     metrics = _metrics(content, R.TRAIN_METRICS if train else R.EVAL_METRICS)
@@ -142,7 +148,7 @@ def _read(msg: Message, node: int, site: str, train: bool, num_classes: int) -> 
         raise MalformedReply(f"no '{R.COUNTS}' record.")
     try:
         arrays = content.array_records[R.COUNTS]
-        counts = read_counts({k: v.numpy() for k, v in arrays.items()}, num_classes)
+        counts = read_counts({k: v.numpy() for k, v in arrays.items()}, num_classes, fields=fields)
     except MalformedCounts as err:
         raise MalformedReply(f"'{R.COUNTS}': {err}") from err
     return Reply(node_id=node, site=site, metrics=metrics, update=None, message=msg, counts=counts)

@@ -14,8 +14,11 @@ Output: `<out>/hospital-<i>/manifest.csv`, the format `fedfusion simulate --data
 reads. Images are not copied: each image path is rewritten relative to the new manifest, so a
 partition of a large pooled dataset costs no disk space and the pooled files stay the single
 copy. Keep the output folder and the pooled images where they are (or move them together).
-A hospital in `drop_text` / `drop_images` gets its rows without reports / images; a row left
-with neither is dropped (and counted).
+A hospital in `drop_text` / `drop_images` / `drop_fields` gets its rows without reports /
+images / structured fields; a row left with no modality (no image, no report and none of the
+declared fields) is dropped (and counted). The declared fields (`fields`, the run config's
+`tabular-fields`) are checked in every row before anything is written; undeclared columns are
+copied as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.data.manifest import REQUIRED_COLUMNS, Row, raw_records, read_manifest
+from common.data.tabular import TabularField
 from common.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ class PartitionPlan:
     seed: int = 0
     drop_text: tuple[int, ...] = ()
     drop_images: tuple[int, ...] = ()
+    drop_fields: tuple[int, ...] = ()  # hospitals without the structured fields
 
 
 @dataclass(frozen=True)
@@ -70,25 +75,31 @@ class HospitalSummary:
     rows_with_text: int
     dropped_rows: int  # rows left empty by a dropped modality
     origin: str  # natural: the column value; otherwise ""
+    rows_with_fields: int = 0  # rows with at least one declared structured field
 
 
 def partition_manifest(
-    source: Path, out: Path, plan: PartitionPlan, class_names: tuple[str, ...]
+    source: Path,
+    out: Path,
+    plan: PartitionPlan,
+    class_names: tuple[str, ...],
+    fields: tuple[TabularField, ...] = (),
 ) -> list[HospitalSummary]:
-    """Write `<out>/hospital-<i>/manifest.csv` per hospital of the plan (same seed, same output)."""
-    _check_plan(plan, out)
+    """Write `<out>/hospital-<i>/manifest.csv` per hospital of the plan (same seed, same output);
+    `fields`: the run's structured fields (a row holding only fields is kept)."""
+    _check_plan(plan, out, fields)
     if importlib.util.find_spec("flwr_datasets") is None:
         raise PartitionError(
             "partitioning needs Flower Datasets, which a hospital node does not "
             'install: pip install -e ".[partition]" (or flwr-datasets).'
         )
-    manifest, rows = read_manifest(
-        source, class_names
-    )  # every row valid before anything is written
+    # every row valid (its fields too) before anything is written
+    manifest, rows = read_manifest(source, class_names, fields=fields)
     records = [rec for _, rec in raw_records(manifest)]
     patients, table = _patient_table(manifest, rows, records, plan, class_names)
     groups, origins = _assign(table, plan)
-    fields = [*REQUIRED_COLUMNS, *[c for c in _columns(records) if c not in REQUIRED_COLUMNS]]
+    columns = [*REQUIRED_COLUMNS, *[c for c in _columns(records) if c not in REQUIRED_COLUMNS]]
+    names = tuple(f.name for f in fields)
     summaries = []
     for i, group in enumerate(groups):
         folder = out / f"hospital-{i}"
@@ -98,7 +109,9 @@ def partition_manifest(
             folder,
             manifest,
             [records[j] for j in sorted(chosen)],
-            fields,
+            columns,
+            declared=() if i in plan.drop_fields else names,
+            dropped_fields=names if i in plan.drop_fields else (),
             drop_text=i in plan.drop_text,
             drop_images=i in plan.drop_images,
         )
@@ -112,27 +125,40 @@ def partition_manifest(
                 sum(bool(r["text"]) for r in written),
                 dropped,
                 origins[i],
+                sum(any(r.get(name, "").strip() for name in names) for r in written),
             )
         )
     return summaries
 
 
-def _check_plan(plan: PartitionPlan, out: Path) -> None:
+def _check_plan(plan: PartitionPlan, out: Path, fields: tuple[TabularField, ...]) -> None:
     if plan.scheme not in SCHEMES:
         raise PartitionError(f"unknown scheme {plan.scheme!r}; use one of {list(SCHEMES)}.")
     if plan.hospitals < 1:
         raise PartitionError(f"--hospitals must be at least 1, got {plan.hospitals}.")
     if plan.alpha <= 0:
         raise PartitionError(f"--alpha must be positive, got {plan.alpha}.")
-    for option, indices in (("--drop-text", plan.drop_text), ("--drop-images", plan.drop_images)):
+    for option, indices in (
+        ("--drop-text", plan.drop_text),
+        ("--drop-images", plan.drop_images),
+        ("--drop-fields", plan.drop_fields),
+    ):
         if bad := [i for i in indices if not 0 <= i < plan.hospitals]:
             raise PartitionError(
                 f"{option} names hospital(s) {bad}, but hospitals are numbered "
                 f"0..{plan.hospitals - 1}."
             )
-    if both := sorted(set(plan.drop_text) & set(plan.drop_images)):
+    if plan.drop_fields and not fields:
         raise PartitionError(
-            f"hospital(s) {both} would lose both text and images; drop one modality."
+            "--drop-fields needs the structured fields' schema (--tabular-fields): without "
+            "one, no column is a structured field."
+        )
+    kept_fields = set(range(plan.hospitals)) - set(plan.drop_fields) if fields else set()
+    if none := sorted(set(plan.drop_text) & set(plan.drop_images) - kept_fields):
+        raise PartitionError(
+            f"hospital(s) {none} would lose every modality (text, images"
+            + (" and structured fields" if fields else "")
+            + "); drop fewer."
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PartitionError(
@@ -240,15 +266,20 @@ def _write_hospital(
     folder: Path,
     source: Path,
     records: list[dict[str, str]],
-    fields: list[str],
+    columns: list[str],
     *,
+    declared: tuple[str, ...],
+    dropped_fields: tuple[str, ...],
     drop_text: bool,
     drop_images: bool,
 ) -> tuple[list[dict[str, str]], int]:
-    """One hospital's manifest.csv with image paths relative to it; returns its rows and drops."""
+    """One hospital's manifest.csv with image paths relative to it; returns its rows and drops.
+
+    `declared`: the structured fields it keeps (a row with one of them is not empty);
+    `dropped_fields`: those it loses."""
     written, dropped = [], 0
     for rec in records:
-        row = {f: rec.get(f, "") for f in fields}
+        row = {c: rec.get(c, "") for c in columns}
         image = row["image"].strip()
         if image:
             row["image"] = os.path.relpath(source.parent / image, folder)
@@ -256,23 +287,34 @@ def _write_hospital(
             row["text"] = ""
         if drop_images:
             row["image"] = ""
-        if not row["image"].strip() and not row["text"].strip():
+        row.update(dict.fromkeys(dropped_fields, ""))
+        has_fields = any(row.get(name, "").strip() for name in declared)
+        if not row["image"].strip() and not row["text"].strip() and not has_fields:
             dropped += 1
             continue
         written.append(row)
     with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(written)
     return written, dropped
 
 
 def format_partition(
-    out: Path, plan: PartitionPlan, summaries: list[HospitalSummary], class_names: tuple[str, ...]
+    out: Path,
+    plan: PartitionPlan,
+    summaries: list[HospitalSummary],
+    class_names: tuple[str, ...],
+    fields: str = "",
 ) -> str:
-    """A table of what each hospital received, and the command that simulates them."""
-    head = f"{'hospital':<12}{'patients':>9}{'rows':>7}{'image':>7}{'text':>7}  " + "  ".join(
-        f"{c:>10}" for c in class_names
+    """A table of what each hospital received, and the command that simulates them (`fields`:
+    the structured fields' schema the partition was checked with)."""
+    with_fields = any(s.rows_with_fields for s in summaries) or bool(plan.drop_fields)
+    head = (
+        f"{'hospital':<12}{'patients':>9}{'rows':>7}{'image':>7}{'text':>7}"
+        + (f"{'fields':>7}" if with_fields else "")
+        + "  "
+        + "  ".join(f"{c:>10}" for c in class_names)
     )
     lines = [
         f"{plan.scheme} partition of {sum(s.patients for s in summaries)} patients "
@@ -284,10 +326,13 @@ def format_partition(
         extra = f"  {s.origin}" if s.origin else ""
         extra += f"  ({s.dropped_rows} rows dropped: no modality left)" if s.dropped_rows else ""
         lines.append(
-            f"{s.name:<12}{s.patients:>9}{s.rows:>7}{s.rows_with_image:>7}"
-            f"{s.rows_with_text:>7}  {labels}{extra}"
+            f"{s.name:<12}{s.patients:>9}{s.rows:>7}{s.rows_with_image:>7}{s.rows_with_text:>7}"
+            + (f"{s.rows_with_fields:>7}" if with_fields else "")
+            + f"  {labels}{extra}"
         )
+    declared = f' -c "tabular-fields={fields}"' if fields else ""
     lines.append(
         f"Simulate them: fedfusion simulate --data-root {out} --hospitals {plan.hospitals}"
+        + declared
     )
     return "\n".join(lines)

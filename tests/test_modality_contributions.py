@@ -19,7 +19,7 @@ from client.state import SiteState
 from common import protocol as R
 from common.data.dataset import ManifestDataset
 from common.data.manifest import read_manifest
-from common.model.contributions import masked, modality_weights, report_reliance
+from common.model.contributions import masked, modality_weights, reliance
 from common.model.encoders import load_tokenizer
 from common.model.fusion_model import build_model
 from common.model.trainable import trainable_state
@@ -105,12 +105,12 @@ def test_weighted_fusion_weights_from_the_trainable_state(demo_root: Path) -> No
     assert modality_weights(trainable_state(build_model(tiny_run(demo_root).model))) is None
 
 
-def test_report_reliance_is_the_share_of_above_chance_auroc() -> None:
-    assert report_reliance(0.9, 0.5) == pytest.approx(1.0)
-    assert report_reliance(0.9, 0.9) == pytest.approx(0.0)
-    assert report_reliance(0.8, 0.71) == pytest.approx(0.3)
-    assert report_reliance(0.5, 0.4) is None and report_reliance(None, 0.6) is None
-    assert report_reliance(float("nan"), 0.6) is None
+def test_reliance_is_the_share_of_above_chance_auroc() -> None:
+    assert reliance(0.9, 0.5) == pytest.approx(1.0)
+    assert reliance(0.9, 0.9) == pytest.approx(0.0)
+    assert reliance(0.8, 0.71) == pytest.approx(0.3)
+    assert reliance(0.5, 0.4) is None and reliance(None, 0.6) is None
+    assert reliance(float("nan"), 0.6) is None
 
 
 @pytest.mark.parametrize("exact", [True, False])

@@ -10,7 +10,9 @@ import pytest
 
 from client.site_config import SiteConfig
 from common.data.manifest import read_manifest
-from simulations.demo_data import DEMO_CLASS_NAMES
+from common.data.manifest import ManifestError
+from common.data.tabular import parse_tabular_fields
+from simulations.demo_data import DEMO_CLASS_NAMES, DEMO_TABULAR_FIELDS
 from simulations.partition import PartitionError, PartitionPlan, partition_manifest
 from tests.conftest import tiny_run
 from tools.cli import main
@@ -136,7 +138,7 @@ def test_refusals(pooled: Path, tmp_path: Path) -> None:
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(PartitionError, match="not an empty folder"):
         partition_manifest(pooled, tmp_path / "full", PartitionPlan(2), CLASSES)
-    with pytest.raises(PartitionError, match="lose both text and images"):
+    with pytest.raises(PartitionError, match="lose every modality"):
         partition_manifest(
             pooled, tmp_path / "a", PartitionPlan(2, drop_text=(1,), drop_images=(1,)), CLASSES
         )
@@ -145,3 +147,33 @@ def test_refusals(pooled: Path, tmp_path: Path) -> None:
     with pytest.raises(PartitionError, match=r"numbered 0..1"):
         partition_manifest(pooled, tmp_path / "c", PartitionPlan(2, drop_text=(2,)), CLASSES)
     assert main(["data", "partition", str(pooled), str(tmp_path / "full")]) == 2
+
+
+def test_structured_fields_are_checked_kept_and_dropped_per_hospital(
+    pooled: Path, tmp_path: Path
+) -> None:
+    """With the run's schema, a hospital without images and reports keeps its rows that hold a
+    field (a tabular-only site), one in --drop-fields loses the fields' cells, and a cell outside
+    the schema stops the partition before anything is written."""
+    fields = parse_tabular_fields(DEMO_TABULAR_FIELDS)
+    names = [f.name for f in fields]
+    plan = PartitionPlan(3, drop_text=(1,), drop_images=(1,), drop_fields=(2,))
+    summaries = partition_manifest(pooled, tmp_path / "out", plan, CLASSES, fields)
+    full, tabular_only, no_fields = hospital_rows(tmp_path / "out", 3)
+    assert any(r[n] for r in full for n in names)
+    assert tabular_only and all(not r["image"] and not r["text"] for r in tabular_only)
+    assert all(any(r[n] for n in names) for r in tabular_only)  # a row with no field is dropped
+    source_rows = {r["patient_id"] for r in csv.DictReader(pooled.open(newline=""))}
+    kept = [r["patient_id"] for rows in (full, tabular_only, no_fields) for r in rows]
+    assert set(kept) <= source_rows
+    assert summaries[1].rows_with_fields == len(tabular_only) and summaries[1].rows_with_text == 0
+    assert all(not r[n] for r in no_fields for n in names) and summaries[2].rows_with_fields == 0
+    _, rows = read_manifest(tmp_path / "out" / "hospital-1", CLASSES, fields=fields)
+    assert len(rows) == len(tabular_only)  # a site of a three-modality run reads them
+
+    with pytest.raises(PartitionError, match="needs the structured fields"):
+        partition_manifest(pooled, tmp_path / "a", PartitionPlan(3, drop_fields=(0,)), CLASSES)
+    narrow = parse_tabular_fields("age:numeric:0:30")  # most demo ages are outside it
+    with pytest.raises(ManifestError, match="age"):
+        partition_manifest(pooled, tmp_path / "b", PartitionPlan(3), CLASSES, narrow)
+    assert not (tmp_path / "b").exists()

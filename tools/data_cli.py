@@ -80,9 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="hospital indices whose images are removed (text-only sites); empty: none",
     )
     part.add_argument(
+        "--drop-fields",
+        default="",
+        metavar="I,J",
+        help="hospital indices whose structured fields are removed (sites without them); "
+        "empty: none",
+    )
+    part.add_argument(
         "--class-names",
         default=default_classes,
         help="the run's labels, comma-separated (every row is checked first)",
+    )
+    part.add_argument(
+        "--tabular-fields",
+        default=str(default_user_config()["tabular-fields"]),
+        help="the structured fields' schema (run config key tabular-fields): their cells are "
+        "checked, and a row holding only fields is kept",
     )
     return p
 
@@ -130,12 +143,14 @@ def _partition(args: argparse.Namespace, class_names: tuple[str, ...]) -> int:
             args.seed,
             _indices(args.drop_text, "--drop-text"),
             _indices(args.drop_images, "--drop-images"),
+            _indices(args.drop_fields, "--drop-fields"),
         )
-        summaries = partition_manifest(args.manifest, args.out, plan, class_names)
+        fields = run_config_with({"tabular-fields": args.tabular_fields}).model.tabular
+        summaries = partition_manifest(args.manifest, args.out, plan, class_names, fields)
     except PartitionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_partition(args.out, plan, summaries, class_names))
+    print(format_partition(args.out, plan, summaries, class_names, args.tabular_fields))
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from common import protocol as R
 from common.errors import ConfigurationError
 from common.model.checkpoint import ModelCard, read_model_card
-from common.model.contributions import report_reliance
+from common.model.contributions import reliance
 from common.runfolder import (
     HISTORY,
     HistoryLine,
@@ -414,69 +414,94 @@ def _percent(value: float | None) -> str:
 
 
 def modality_sentence(aggregate: Metrics) -> str:
-    """ "The model relies on the report for X% of its AUROC", from an aggregate's ablation."""
+    """ "The model relies on the report for X% of its AUROC" (and on the structured fields for
+    Y%, when the sites released their views), from an aggregate's ablation."""
     both, image, text = (
         aggregate.get(k) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)
     )
-    reliance = report_reliance(both, image)
-    if reliance is None:
+    on_report = reliance(both, image)
+    if on_report is None:
         return (
             "No modality ablation to summarise: the sites withheld it (share-ablation = "
             "false, or too few validation rows with both modalities) or the AUROC with both "
             "modalities is not above chance."
         )
-    return (
-        f"The model relies on the report for {_percent(reliance)} of its AUROC: on the "
+    sentence = (
+        f"The model relies on the report for {_percent(on_report)} of its AUROC: on the "
         f"validation rows with both modalities its AUROC is {both:.3f} with both, "
         f"{_fmt(image)} with the image only (report masked) and {_fmt(text)} with the report "
         "only (image masked); the share is (both - image only) / (both - 0.5), the part of "
         "the AUROC above chance that masking the report takes away."
     )
+    fields, without = aggregate.get(R.AUROC_FIELDS_ONLY), aggregate.get(R.AUROC_WITHOUT_FIELDS)
+    on_fields = reliance(both, without)
+    if on_fields is None:
+        return sentence
+    return (
+        f"{sentence} It relies on the structured fields for {_percent(on_fields)}: "
+        f"{_fmt(without)} without them (fields masked) and {_fmt(fields)} with the fields only."
+    )
+
+
+# the ablation's columns: (header, metric), and the share a masked modality carries
+REPORT_COLUMNS = (
+    ("AUROC both", R.AUROC_BOTH),
+    ("AUROC image only", R.AUROC_IMAGE_ONLY),
+    ("AUROC report only", R.AUROC_TEXT_ONLY),
+)
+FIELDS_COLUMNS = (
+    ("AUROC fields only", R.AUROC_FIELDS_ONLY),
+    ("AUROC without fields", R.AUROC_WITHOUT_FIELDS),
+)
+
+
+def _ablation_row(metrics: Metrics, fields: bool) -> list[str]:
+    """One row of the modality table: the AUROCs and the shares the report (and fields) carry."""
+    both = metrics.get(R.AUROC_BOTH)
+    row = [_fmt(metrics.get(k)) for _, k in REPORT_COLUMNS]
+    row.append(_percent(reliance(both, metrics.get(R.AUROC_IMAGE_ONLY))))
+    if fields:
+        row += [_fmt(metrics.get(k)) for _, k in FIELDS_COLUMNS]
+        row.append(_percent(reliance(both, metrics.get(R.AUROC_WITHOUT_FIELDS))))
+    return row
 
 
 def _modalities(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
-    rows = []
-    for name, f in sites.items():
-        e = f.evaluate or {}
-        rows.append(
-            [
-                name,
-                _fmt(f.eval_round),
-                *(_fmt(e.get(k)) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
-                _percent(report_reliance(e.get(R.AUROC_BOTH), e.get(R.AUROC_IMAGE_ONLY))),
-            ]
-        )
+    declared = (run.settings.settings if run.settings else {}).get("model", {})
+    fields = bool(declared.get("tabular_fields"))
+    rows = [
+        [name, _fmt(f.eval_round), *_ablation_row(f.evaluate or {}, fields)]
+        for name, f in sites.items()
+    ]
     last = next((line for line in reversed(run.history) if line.aggregate is not None), None)
     if last:
-        a = last.aggregate or {}
         rows.append(
             [
-                f"weighted mean (round {last.round})",
+                f"all sites (round {last.round})",
                 _fmt(last.round),
-                *(_fmt(a.get(k)) for k in (R.AUROC_BOTH, R.AUROC_IMAGE_ONLY, R.AUROC_TEXT_ONLY)),
-                _percent(report_reliance(a.get(R.AUROC_BOTH), a.get(R.AUROC_IMAGE_ONLY))),
+                *_ablation_row(last.aggregate or {}, fields),
             ]
         )
+    headers = ["site", "round", *(h for h, _ in REPORT_COLUMNS), "relies on the report"]
+    if fields:
+        headers += [*(h for h, _ in FIELDS_COLUMNS), "relies on the fields"]
     blocks: list[Block] = [
         Heading(2, "What the model uses"),
         Paragraph(modality_sentence(last.aggregate or {}) if last else "No finished round."),
         Paragraph(
             "Each site scores its validation rows that have both an image and a report three "
             "times: with both, with the report masked and with the image masked, exactly as a "
-            "missing modality is masked in training. A site releases these numbers only if "
-            "its policy allows (share-ablation) and enough of its rows have both modalities."
+            "missing modality is masked in training"
+            + (
+                "; with structured fields declared, twice more: with the fields only and with "
+                "the fields masked. "
+                if fields
+                else ". "
+            )
+            + "A site releases these numbers only if its policy allows (share-ablation) and "
+            "enough of its rows have both modalities."
         ),
-        Table(
-            [
-                "site",
-                "round",
-                "AUROC both",
-                "AUROC image only",
-                "AUROC report only",
-                "relies on the report",
-            ],
-            rows,
-        ),
+        Table(headers, rows),
     ]
     weights = next(
         (line.modality_weights for line in reversed(run.history) if line.modality_weights), None
@@ -497,7 +522,7 @@ def _modalities(run: RunRecords, sites: dict[str, SiteFacts]) -> list[Block]:
     return [
         *blocks,
         Image(
-            "aggregated AUROC with both modalities, the image only, the report only",
+            "aggregated AUROC on the rows with both modalities, per kept modality",
             figure_png(plot_ablation(run.history)),
         ),
     ]

@@ -6,8 +6,8 @@ Two measures, for any fusion mode:
   each round from the aggregate it already holds.
 - A modality ablation masks one modality exactly as a missing one is masked in training and
   prediction (`has_image` / `has_text` false; see `common.model.fusion`): `masked` keeps only
-  the named modality. `report_reliance` turns the AUROCs with both and with the image only into
-  the share of the model's above-chance AUROC that the report carries.
+  the named modality. `reliance` turns the AUROCs with both and with a modality masked into
+  the share of the model's above-chance AUROC that the modality carries.
 """
 
 from __future__ import annotations
@@ -65,19 +65,20 @@ def modality_weights(state: Mapping[str, Any]) -> dict[str, float] | None:
     return {name: float(w) for name, w in zip(MODALITIES, weights, strict=False)}
 
 
-def report_reliance(auroc_both: float | None, auroc_image_only: float | None) -> float | None:
-    """Share of the above-chance AUROC lost when the report is masked (None when undefined).
+def reliance(auroc_both: float | None, auroc_masked: float | None) -> float | None:
+    """Share of the above-chance AUROC lost when a modality is masked (None when undefined).
 
-    (AUROC_both - AUROC_image_only) / (AUROC_both - 0.5): 1 means the model is at chance
-    without the report, 0 means the report adds nothing; below 0, masking it helps.
+    (AUROC_both - AUROC_masked) / (AUROC_both - 0.5), with AUROC_masked the AUROC without that
+    modality (the image only, for the report; without the fields, for the structured fields):
+    1 means the model is at chance without it, 0 means it adds nothing; below 0, masking helps.
     """
     if not (
         isinstance(auroc_both, (int, float))
         and math.isfinite(auroc_both)
-        and isinstance(auroc_image_only, (int, float))
-        and math.isfinite(auroc_image_only)
+        and isinstance(auroc_masked, (int, float))
+        and math.isfinite(auroc_masked)
     ):
         return None
     if auroc_both <= 0.5:
         return None  # no above-chance AUROC to share out
-    return (auroc_both - auroc_image_only) / (auroc_both - 0.5)
+    return (auroc_both - auroc_masked) / (auroc_both - 0.5)

@@ -5,8 +5,7 @@ One pass over the validation split: the encoders run once per batch; the fusion 
 once more per masked modality (`common.model.contributions.masked`), so the ablation costs two
 small forwards. Rows lacking a modality are left out of the ablation (masking what is missing
 measures nothing) but count in the usual metrics. With structured fields declared, the same rows
-are also scored with the fields only and with every modality but the fields (what the fields add);
-those two stay in the site's log (the released views are the image and report ones).
+are also scored with the fields only and with every modality but the fields (what the fields add).
 """
 
 from __future__ import annotations
@@ -27,6 +26,13 @@ from common.training.progress import batches, log_line, progress
 from common.training.score_counts import ScoreCounts, count_scores, finite_probabilities
 
 log = logging.getLogger(__name__)
+
+# The rows of a release's views: every validation row is in "lacking" (it lacks a modality) or
+# "both"; "image" and "text" score the rows with both again with one modality masked, and with
+# structured fields declared "tabular" (the fields only) and "no-tabular" (the fields masked).
+VIEWS = ("lacking", "both")
+ABLATION_VIEWS = ("image", "text")
+FIELDS_VIEWS = ("tabular", "no-tabular")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,8 +88,9 @@ def ablation_scores(
         parts["rows"].append(both)
     if not parts["labels"]:
         empty = torch.zeros(0, 0)
+        kept = KEEP if model.tabular is None else (*KEEP, *FIELDS_VIEWS)
         return AblationScores(
-            logits={k: empty for k in KEEP},
+            logits={k: empty for k in kept},
             labels=torch.zeros(0, dtype=torch.long),
             both=torch.zeros(0, dtype=torch.bool),
         )
@@ -150,15 +157,17 @@ def log_ablation(desc: str, metrics: Metrics, ablation: Ablation, seconds: float
         )
 
 
-# The rows of a release's views: every validation row is in "lacking" (it lacks a modality) or
-# "both"; "image" and "text" score the rows with both again with one modality masked.
-VIEWS = ("lacking", "both", "image", "text")
+def views_per_row(views: Iterable[str]) -> int:
+    """How many of these views one validation row can add counts to: one of lacking/both, and
+    every ablation view."""
+    return 1 + sum(1 for v in views if v not in VIEWS)
 
 
 def view_counts(
     scores: AblationScores, num_classes: int, *, ablation: bool
 ) -> dict[str, ScoreCounts]:
-    """The score counts per view (`ablation`: with the image-only and report-only views)."""
+    """The score counts per view (`ablation`: with the image-only and report-only views, and the
+    fields' two when the model has structured fields)."""
     labels, both = scores.labels.numpy(), scores.both.numpy().astype(bool)
     probs = {
         k: finite_probabilities(v.numpy().reshape(len(labels), -1))
@@ -173,6 +182,7 @@ def view_counts(
     if ablation:
         views |= {
             keep: count_scores(probs[keep][both], labels[both], num_classes)
-            for keep in ("image", "text")
+            for keep in (*ABLATION_VIEWS, *FIELDS_VIEWS)
+            if keep in probs
         }
     return views

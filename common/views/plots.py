@@ -34,6 +34,8 @@ ABLATION_SERIES = {
     "both": R.AUROC_BOTH,
     "image only": R.AUROC_IMAGE_ONLY,
     "report only": R.AUROC_TEXT_ONLY,
+    "fields only": R.AUROC_FIELDS_ONLY,  # these two: a run with structured fields
+    "without fields": R.AUROC_WITHOUT_FIELDS,
 }
 
 
@@ -131,7 +133,8 @@ def plot_modality_weights(history: list[HistoryLine]) -> Figure:
 
 
 def plot_ablation(history: list[HistoryLine]) -> Figure:
-    """Aggregated validation AUROC with both modalities, the image only and the report only."""
+    """Aggregated validation AUROC with both modalities, the image only and the report only (and
+    the fields only and without the fields, in a run with structured fields)."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
     for label, key in ABLATION_SERIES.items():
