@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -186,14 +187,19 @@ def run(
     )
     print(table(results), flush=True)
     three, two = results["three-modalities"], results["two-modalities"]
+    low = two["all"]["ci95"][0]  # one seed has no interval: its mean, then
+    low = low if math.isfinite(low) else two["all"]["mean"]
     return Outcome(
         key="medpix_auroc_fed_dp8_three_modalities",
         value=three["all"]["mean"],
-        target=f">= {two['all']['mean']:.4f}",
+        # issue 27: three modalities must not lose beyond the two-modality model's interval
+        target=f">= {low:.4f}",
         note=f"{data}: mean test AUROC over {seeds} seeds of federated DP-SGD (epsilon 8 per "
-        "hospital) with image, report and structured fields; the target is the two-modality "
-        "model's on the same splits and epsilon; raw holds both and the ablation of the "
-        "three-modality one (fields masked, fields only)",
+        "hospital) with image, report and structured fields; the target is the low end of "
+        "the two-modality model's 95% interval on the same splits and epsilon (its mean with one "
+        "seed; mean "
+        f"{two['all']['mean']:.4f}); raw holds both and the ablation of the three-modality "
+        "one (fields masked, fields only)",
         settings={"data": data, "preset": preset, "seeds": seeds, "tabular-fields": schema},
         raw=results,
     )

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.site_config import SiteConfig
-from common.data.manifest import read_manifest
-from common.data.manifest import ManifestError
+from common.data.manifest import ManifestError, read_manifest
 from common.data.tabular import parse_tabular_fields
 from simulations.demo_data import DEMO_CLASS_NAMES, DEMO_TABULAR_FIELDS
 from simulations.partition import PartitionError, PartitionPlan, partition_manifest
