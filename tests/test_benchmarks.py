@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -112,12 +113,48 @@ SMOKE = {"local-steps": 2, "accountant": "rdp"}
 SMOKE_EPSILON_1 = {**SMOKE, "fraction-evaluate": 0.0}
 
 
-@pytest.mark.slow  # a real loopback federation and a simulation, 2 rounds of `tiny`
-def test_deployment_benchmark_times_both_runs(tmp_path: Path) -> None:
-    deployed, simulated = deployment.measure(
-        tmp_path, preset="tiny", rounds=2, scale=0.1, overrides=SMOKE
+def test_deployment_benchmark_runs_one_config_both_ways_and_times_rounds_2_to_n(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark's own logic, without its two runs: each is a product path tested end to end
+    elsewhere (a loopback `flwr run`: tests/test_deployment.py; the simulation:
+    tests/test_simulation.py), and together they took two minutes of this suite."""
+    given: dict[str, object] = {}
+
+    def deployed(work: Path, folders: list[Path], run_config: str, rounds: int) -> list[float]:
+        given["deployed"] = (sorted(f.name for f in folders), run_config, rounds)
+        return [1.0]
+
+    def simulated(work: Path, root: Path, rounds: int, overrides: dict[str, object]) -> list[float]:
+        given["simulated"] = (sorted(p.name for p in root.iterdir()), overrides, rounds)
+        return [2.0]
+
+    monkeypatch.setattr(deployment, "_deployed", deployed)
+    monkeypatch.setattr(deployment, "_simulated", simulated)
+    assert deployment.measure(tmp_path, preset="tiny", rounds=3, scale=0.1, overrides=SMOKE) == (
+        [1.0],
+        [2.0],
     )
-    assert len(deployed) == len(simulated) == 1 and min(deployed + simulated) > 0
+    hospitals = [f"hospital-{i}" for i in range(deployment.HOSPITALS)]
+    config = {"preset": "tiny", **SMOKE}
+    # the same hospitals and the same run config, as `flwr run --run-config` and as a dict
+    assert given["simulated"] == (hospitals, config, 3)
+    names, run_config, rounds = given["deployed"]  # type: ignore[misc]
+    assert names == hospitals and rounds == 3
+    assert run_config.split() == [
+        "preset='tiny'",
+        "local-steps=2",
+        "accountant='rdp'",
+        "num-server-rounds=3",
+        f"min-nodes={deployment.HOSPITALS}",
+    ]
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    for r, mtime in ((1, 100.0), (2, 103.5), (3, 110.0)):  # round 1 fills the caches: left out
+        folder.round_checkpoint(r).write_bytes(b"")
+        os.utime(folder.round_checkpoint(r), (mtime, mtime))
+    assert deployment.round_seconds(folder, 3) == [3.5, 6.5]
 
 
 def test_the_flower_floor_is_a_plain_flower_app_without_fedfusion_code(tmp_path: Path) -> None:

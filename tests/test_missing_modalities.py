@@ -53,6 +53,7 @@ def test_sites_missing_a_modality_both_contribute(demo_root: Path, tmp_path: Pat
         "trainable-text-layers": 1,
         "trainable-image-blocks": 1,
         "fraction-evaluate": 0.0,
+        "local-steps": 2,  # what each site trains, not how well: DP steps through encoder layers
     }
     sent: dict[int, list[tuple[dict[str, np.ndarray], list[str], int]]] = {1: [], 2: []}
 
