@@ -154,7 +154,7 @@ def _check_plan(plan: PartitionPlan, out: Path, fields: tuple[TabularField, ...]
             "one, no column is a structured field."
         )
     kept_fields = set(range(plan.hospitals)) - set(plan.drop_fields) if fields else set()
-    if none := sorted(set(plan.drop_text) & set(plan.drop_images) - kept_fields):
+    if none := sorted((set(plan.drop_text) & set(plan.drop_images)) - kept_fields):
         raise PartitionError(
             f"hospital(s) {none} would lose every modality (text, images"
             + (" and structured fields" if fields else "")
