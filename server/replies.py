@@ -97,11 +97,8 @@ def read_replies(
                 error.text,
             )
             continue
-        site = names.name(node, _claimed_name(msg))
-        if not names.known(node):
-            out.malformed[site] = (
-                "the node is not among the run's site-nodes; its reply is not used."
-            )
+        site = _site(msg, names, out)
+        if site is None:
             continue
         try:
             out.ok.append(_read(msg, node, site, train, num_classes, fields))
@@ -113,6 +110,17 @@ def read_replies(
 
 class MalformedReply(Exception):
     """A reply that does not follow the protocol."""
+
+
+def _site(msg: Message, names: SiteNames, out: Replies) -> str | None:
+    """The replying node's site name; None (and the reply set aside as malformed) when the node
+    is not among the run's site-nodes."""
+    node = msg.metadata.src_node_id
+    site = names.name(node, _claimed_name(msg))
+    if names.known(node):
+        return site
+    out.malformed[site] = "the node is not among the run's site-nodes; its reply is not used."
+    return None
 
 
 def _claimed_name(msg: Message) -> str | None:
@@ -198,11 +206,8 @@ def read_stage(
             one = read_replies([msg], train=True, names=names)
             out.errors += one.errors
             continue
-        site = names.name(node, _claimed_name(msg))
-        if not names.known(node):
-            out.malformed[site] = (
-                "the node is not among the run's site-nodes; its reply is not used."
-            )
+        site = _site(msg, names, out)
+        if site is None:
             continue
         try:
             _check_records(msg.content, SECURE_RECORDS)
